@@ -1,0 +1,175 @@
+//! Streaming bodies with limits: a byte cap and a stall (idle) timeout.
+//!
+//! Bodies are never buffered: frames pass through one at a time, so memory stays flat however
+//! large the body. The stall timer is re-armed lazily (only when it fires early) so a busy stream
+//! does not touch the timer wheel per frame.
+
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU8, Ordering};
+use std::sync::Arc;
+use std::task::{ready, Context, Poll};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http_body::{Body, Frame, SizeHint};
+use pin_project_lite::pin_project;
+use tokio::time::{Instant, Sleep};
+
+use crate::refusal::BoxError;
+
+/// Why a body stopped early, shared with whoever must answer for it.
+#[derive(Debug, Default)]
+pub struct BodyFate(AtomicU8);
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Fate {
+    Running,
+    TooLarge,
+    Stalled,
+}
+
+impl BodyFate {
+    pub fn get(&self) -> Fate {
+        match self.0.load(Ordering::Relaxed) {
+            1 => Fate::TooLarge,
+            2 => Fate::Stalled,
+            _ => Fate::Running,
+        }
+    }
+
+    fn set(&self, fate: Fate) {
+        let v = match fate {
+            Fate::Running => 0,
+            Fate::TooLarge => 1,
+            Fate::Stalled => 2,
+        };
+        self.0.store(v, Ordering::Relaxed);
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum BodyError {
+    #[error("body larger than the limit of {0} bytes")]
+    TooLarge(u64),
+    #[error("body stalled: no data for {0:?}")]
+    Stalled(Duration),
+}
+
+pin_project! {
+    /// A body passed through with a byte limit and a stall timeout.
+    pub struct Guarded<B> {
+        #[pin]
+        inner: B,
+        limit: u64,
+        seen: u64,
+        idle: Duration,
+        last_progress: Instant,
+        #[pin]
+        timer: Sleep,
+        fate: Option<Arc<BodyFate>>,
+    }
+}
+
+impl<B> Guarded<B> {
+    /// `limit` in bytes (`u64::MAX` for none); `fate` records why the body failed, if it does.
+    pub fn new(inner: B, limit: u64, idle: Duration, fate: Option<Arc<BodyFate>>) -> Self {
+        let now = Instant::now();
+        Self {
+            inner,
+            limit,
+            seen: 0,
+            idle,
+            last_progress: now,
+            timer: tokio::time::sleep_until(now + idle),
+            fate,
+        }
+    }
+}
+
+impl<B> Body for Guarded<B>
+where
+    B: Body<Data = Bytes>,
+    B::Error: Into<BoxError>,
+{
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        let mut this = self.project();
+        match this.inner.poll_frame(cx) {
+            Poll::Ready(Some(Ok(frame))) => {
+                if let Some(data) = frame.data_ref() {
+                    *this.seen += data.len() as u64;
+                    if *this.seen > *this.limit {
+                        if let Some(fate) = this.fate {
+                            fate.set(Fate::TooLarge);
+                        }
+                        return Poll::Ready(Some(Err(BodyError::TooLarge(*this.limit).into())));
+                    }
+                }
+                *this.last_progress = Instant::now();
+                Poll::Ready(Some(Ok(frame)))
+            }
+            Poll::Ready(Some(Err(e))) => Poll::Ready(Some(Err(e.into()))),
+            Poll::Ready(None) => Poll::Ready(None),
+            Poll::Pending => loop {
+                ready!(this.timer.as_mut().poll(cx));
+                let deadline = *this.last_progress + *this.idle;
+                if deadline > Instant::now() {
+                    this.timer.as_mut().reset(deadline);
+                    continue;
+                }
+                if let Some(fate) = this.fate {
+                    fate.set(Fate::Stalled);
+                }
+                return Poll::Ready(Some(Err(BodyError::Stalled(*this.idle).into())));
+            },
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use http_body_util::{BodyExt, StreamBody};
+
+    fn chunks(n: usize, size: usize) -> impl Body<Data = Bytes, Error = BoxError> {
+        let frames = (0..n).map(move |_| Ok::<_, BoxError>(Frame::data(Bytes::from(vec![0u8; size]))));
+        StreamBody::new(futures_util::stream::iter(frames))
+    }
+
+    #[tokio::test]
+    async fn passes_bodies_within_the_limit() {
+        let body = Guarded::new(chunks(4, 1000), 4000, Duration::from_secs(5), None);
+        assert_eq!(body.collect().await.unwrap().to_bytes().len(), 4000);
+    }
+
+    #[tokio::test]
+    async fn stops_at_the_limit_and_says_why() {
+        let fate = Arc::new(BodyFate::default());
+        let body = Guarded::new(chunks(5, 1000), 4000, Duration::from_secs(5), Some(fate.clone()));
+        assert!(body.collect().await.is_err());
+        assert_eq!(fate.get(), Fate::TooLarge);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_stalled_body_times_out() {
+        let fate = Arc::new(BodyFate::default());
+        use futures_util::StreamExt;
+        let first = futures_util::stream::iter([Ok::<_, BoxError>(Frame::data(Bytes::from_static(b"x")))]);
+        let stream = first.chain(futures_util::stream::pending());
+        let body = Guarded::new(StreamBody::new(stream), u64::MAX, Duration::from_secs(3), Some(fate.clone()));
+        let err = body.collect().await.unwrap_err();
+        assert!(err.to_string().contains("stalled"), "{err}");
+        assert_eq!(fate.get(), Fate::Stalled);
+    }
+}

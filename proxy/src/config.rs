@@ -1,0 +1,694 @@
+//! Proxy configuration: TOML text -> typed sections -> validated [`ProxyConfig`].
+//!
+//! Unknown keys are errors (a typo in a residency rule must not pass silently). Every section,
+//! every region and every identification rule is parsed on its own and then validated, so one
+//! run of `domicile check-config` reports every problem it can find, each with the key at fault.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use ipnet::IpNet;
+use serde::de::DeserializeOwned;
+use serde::Deserialize;
+
+use crate::workspace_id::is_valid_region_id;
+
+/// A validated proxy configuration.
+#[derive(Debug, Clone)]
+pub struct ProxyConfig {
+    pub proxy: ProxySection,
+    pub map: MapSection,
+    pub identify: IdentifySection,
+    pub limits: Limits,
+    /// How this edge reaches each region, by region id.
+    pub regions: BTreeMap<String, RegionRoute>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ProxySection {
+    /// This proxy's id in the fleet and in audit records. Default: `domicile-<hostname>`.
+    #[serde(default)]
+    pub id: Option<String>,
+    /// The region this edge runs in (used by `unidentified = "edge-region"`).
+    pub edge_region: String,
+    /// Address for client traffic (HTTP/1.1 and HTTP/2 cleartext on one port).
+    pub listen: SocketAddr,
+    /// Address for `/healthz`, `/readyz` and `/metrics`. Default: none.
+    #[serde(default)]
+    pub admin_listen: Option<SocketAddr>,
+    /// Peers whose `Forwarded` / `X-Forwarded-For` headers are trusted (CIDR). Default: none.
+    #[serde(default)]
+    pub trusted_proxies: Vec<IpNet>,
+    /// MaxMind database (GeoIP2/GeoLite2 Country or City) for `nearest-region`.
+    #[serde(default)]
+    pub geoip_database: Option<PathBuf>,
+    /// How long in-flight requests may take to finish after SIGTERM/SIGINT. Default: 30 s.
+    #[serde(default = "defaults::shutdown_grace", with = "humantime_serde")]
+    pub shutdown_grace: Duration,
+    /// Seconds sent in `Retry-After` with `workspace_moving`. Default: 5.
+    #[serde(default = "defaults::moving_retry_after")]
+    pub moving_retry_after: u32,
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MapSection {
+    /// A map file in JSON lines (see docs/map-file.md). Reloaded when it changes.
+    #[serde(default)]
+    pub file: Option<PathBuf>,
+    /// Reload the map file when it changes. Default: true.
+    #[serde(default = "defaults::yes")]
+    pub watch: bool,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct IdentifySection {
+    /// Rules, all evaluated; every rule that finds an id must agree.
+    #[serde(default, skip)]
+    pub rules: Vec<Rule>,
+    /// What to do when no rule finds an id. Default: `refuse`.
+    #[serde(default)]
+    pub unidentified: Unidentified,
+    /// Refuse (421) requests that arrive on another region's `regional_hosts`. Default: false.
+    #[serde(default)]
+    pub strict_regional_hosts: bool,
+}
+
+/// One identification rule.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(tag = "from", rename_all = "lowercase", deny_unknown_fields)]
+pub enum Rule {
+    /// `{workspace}.app.example.com`: one `{workspace}` label of the host.
+    Host { pattern: String },
+    /// `/workspaces/{workspace}/`: one `{workspace}` segment of the path.
+    Path { pattern: String },
+    /// The value of a request header.
+    Header { name: String },
+    /// The value of a query parameter.
+    Query { name: String },
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Unidentified {
+    /// 400 `missing_workspace`.
+    #[default]
+    Refuse,
+    /// Forward to this edge's own region.
+    EdgeRegion,
+    /// Forward to the region whose jurisdiction holds the client's country (GeoIP), else the
+    /// edge region.
+    NearestRegion,
+}
+
+/// Limits, each with a safe default.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Limits {
+    /// Time to receive a complete request head, counted from when the connection starts
+    /// waiting for it (so it also bounds idle time between HTTP/1.1 requests). 408. Default: 10 s.
+    #[serde(default = "defaults::header_read_timeout", with = "humantime_serde")]
+    pub header_read_timeout: Duration,
+    /// A connection with no request in flight for this long is closed; a body that moves no
+    /// byte for this long is aborted. Default: 60 s.
+    #[serde(default = "defaults::idle_timeout", with = "humantime_serde")]
+    pub idle_timeout: Duration,
+    /// Largest request head (request line and headers), in bytes. 431. Default: 16384.
+    #[serde(default = "defaults::max_header_bytes", deserialize_with = "size::deserialize")]
+    pub max_header_bytes: u64,
+    /// Most request header fields. 431. Default: 100.
+    #[serde(default = "defaults::max_headers")]
+    pub max_headers: usize,
+    /// Largest request body, in bytes (integer or "100MiB"); per region override. 413.
+    /// Default: 100 MiB.
+    #[serde(default = "defaults::max_body_bytes", deserialize_with = "size::deserialize")]
+    pub max_body_bytes: u64,
+    /// Time to connect to an upstream endpoint. Default: 2 s.
+    #[serde(default = "defaults::upstream_connect_timeout", with = "humantime_serde")]
+    pub upstream_connect_timeout: Duration,
+    /// Time from sending a request upstream to receiving its response head. 504. Default: 30 s.
+    #[serde(default = "defaults::upstream_response_timeout", with = "humantime_serde")]
+    pub upstream_response_timeout: Duration,
+    /// Extra attempts for idempotent requests without a body, each to another endpoint of the
+    /// same region. Default: 1.
+    #[serde(default = "defaults::retries")]
+    pub retries: u32,
+    /// Most concurrent HTTP/2 streams per client connection. Default: 256.
+    #[serde(default = "defaults::max_concurrent_streams")]
+    pub max_concurrent_streams: u32,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        toml::from_str("").unwrap_or_else(|e| unreachable!("defaults parse: {e}"))
+    }
+}
+
+/// How this edge reaches one region.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RegionRoute {
+    /// `host:port` endpoints (or `http://host:port`), load-balanced round robin.
+    pub endpoints: Vec<String>,
+    /// `http1` (default) or `h2c` (HTTP/2 with prior knowledge) to the origins.
+    #[serde(default)]
+    pub protocol: UpstreamProtocol,
+    /// Overrides `limits.max_body_bytes` for workspaces homed here.
+    #[serde(default, deserialize_with = "size::deserialize_opt")]
+    pub max_body_bytes: Option<u64>,
+    /// Hostnames (exact, or `*.suffix`) that belong to this region, for strict mode.
+    #[serde(default)]
+    pub regional_hosts: Vec<String>,
+    #[serde(default)]
+    pub health: HealthCheck,
+    #[serde(default)]
+    pub ejection: Ejection,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum UpstreamProtocol {
+    #[default]
+    Http1,
+    H2c,
+}
+
+/// Active health checks: `GET path` on every endpoint.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HealthCheck {
+    /// Path to probe; a 2xx or 3xx answer is healthy. Default: `/healthz`.
+    #[serde(default = "defaults::health_path")]
+    pub path: String,
+    /// Default: 2 s.
+    #[serde(default = "defaults::health_interval", with = "humantime_serde")]
+    pub interval: Duration,
+    /// Default: 1 s.
+    #[serde(default = "defaults::health_timeout", with = "humantime_serde")]
+    pub timeout: Duration,
+    /// Consecutive passes to mark an endpoint healthy again. Default: 1.
+    #[serde(default = "defaults::one")]
+    pub healthy_threshold: u32,
+    /// Consecutive failures to mark an endpoint unhealthy. Default: 2.
+    #[serde(default = "defaults::two")]
+    pub unhealthy_threshold: u32,
+    /// Turn active checks off (passive ejection still applies). Default: true.
+    #[serde(default = "defaults::yes")]
+    pub enabled: bool,
+}
+
+impl Default for HealthCheck {
+    fn default() -> Self {
+        toml::from_str("").unwrap_or_else(|e| unreachable!("defaults parse: {e}"))
+    }
+}
+
+/// Passive ejection: endpoints that fail requests are taken out for a while.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Ejection {
+    /// Consecutive connection failures or timeouts that eject an endpoint. Default: 3.
+    #[serde(default = "defaults::three")]
+    pub consecutive_failures: u32,
+    /// How long an ejected endpoint stays out. Default: 10 s.
+    #[serde(default = "defaults::ejection_time", with = "humantime_serde")]
+    pub duration: Duration,
+}
+
+impl Default for Ejection {
+    fn default() -> Self {
+        toml::from_str("").unwrap_or_else(|e| unreachable!("defaults parse: {e}"))
+    }
+}
+
+mod defaults {
+    use std::time::Duration;
+    pub fn shutdown_grace() -> Duration {
+        Duration::from_secs(30)
+    }
+    pub fn moving_retry_after() -> u32 {
+        5
+    }
+    pub fn yes() -> bool {
+        true
+    }
+    pub fn header_read_timeout() -> Duration {
+        Duration::from_secs(10)
+    }
+    pub fn idle_timeout() -> Duration {
+        Duration::from_secs(60)
+    }
+    pub fn max_header_bytes() -> u64 {
+        16 * 1024
+    }
+    pub fn max_headers() -> usize {
+        100
+    }
+    pub fn max_body_bytes() -> u64 {
+        100 * 1024 * 1024
+    }
+    pub fn upstream_connect_timeout() -> Duration {
+        Duration::from_secs(2)
+    }
+    pub fn upstream_response_timeout() -> Duration {
+        Duration::from_secs(30)
+    }
+    pub fn retries() -> u32 {
+        1
+    }
+    pub fn max_concurrent_streams() -> u32 {
+        256
+    }
+    pub fn health_path() -> String {
+        "/healthz".into()
+    }
+    pub fn health_interval() -> Duration {
+        Duration::from_secs(2)
+    }
+    pub fn health_timeout() -> Duration {
+        Duration::from_secs(1)
+    }
+    pub fn one() -> u32 {
+        1
+    }
+    pub fn two() -> u32 {
+        2
+    }
+    pub fn three() -> u32 {
+        3
+    }
+    pub fn ejection_time() -> Duration {
+        Duration::from_secs(10)
+    }
+}
+
+/// Byte sizes: an integer, or a string like `"64KiB"`, `"100MiB"`, `"1GiB"`, `"512"`.
+mod size {
+    use serde::{Deserialize, Deserializer};
+
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Raw {
+        Int(u64),
+        Text(String),
+    }
+
+    pub fn parse(text: &str) -> Result<u64, String> {
+        let text = text.trim();
+        let split = text.find(|c: char| !c.is_ascii_digit()).unwrap_or(text.len());
+        let (num, unit) = text.split_at(split);
+        let num: u64 = num.parse().map_err(|_| format!("{text:?} is not a size"))?;
+        let mult: u64 = match unit.trim() {
+            "" | "B" => 1,
+            "KiB" => 1 << 10,
+            "MiB" => 1 << 20,
+            "GiB" => 1 << 30,
+            "TiB" => 1 << 40,
+            other => return Err(format!("unknown size unit {other:?} (use B, KiB, MiB, GiB, TiB)")),
+        };
+        num.checked_mul(mult).ok_or_else(|| format!("{text:?} is too large"))
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<u64, D::Error> {
+        match Raw::deserialize(d)? {
+            Raw::Int(n) => Ok(n),
+            Raw::Text(t) => parse(&t).map_err(serde::de::Error::custom),
+        }
+    }
+
+    pub fn deserialize_opt<'de, D: Deserializer<'de>>(d: D) -> Result<Option<u64>, D::Error> {
+        deserialize(d).map(Some)
+    }
+}
+
+/// Every problem found in a configuration.
+#[derive(Debug, thiserror::Error)]
+#[error("{}", render(.0))]
+pub struct ConfigErrors(pub Vec<ConfigError>);
+
+/// One problem, with the key it concerns.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfigError {
+    pub key: String,
+    pub message: String,
+}
+
+fn render(errors: &[ConfigError]) -> String {
+    let mut out = format!(
+        "{} error{} in configuration:",
+        errors.len(),
+        if errors.len() == 1 { "" } else { "s" }
+    );
+    for e in errors {
+        out.push_str(&format!("\n  {}: {}", e.key, e.message));
+    }
+    out
+}
+
+struct Collector(Vec<ConfigError>);
+
+impl Collector {
+    fn push(&mut self, key: impl Into<String>, message: impl Into<String>) {
+        self.0.push(ConfigError {
+            key: key.into(),
+            message: message.into(),
+        });
+    }
+
+    /// Deserializes one section, recording the error (with the exact key path) on failure.
+    fn section<T: DeserializeOwned>(&mut self, key: &str, value: toml::Value) -> Option<T> {
+        match serde_path_to_error::deserialize::<_, T>(value) {
+            Ok(v) => Some(v),
+            Err(e) => {
+                let inner = e.path().to_string();
+                let full = if inner == "." || inner.is_empty() {
+                    key.to_owned()
+                } else {
+                    format!("{key}.{inner}")
+                };
+                self.push(full, e.into_inner().to_string());
+                None
+            }
+        }
+    }
+}
+
+impl ProxyConfig {
+    /// Reads and validates a config file; relative paths in it are taken from its directory.
+    pub fn from_file(path: &Path) -> Result<Self, ConfigErrors> {
+        let text = std::fs::read_to_string(path).map_err(|e| {
+            ConfigErrors(vec![ConfigError {
+                key: path.display().to_string(),
+                message: format!("cannot read: {e}"),
+            }])
+        })?;
+        let base = path.parent().unwrap_or(Path::new("."));
+        Self::from_toml(&text, base)
+    }
+
+    /// Parses and validates config text; relative paths are resolved against `base`.
+    pub fn from_toml(text: &str, base: &Path) -> Result<Self, ConfigErrors> {
+        let mut errors = Collector(Vec::new());
+        let mut doc: toml::Table = match text.parse() {
+            Ok(doc) => doc,
+            Err(e) => {
+                errors.push("(syntax)", e.to_string().trim().to_owned());
+                return Err(ConfigErrors(errors.0));
+            }
+        };
+        let take = |doc: &mut toml::Table, key: &str| {
+            doc.remove(key)
+                .unwrap_or_else(|| toml::Value::Table(Default::default()))
+        };
+
+        let proxy_value = doc.remove("proxy");
+        let proxy: Option<ProxySection> = match proxy_value {
+            Some(v) => errors.section("proxy", v),
+            None => {
+                errors.push("proxy", "missing section [proxy] (edge_region and listen are required)");
+                None
+            }
+        };
+        let map: Option<MapSection> = errors.section("map", take(&mut doc, "map"));
+        let limits: Option<Limits> = errors.section("limits", take(&mut doc, "limits"));
+
+        let mut identify_value = take(&mut doc, "identify");
+        let rules_value = identify_value
+            .as_table_mut()
+            .and_then(|t| t.remove("rules"));
+        let mut identify: Option<IdentifySection> = errors.section("identify", identify_value);
+        let mut rules = Vec::new();
+        match rules_value {
+            None => {}
+            Some(toml::Value::Array(items)) => {
+                for (i, item) in items.into_iter().enumerate() {
+                    if let Some(rule) = errors.section::<Rule>(&format!("identify.rules[{i}]"), item) {
+                        if let Err(msg) = crate::identify::check_rule(&rule) {
+                            errors.push(format!("identify.rules[{i}]"), msg);
+                        }
+                        rules.push(rule);
+                    }
+                }
+            }
+            Some(_) => errors.push("identify.rules", "must be an array of rules"),
+        }
+        if let Some(identify) = identify.as_mut() {
+            identify.rules = rules;
+        }
+
+        let mut regions = BTreeMap::new();
+        match doc.remove("regions") {
+            None => {}
+            Some(toml::Value::Table(table)) => {
+                for (id, value) in table {
+                    let key = format!("regions.{id}");
+                    if !is_valid_region_id(&id) {
+                        errors.push(&key, "region id must match [a-z][a-z0-9-]{0,31}");
+                    }
+                    if let Some(route) = errors.section::<RegionRoute>(&key, value) {
+                        validate_route(&key, &route, &mut errors);
+                        regions.insert(id, route);
+                    }
+                }
+            }
+            Some(_) => errors.push("regions", "must be a table of regions"),
+        }
+        for key in doc.keys() {
+            errors.push(
+                key.as_str(),
+                "unknown section (expected proxy, map, identify, limits, regions)",
+            );
+        }
+
+        if let Some(proxy) = &proxy {
+            if !is_valid_region_id(&proxy.edge_region) {
+                errors.push("proxy.edge_region", "region id must match [a-z][a-z0-9-]{0,31}");
+            }
+            if let Some(id) = &proxy.id {
+                if id.is_empty() || id.len() > 128 || id.chars().any(|c| c.is_control() || c == ' ') {
+                    errors.push("proxy.id", "must be 1-128 printable characters without spaces");
+                }
+            }
+            if let Some(path) = &proxy.geoip_database {
+                let path = base.join(path);
+                if let Err(e) = crate::geoip::GeoIp::open(&path) {
+                    errors.push("proxy.geoip_database", e.to_string());
+                }
+            }
+        }
+        if let Some(limits) = &limits {
+            if limits.max_header_bytes < 1024 {
+                errors.push("limits.max_header_bytes", "must be at least 1024");
+            }
+            if limits.max_headers == 0 {
+                errors.push("limits.max_headers", "must be at least 1");
+            }
+            for (key, d) in [
+                ("limits.header_read_timeout", limits.header_read_timeout),
+                ("limits.idle_timeout", limits.idle_timeout),
+                ("limits.upstream_connect_timeout", limits.upstream_connect_timeout),
+                ("limits.upstream_response_timeout", limits.upstream_response_timeout),
+            ] {
+                if d.is_zero() {
+                    errors.push(key, "must be greater than zero");
+                }
+            }
+        }
+        if let (Some(identify), Some(proxy)) = (&identify, &proxy) {
+            if identify.unidentified == Unidentified::NearestRegion && proxy.geoip_database.is_none() {
+                errors.push(
+                    "identify.unidentified",
+                    "\"nearest-region\" needs proxy.geoip_database",
+                );
+            }
+        }
+        if let Some(identify) = &identify {
+            if identify.strict_regional_hosts && regions.values().all(|r| r.regional_hosts.is_empty()) {
+                errors.push(
+                    "identify.strict_regional_hosts",
+                    "strict mode needs regional_hosts on at least one region",
+                );
+            }
+        }
+
+        match (proxy, map, identify, limits) {
+            (Some(mut proxy), Some(mut map), Some(identify), Some(limits)) if errors.0.is_empty() => {
+                proxy.geoip_database = proxy.geoip_database.map(|p| base.join(p));
+                map.file = map.file.map(|p| base.join(p));
+                if proxy.id.is_none() {
+                    proxy.id = Some(default_proxy_id());
+                }
+                Ok(ProxyConfig {
+                    proxy,
+                    map,
+                    identify,
+                    limits,
+                    regions,
+                })
+            }
+            _ => Err(ConfigErrors(errors.0)),
+        }
+    }
+
+    /// This proxy's fleet id.
+    pub fn proxy_id(&self) -> &str {
+        self.proxy.id.as_deref().unwrap_or("domicile")
+    }
+}
+
+fn validate_route(key: &str, route: &RegionRoute, errors: &mut Collector) {
+    if route.endpoints.is_empty() {
+        errors.push(format!("{key}.endpoints"), "at least one endpoint is required");
+    }
+    for (i, endpoint) in route.endpoints.iter().enumerate() {
+        if let Err(msg) = crate::upstream::parse_endpoint(endpoint) {
+            errors.push(format!("{key}.endpoints[{i}]"), msg);
+        }
+    }
+    if !route.health.path.starts_with('/') {
+        errors.push(format!("{key}.health.path"), "must start with '/'");
+    }
+    if route.health.interval.is_zero() || route.health.timeout.is_zero() {
+        errors.push(format!("{key}.health"), "interval and timeout must be greater than zero");
+    }
+    if route.health.healthy_threshold == 0 || route.health.unhealthy_threshold == 0 {
+        errors.push(format!("{key}.health"), "thresholds must be at least 1");
+    }
+    if route.ejection.consecutive_failures == 0 {
+        errors.push(format!("{key}.ejection.consecutive_failures"), "must be at least 1");
+    }
+    for (i, host) in route.regional_hosts.iter().enumerate() {
+        let bare = host.strip_prefix("*.").unwrap_or(host);
+        if bare.is_empty() || bare.contains(['*', '/', ':', ' ']) {
+            errors.push(
+                format!("{key}.regional_hosts[{i}]"),
+                "expected a hostname or *.suffix",
+            );
+        }
+    }
+}
+
+fn default_proxy_id() -> String {
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|h| h.trim().to_owned())
+        .unwrap_or_default();
+    if host.is_empty() {
+        "domicile".to_owned()
+    } else {
+        format!("domicile-{host}")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MINIMAL: &str = r#"
+[proxy]
+edge_region = "us"
+listen = "127.0.0.1:8080"
+
+[identify]
+rules = [{ from = "header", name = "x-workspace-id" }]
+
+[regions.us]
+endpoints = ["127.0.0.1:9001"]
+"#;
+
+    #[test]
+    fn minimal_config_gets_defaults() {
+        let cfg = ProxyConfig::from_toml(MINIMAL, Path::new("/etc/domicile")).unwrap();
+        assert_eq!(cfg.limits.header_read_timeout, Duration::from_secs(10));
+        assert_eq!(cfg.limits.max_body_bytes, 100 << 20);
+        assert_eq!(cfg.identify.unidentified, Unidentified::Refuse);
+        assert_eq!(cfg.regions["us"].health.path, "/healthz");
+        assert!(cfg.proxy.id.is_some());
+    }
+
+    #[test]
+    fn every_error_is_reported_with_its_key() {
+        let text = r#"
+[proxy]
+edge_region = "US"
+listen = "127.0.0.1:8080"
+colour = "blue"
+
+[limits]
+max_body_bytes = "12 parsecs"
+
+[identify]
+unidentified = "nearest-region"
+rules = [
+  { from = "host", pattern = "app.example.com" },
+  { from = "cookie", name = "ws" },
+]
+
+[regions.eu]
+endpoints = []
+
+[regions.us]
+endpoints = ["ftp://x:1"]
+helth = {}
+
+[extra]
+"#;
+        let err = ProxyConfig::from_toml(text, Path::new(".")).unwrap_err();
+        let keys: Vec<_> = err.0.iter().map(|e| e.key.as_str()).collect();
+        for want in [
+            "proxy.colour",
+            "limits.max_body_bytes",
+            "identify.rules[0]",
+            "identify.rules[1]",
+            "regions.eu.endpoints",
+            "regions.us.helth",
+            "extra",
+        ] {
+            assert!(
+                keys.iter().any(|k| k.starts_with(want)),
+                "{want} not reported in:\n{err}"
+            );
+        }
+    }
+
+    #[test]
+    fn semantic_errors_are_all_reported() {
+        let text = r#"
+[proxy]
+edge_region = "US"
+listen = "127.0.0.1:8080"
+
+[identify]
+unidentified = "nearest-region"
+strict_regional_hosts = true
+
+[regions.eu]
+endpoints = ["127.0.0.1:1", "nope"]
+regional_hosts = ["bad/host"]
+health = { path = "healthz" }
+"#;
+        let err = ProxyConfig::from_toml(text, Path::new(".")).unwrap_err();
+        let keys: Vec<_> = err.0.iter().map(|e| e.key.as_str()).collect();
+        for want in [
+            "proxy.edge_region",
+            "identify.unidentified",
+            "regions.eu.endpoints[1]",
+            "regions.eu.regional_hosts[0]",
+            "regions.eu.health.path",
+        ] {
+            assert!(keys.contains(&want), "{want} not reported in:\n{err}");
+        }
+    }
+
+    #[test]
+    fn sizes_parse() {
+        assert_eq!(size::parse("64KiB"), Ok(65536));
+        assert_eq!(size::parse("1GiB"), Ok(1 << 30));
+        assert_eq!(size::parse("512"), Ok(512));
+        assert!(size::parse("1 parsec").is_err());
+        assert!(size::parse("99999999999999TiB").is_err());
+    }
+}

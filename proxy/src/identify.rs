@@ -1,0 +1,319 @@
+//! Identify: which workspace a request belongs to, from the configured rules.
+//!
+//! Every rule is evaluated; every rule that finds an id must agree, because one request must not
+//! touch two workspaces' data. This module only reads the request: it never looks at the map and
+//! never allocates.
+
+use http::header::{HeaderMap, HeaderName};
+
+use crate::config::Rule;
+use crate::workspace_id::{InvalidId, WorkspaceId};
+
+const PLACEHOLDER: &str = "{workspace}";
+
+/// Where an id was found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Source {
+    Host,
+    Path,
+    Header(usize),
+    Query(usize),
+}
+
+/// The outcome of identification.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Identity {
+    /// No rule found an id.
+    None,
+    /// Every rule that found an id found this one.
+    Workspace(WorkspaceId),
+    /// A rule found something that is not a valid id.
+    Invalid { source: Source, reason: InvalidId },
+    /// Two rules (or two values) found different ids.
+    Conflict { first: WorkspaceId, second: WorkspaceId },
+}
+
+/// The parts of a request identification reads.
+#[derive(Debug, Clone, Copy)]
+pub struct RequestView<'a> {
+    /// Host without port, from the URI authority or the `Host` header.
+    pub host: Option<&'a str>,
+    pub path: &'a str,
+    pub query: Option<&'a str>,
+    pub headers: &'a HeaderMap,
+}
+
+#[derive(Debug, Clone)]
+enum Compiled {
+    Host { prefix: String, suffix: String },
+    Path { prefix: String, suffix: String },
+    Header(HeaderName),
+    Query(String),
+}
+
+/// Compiled identification rules.
+#[derive(Debug, Clone, Default)]
+pub struct Identifier {
+    rules: Vec<Compiled>,
+}
+
+/// Checks a rule for `check-config`; the message says what is wrong.
+pub fn check_rule(rule: &Rule) -> Result<(), String> {
+    compile(rule).map(|_| ())
+}
+
+fn split_pattern(pattern: &str) -> Result<(String, String), String> {
+    let Some(at) = pattern.find(PLACEHOLDER) else {
+        return Err(format!("pattern {pattern:?} has no {PLACEHOLDER} placeholder"));
+    };
+    let (prefix, rest) = pattern.split_at(at);
+    let suffix = &rest[PLACEHOLDER.len()..];
+    if suffix.contains(PLACEHOLDER) {
+        return Err(format!("pattern {pattern:?} has more than one {PLACEHOLDER}"));
+    }
+    Ok((prefix.to_owned(), suffix.to_owned()))
+}
+
+fn compile(rule: &Rule) -> Result<Compiled, String> {
+    match rule {
+        Rule::Host { pattern } => {
+            let (prefix, suffix) = split_pattern(pattern)?;
+            if (!prefix.is_empty() && !prefix.ends_with('.')) || (!suffix.is_empty() && !suffix.starts_with('.')) {
+                return Err(format!(
+                    "host pattern {pattern:?}: {PLACEHOLDER} must be a whole label (between dots)"
+                ));
+            }
+            if pattern.contains([':', '/', ' ']) {
+                return Err(format!("host pattern {pattern:?} must be a bare hostname"));
+            }
+            Ok(Compiled::Host {
+                prefix: prefix.to_ascii_lowercase(),
+                suffix: suffix.to_ascii_lowercase(),
+            })
+        }
+        Rule::Path { pattern } => {
+            let (prefix, suffix) = split_pattern(pattern)?;
+            if !prefix.starts_with('/') || !prefix.ends_with('/') {
+                return Err(format!(
+                    "path pattern {pattern:?} must start with '/' and {PLACEHOLDER} must be a whole segment"
+                ));
+            }
+            if !suffix.is_empty() && !suffix.starts_with('/') {
+                return Err(format!(
+                    "path pattern {pattern:?}: {PLACEHOLDER} must be a whole segment"
+                ));
+            }
+            Ok(Compiled::Path { prefix, suffix })
+        }
+        Rule::Header { name } => HeaderName::try_from(name.as_str())
+            .map(Compiled::Header)
+            .map_err(|_| format!("{name:?} is not a valid header name")),
+        Rule::Query { name } => {
+            if name.is_empty() || name.contains(['&', '=', '#', ' ']) {
+                Err(format!("{name:?} is not a valid query parameter name"))
+            } else {
+                Ok(Compiled::Query(name.clone()))
+            }
+        }
+    }
+}
+
+fn strip_prefix_ignore_case<'a>(s: &'a str, prefix: &str) -> Option<&'a str> {
+    (s.len() >= prefix.len() && s.as_bytes()[..prefix.len()].eq_ignore_ascii_case(prefix.as_bytes()))
+        .then(|| &s[prefix.len()..])
+}
+
+fn strip_suffix_ignore_case<'a>(s: &'a str, suffix: &str) -> Option<&'a str> {
+    let cut = s.len().checked_sub(suffix.len())?;
+    (s.as_bytes()[cut..].eq_ignore_ascii_case(suffix.as_bytes()) && s.is_char_boundary(cut))
+        .then(|| &s[..cut])
+}
+
+impl Identifier {
+    pub fn new(rules: &[Rule]) -> Result<Self, String> {
+        Ok(Self {
+            rules: rules.iter().map(compile).collect::<Result<_, _>>()?,
+        })
+    }
+
+    /// Finds the request's workspace.
+    pub fn identify(&self, request: &RequestView<'_>) -> Identity {
+        let mut found: Option<WorkspaceId> = None;
+        let mut conflict = None;
+        let mut consider = |source: Source, raw: &[u8]| -> Option<Identity> {
+            match WorkspaceId::parse(raw) {
+                Err(reason) => Some(Identity::Invalid { source, reason }),
+                Ok(id) => {
+                    match found {
+                        None => found = Some(id),
+                        Some(first) if first != id && conflict.is_none() => {
+                            conflict = Some(Identity::Conflict { first, second: id })
+                        }
+                        Some(_) => {}
+                    }
+                    None
+                }
+            }
+        };
+        for (i, rule) in self.rules.iter().enumerate() {
+            let invalid = match rule {
+                Compiled::Host { prefix, suffix } => request
+                    .host
+                    .and_then(|host| strip_prefix_ignore_case(host, prefix))
+                    .and_then(|rest| strip_suffix_ignore_case(rest, suffix))
+                    .filter(|label| !label.contains('.'))
+                    .and_then(|label| consider(Source::Host, label.as_bytes())),
+                Compiled::Path { prefix, suffix } => strip_prefix_ignore_case(request.path, prefix)
+                    .and_then(|rest| {
+                        let end = rest.find('/').unwrap_or(rest.len());
+                        let (segment, after) = rest.split_at(end);
+                        let tail_ok = after.starts_with(suffix.as_str())
+                            || (after.is_empty() && suffix == "/");
+                        (tail_ok && !segment.is_empty()).then_some(segment)
+                    })
+                    .and_then(|segment| consider(Source::Path, segment.as_bytes())),
+                Compiled::Header(name) => {
+                    let mut invalid = None;
+                    for value in request.headers.get_all(name) {
+                        if let Some(bad) = consider(Source::Header(i), value.as_bytes().trim_ascii()) {
+                            invalid.get_or_insert(bad);
+                        }
+                    }
+                    invalid
+                }
+                Compiled::Query(name) => {
+                    let mut invalid = None;
+                    if let Some(query) = request.query {
+                        for (key, value) in form_urlencoded::parse(query.as_bytes()) {
+                            if key == name.as_str() {
+                                if let Some(bad) = consider(Source::Query(i), value.as_bytes()) {
+                                    invalid.get_or_insert(bad);
+                                }
+                            }
+                        }
+                    }
+                    invalid
+                }
+            };
+            if let Some(invalid) = invalid {
+                return invalid;
+            }
+        }
+        if let Some(conflict) = conflict {
+            return conflict;
+        }
+        found.map_or(Identity::None, Identity::Workspace)
+    }
+
+    /// Describes where an id came from, for refusal messages.
+    pub fn describe(&self, source: Source) -> String {
+        match (source, &self.rules[..]) {
+            (Source::Host, _) => "the host".to_owned(),
+            (Source::Path, _) => "the path".to_owned(),
+            (Source::Header(i), rules) | (Source::Query(i), rules) => match rules.get(i) {
+                Some(Compiled::Header(name)) => format!("header {name}"),
+                Some(Compiled::Query(name)) => format!("query parameter {name}"),
+                _ => "a rule".to_owned(),
+            },
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use http::HeaderValue;
+
+    fn demo() -> Identifier {
+        Identifier::new(&[
+            Rule::Host {
+                pattern: "{workspace}.app.example.com".into(),
+            },
+            Rule::Path {
+                pattern: "/w/{workspace}/".into(),
+            },
+            Rule::Header {
+                name: "x-workspace-id".into(),
+            },
+            Rule::Query {
+                name: "app_id".into(),
+            },
+        ])
+        .unwrap()
+    }
+
+    fn ws(s: &str) -> Identity {
+        Identity::Workspace(WorkspaceId::parse(s.as_bytes()).unwrap())
+    }
+
+    struct Case {
+        host: Option<&'static str>,
+        path: &'static str,
+        query: Option<&'static str>,
+        headers: &'static [&'static str],
+        want: Identity,
+    }
+
+    fn run(case: &Case) -> Identity {
+        let mut headers = HeaderMap::new();
+        for value in case.headers {
+            headers.append("x-workspace-id", HeaderValue::from_static(value));
+        }
+        demo().identify(&RequestView {
+            host: case.host,
+            path: case.path,
+            query: case.query,
+            headers: &headers,
+        })
+    }
+
+    #[test]
+    fn table() {
+        let acme = WorkspaceId::parse(b"acme").unwrap();
+        let globex = WorkspaceId::parse(b"globex").unwrap();
+        let cases = [
+            // Each source alone.
+            Case { host: Some("acme.app.example.com"), path: "/", query: None, headers: &[], want: ws("acme") },
+            Case { host: Some("ACME.App.Example.com"), path: "/", query: None, headers: &[], want: ws("acme") },
+            Case { host: None, path: "/w/acme/docs", query: None, headers: &[], want: ws("acme") },
+            Case { host: None, path: "/w/acme", query: None, headers: &[], want: ws("acme") },
+            Case { host: None, path: "/", query: None, headers: &["acme"], want: ws("acme") },
+            Case { host: None, path: "/", query: Some("x=1&app_id=acme"), headers: &[], want: ws("acme") },
+            // Nothing found.
+            Case { host: Some("app.example.com"), path: "/", query: None, headers: &[], want: Identity::None },
+            Case { host: Some("a.b.app.example.com"), path: "/", query: None, headers: &[], want: Identity::None },
+            Case { host: Some("acme.other.com"), path: "/wx/acme/", query: Some("app=acme"), headers: &[], want: Identity::None },
+            Case { host: None, path: "/w//x", query: None, headers: &[], want: Identity::None },
+            // Agreement across sources.
+            Case { host: Some("acme.app.example.com"), path: "/w/ACME/x", query: Some("app_id=acme"), headers: &["Acme"], want: ws("acme") },
+            // Conflicts.
+            Case { host: Some("acme.app.example.com"), path: "/", query: None, headers: &["globex"], want: Identity::Conflict { first: acme, second: globex } },
+            Case { host: None, path: "/", query: None, headers: &["acme", "globex"], want: Identity::Conflict { first: acme, second: globex } },
+            Case { host: None, path: "/w/acme/", query: Some("app_id=globex"), headers: &[], want: Identity::Conflict { first: acme, second: globex } },
+            Case { host: None, path: "/", query: Some("app_id=acme&app_id=globex"), headers: &[], want: Identity::Conflict { first: acme, second: globex } },
+            // Invalid ids.
+            Case { host: None, path: "/", query: None, headers: &["ac.me"], want: Identity::Invalid { source: Source::Header(2), reason: InvalidId::BadChar } },
+            Case { host: None, path: "/w/-acme/", query: None, headers: &[], want: Identity::Invalid { source: Source::Path, reason: InvalidId::BadFirst } },
+            Case { host: None, path: "/", query: Some("app_id="), headers: &[], want: Identity::Invalid { source: Source::Query(3), reason: InvalidId::Empty } },
+            Case { host: None, path: "/", query: Some("app_id=a%2Fb"), headers: &[], want: Identity::Invalid { source: Source::Query(3), reason: InvalidId::BadChar } },
+        ];
+        for (i, case) in cases.iter().enumerate() {
+            assert_eq!(run(case), case.want, "case {i}");
+        }
+    }
+
+    #[test]
+    fn bad_rules_are_rejected() {
+        for rule in [
+            Rule::Host { pattern: "app.example.com".into() },
+            Rule::Host { pattern: "x{workspace}.example.com".into() },
+            Rule::Host { pattern: "{workspace}.{workspace}.com".into() },
+            Rule::Path { pattern: "w/{workspace}/".into() },
+            Rule::Path { pattern: "/w/{workspace}x".into() },
+            Rule::Header { name: "bad header".into() },
+            Rule::Query { name: "a=b".into() },
+        ] {
+            assert!(check_rule(&rule).is_err(), "{rule:?}");
+        }
+    }
+}

@@ -1,0 +1,429 @@
+//! Listener: accepts TCP connections and serves HTTP/1.1 and HTTP/2 (prior knowledge) on one
+//! port, with the connection-level limits (header read timeout, idle timeout, write stalls) and
+//! graceful shutdown.
+//!
+//! The protocol is chosen by sniffing the HTTP/2 connection preface. HTTP/1.1 connections run
+//! with upgrades enabled (WebSocket). Requests go to the [`Pipeline`]; nothing here looks at a
+//! request's workspace.
+
+use std::convert::Infallible;
+use std::future::Future;
+use std::io;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::task::{ready, Context, Poll};
+use std::time::Duration;
+
+use hyper::server::conn::{http1, http2};
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::watch;
+use tokio::time::{Instant, Sleep};
+
+use crate::pipeline::Pipeline;
+use crate::refusal::{Refusal, RefusalCode};
+
+const H2_PREFACE: &[u8; 24] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+
+/// Counts live connections so shutdown can wait for them.
+#[derive(Debug, Default)]
+pub struct ConnectionTracker {
+    live: AtomicU64,
+    idle: tokio::sync::Notify,
+}
+
+impl ConnectionTracker {
+    fn enter(self: &Arc<Self>) -> TrackerGuard {
+        self.live.fetch_add(1, Ordering::SeqCst);
+        TrackerGuard(self.clone())
+    }
+
+    pub fn live(&self) -> u64 {
+        self.live.load(Ordering::SeqCst)
+    }
+
+    /// Resolves when no connection is left.
+    pub async fn drained(&self) {
+        loop {
+            let notified = self.idle.notified();
+            if self.live() == 0 {
+                return;
+            }
+            notified.await;
+        }
+    }
+}
+
+struct TrackerGuard(Arc<ConnectionTracker>);
+
+impl Drop for TrackerGuard {
+    fn drop(&mut self) {
+        if self.0.live.fetch_sub(1, Ordering::SeqCst) == 1 {
+            self.0.idle.notify_waiters();
+        }
+    }
+}
+
+/// Accepts connections until `shutdown` turns true.
+pub async fn serve(
+    listener: TcpListener,
+    pipeline: Arc<Pipeline>,
+    mut shutdown: watch::Receiver<bool>,
+    tracker: Arc<ConnectionTracker>,
+) {
+    loop {
+        let accepted = tokio::select! {
+            accepted = listener.accept() => accepted,
+            _ = stopped(&mut shutdown) => return,
+        };
+        let (stream, peer) = match accepted {
+            Ok(accepted) => accepted,
+            Err(e) => {
+                // EMFILE and friends: back off briefly instead of spinning.
+                tracing::warn!("accept failed: {e}");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        let guard = tracker.enter();
+        let pipeline = pipeline.clone();
+        let shutdown = shutdown.clone();
+        tokio::spawn(async move {
+            pipeline.metrics.connections_accepted.fetch_add(1, Ordering::Relaxed);
+            pipeline.metrics.connections_active.fetch_add(1, Ordering::Relaxed);
+            serve_connection(stream, peer, &pipeline, shutdown).await;
+            pipeline.metrics.connections_active.fetch_sub(1, Ordering::Relaxed);
+            drop(guard);
+        });
+    }
+}
+
+/// Activity of one connection, shared by its IO, its service and its idle watcher.
+#[derive(Debug)]
+struct Activity {
+    started: Instant,
+    /// Milliseconds since `started` of the last byte read.
+    last_read_ms: AtomicU64,
+    requests_started: AtomicU64,
+    requests_finished: AtomicU64,
+}
+
+impl Activity {
+    fn mark_read(&self) {
+        self.last_read_ms
+            .store(self.started.elapsed().as_millis() as u64, Ordering::Relaxed);
+    }
+
+    fn read_within(&self, window: Duration) -> bool {
+        let now = self.started.elapsed().as_millis() as u64;
+        let last = self.last_read_ms.load(Ordering::Relaxed);
+        last != u64::MAX && now.saturating_sub(last) < window.as_millis() as u64
+    }
+}
+
+async fn serve_connection(stream: TcpStream, peer: SocketAddr, pipeline: &Arc<Pipeline>, mut shutdown: watch::Receiver<bool>) {
+    let _ = stream.set_nodelay(true);
+    let limits = &pipeline.config.limits;
+    let stream = Arc::new(stream);
+    let activity = Arc::new(Activity {
+        started: Instant::now(),
+        last_read_ms: AtomicU64::new(u64::MAX),
+        requests_started: AtomicU64::new(0),
+        requests_finished: AtomicU64::new(0),
+    });
+
+    // Sniff the HTTP/2 preface; the bytes read are replayed to hyper.
+    let mut prefix = [0u8; 24];
+    let mut filled = 0;
+    let sniffed = tokio::time::timeout(limits.header_read_timeout, async {
+        loop {
+            stream.readable().await?;
+            match stream.try_read(&mut prefix[filled..]) {
+                Ok(0) => return Ok::<_, io::Error>(None),
+                Ok(n) => {
+                    filled += n;
+                    if prefix[..filled] != H2_PREFACE[..filled] {
+                        return Ok(Some(false));
+                    }
+                    if filled == H2_PREFACE.len() {
+                        return Ok(Some(true));
+                    }
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+                Err(e) => return Err(e),
+            }
+        }
+    })
+    .await;
+    let is_h2 = match sniffed {
+        Ok(Ok(Some(is_h2))) => is_h2,
+        Ok(Ok(None)) | Ok(Err(_)) => return,
+        Err(_elapsed) => {
+            if filled > 0 {
+                answer_timeout(&stream).await;
+            }
+            return;
+        }
+    };
+    if filled > 0 {
+        activity.mark_read();
+    }
+    let io = ConnIo {
+        stream: stream.clone(),
+        prefix,
+        prefix_pos: 0,
+        prefix_len: filled,
+        activity: activity.clone(),
+        write_stall: limits.idle_timeout,
+        write_timer: None,
+    };
+
+    let service_activity = activity.clone();
+    let service_pipeline = pipeline.clone();
+    let service = service_fn(move |req| {
+        let pipeline = service_pipeline.clone();
+        let activity = service_activity.clone();
+        activity.requests_started.fetch_add(1, Ordering::Relaxed);
+        async move {
+            let response = pipeline.handle(req, peer).await;
+            activity.requests_finished.fetch_add(1, Ordering::Relaxed);
+            Ok::<_, Infallible>(response)
+        }
+    });
+
+    let idle_timeout = limits.idle_timeout;
+    let idle = watch_idle(activity.clone(), idle_timeout);
+    tokio::pin!(idle);
+
+    if is_h2 {
+        let mut builder = http2::Builder::new(TokioExecutor::new());
+        builder
+            .timer(TokioTimer::new())
+            .max_concurrent_streams(limits.max_concurrent_streams)
+            .max_header_list_size(limits.max_header_bytes.min(u32::MAX as u64) as u32)
+            .keep_alive_interval(Some(idle_timeout))
+            .keep_alive_timeout(Duration::from_secs(20));
+        let conn = builder.serve_connection(TokioIo::new(io), service);
+        tokio::pin!(conn);
+        let mut draining = false;
+        loop {
+            tokio::select! {
+                result = conn.as_mut() => {
+                    if let Err(e) = result {
+                        tracing::debug!(%peer, "http2 connection ended: {e}");
+                    }
+                    return;
+                }
+                _ = stopped(&mut shutdown), if !draining => {
+                    draining = true;
+                    conn.as_mut().graceful_shutdown();
+                }
+                _ = &mut idle, if !draining => {
+                    draining = true;
+                    conn.as_mut().graceful_shutdown();
+                }
+            }
+        }
+    } else {
+        let mut builder = http1::Builder::new();
+        builder
+            .timer(TokioTimer::new())
+            .header_read_timeout(limits.header_read_timeout)
+            // hyper's own cap is a backstop above ours, so that our 431 (with its JSON body)
+            // answers heads between the two.
+            .max_buf_size(((limits.max_header_bytes as usize) * 2).max(16 * 1024))
+            .keep_alive(true);
+        let conn = builder.serve_connection(TokioIo::new(io), service).with_upgrades();
+        tokio::pin!(conn);
+        let mut draining = false;
+        loop {
+            tokio::select! {
+                result = conn.as_mut() => {
+                    if let Err(e) = result {
+                        if e.is_timeout() && activity.read_within(limits.header_read_timeout) {
+                            // A head was started and not finished in time.
+                            answer_timeout(&stream).await;
+                        } else {
+                            tracing::debug!(%peer, "http1 connection ended: {e}");
+                        }
+                    }
+                    return;
+                }
+                _ = stopped(&mut shutdown), if !draining => {
+                    draining = true;
+                    conn.as_mut().graceful_shutdown();
+                }
+                _ = &mut idle, if !draining => {
+                    draining = true;
+                    conn.as_mut().graceful_shutdown();
+                }
+            }
+        }
+    }
+}
+
+/// Resolves once `shutdown` turns true (or its sender is gone).
+pub(crate) async fn stopped(shutdown: &mut watch::Receiver<bool>) {
+    let _ = shutdown.wait_for(|stop| *stop).await;
+}
+
+/// Resolves once the connection has had no request in flight and none started for `timeout`.
+async fn watch_idle(activity: Arc<Activity>, timeout: Duration) {
+    let mut seen = u64::MAX;
+    loop {
+        tokio::time::sleep(timeout).await;
+        let started = activity.requests_started.load(Ordering::Relaxed);
+        let finished = activity.requests_finished.load(Ordering::Relaxed);
+        if started == finished && started == seen {
+            return;
+        }
+        seen = started;
+    }
+}
+
+async fn answer_timeout(stream: &TcpStream) {
+    let bytes = Refusal::new(RefusalCode::RequestTimeout)
+        .message("the request head was not received in time")
+        .raw_http1();
+    let mut written = 0;
+    let deadline = Instant::now() + Duration::from_secs(1);
+    while written < bytes.len() && Instant::now() < deadline {
+        if tokio::time::timeout_at(deadline, stream.writable()).await.is_err() {
+            break;
+        }
+        match stream.try_write(&bytes[written..]) {
+            Ok(n) => written += n,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+            Err(_) => break,
+        }
+    }
+    let _ = socket2::SockRef::from(stream).shutdown(std::net::Shutdown::Write);
+}
+
+/// The connection's IO as hyper sees it: replays the sniffed prefix, records read activity,
+/// and fails a write that makes no progress for the idle timeout (a client that stopped reading).
+/// The stream is shared so the listener can still answer after hyper gives up on a connection.
+struct ConnIo {
+    stream: Arc<TcpStream>,
+    prefix: [u8; 24],
+    prefix_pos: usize,
+    prefix_len: usize,
+    activity: Arc<Activity>,
+    write_stall: Duration,
+    write_timer: Option<Pin<Box<Sleep>>>,
+}
+
+impl ConnIo {
+    fn write_blocked(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        let stall = self.write_stall;
+        let timer = self
+            .write_timer
+            .get_or_insert_with(|| Box::pin(tokio::time::sleep(stall)));
+        match timer.as_mut().poll(cx) {
+            Poll::Ready(()) => Poll::Ready(Err(io::Error::new(
+                io::ErrorKind::TimedOut,
+                "client stopped reading",
+            ))),
+            Poll::Pending => Poll::Pending,
+        }
+    }
+
+    fn write_progressed(&mut self) {
+        self.write_timer = None;
+    }
+}
+
+impl AsyncRead for ConnIo {
+    fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+        if self.prefix_pos < self.prefix_len {
+            let n = (self.prefix_len - self.prefix_pos).min(buf.remaining());
+            let start = self.prefix_pos;
+            buf.put_slice(&self.prefix[start..start + n]);
+            self.prefix_pos += n;
+            return Poll::Ready(Ok(()));
+        }
+        loop {
+            ready!(self.stream.poll_read_ready(cx))?;
+            let unfilled = buf.initialize_unfilled();
+            match self.stream.try_read(unfilled) {
+                Ok(n) => {
+                    buf.advance(n);
+                    if n > 0 {
+                        self.activity.mark_read();
+                    }
+                    return Poll::Ready(Ok(()));
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+                Err(e) => return Poll::Ready(Err(e)),
+            }
+        }
+    }
+}
+
+impl AsyncWrite for ConnIo {
+    fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, data: &[u8]) -> Poll<io::Result<usize>> {
+        loop {
+            match self.stream.poll_write_ready(cx) {
+                Poll::Ready(Ok(())) => {}
+                Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
+                Poll::Pending => {
+                    ready!(self.write_blocked(cx))?;
+                    continue;
+                }
+            }
+            match self.stream.try_write(data) {
+                Ok(n) => {
+                    self.write_progressed();
+                    return Poll::Ready(Ok(n));
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+                Err(e) => return Poll::Ready(Err(e)),
+            }
+        }
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        loop {
+            match self.stream.poll_write_ready(cx) {
+                Poll::Ready(Ok(())) => {}
+                Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
+                Poll::Pending => {
+                    ready!(self.write_blocked(cx))?;
+                    continue;
+                }
+            }
+            match self.stream.try_write_vectored(bufs) {
+                Ok(n) => {
+                    self.write_progressed();
+                    return Poll::Ready(Ok(n));
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+                Err(e) => return Poll::Ready(Err(e)),
+            }
+        }
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        true
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        let result = socket2::SockRef::from(&*self.stream).shutdown(std::net::Shutdown::Write);
+        match result {
+            Err(e) if e.kind() != io::ErrorKind::NotConnected => Poll::Ready(Err(e)),
+            _ => Poll::Ready(Ok(())),
+        }
+    }
+}

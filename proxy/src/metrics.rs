@@ -1,0 +1,168 @@
+//! Metrics in Prometheus text format.
+//!
+//! Counters are fixed arrays of atomics indexed by outcome and region, so recording a request
+//! takes no lock and no allocation; names and labels are only formatted at scrape time.
+
+use std::fmt::Write;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use crate::map::{Replica, MAX_REGIONS};
+use crate::refusal::RefusalCode;
+use crate::upstream::Upstreams;
+
+/// Outcome slots: 0 = forwarded, 1.. = refusal codes.
+const OUTCOMES: usize = 1 + RefusalCode::ALL.len();
+/// Region slots: one per region index, plus "none".
+const REGION_SLOTS: usize = MAX_REGIONS + 1;
+const BUCKETS: [f64; 14] = [
+    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+];
+
+pub struct Metrics {
+    requests: Box<[AtomicU64]>,
+    latency_buckets: [AtomicU64; BUCKETS.len()],
+    latency_count: AtomicU64,
+    latency_sum_micros: AtomicU64,
+    pub upstream_retries: AtomicU64,
+    pub connections_accepted: AtomicU64,
+    pub connections_active: AtomicU64,
+    pub map_reloads_ok: AtomicU64,
+    pub map_reloads_failed: AtomicU64,
+}
+
+impl std::fmt::Debug for Metrics {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Metrics").finish_non_exhaustive()
+    }
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self {
+            requests: (0..OUTCOMES * REGION_SLOTS).map(|_| AtomicU64::new(0)).collect(),
+            latency_buckets: Default::default(),
+            latency_count: AtomicU64::new(0),
+            latency_sum_micros: AtomicU64::new(0),
+            upstream_retries: AtomicU64::new(0),
+            connections_accepted: AtomicU64::new(0),
+            connections_active: AtomicU64::new(0),
+            map_reloads_ok: AtomicU64::new(0),
+            map_reloads_failed: AtomicU64::new(0),
+        }
+    }
+}
+
+impl Metrics {
+    /// Counts one request by outcome (`None` = forwarded) and region.
+    pub fn record(&self, refusal: Option<RefusalCode>, region: Option<u8>, elapsed: Duration) {
+        let outcome = refusal.map_or(0, |c| 1 + c.index());
+        let region = region.map_or(MAX_REGIONS, usize::from);
+        self.requests[outcome * REGION_SLOTS + region].fetch_add(1, Ordering::Relaxed);
+        let seconds = elapsed.as_secs_f64();
+        if let Some(i) = BUCKETS.iter().position(|&b| seconds <= b) {
+            self.latency_buckets[i].fetch_add(1, Ordering::Relaxed);
+        }
+        self.latency_count.fetch_add(1, Ordering::Relaxed);
+        self.latency_sum_micros
+            .fetch_add(elapsed.as_micros() as u64, Ordering::Relaxed);
+    }
+
+    /// Requests counted for one outcome and region (tests and the admin API).
+    pub fn requests(&self, refusal: Option<RefusalCode>, region: Option<u8>) -> u64 {
+        let outcome = refusal.map_or(0, |c| 1 + c.index());
+        let region = region.map_or(MAX_REGIONS, usize::from);
+        self.requests[outcome * REGION_SLOTS + region].load(Ordering::Relaxed)
+    }
+
+    /// Renders every metric.
+    pub fn render(&self, replica: &Replica, upstreams: &Upstreams) -> String {
+        let mut out = String::with_capacity(4096);
+        let regions = replica.regions().snapshot();
+        let region_name = |slot: usize| -> String {
+            regions
+                .get(slot)
+                .map_or_else(|| "none".to_owned(), |r| r.id.to_string())
+        };
+
+        out.push_str("# HELP domicile_requests_total Requests by decision (forwarded or refusal code) and home region.\n");
+        out.push_str("# TYPE domicile_requests_total counter\n");
+        for outcome in 0..OUTCOMES {
+            let decision = if outcome == 0 {
+                "forwarded"
+            } else {
+                RefusalCode::ALL[outcome - 1].as_str()
+            };
+            for slot in 0..REGION_SLOTS {
+                let n = self.requests[outcome * REGION_SLOTS + slot].load(Ordering::Relaxed);
+                if n > 0 {
+                    let _ = writeln!(
+                        out,
+                        "domicile_requests_total{{decision=\"{decision}\",region=\"{}\"}} {n}",
+                        region_name(slot)
+                    );
+                }
+            }
+        }
+
+        out.push_str("# HELP domicile_request_duration_seconds Time from request head to response head.\n");
+        out.push_str("# TYPE domicile_request_duration_seconds histogram\n");
+        let mut cumulative = 0;
+        for (i, bound) in BUCKETS.iter().enumerate() {
+            cumulative += self.latency_buckets[i].load(Ordering::Relaxed);
+            let _ = writeln!(out, "domicile_request_duration_seconds_bucket{{le=\"{bound}\"}} {cumulative}");
+        }
+        let count = self.latency_count.load(Ordering::Relaxed);
+        let _ = writeln!(out, "domicile_request_duration_seconds_bucket{{le=\"+Inf\"}} {count}");
+        let _ = writeln!(
+            out,
+            "domicile_request_duration_seconds_sum {}",
+            self.latency_sum_micros.load(Ordering::Relaxed) as f64 / 1e6
+        );
+        let _ = writeln!(out, "domicile_request_duration_seconds_count {count}");
+
+        out.push_str("# HELP domicile_upstream_endpoint_healthy 1 when the endpoint passes health checks and is not ejected.\n");
+        out.push_str("# TYPE domicile_upstream_endpoint_healthy gauge\n");
+        for pool in upstreams.pools() {
+            for endpoint in &pool.endpoints {
+                let up = pool.is_up() && endpoint.is_healthy();
+                let _ = writeln!(
+                    out,
+                    "domicile_upstream_endpoint_healthy{{region=\"{}\",endpoint=\"{}\"}} {}",
+                    pool.region_id, endpoint.authority, up as u8
+                );
+            }
+        }
+        out.push_str("# TYPE domicile_upstream_region_up gauge\n");
+        for pool in upstreams.pools() {
+            let _ = writeln!(out, "domicile_upstream_region_up{{region=\"{}\"}} {}", pool.region_id, pool.is_up() as u8);
+        }
+        out.push_str("# TYPE domicile_upstream_ejections_total counter\n");
+        for pool in upstreams.pools() {
+            for endpoint in &pool.endpoints {
+                let _ = writeln!(
+                    out,
+                    "domicile_upstream_ejections_total{{region=\"{}\",endpoint=\"{}\"}} {}",
+                    pool.region_id,
+                    endpoint.authority,
+                    endpoint.ejections.load(Ordering::Relaxed)
+                );
+            }
+        }
+        let counters = [
+            ("domicile_upstream_retries_total", "counter", self.upstream_retries.load(Ordering::Relaxed)),
+            ("domicile_connections_accepted_total", "counter", self.connections_accepted.load(Ordering::Relaxed)),
+            ("domicile_connections_active", "gauge", self.connections_active.load(Ordering::Relaxed)),
+            ("domicile_map_loaded", "gauge", replica.is_loaded() as u64),
+            ("domicile_map_entries", "gauge", replica.len() as u64),
+            ("domicile_map_version", "gauge", replica.version().unwrap_or(0)),
+        ];
+        for (name, kind, value) in counters {
+            let _ = writeln!(out, "# TYPE {name} {kind}\n{name} {value}");
+        }
+        out.push_str("# TYPE domicile_map_reloads_total counter\n");
+        let _ = writeln!(out, "domicile_map_reloads_total{{result=\"ok\"}} {}", self.map_reloads_ok.load(Ordering::Relaxed));
+        let _ = writeln!(out, "domicile_map_reloads_total{{result=\"failed\"}} {}", self.map_reloads_failed.load(Ordering::Relaxed));
+        out
+    }
+}

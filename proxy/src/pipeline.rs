@@ -1,0 +1,544 @@
+//! The request path: identify -> map -> decide -> forward, one request at a time.
+//!
+//! [`Pipeline::handle`] is the whole data plane for one request and can be called without any
+//! socket (tests and benchmarks do). `forward` only ever sends to endpoints of the region that
+//! `decide` chose; when that region cannot answer, the client gets a refusal, never another
+//! region.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Instant;
+
+use bytes::Bytes;
+use http::header::{self, HeaderMap, HeaderValue};
+use http::uri::{PathAndQuery, Scheme};
+use http::{Method, Request, Response, StatusCode, Uri, Version};
+use http_body::Body;
+use http_body_util::{BodyExt, Empty};
+use hyper::body::Incoming;
+use hyper_util::rt::TokioIo;
+
+use crate::body::{BodyFate, Fate, Guarded};
+use crate::config::{ProxyConfig, UpstreamProtocol, Unidentified};
+use crate::decide::{decide, Decision, Forward, Policy, RequestFacts};
+use crate::geoip::GeoIp;
+use crate::headers::{self, X_DOMICILE_EPOCH, X_DOMICILE_MAP_VERSION, X_DOMICILE_REGION, X_DOMICILE_WORKSPACE, X_REQUEST_ID};
+use crate::identify::{Identifier, Identity, RequestView};
+use crate::map::{Lookup, RegionIdx, Replica};
+use crate::metrics::Metrics;
+use crate::refusal::{ProxyBody, Refusal, RefusalCode};
+use crate::upstream::{RegionPool, RouteView, Upstreams};
+
+/// Everything the request path needs, shared by every connection.
+pub struct Pipeline {
+    pub config: Arc<ProxyConfig>,
+    pub identifier: Identifier,
+    pub replica: Arc<Replica>,
+    pub upstreams: Upstreams,
+    pub geoip: Option<GeoIp>,
+    pub policy: Policy,
+    pub metrics: Metrics,
+}
+
+impl std::fmt::Debug for Pipeline {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Pipeline").finish_non_exhaustive()
+    }
+}
+
+fn is_safe(method: &Method) -> bool {
+    matches!(*method, Method::GET | Method::HEAD | Method::OPTIONS)
+}
+
+fn is_idempotent(method: &Method) -> bool {
+    is_safe(method) || matches!(*method, Method::PUT | Method::DELETE | Method::TRACE)
+}
+
+/// The request's host without port: URI authority (HTTP/2, absolute form) or `Host`.
+fn host_of<B>(req: &Request<B>) -> Option<&str> {
+    let raw = match req.uri().authority() {
+        Some(authority) => authority.as_str(),
+        None => req.headers().get(header::HOST)?.to_str().ok()?,
+    };
+    let raw = raw.rsplit_once('@').map_or(raw, |(_, h)| h);
+    if raw.starts_with('[') {
+        return raw.split_once(']').map(|(h, _)| &raw[..h.len() + 1]);
+    }
+    Some(raw.split_once(':').map_or(raw, |(h, _)| h))
+}
+
+fn content_length(headers: &HeaderMap) -> Option<u64> {
+    headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse().ok())
+}
+
+/// Why forwarding failed, mapped to exactly one refusal code in [`ForwardError::code`].
+#[derive(Debug)]
+enum ForwardError {
+    /// No endpoint of the home region could be reached.
+    RegionUnavailable,
+    Timeout,
+    Upstream(String),
+    BodyTooLarge,
+    ClientStalled,
+}
+
+impl ForwardError {
+    fn code(&self) -> RefusalCode {
+        match self {
+            ForwardError::RegionUnavailable => RefusalCode::RegionUnavailable,
+            ForwardError::Timeout => RefusalCode::UpstreamTimeout,
+            ForwardError::Upstream(_) => RefusalCode::UpstreamError,
+            ForwardError::BodyTooLarge => RefusalCode::BodyTooLarge,
+            ForwardError::ClientStalled => RefusalCode::RequestTimeout,
+        }
+    }
+}
+
+impl Pipeline {
+    /// Builds the pipeline (pools and health checks start; needs a Tokio runtime).
+    pub fn new(config: Arc<ProxyConfig>, replica: Arc<Replica>) -> Result<Self, String> {
+        let identifier = Identifier::new(&config.identify.rules)?;
+        let edge_region = replica
+            .regions()
+            .intern(&config.proxy.edge_region)
+            .map_err(|e| e.to_string())?;
+        let upstreams = Upstreams::start(&config.regions, &config.limits, replica.regions())?;
+        let geoip = match &config.proxy.geoip_database {
+            Some(path) => Some(GeoIp::open(path).map_err(|e| e.to_string())?),
+            None => None,
+        };
+        let policy = Policy {
+            unidentified: config.identify.unidentified,
+            edge_region,
+            strict_regional_hosts: config.identify.strict_regional_hosts,
+        };
+        Ok(Self {
+            config,
+            identifier,
+            replica,
+            upstreams,
+            geoip,
+            policy,
+            metrics: Metrics::default(),
+        })
+    }
+
+    /// Handles one request from `peer`.
+    pub async fn handle(&self, req: Request<Incoming>, peer: SocketAddr) -> Response<ProxyBody> {
+        self.handle_body(req, peer).await
+    }
+
+    /// As [`Pipeline::handle`], for any request body type.
+    pub async fn handle_body<B>(&self, req: Request<B>, peer: SocketAddr) -> Response<ProxyBody>
+    where
+        B: Body<Data = Bytes> + Send + Unpin + 'static,
+        B::Error: Into<crate::refusal::BoxError>,
+    {
+        let started = Instant::now();
+        let request_id = match req.headers().get(&X_REQUEST_ID) {
+            Some(v) if headers::valid_request_id(v) => v.clone(),
+            _ => headers::new_request_id(),
+        };
+        if let Some(refusal) = self.check_request(&req) {
+            return self.refuse(refusal, None, None, &request_id, started);
+        }
+
+        let host = host_of(&req);
+        let identity = self.identifier.identify(&RequestView {
+            host,
+            path: req.uri().path(),
+            query: req.uri().query(),
+            headers: req.headers(),
+        });
+        let lookup = match identity {
+            Identity::Workspace(id) => self.replica.lookup(&id),
+            _ => match self.replica.version() {
+                Some(version) => Lookup::Unknown { version },
+                None => Lookup::NoMap,
+            },
+        };
+        let arrived_on = match (self.policy.strict_regional_hosts, host) {
+            (true, Some(host)) => self.upstreams.region_of_host(host),
+            _ => None,
+        };
+        let client_country = match (identity, self.policy.unidentified, &self.geoip) {
+            (Identity::None, Unidentified::NearestRegion, Some(geoip)) => {
+                let ip = headers::client_ip(peer.ip(), req.headers(), &self.config.proxy.trusted_proxies);
+                geoip.country(ip)
+            }
+            _ => None,
+        };
+        let facts = RequestFacts {
+            identity,
+            safe_method: is_safe(req.method()),
+            arrived_on,
+            client_country,
+        };
+        let routes = RouteView {
+            upstreams: &self.upstreams,
+            regions: self.replica.regions(),
+        };
+        match decide(&facts, &self.policy, lookup, &routes) {
+            Decision::Forward(forward) => self.forward(req, forward, peer, request_id, started).await,
+            Decision::Refuse {
+                code,
+                workspace,
+                home_region,
+            } => {
+                let message = self.explain(code, &identity, lookup, home_region);
+                let refusal = Refusal::new(code)
+                    .message(message)
+                    .retry_after((code == RefusalCode::WorkspaceMoving).then_some(self.config.proxy.moving_retry_after));
+                let ws = workspace.as_ref().map(|w| w.as_str());
+                self.refuse(refusal, ws, home_region, &request_id, started)
+            }
+        }
+    }
+
+    /// Limits hyper does not enforce with a JSON answer.
+    fn check_request<B>(&self, req: &Request<B>) -> Option<Refusal<'static>> {
+        let limits = &self.config.limits;
+        if req.method() == Method::CONNECT {
+            return Some(Refusal::new(RefusalCode::BadRequest).message("CONNECT is not supported by this edge"));
+        }
+        let headers = req.headers();
+        if headers.len() > limits.max_headers {
+            return Some(Refusal::new(RefusalCode::HeadersTooLarge).message(format!(
+                "the request has {} header fields; the limit is {}",
+                headers.len(),
+                limits.max_headers
+            )));
+        }
+        let head_bytes: usize = req.uri().to_string().len()
+            + headers
+                .iter()
+                .map(|(k, v)| k.as_str().len() + v.len() + 4)
+                .sum::<usize>();
+        if head_bytes as u64 > limits.max_header_bytes {
+            return Some(Refusal::new(RefusalCode::HeadersTooLarge).message(format!(
+                "the request head is {head_bytes} bytes; the limit is {}",
+                limits.max_header_bytes
+            )));
+        }
+        None
+    }
+
+    fn explain(&self, code: RefusalCode, identity: &Identity, lookup: Lookup, home: Option<RegionIdx>) -> String {
+        let region = || {
+            home.and_then(|r| self.replica.regions().id(r))
+                .map_or_else(|| "?".to_owned(), |id| id.to_string())
+        };
+        match (code, identity) {
+            (RefusalCode::InvalidWorkspace, Identity::Invalid { source, reason }) => {
+                format!("the workspace id in {} is not valid: {reason}", self.identifier.describe(*source))
+            }
+            (RefusalCode::ConflictingWorkspace, Identity::Conflict { first, second }) => format!(
+                "the request names two workspaces, {first} and {second}; one request must touch one workspace"
+            ),
+            (RefusalCode::UnknownWorkspace, Identity::Workspace(id)) => match lookup {
+                Lookup::Unknown { version } => format!("workspace {id} is not in the routing map (map version {version})"),
+                _ => format!("workspace {id} is not in the routing map"),
+            },
+            (RefusalCode::RegionUnroutable, _) => format!(
+                "home region {} has no route at this edge; the request is not sent to any other region",
+                region()
+            ),
+            (RefusalCode::RegionUnavailable, _) => format!(
+                "no healthy endpoint in home region {}; the request is not sent to any other region",
+                region()
+            ),
+            (RefusalCode::WrongRegionEndpoint, Identity::Workspace(id)) => format!(
+                "workspace {id} lives in region {}; use that region's hostname",
+                region()
+            ),
+            (RefusalCode::WorkspaceMoving, Identity::Workspace(id)) => format!(
+                "workspace {id} is moving between regions; retry writes shortly (reads continue)"
+            ),
+            _ => code.default_message().to_owned(),
+        }
+    }
+
+    fn refuse(
+        &self,
+        refusal: Refusal<'_>,
+        workspace: Option<&str>,
+        region: Option<RegionIdx>,
+        request_id: &HeaderValue,
+        started: Instant,
+    ) -> Response<ProxyBody> {
+        self.metrics.record(Some(refusal.code), region, started.elapsed());
+        let code = refusal.code;
+        let mut response = refusal
+            .workspace(workspace)
+            .request_id(request_id.to_str().ok())
+            .into_response();
+        if code == RefusalCode::BadRequest {
+            response.headers_mut().insert(header::CONNECTION, HeaderValue::from_static("close"));
+        }
+        response
+    }
+
+    async fn forward<B>(
+        &self,
+        mut req: Request<B>,
+        forward: Forward,
+        peer: SocketAddr,
+        request_id: HeaderValue,
+        started: Instant,
+    ) -> Response<ProxyBody>
+    where
+        B: Body<Data = Bytes> + Send + Unpin + 'static,
+        B::Error: Into<crate::refusal::BoxError>,
+    {
+        let workspace = forward.workspace;
+        let ws_str = workspace.as_ref().map(|w| w.as_str());
+        let Some(pool) = self.upstreams.pool(forward.region) else {
+            // decide() only forwards to routed regions; keep the invariant explicit anyway.
+            return self.refuse(Refusal::new(RefusalCode::RegionUnroutable), ws_str, Some(forward.region), &request_id, started);
+        };
+        if let Some(len) = content_length(req.headers()) {
+            if len > pool.max_body_bytes {
+                let refusal = Refusal::new(RefusalCode::BodyTooLarge).message(format!(
+                    "the request body is {len} bytes; the limit for region {} is {}",
+                    pool.region_id, pool.max_body_bytes
+                ));
+                return self.refuse(refusal, ws_str, Some(forward.region), &request_id, started);
+            }
+        }
+        let upgrade = req.version() <= Version::HTTP_11 && headers::is_upgrade_request(req.headers());
+        let client_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
+
+        let (mut parts, body) = req.into_parts();
+        let original_host = match parts.headers.get(header::HOST) {
+            Some(host) => Some(host.clone()),
+            None => parts
+                .uri
+                .authority()
+                .and_then(|a| HeaderValue::from_str(a.as_str()).ok()),
+        };
+        self.prepare_headers(&mut parts.headers, &forward, peer, &request_id, upgrade, original_host.as_ref());
+        parts.version = match self.config.regions.get(&*pool.region_id).map(|r| r.protocol) {
+            Some(UpstreamProtocol::H2c) => Version::HTTP_2,
+            _ => Version::HTTP_11,
+        };
+        if let Some(host) = original_host {
+            parts.headers.insert(header::HOST, host);
+        }
+        let path_and_query = parts
+            .uri
+            .path_and_query()
+            .cloned()
+            .unwrap_or_else(|| PathAndQuery::from_static("/"));
+
+        let fate = Arc::new(BodyFate::default());
+        let body_is_empty = body.is_end_stream();
+        let upstream_body: ProxyBody = if body_is_empty {
+            Empty::new().map_err(|never| match never {}).boxed_unsync()
+        } else {
+            Guarded::new(body, pool.max_body_bytes, self.config.limits.idle_timeout, Some(fate.clone())).boxed_unsync()
+        };
+        let retries = if body_is_empty && is_idempotent(&parts.method) && !upgrade {
+            self.config.limits.retries.min(pool.endpoints.len().saturating_sub(1) as u32)
+        } else {
+            0
+        };
+        let retry_template = (retries > 0).then(|| (parts.method.clone(), parts.headers.clone()));
+
+        let result = self
+            .send(pool, parts, upstream_body, &path_and_query, retries, retry_template, &fate)
+            .await;
+        let mut response = match result {
+            Ok(response) => response,
+            Err(error) => {
+                let code = error.code();
+                let mut refusal = Refusal::new(code);
+                if let ForwardError::Upstream(detail) = &error {
+                    refusal = refusal.message(format!("home region {} failed to answer: {detail}", pool.region_id));
+                } else if code == RefusalCode::RegionUnavailable {
+                    refusal = refusal.message(format!(
+                        "no endpoint of home region {} could be reached; the request is not sent to any other region",
+                        pool.region_id
+                    ));
+                }
+                return self.refuse(refusal, ws_str, Some(forward.region), &request_id, started);
+            }
+        };
+
+        if response.status() == StatusCode::SWITCHING_PROTOCOLS {
+            if let Some(client_upgrade) = client_upgrade {
+                let upstream_upgrade = hyper::upgrade::on(&mut response);
+                tokio::spawn(async move {
+                    match tokio::try_join!(client_upgrade, upstream_upgrade) {
+                        Ok((client, upstream)) => {
+                            let mut client = TokioIo::new(client);
+                            let mut upstream = TokioIo::new(upstream);
+                            let _ = tokio::io::copy_bidirectional(&mut client, &mut upstream).await;
+                        }
+                        Err(e) => tracing::debug!("upgrade failed: {e}"),
+                    }
+                });
+            }
+        }
+        self.metrics.record(None, Some(forward.region), started.elapsed());
+        let (mut parts, body) = response.into_parts();
+        headers::strip_hop_by_hop(&mut parts.headers, parts.status == StatusCode::SWITCHING_PROTOCOLS);
+        parts.headers.insert(X_REQUEST_ID.clone(), request_id);
+        let body = Guarded::new(body, u64::MAX, self.config.limits.idle_timeout, None).boxed_unsync();
+        Response::from_parts(parts, body)
+    }
+
+    fn prepare_headers(
+        &self,
+        headers: &mut HeaderMap,
+        forward: &Forward,
+        peer: SocketAddr,
+        request_id: &HeaderValue,
+        upgrade: bool,
+        host: Option<&HeaderValue>,
+    ) {
+        headers::strip_hop_by_hop(headers, upgrade);
+        headers::strip_domicile(headers);
+        headers::set_forwarded(
+            headers,
+            peer,
+            &self.config.proxy.trusted_proxies,
+            host.and_then(|h| h.to_str().ok()),
+        );
+        headers.insert(X_REQUEST_ID.clone(), request_id.clone());
+        if let Some(workspace) = &forward.workspace {
+            if let Ok(value) = HeaderValue::from_bytes(workspace.as_bytes()) {
+                headers.insert(X_DOMICILE_WORKSPACE.clone(), value);
+            }
+        }
+        if let Some(region) = self.replica.regions().header_value(forward.region) {
+            headers.insert(X_DOMICILE_REGION.clone(), region);
+        }
+        if let Some(epoch) = forward.epoch {
+            headers.insert(X_DOMICILE_EPOCH.clone(), HeaderValue::from(epoch));
+        }
+        if let Some(version) = forward.map_version {
+            headers.insert(X_DOMICILE_MAP_VERSION.clone(), HeaderValue::from(version));
+        }
+    }
+
+    /// Sends to endpoints of `pool` only, retrying within the pool when allowed.
+    #[allow(clippy::too_many_arguments)]
+    async fn send(
+        &self,
+        pool: &RegionPool,
+        parts: http::request::Parts,
+        body: ProxyBody,
+        path_and_query: &PathAndQuery,
+        retries: u32,
+        template: Option<(Method, HeaderMap)>,
+        fate: &BodyFate,
+    ) -> Result<Response<Incoming>, ForwardError> {
+        let mut tried: u64 = 0;
+        let mut next = Some(Request::from_parts(parts, body));
+        let mut attempt = 0u32;
+        // The most telling error that was not a connection failure, if any.
+        let mut served_error: Option<ForwardError> = None;
+        loop {
+            let Some((index, endpoint)) = pool.pick(tried) else {
+                return Err(served_error.unwrap_or(ForwardError::RegionUnavailable));
+            };
+            tried |= 1u64.checked_shl(index as u32).unwrap_or(0);
+            let mut request = match next.take() {
+                Some(request) => request,
+                None => {
+                    let Some((method, headers)) = &template else {
+                        return Err(served_error.unwrap_or(ForwardError::RegionUnavailable));
+                    };
+                    let mut request = Request::new(Empty::new().map_err(|never| match never {}).boxed_unsync());
+                    *request.method_mut() = method.clone();
+                    *request.headers_mut() = headers.clone();
+                    request
+                }
+            };
+            let uri = Uri::builder()
+                .scheme(Scheme::HTTP)
+                .authority(endpoint.authority.clone())
+                .path_and_query(path_and_query.clone())
+                .build();
+            match uri {
+                Ok(uri) => *request.uri_mut() = uri,
+                Err(e) => return Err(ForwardError::Upstream(e.to_string())),
+            }
+            let outcome = tokio::time::timeout(
+                self.config.limits.upstream_response_timeout,
+                pool.client.request(request),
+            )
+            .await;
+            let error = match outcome {
+                Ok(Ok(response)) => {
+                    pool.record_success(endpoint);
+                    return Ok(response);
+                }
+                Ok(Err(e)) => {
+                    match fate.get() {
+                        Fate::TooLarge => return Err(ForwardError::BodyTooLarge),
+                        Fate::Stalled => return Err(ForwardError::ClientStalled),
+                        Fate::Running => {}
+                    }
+                    if e.is_connect() {
+                        pool.record_failure(endpoint);
+                        None
+                    } else {
+                        let mut detail = e.to_string();
+                        let mut source = std::error::Error::source(&e);
+                        while let Some(s) = source {
+                            detail.push_str(": ");
+                            detail.push_str(&s.to_string());
+                            source = s.source();
+                        }
+                        Some(ForwardError::Upstream(detail))
+                    }
+                }
+                Err(_elapsed) => {
+                    pool.record_failure(endpoint);
+                    Some(ForwardError::Timeout)
+                }
+            };
+            tracing::debug!(region = %pool.region_id, endpoint = %endpoint.authority, ?error, attempt, "upstream attempt failed");
+            if let Some(error) = error {
+                served_error = Some(error);
+            }
+            if attempt >= retries {
+                // Only connection failures: nothing reached the region, so it is unavailable.
+                return Err(served_error.unwrap_or(ForwardError::RegionUnavailable));
+            }
+            attempt += 1;
+            self.metrics
+                .upstream_retries
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn host_is_taken_without_port() {
+        let req = Request::get("/").header("host", "Acme.localhost:8080").body(()).unwrap();
+        assert_eq!(host_of(&req), Some("Acme.localhost"));
+        let req = Request::get("http://globex.localhost/x").body(()).unwrap();
+        assert_eq!(host_of(&req), Some("globex.localhost"));
+        let req = Request::get("/").header("host", "[::1]:80").body(()).unwrap();
+        assert_eq!(host_of(&req), Some("[::1]"));
+        let req = Request::get("/").body(()).unwrap();
+        assert_eq!(host_of(&req), None);
+    }
+
+    #[test]
+    fn method_classes() {
+        assert!(is_safe(&Method::GET) && is_safe(&Method::OPTIONS));
+        assert!(!is_safe(&Method::POST) && !is_safe(&Method::PUT));
+        assert!(is_idempotent(&Method::PUT) && is_idempotent(&Method::DELETE));
+        assert!(!is_idempotent(&Method::POST) && !is_idempotent(&Method::PATCH));
+    }
+}

@@ -1,0 +1,135 @@
+//! Workspace ids: case-insensitive, stored lowercase, `[a-z0-9][a-z0-9_-]{0,63}`.
+//!
+//! A [`WorkspaceId`] lives inline (no heap allocation) so that identifying a request costs no
+//! allocation on the hot path. Region ids (`[a-z][a-z0-9-]{0,31}`) are checked here too.
+
+use std::fmt;
+
+/// Longest workspace id accepted, in bytes.
+pub const MAX_WORKSPACE_ID_LEN: usize = 64;
+/// Longest region id accepted, in bytes.
+pub const MAX_REGION_ID_LEN: usize = 32;
+
+/// A validated, lowercased workspace id held inline.
+#[derive(Clone, Copy, PartialEq, Eq, Hash)]
+pub struct WorkspaceId {
+    len: u8,
+    bytes: [u8; MAX_WORKSPACE_ID_LEN],
+}
+
+/// Why a candidate workspace id was rejected.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum InvalidId {
+    #[error("the id is empty")]
+    Empty,
+    #[error("the id is longer than {MAX_WORKSPACE_ID_LEN} characters")]
+    TooLong,
+    #[error("the id must start with a letter or digit")]
+    BadFirst,
+    #[error("the id may contain only letters, digits, '_' and '-'")]
+    BadChar,
+}
+
+impl WorkspaceId {
+    /// Validates `raw` case-insensitively and stores it lowercased.
+    pub fn parse(raw: &[u8]) -> Result<Self, InvalidId> {
+        if raw.is_empty() {
+            return Err(InvalidId::Empty);
+        }
+        if raw.len() > MAX_WORKSPACE_ID_LEN {
+            return Err(InvalidId::TooLong);
+        }
+        let mut bytes = [0u8; MAX_WORKSPACE_ID_LEN];
+        for (i, &b) in raw.iter().enumerate() {
+            let lower = b.to_ascii_lowercase();
+            let ok = match lower {
+                b'a'..=b'z' | b'0'..=b'9' => true,
+                b'_' | b'-' => i > 0,
+                _ => false,
+            };
+            if !ok {
+                return Err(if i == 0 && (lower == b'_' || lower == b'-') {
+                    InvalidId::BadFirst
+                } else {
+                    InvalidId::BadChar
+                });
+            }
+            bytes[i] = lower;
+        }
+        Ok(Self {
+            len: raw.len() as u8,
+            bytes,
+        })
+    }
+
+    pub fn as_bytes(&self) -> &[u8] {
+        &self.bytes[..self.len as usize]
+    }
+
+    pub fn as_str(&self) -> &str {
+        // Only ASCII bytes are ever stored (checked in `parse`).
+        std::str::from_utf8(self.as_bytes()).unwrap_or_default()
+    }
+}
+
+impl fmt::Debug for WorkspaceId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "WorkspaceId({})", self.as_str())
+    }
+}
+
+impl fmt::Display for WorkspaceId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// Checks a region id: `[a-z][a-z0-9-]{0,31}`.
+pub fn is_valid_region_id(id: &str) -> bool {
+    let b = id.as_bytes();
+    !b.is_empty()
+        && b.len() <= MAX_REGION_ID_LEN
+        && b[0].is_ascii_lowercase()
+        && b.iter()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || *c == b'-')
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn accepts_and_lowercases() {
+        let id = WorkspaceId::parse(b"AcMe_01-x").unwrap();
+        assert_eq!(id.as_str(), "acme_01-x");
+        assert_eq!(id, WorkspaceId::parse(b"acme_01-X").unwrap());
+        assert!(WorkspaceId::parse(&[b'a'; 64]).is_ok());
+    }
+
+    #[test]
+    fn rejects_bad_ids() {
+        let cases: &[(&[u8], InvalidId)] = &[
+            (b"", InvalidId::Empty),
+            (&[b'a'; 65], InvalidId::TooLong),
+            (b"-acme", InvalidId::BadFirst),
+            (b"_acme", InvalidId::BadFirst),
+            (b"ac.me", InvalidId::BadChar),
+            (b"ac me", InvalidId::BadChar),
+            (b"acm\xc3\xa9", InvalidId::BadChar),
+            (b"ac%2fme", InvalidId::BadChar),
+        ];
+        for (raw, want) in cases {
+            assert_eq!(WorkspaceId::parse(raw), Err(*want), "{raw:?}");
+        }
+    }
+
+    #[test]
+    fn region_ids() {
+        for ok in ["us", "eu", "au-east-1", "a"] {
+            assert!(is_valid_region_id(ok), "{ok}");
+        }
+        for bad in ["", "US", "1us", "-us", "us_east", &"a".repeat(33)] {
+            assert!(!is_valid_region_id(bad), "{bad}");
+        }
+    }
+}
