@@ -1,1 +1,158 @@
-fn main() {}
+//! `domicile`: the data-residency routing edge's one command.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand, ValueEnum};
+use domicile::demo::{self, DemoOptions};
+use domicile_proxy::ProxyConfig;
+
+#[derive(Debug, Parser)]
+#[command(name = "domicile", version, about = "Data-residency routing edge: every workspace's requests go to its home region and nowhere else")]
+struct Cli {
+    /// Log format.
+    #[arg(long, global = true, value_enum, default_value_t = LogFormat::Text, env = "DOMICILE_LOG_FORMAT")]
+    log_format: LogFormat,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Run demo origins for regions us and eu and a proxy in front of them, on loopback.
+    Demo {
+        /// Where the demo writes its configuration and map.
+        #[arg(long, default_value = "./domicile-demo")]
+        data_dir: PathBuf,
+        /// Proxy address for client traffic.
+        #[arg(long, default_value = "127.0.0.1:8080")]
+        http: SocketAddr,
+        /// Admin address (/healthz, /readyz, /metrics).
+        #[arg(long, default_value = "127.0.0.1:9901")]
+        admin: SocketAddr,
+    },
+    /// Run the proxy (data plane).
+    Proxy {
+        /// Proxy configuration (TOML).
+        #[arg(long, short)]
+        config: PathBuf,
+    },
+    /// Check a proxy configuration and report every problem in it.
+    CheckConfig {
+        /// Proxy configuration (TOML).
+        file: PathBuf,
+    },
+}
+
+fn init_logging(format: LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("DOMICILE_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Text => builder.init(),
+        LogFormat::Json => builder.json().init(),
+    }
+}
+
+/// Resolves on SIGTERM or SIGINT.
+async fn shutdown_signal() {
+    let ctrl_c = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(term) => term,
+            Err(_) => {
+                let _ = ctrl_c.await;
+                return;
+            }
+        };
+        tokio::select! {
+            _ = ctrl_c => {}
+            _ = term.recv() => {}
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = ctrl_c.await;
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_logging(cli.log_format);
+    match cli.command {
+        Command::CheckConfig { file } => match ProxyConfig::from_file(&file) {
+            Ok(config) => {
+                println!(
+                    "{}: ok ({} region route{}, {} identification rule{}, map {})",
+                    file.display(),
+                    config.regions.len(),
+                    if config.regions.len() == 1 { "" } else { "s" },
+                    config.identify.rules.len(),
+                    if config.identify.rules.len() == 1 { "" } else { "s" },
+                    config
+                        .map
+                        .file
+                        .as_ref()
+                        .map_or_else(|| "none".to_owned(), |p| p.display().to_string()),
+                );
+                ExitCode::SUCCESS
+            }
+            Err(errors) => {
+                eprintln!("{}: {errors}", file.display());
+                ExitCode::from(2)
+            }
+        },
+        command => {
+            let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+                Ok(runtime) => runtime,
+                Err(e) => {
+                    eprintln!("error: cannot start the runtime: {e}");
+                    return ExitCode::FAILURE;
+                }
+            };
+            match runtime.block_on(run(command)) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("error: {e:#}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
+    }
+}
+
+async fn run(command: Command) -> anyhow::Result<()> {
+    match command {
+        Command::Demo { data_dir, http, admin } => {
+            demo::run(DemoOptions { data_dir, http, admin }, shutdown_signal()).await
+        }
+        Command::Proxy { config } => {
+            let config = ProxyConfig::from_file(&config)?;
+            let proxy = domicile_proxy::start(config).await?;
+            // One machine-readable line for scripts and tests that bind port 0.
+            println!(
+                "domicile proxy listening on http://{} admin {}",
+                proxy.addr,
+                proxy
+                    .admin_addr
+                    .map_or_else(|| "none".to_owned(), |a| format!("http://{a}"))
+            );
+            shutdown_signal().await;
+            tracing::info!("signal received: draining");
+            let left = proxy.shutdown().await;
+            if left > 0 {
+                tracing::warn!(left, "connections were still open at the end of the grace period");
+            }
+            Ok(())
+        }
+        Command::CheckConfig { .. } => unreachable!("handled before the runtime starts"),
+    }
+}
