@@ -27,6 +27,8 @@ pub enum Fate {
     Running,
     TooLarge,
     Stalled,
+    /// The body's source failed (for a request: the client sent a malformed body or vanished).
+    Broken,
 }
 
 impl BodyFate {
@@ -34,6 +36,7 @@ impl BodyFate {
         match self.0.load(Ordering::Relaxed) {
             1 => Fate::TooLarge,
             2 => Fate::Stalled,
+            3 => Fate::Broken,
             _ => Fate::Running,
         }
     }
@@ -43,6 +46,7 @@ impl BodyFate {
             Fate::Running => 0,
             Fate::TooLarge => 1,
             Fate::Stalled => 2,
+            Fate::Broken => 3,
         };
         self.0.store(v, Ordering::Relaxed);
     }
@@ -111,7 +115,12 @@ where
                 *this.last_progress = Instant::now();
                 Poll::Ready(Some(Ok(frame)))
             }
-            Poll::Ready(Some(Err(e))) => Poll::Ready(Some(Err(e.into()))),
+            Poll::Ready(Some(Err(e))) => {
+                if let Some(fate) = this.fate {
+                    fate.set(Fate::Broken);
+                }
+                Poll::Ready(Some(Err(e.into())))
+            }
             Poll::Ready(None) => Poll::Ready(None),
             Poll::Pending => loop {
                 ready!(this.timer.as_mut().poll(cx));

@@ -211,7 +211,8 @@ impl Default for HealthCheck {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Ejection {
-    /// Consecutive connection failures or timeouts that eject an endpoint. Default: 3.
+    /// Consecutive failed requests (connect errors, resets, timeouts) that eject an endpoint.
+    /// Default: 3.
     #[serde(default = "defaults::three")]
     pub consecutive_failures: u32,
     /// How long an ejected endpoint stays out. Default: 10 s.

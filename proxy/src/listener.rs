@@ -106,22 +106,33 @@ pub async fn serve(
 #[derive(Debug)]
 struct Activity {
     started: Instant,
-    /// Milliseconds since `started` of the last byte read.
-    last_read_ms: AtomicU64,
+    /// Microseconds since `started` of the last byte read (`u64::MAX`: none yet).
+    last_read_us: AtomicU64,
+    /// Microseconds since `started` when the last response head was handed to hyper.
+    last_response_us: AtomicU64,
     requests_started: AtomicU64,
     requests_finished: AtomicU64,
 }
 
 impl Activity {
-    fn mark_read(&self) {
-        self.last_read_ms
-            .store(self.started.elapsed().as_millis() as u64, Ordering::Relaxed);
+    fn now_us(&self) -> u64 {
+        self.started.elapsed().as_micros() as u64
     }
 
-    fn read_within(&self, window: Duration) -> bool {
-        let now = self.started.elapsed().as_millis() as u64;
-        let last = self.last_read_ms.load(Ordering::Relaxed);
-        last != u64::MAX && now.saturating_sub(last) < window.as_millis() as u64
+    fn mark_read(&self) {
+        self.last_read_us.store(self.now_us(), Ordering::Relaxed);
+    }
+
+    fn mark_response(&self) {
+        self.last_response_us.store(self.now_us(), Ordering::Relaxed);
+        self.requests_finished.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Whether bytes arrived after the last response: a request head was begun and not finished.
+    fn has_partial_head(&self) -> bool {
+        let read = self.last_read_us.load(Ordering::Relaxed);
+        let response = self.last_response_us.load(Ordering::Relaxed);
+        read != u64::MAX && (response == u64::MAX || read > response)
     }
 }
 
@@ -131,7 +142,8 @@ async fn serve_connection(stream: TcpStream, peer: SocketAddr, pipeline: &Arc<Pi
     let stream = Arc::new(stream);
     let activity = Arc::new(Activity {
         started: Instant::now(),
-        last_read_ms: AtomicU64::new(u64::MAX),
+        last_read_us: AtomicU64::new(u64::MAX),
+        last_response_us: AtomicU64::new(u64::MAX),
         requests_started: AtomicU64::new(0),
         requests_finished: AtomicU64::new(0),
     });
@@ -190,7 +202,7 @@ async fn serve_connection(stream: TcpStream, peer: SocketAddr, pipeline: &Arc<Pi
         activity.requests_started.fetch_add(1, Ordering::Relaxed);
         async move {
             let response = pipeline.handle(req, peer).await;
-            activity.requests_finished.fetch_add(1, Ordering::Relaxed);
+            activity.mark_response();
             Ok::<_, Infallible>(response)
         }
     });
@@ -244,7 +256,7 @@ async fn serve_connection(stream: TcpStream, peer: SocketAddr, pipeline: &Arc<Pi
             tokio::select! {
                 result = conn.as_mut() => {
                     if let Err(e) = result {
-                        if e.is_timeout() && activity.read_within(limits.header_read_timeout) {
+                        if e.is_timeout() && activity.has_partial_head() {
                             // A head was started and not finished in time.
                             answer_timeout(&stream).await;
                         } else {

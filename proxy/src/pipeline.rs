@@ -83,6 +83,8 @@ enum ForwardError {
     Upstream(String),
     BodyTooLarge,
     ClientStalled,
+    /// The client's request body was malformed or cut off.
+    ClientBody,
 }
 
 impl ForwardError {
@@ -93,6 +95,7 @@ impl ForwardError {
             ForwardError::Upstream(_) => RefusalCode::UpstreamError,
             ForwardError::BodyTooLarge => RefusalCode::BodyTooLarge,
             ForwardError::ClientStalled => RefusalCode::RequestTimeout,
+            ForwardError::ClientBody => RefusalCode::BadRequest,
         }
     }
 }
@@ -357,6 +360,8 @@ impl Pipeline {
                 let mut refusal = Refusal::new(code);
                 if let ForwardError::Upstream(detail) = &error {
                     refusal = refusal.message(format!("home region {} failed to answer: {detail}", pool.region_id));
+                } else if code == RefusalCode::BadRequest {
+                    refusal = refusal.message("the request body was malformed or cut off");
                 } else if code == RefusalCode::RegionUnavailable {
                     refusal = refusal.message(format!(
                         "no endpoint of home region {} could be reached; the request is not sent to any other region",
@@ -481,10 +486,11 @@ impl Pipeline {
                     match fate.get() {
                         Fate::TooLarge => return Err(ForwardError::BodyTooLarge),
                         Fate::Stalled => return Err(ForwardError::ClientStalled),
+                        Fate::Broken => return Err(ForwardError::ClientBody),
                         Fate::Running => {}
                     }
+                    pool.record_failure(endpoint);
                     if e.is_connect() {
-                        pool.record_failure(endpoint);
                         None
                     } else {
                         let mut detail = e.to_string();

@@ -117,7 +117,7 @@ impl RegionPool {
             .find(|(_, e)| e.is_available(now))
     }
 
-    /// A request through this endpoint failed to connect or timed out.
+    /// A request through this endpoint failed (connection refused or reset, timeout, protocol error).
     pub fn record_failure(&self, endpoint: &Endpoint) {
         let failures = endpoint.consecutive_failures.fetch_add(1, Ordering::Relaxed) + 1;
         if failures >= self.ejection.consecutive_failures {

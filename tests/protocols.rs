@@ -1,0 +1,323 @@
+//! End-to-end protocol behaviour: HTTP/2, upgrades, limits, malformed input, upstream failures,
+//! retries and graceful shutdown.
+
+mod common;
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use bytes::Bytes;
+use common::*;
+use futures_util::{SinkExt, StreamExt};
+use http::Request;
+use http_body_util::{BodyExt, Full, StreamBody};
+use hyper::body::Frame;
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::TokioExecutor;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+
+#[tokio::test]
+async fn http2_clients_are_routed_like_http1() {
+    let us = origin("us").await;
+    let eu = origin("eu").await;
+    let proxy = proxy().route("us", &[&us]).route("eu", &[&eu]).start().await;
+    let by_header = send_h2(Request::get(proxy.url("/h2")).header("x-workspace-id", "globex").body(Full::new(Bytes::new())).unwrap()).await;
+    assert_eq!(by_header.status, 200);
+    assert_eq!(by_header.region(), "eu");
+    // :authority carries the host for HTTP/2.
+    let authority = format!("http://acme.localhost:{}/x", proxy.addr().port());
+    let client: Client<_, Full<Bytes>> = Client::builder(TokioExecutor::new()).http2_only(true).build(ForcedConnector(proxy.addr()));
+    let reply = collect(client.request(Request::get(authority).body(Full::new(Bytes::new())).unwrap()).await.unwrap()).await;
+    assert_eq!(reply.region(), "us");
+    assert_eq!(reply.json()["headers"]["host"], format!("acme.localhost:{}", proxy.addr().port()));
+    // Many concurrent streams on one connection.
+    let mut tasks = Vec::new();
+    for i in 0..50 {
+        let client = client.clone();
+        let url = format!("http://{}.localhost:{}/{i}", if i % 2 == 0 { "acme" } else { "globex" }, proxy.addr().port());
+        tasks.push(tokio::spawn(async move { collect(client.request(Request::get(url).body(Full::new(Bytes::new())).unwrap()).await.unwrap()).await }));
+    }
+    for (i, task) in tasks.into_iter().enumerate() {
+        let reply = task.await.unwrap();
+        assert_eq!(reply.region(), if i % 2 == 0 { "us" } else { "eu" });
+    }
+    proxy.running.shutdown().await;
+}
+
+/// Connects every request to one address whatever its host (like curl --resolve).
+#[derive(Clone)]
+struct ForcedConnector(SocketAddr);
+
+impl tower_service::Service<http::Uri> for ForcedConnector {
+    type Response = hyper_util::rt::TokioIo<TcpStream>;
+    type Error = std::io::Error;
+    type Future = std::pin::Pin<Box<dyn std::future::Future<Output = Result<Self::Response, Self::Error>> + Send>>;
+
+    fn poll_ready(&mut self, _: &mut std::task::Context<'_>) -> std::task::Poll<Result<(), Self::Error>> {
+        std::task::Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, _: http::Uri) -> Self::Future {
+        let addr = self.0;
+        Box::pin(async move { Ok(hyper_util::rt::TokioIo::new(TcpStream::connect(addr).await?)) })
+    }
+}
+
+#[tokio::test]
+async fn websocket_echo_through_the_proxy() {
+    let eu = origin("eu").await;
+    let proxy = proxy().route("eu", &[&eu]).start().await;
+    let stream = TcpStream::connect(proxy.addr()).await.unwrap();
+    let request = http::Request::get(format!("ws://{}/w/globex/socket", proxy.addr()))
+        .header("host", proxy.addr().to_string())
+        .header("connection", "Upgrade")
+        .header("upgrade", "websocket")
+        .header("sec-websocket-version", "13")
+        .header("sec-websocket-key", tokio_tungstenite::tungstenite::handshake::client::generate_key())
+        .body(())
+        .unwrap();
+    let (mut ws, response) = tokio_tungstenite::client_async(request, stream).await.expect("handshake through the proxy");
+    assert_eq!(response.status(), 101);
+    for text in ["hello", "residency", "ünïcødé"] {
+        ws.send(tokio_tungstenite::tungstenite::Message::text(text)).await.unwrap();
+        let echoed = ws.next().await.unwrap().unwrap();
+        assert_eq!(echoed.into_text().unwrap().as_str(), text);
+    }
+    ws.send(tokio_tungstenite::tungstenite::Message::binary(vec![0u8, 1, 2, 255])).await.unwrap();
+    let data: Vec<u8> = ws.next().await.unwrap().unwrap().into_data().to_vec();
+    assert_eq!(data, [0u8, 1, 2, 255]);
+    let seen = eu.seen_requests();
+    assert_eq!(seen.len(), 1);
+    assert_eq!(seen[0].headers["x-domicile-workspace"], "globex");
+    assert_eq!(seen[0].headers["upgrade"], "websocket");
+    proxy.running.shutdown().await;
+}
+
+#[tokio::test]
+async fn body_limits_answer_413() {
+    let us = origin("us").await;
+    let proxy = proxy().route_addrs("us", &[us.addr], "max_body_bytes = \"64KiB\"").start().await;
+    // Declared too large: refused before anything is sent.
+    let big = vec![b'x'; 100 * 1024];
+    let reply = send(Request::post(proxy.url("/upload")).header("x-workspace-id", "acme").body(Full::new(Bytes::from(big))).unwrap()).await;
+    assert_eq!(reply.status, 413);
+    assert_eq!(reply.refusal(), Some("body_too_large"));
+    assert!(us.seen_requests().is_empty());
+
+    // Chunked, no length: cut off when it passes the limit.
+    let chunks = (0..40).map(|_| Ok::<_, std::convert::Infallible>(Frame::data(Bytes::from(vec![b'y'; 4096]))));
+    let body = StreamBody::new(futures_util::stream::iter(chunks));
+    let client: Client<_, StreamBody<_>> = Client::builder(TokioExecutor::new()).build_http();
+    let response = client.request(Request::post(proxy.url("/upload")).header("x-workspace-id", "acme").body(body).unwrap()).await.unwrap();
+    let reply = collect(response).await;
+    assert_eq!(reply.status, 413);
+    assert_eq!(reply.refusal(), Some("body_too_large"));
+
+    // Within the limit passes.
+    let ok = send(Request::post(proxy.url("/upload")).header("x-workspace-id", "acme").body(Full::new(Bytes::from(vec![b'z'; 60 * 1024]))).unwrap()).await;
+    assert_eq!(ok.status, 200);
+    assert_eq!(ok.json()["body_bytes"], 60 * 1024);
+    proxy.running.shutdown().await;
+}
+
+#[tokio::test]
+async fn malformed_requests_get_the_right_status_and_never_reach_an_origin() {
+    let us = origin("us").await;
+    let proxy = proxy()
+        .route("us", &[&us])
+        .limits("max_header_bytes = 2048\nmax_headers = 20\nheader_read_timeout = \"400ms\"")
+        .start()
+        .await;
+    let addr = proxy.addr();
+    let long_value = "v".repeat(3000);
+    let huge_value = "v".repeat(40_000);
+    let many: String = (0..30).map(|i| format!("x-h{i}: 1\r\n")).collect();
+    let too_many_for_hyper: String = (0..150).map(|i| format!("x-h{i}: 1\r\n")).collect();
+    let cases: Vec<(&str, String, u16)> = vec![
+        ("garbage request line", "GARBAGE\r\n\r\n".into(), 400),
+        ("bad content-length", "POST / HTTP/1.1\r\nHost: a\r\nx-workspace-id: acme\r\nContent-Length: abc\r\n\r\n".into(), 400),
+        ("two content-lengths", "POST / HTTP/1.1\r\nHost: a\r\nx-workspace-id: acme\r\nContent-Length: 3\r\nContent-Length: 4\r\n\r\nabcd".into(), 400),
+        ("non-chunked transfer-encoding", "POST / HTTP/1.1\r\nHost: a\r\nx-workspace-id: acme\r\nTransfer-Encoding: gzip\r\n\r\n".into(), 400),
+        ("transfer-encoding on HTTP/1.0", "POST / HTTP/1.0\r\nHost: a\r\nx-workspace-id: acme\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n".into(), 400),
+        ("bad chunk size", "POST / HTTP/1.1\r\nHost: a\r\nx-workspace-id: acme\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\nhello\r\n0\r\n\r\n".into(), 400),
+        ("control character in header", "GET / HTTP/1.1\r\nHost: a\r\nx-workspace-id: ac\x01me\r\n\r\n".into(), 400),
+        ("space before colon", "GET / HTTP/1.1\r\nHost: a\r\nx-workspace-id : acme\r\n\r\n".into(), 400),
+        ("CONNECT", "CONNECT example.com:443 HTTP/1.1\r\nHost: example.com:443\r\n\r\n".into(), 400),
+        ("header over our limit", format!("GET / HTTP/1.1\r\nHost: a\r\nx-workspace-id: acme\r\nx-long: {long_value}\r\n\r\n"), 431),
+        ("header over hyper's backstop", format!("GET / HTTP/1.1\r\nHost: a\r\nx-workspace-id: acme\r\nx-long: {huge_value}\r\n\r\n"), 431),
+        ("too many headers", format!("GET / HTTP/1.1\r\nHost: a\r\nx-workspace-id: acme\r\n{many}\r\n"), 431),
+        ("far too many headers", format!("GET / HTTP/1.1\r\nHost: a\r\nx-workspace-id: acme\r\n{too_many_for_hyper}\r\n"), 431),
+        ("slow headers", "GET / HTTP/1.1\r\nHost: a\r\nx-workspace-id: ac".into(), 408),
+    ];
+    for (name, bytes, want) in &cases {
+        let answer = raw(addr, bytes.as_bytes(), Duration::from_secs(3)).await;
+        assert_eq!(raw_status(&answer), Some(*want), "{name}: {answer:?}");
+        if answer.contains("x-domicile-refusal") {
+            assert!(answer.contains("{\"error\":{\"code\":"), "{name}: refusal without JSON body: {answer}");
+        }
+    }
+    assert!(us.seen_requests().is_empty(), "a malformed request reached the origin: {:?}", us.seen_requests());
+
+    // An idle connection that never sends a byte is closed silently after the timeout.
+    let answer = raw(addr, b"", Duration::from_secs(3)).await;
+    assert_eq!(answer, "");
+    proxy.running.shutdown().await;
+}
+
+#[tokio::test]
+async fn content_length_with_transfer_encoding_is_reframed_and_cannot_smuggle() {
+    let us = origin("us").await;
+    let proxy = proxy().route("us", &[&us]).start().await;
+    let attack = "POST /first HTTP/1.1\r\nHost: a\r\nx-workspace-id: acme\r\nContent-Length: 4\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\nGET /smuggled HTTP/1.1\r\nHost: a\r\nx-workspace-id: acme\r\n\r\n";
+    let answer = raw(proxy.addr(), attack.as_bytes(), Duration::from_secs(3)).await;
+    assert_eq!(raw_status(&answer), Some(200), "{answer}");
+    assert_eq!(answer.matches("HTTP/1.1 ").count(), 1, "only one response: {answer}");
+    let seen = us.seen_requests();
+    assert_eq!(seen.len(), 1, "{seen:?}");
+    assert_eq!(seen[0].path, "/first");
+    assert_eq!(seen[0].body_bytes, 5, "Transfer-Encoding wins over Content-Length");
+    proxy.running.shutdown().await;
+}
+
+/// An upstream that accepts connections and then does `behaviour` with each.
+async fn bad_upstream(hang: bool) -> (SocketAddr, tokio::task::JoinHandle<()>) {
+    let listener = TcpListener::bind(LOOPBACK).await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let task = tokio::spawn(async move {
+        let mut held = Vec::new();
+        loop {
+            let Ok((mut stream, _)) = listener.accept().await else { return };
+            let mut buf = [0u8; 4096];
+            let _ = stream.read(&mut buf).await;
+            if hang {
+                held.push(stream);
+            } else {
+                drop(stream);
+            }
+        }
+    });
+    (addr, task)
+}
+
+#[tokio::test]
+async fn upstream_timeout_is_504_and_broken_upstream_is_502() {
+    let (hanging, _h) = bad_upstream(true).await;
+    let (closing, _c) = bad_upstream(false).await;
+    let proxy = proxy()
+        .route_addrs("us", &[hanging], "health = { enabled = false }")
+        .route_addrs("eu", &[closing], "health = { enabled = false }")
+        .limits("upstream_response_timeout = \"300ms\"")
+        .start()
+        .await;
+    let slow = get(&proxy.url("/"), &[("x-workspace-id", "acme")]).await;
+    assert_eq!(slow.status, 504);
+    assert_eq!(slow.refusal(), Some("upstream_timeout"));
+    let broken = get(&proxy.url("/"), &[("x-workspace-id", "globex")]).await;
+    assert_eq!(broken.status, 502);
+    assert_eq!(broken.refusal(), Some("upstream_error"));
+    proxy.running.shutdown().await;
+}
+
+#[tokio::test]
+async fn idempotent_requests_retry_within_the_home_region_only() {
+    let us = origin("us").await;
+    let eu = origin("eu").await;
+    let (closing, _c) = bad_upstream(false).await;
+    let proxy = proxy()
+        .route_addrs("us", &[closing, us.addr], "health = { enabled = false }\nejection = { consecutive_failures = 100 }")
+        .route("eu", &[&eu])
+        .start()
+        .await;
+    for i in 0..6 {
+        let reply = get(&proxy.url(&format!("/{i}")), &[("x-workspace-id", "acme")]).await;
+        assert_eq!(reply.status, 200, "GET {i} retried on the other us endpoint");
+        assert_eq!(reply.region(), "us");
+    }
+    // POST is not idempotent: never retried, so some land on the broken endpoint.
+    let mut statuses = Vec::new();
+    for _ in 0..4 {
+        statuses.push(request("POST", &proxy.url("/"), &[("x-workspace-id", "acme")], b"x").await.status);
+    }
+    assert!(statuses.contains(&502) && statuses.contains(&200), "{statuses:?}");
+    assert!(eu.seen_requests().is_empty(), "never retried in another region");
+    let metrics = String::from_utf8_lossy(&get(&proxy.admin_url("/metrics"), &[]).await.body).into_owned();
+    assert!(!metrics.contains("domicile_upstream_retries_total 0"), "{metrics}");
+    proxy.running.shutdown().await;
+}
+
+#[tokio::test]
+async fn passive_ejection_takes_a_failing_endpoint_out() {
+    let us = origin("us").await;
+    let (closing, _c) = bad_upstream(false).await;
+    let proxy = proxy()
+        .route_addrs("us", &[closing, us.addr], "health = { enabled = false }\nejection = { consecutive_failures = 2, duration = \"1m\" }")
+        .limits("retries = 0")
+        .start()
+        .await;
+    let mut failures = 0;
+    for _ in 0..12 {
+        if get(&proxy.url("/"), &[("x-workspace-id", "acme")]).await.status != 200 {
+            failures += 1;
+        }
+    }
+    assert_eq!(failures, 2, "two failures eject the endpoint, then all requests succeed");
+    proxy.running.shutdown().await;
+}
+
+#[tokio::test]
+async fn graceful_shutdown_finishes_in_flight_requests_and_stops_accepting() {
+    let us = origin("us").await;
+    let proxy = proxy().route("us", &[&us]).start().await;
+    let addr = proxy.addr();
+    let (tx, rx) = tokio::sync::mpsc::channel::<Result<Frame<Bytes>, std::convert::Infallible>>(4);
+    let body = StreamBody::new(tokio_stream_from(rx));
+    let client: Client<_, StreamBody<_>> = Client::builder(TokioExecutor::new()).build_http();
+    let in_flight = tokio::spawn(client.request(Request::post(format!("http://{addr}/upload")).header("x-workspace-id", "acme").body(body).unwrap()));
+    tx.send(Ok(Frame::data(Bytes::from_static(b"first half,")))).await.unwrap();
+    // Wait until the proxy has the request in hand.
+    let pipeline = proxy.running.pipeline.clone();
+    assert!(eventually(Duration::from_secs(5), || pipeline.metrics.connections_active.load(std::sync::atomic::Ordering::Relaxed) == 1).await);
+    let shutdown = tokio::spawn(proxy.running.shutdown());
+    // New connections are refused once the listener is gone.
+    assert!(eventually(Duration::from_secs(5), || std::net::TcpStream::connect(addr).is_err()).await, "listener closed");
+    tx.send(Ok(Frame::data(Bytes::from_static(b" second half")))).await.unwrap();
+    drop(tx);
+    let response = in_flight.await.unwrap().expect("in-flight request completes");
+    let reply = collect(response).await;
+    assert_eq!(reply.status, 200);
+    assert_eq!(reply.json()["body_bytes"], 23);
+    assert_eq!(shutdown.await.unwrap(), 0, "drained within the grace period");
+}
+
+fn tokio_stream_from<T: Send + 'static>(mut rx: tokio::sync::mpsc::Receiver<T>) -> impl futures_util::Stream<Item = T> {
+    futures_util::stream::poll_fn(move |cx| rx.poll_recv(cx))
+}
+
+#[tokio::test]
+async fn responses_stream_and_keep_alive_is_reused() {
+    let us = origin("us").await;
+    let proxy = proxy().route("us", &[&us]).start().await;
+    let mut stream = TcpStream::connect(proxy.addr()).await.unwrap();
+    for i in 0..3 {
+        let req = format!("GET /bytes/100000 HTTP/1.1\r\nHost: acme.localhost\r\n\r\n");
+        stream.write_all(req.as_bytes()).await.unwrap();
+        let mut head = Vec::new();
+        while !head.ends_with(b"\r\n\r\n") {
+            let mut byte = [0u8; 1];
+            stream.read_exact(&mut byte).await.unwrap();
+            head.push(byte[0]);
+        }
+        let head = String::from_utf8(head).unwrap();
+        assert!(head.starts_with("HTTP/1.1 200"), "{i}: {head}");
+        assert!(head.to_ascii_lowercase().contains("content-length: 100000"), "{head}");
+        let mut body = vec![0u8; 100_000];
+        stream.read_exact(&mut body).await.unwrap();
+        assert!(body.iter().all(|&b| b == b'x'));
+    }
+    let client: Client<_, Full<Bytes>> = Client::builder(TokioExecutor::new()).build_http();
+    let response = client.request(Request::get(proxy.url("/bytes/5000000")).header("x-workspace-id", "acme").body(Full::new(Bytes::new())).unwrap()).await.unwrap();
+    let total = response.into_body().collect().await.unwrap().to_bytes().len();
+    assert_eq!(total, 5_000_000);
+    proxy.running.shutdown().await;
+}
