@@ -68,10 +68,8 @@ health = {{ path = "/healthz", interval = "1s" }}
     )
 }
 
-/// What the demo prints once everything is up.
-pub fn what_to_try(options: &DemoOptions, config_path: &Path) -> String {
-    let http = options.http;
-    let admin = options.admin;
+/// What the demo prints once everything is up, with the addresses actually bound.
+pub fn what_to_try(options: &DemoOptions, http: SocketAddr, admin: SocketAddr, config_path: &Path) -> String {
     let port = http.port();
     format!(
         r#"Domicile demo is running.
@@ -117,7 +115,8 @@ pub async fn run(options: DemoOptions, shutdown: impl std::future::Future<Output
     let config = domicile_proxy::ProxyConfig::from_file(&config_path)?;
     let proxy = domicile_proxy::start(config).await?;
 
-    println!("{}", what_to_try(&options, &config_path));
+    let admin = proxy.admin_addr.unwrap_or(options.admin);
+    println!("{}", what_to_try(&options, proxy.addr, admin, &config_path));
     shutdown.await;
     println!("shutting down: draining in-flight requests");
     proxy.shutdown().await;

@@ -211,8 +211,8 @@ fn map_memory(args: &MapMemoryArgs) -> Result<ExitCode> {
         }
     };
 
-    // Nothing else is allocated between the two readings but the table itself: ids are
-    // generated one at a time into a reused buffer.
+    // Nothing else stays allocated between the two readings but the table itself: each id is a
+    // short-lived String, freed before the next one is made.
     let rss_before = vm_rss()?;
     let started = Instant::now();
     let table = MapTable::with_capacity(args.entries as usize, 1);

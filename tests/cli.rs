@@ -1,0 +1,223 @@
+//! The `domicile` binary as a user runs it: the demo, check-config, and the proxy process with
+//! a 1 GiB body streamed both ways through it with flat memory.
+
+mod common;
+
+use std::io::{BufRead, BufReader};
+use std::net::SocketAddr;
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use bytes::Bytes;
+use common::*;
+use http::Request;
+use http_body_util::{BodyExt, Full, StreamBody};
+use hyper::body::Frame;
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::TokioExecutor;
+
+const BIN: &str = env!("CARGO_BIN_EXE_domicile");
+
+/// A child process killed when the test ends, however it ends.
+struct Owned(Child);
+
+impl Drop for Owned {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+impl Owned {
+    fn pid(&self) -> u32 {
+        self.0.id()
+    }
+
+    /// Sends SIGTERM and waits for the exit status.
+    fn terminate(&mut self) -> std::process::ExitStatus {
+        if let Some(pid) = rustix::process::Pid::from_raw(self.pid() as i32) {
+            let _ = rustix::process::kill_process(pid, rustix::process::Signal::TERM);
+        }
+        for _ in 0..200 {
+            if let Ok(Some(status)) = self.0.try_wait() {
+                return status;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        panic!("process did not exit after SIGTERM");
+    }
+}
+
+/// Reads the child's stdout until a line containing `marker`; returns that line.
+fn wait_for_line(child: &mut Child, marker: &str) -> (String, Vec<String>) {
+    let stdout = child.stdout.take().expect("piped stdout");
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+            if tx.send(line).is_err() {
+                return;
+            }
+        }
+    });
+    let mut lines = Vec::new();
+    loop {
+        let line = rx.recv_timeout(Duration::from_secs(30)).unwrap_or_else(|_| panic!("no line with {marker:?}; got {lines:#?}"));
+        lines.push(line.clone());
+        if line.contains(marker) {
+            // Drain the rest of a multi-line banner without blocking.
+            std::thread::sleep(Duration::from_millis(50));
+            lines.extend(rx.try_iter());
+            return (line, lines);
+        }
+    }
+}
+
+fn addr_after(line: &str, prefix: &str) -> SocketAddr {
+    let start = line.find(prefix).unwrap_or_else(|| panic!("{prefix} in {line}")) + prefix.len();
+    let rest = &line[start..];
+    let end = rest.find(|c: char| c.is_whitespace() || c == ')').unwrap_or(rest.len());
+    rest[..end].parse().unwrap_or_else(|e| panic!("{e}: {line}"))
+}
+
+#[tokio::test]
+async fn demo_runs_routes_and_stops_on_sigterm() {
+    let dir = tempfile::tempdir().unwrap();
+    let child = Command::new(BIN)
+        .args(["demo", "--data-dir"])
+        .arg(dir.path())
+        .args(["--http", "127.0.0.1:0", "--admin", "127.0.0.1:0"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut child = Owned(child);
+    let (_, banner) = wait_for_line(&mut child.0, "Stop with Ctrl-C");
+    let banner = banner.join("\n");
+    let proxy_line = banner.lines().find(|l| l.trim_start().starts_with("proxy")).unwrap();
+    let admin_line = banner.lines().find(|l| l.trim_start().starts_with("admin")).unwrap();
+    let proxy = addr_after(proxy_line, "http://");
+    let admin = addr_after(admin_line, "http://");
+    assert!(banner.contains("curl"), "prints what to try: {banner}");
+
+    let url = format!("http://{proxy}/");
+    for (headers, region) in [
+        (vec![("host", "acme.localhost")], "us"),
+        (vec![("host", "initech.localhost")], "us"),
+        (vec![("x-workspace-id", "globex")], "eu"),
+        (vec![("x-workspace-id", "umbrella")], "eu"),
+    ] {
+        let reply = get(&url, &headers).await;
+        assert_eq!(reply.status, 200);
+        let body = reply.json();
+        assert_eq!(body["region"], region);
+        assert_eq!(body["method"], "GET");
+        assert_eq!(body["path"], "/");
+        assert!(body["headers"].is_object());
+    }
+    let by_path = get(&format!("http://{proxy}/w/umbrella/files"), &[]).await;
+    assert_eq!(by_path.region(), "eu");
+    assert_eq!(get(&format!("http://{admin}/readyz"), &[]).await.status, 200);
+
+    // The configuration the demo wrote is a real one.
+    let config = dir.path().join("proxy.toml");
+    assert!(dir.path().join("map.jsonl").exists());
+    let check = Command::new(BIN).arg("check-config").arg(&config).output().unwrap();
+    assert!(check.status.success(), "{}", String::from_utf8_lossy(&check.stderr));
+
+    let status = child.terminate();
+    assert!(status.success(), "demo exits cleanly on SIGTERM: {status:?}");
+}
+
+#[test]
+fn check_config_reports_every_error_with_its_key() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("bad.toml");
+    std::fs::write(
+        &path,
+        r#"
+[proxy]
+edge_region = "us"
+listen = "127.0.0.1:8080"
+colour = "blue"
+
+[identify]
+rules = [{ from = "host", pattern = "no-placeholder.example.com" }]
+unidentified = "anywhere"
+
+[limits]
+idle_timeout = "soon"
+
+[regions.eu]
+endpoints = ["not an endpoint"]
+"#,
+    )
+    .unwrap();
+    let out = Command::new(BIN).arg("check-config").arg(&path).output().unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    for key in ["proxy.colour", "identify.rules[0]", "identify.unidentified", "limits.idle_timeout", "regions.eu.endpoints[0]"] {
+        assert!(stderr.contains(key), "{key} missing from:\n{stderr}");
+    }
+    let missing = Command::new(BIN).arg("check-config").arg(dir.path().join("nope.toml")).output().unwrap();
+    assert_eq!(missing.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&missing.stderr).contains("cannot read"));
+}
+
+/// Peak resident memory of a process, in bytes.
+fn peak_rss(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let line = status.lines().find(|l| l.starts_with("VmHWM:")).unwrap();
+    line.split_whitespace().nth(1).unwrap().parse::<u64>().unwrap() * 1024
+}
+
+#[tokio::test]
+async fn one_gib_streams_both_ways_with_flat_memory() {
+    const GIB: u64 = 1 << 30;
+    let us = origin("us").await;
+    let builder = proxy().route("us", &[&us]).limits("max_body_bytes = \"2GiB\"");
+    let (config, _dir) = builder.write();
+    let child = Command::new(BIN)
+        .args(["proxy", "--config"])
+        .arg(&config)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut child = Owned(child);
+    let (line, _) = wait_for_line(&mut child.0, "listening on");
+    let addr = addr_after(&line, "http://");
+    let baseline = peak_rss(child.pid());
+
+    // Upload: 1 GiB generated on the fly, never held anywhere.
+    let chunk = Bytes::from(vec![b'u'; 256 * 1024]);
+    let chunks = (0..(GIB / chunk.len() as u64)).map(move |_| Ok::<_, std::convert::Infallible>(Frame::data(chunk.clone())));
+    let body = StreamBody::new(futures_util::stream::iter(chunks));
+    let client: Client<_, StreamBody<_>> = Client::builder(TokioExecutor::new()).build_http();
+    let response = client
+        .request(Request::post(format!("http://{addr}/upload")).header("x-workspace-id", "acme").body(body).unwrap())
+        .await
+        .expect("upload");
+    let reply = collect(response).await;
+    assert_eq!(reply.status, 200);
+    assert_eq!(reply.json()["body_bytes"], GIB);
+
+    // Download: 1 GiB from the origin, counted as it arrives.
+    let client: Client<_, Full<Bytes>> = Client::builder(TokioExecutor::new()).build_http();
+    let response = client
+        .request(Request::get(format!("http://{addr}/bytes/{GIB}")).header("x-workspace-id", "acme").body(Full::new(Bytes::new())).unwrap())
+        .await
+        .expect("download");
+    assert_eq!(response.status(), 200);
+    let mut body = response.into_body();
+    let mut received = 0u64;
+    while let Some(frame) = body.frame().await {
+        received += frame.unwrap().data_ref().map_or(0, |d| d.len() as u64);
+    }
+    assert_eq!(received, GIB);
+
+    let peak = peak_rss(child.pid());
+    let growth = peak.saturating_sub(baseline);
+    eprintln!("proxy peak RSS {} MiB (baseline {} MiB)", peak >> 20, baseline >> 20);
+    assert!(growth < 64 << 20, "proxy memory grew by {} MiB moving 2 GiB", growth >> 20);
+    assert!(child.terminate().success());
+}
