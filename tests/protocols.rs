@@ -321,3 +321,86 @@ async fn responses_stream_and_keep_alive_is_reused() {
     assert_eq!(total, 5_000_000);
     proxy.running.shutdown().await;
 }
+
+#[tokio::test]
+async fn h2c_upstreams_are_spoken_to_in_http2() {
+    let eu = origin("eu").await;
+    let proxy = proxy().route_addrs("eu", &[eu.addr], "protocol = \"h2c\"").start().await;
+    let reply = get(&proxy.url("/over-h2"), &[("x-workspace-id", "globex"), ("host", "globex.example")]).await;
+    assert_eq!(reply.status, 200);
+    assert_eq!(reply.region(), "eu");
+    let headers = reply.json()["headers"].clone();
+    // HTTP/2 carries the authority as a pseudo-header; the client's host is in Forwarded.
+    assert!(headers.get("host").is_none(), "{headers}");
+    assert!(headers["forwarded"].as_str().unwrap().contains("host=\"globex.example\""), "{headers}");
+    proxy.running.shutdown().await;
+}
+
+#[tokio::test]
+async fn idle_connections_are_closed_without_a_response() {
+    let us = origin("us").await;
+    let proxy = proxy()
+        .route("us", &[&us])
+        .limits("header_read_timeout = \"300ms\"\nidle_timeout = \"300ms\"")
+        .start()
+        .await;
+
+    // HTTP/1.1: a complete exchange, then silence: closed, and no unsolicited 408.
+    let mut stream = TcpStream::connect(proxy.addr()).await.unwrap();
+    stream.write_all(b"GET / HTTP/1.1\r\nHost: acme.localhost\r\n\r\n").await.unwrap();
+    let mut answer = Vec::new();
+    let closed = tokio::time::timeout(Duration::from_secs(5), stream.read_to_end(&mut answer)).await;
+    assert!(closed.is_ok(), "idle keep-alive connection closed");
+    let text = String::from_utf8_lossy(&answer);
+    assert_eq!(text.matches("HTTP/1.1 ").count(), 1, "{text}");
+    assert!(text.starts_with("HTTP/1.1 200"), "{text}");
+
+    // HTTP/2: one request, then no streams for the idle timeout: the proxy says GOAWAY.
+    let stream = TcpStream::connect(proxy.addr()).await.unwrap();
+    let (mut sender, conn) = hyper::client::conn::http2::handshake(TokioExecutor::new(), hyper_util::rt::TokioIo::new(stream)).await.unwrap();
+    let conn = tokio::spawn(conn);
+    let response = sender
+        .send_request(Request::get(format!("http://{}/", proxy.addr())).header("x-workspace-id", "acme").body(Full::new(Bytes::new())).unwrap())
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    drop(response);
+    let ended = tokio::time::timeout(Duration::from_secs(5), conn).await;
+    assert!(ended.is_ok(), "idle HTTP/2 connection closed by the proxy");
+    proxy.running.shutdown().await;
+}
+
+#[tokio::test]
+async fn readyz_reports_draining_during_shutdown() {
+    let us = origin("us").await;
+    let eu = origin("eu").await;
+    // A map without unroutable regions, so the proxy is ready before shutdown.
+    let map = MAP.replace("{\"type\":\"region\",\"id\":\"au\",\"name\":\"Australia\",\"jurisdiction\":[\"AU\"]}\n", "").replace("{\"type\":\"workspace\",\"id\":\"wombat\",\"region\":\"au\",\"epoch\":1,\"version\":7}\n", "");
+    let proxy = proxy().route("us", &[&us]).route("eu", &[&eu]).map(Some(&map)).start().await;
+    let admin = proxy.admin_url("/readyz");
+    assert_eq!(get(&admin, &[]).await.status, 200);
+    // A request whose body is still arriving keeps the drain going.
+    let (tx, rx) = tokio::sync::mpsc::channel::<Result<Frame<Bytes>, std::convert::Infallible>>(4);
+    let client: Client<_, StreamBody<_>> = Client::builder(TokioExecutor::new()).build_http();
+    let in_flight = tokio::spawn(client.request(
+        Request::post(proxy.url("/upload")).header("x-workspace-id", "acme").body(StreamBody::new(tokio_stream_from(rx))).unwrap(),
+    ));
+    tx.send(Ok(Frame::data(Bytes::from_static(b"part")))).await.unwrap();
+    let pipeline = proxy.running.pipeline.clone();
+    assert!(eventually(Duration::from_secs(5), || pipeline.metrics.connections_active.load(std::sync::atomic::Ordering::Relaxed) == 1).await);
+    let shutdown = tokio::spawn(proxy.running.shutdown());
+    let mut saw_draining = false;
+    for _ in 0..50 {
+        let reply = get(&admin, &[]).await;
+        if reply.status == 503 && reply.json()["draining"] == true {
+            saw_draining = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(saw_draining, "/readyz said draining while requests finished");
+    drop(tx);
+    let reply = collect(in_flight.await.unwrap().unwrap()).await;
+    assert_eq!(reply.status, 200, "in-flight request finished");
+    assert_eq!(shutdown.await.unwrap(), 0);
+}

@@ -114,7 +114,10 @@ impl MapMemoryReport {
             ("entries", self.entries.to_string()),
             (
                 "ids <= 11 bytes (inline)",
-                format!("{:.1}%", 100.0 * self.short_ids as f64 / self.entries as f64),
+                format!(
+                    "{:.1}%",
+                    100.0 * self.short_ids as f64 / self.entries as f64
+                ),
             ),
             (
                 "mean id length",
@@ -128,10 +131,22 @@ impl MapMemoryReport {
                     self.entries as f64 / self.build.as_secs_f64() / 1e6
                 ),
             ),
-            ("VmRSS before", format!("{:.1} MiB", self.rss_before as f64 / MIB)),
-            ("VmRSS after", format!("{:.1} MiB", self.rss_after as f64 / MIB)),
-            ("VmRSS delta", format!("{:.1} MiB", self.rss_delta() as f64 / MIB)),
-            ("MapTable::heap_bytes", format!("{:.1} MiB", self.heap_bytes as f64 / MIB)),
+            (
+                "VmRSS before",
+                format!("{:.1} MiB", self.rss_before as f64 / MIB),
+            ),
+            (
+                "VmRSS after",
+                format!("{:.1} MiB", self.rss_after as f64 / MIB),
+            ),
+            (
+                "VmRSS delta",
+                format!("{:.1} MiB", self.rss_delta() as f64 / MIB),
+            ),
+            (
+                "MapTable::heap_bytes",
+                format!("{:.1} MiB", self.heap_bytes as f64 / MIB),
+            ),
             (
                 "bytes/entry (RSS delta)",
                 format!("{:.1}", self.per_entry(self.rss_delta())),
@@ -143,7 +158,10 @@ impl MapMemoryReport {
             (
                 "lookup check",
                 if self.failures.is_empty() {
-                    format!("ok ({} random ids found in their home region)", self.checked)
+                    format!(
+                        "ok ({} random ids found in their home region)",
+                        self.checked
+                    )
                 } else {
                     format!("FAILED ({} of {})", self.failures.len(), self.checked)
                 },
@@ -245,13 +263,15 @@ fn map_memory(args: &MapMemoryArgs) -> Result<ExitCode> {
         );
     }
 
-    let catalogue = [("us", "United States", *b"US"), ("eu", "European Union", *b"DE")].map(
-        |(id, name, country)| CatalogueRegion {
-            id: id.into(),
-            name: name.into(),
-            jurisdiction: vec![country],
-        },
-    );
+    let catalogue = [
+        ("us", "United States", *b"US"),
+        ("eu", "European Union", *b"DE"),
+    ]
+    .map(|(id, name, country)| CatalogueRegion {
+        id: id.into(),
+        name: name.into(),
+        jurisdiction: vec![country],
+    });
     replica.replace(table, &catalogue)?;
     let mut failures = Vec::new();
     for n in 0..args.check {

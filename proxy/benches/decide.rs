@@ -131,12 +131,15 @@ impl Fixture {
         }
         table.publish_version(1);
         assert_eq!(table.len() as u64, entries, "workspace ids must be unique");
-        let catalogue = [("us", "United States", *b"US"), ("eu", "European Union", *b"DE")]
-            .map(|(id, name, country)| CatalogueRegion {
-                id: id.into(),
-                name: name.into(),
-                jurisdiction: vec![country],
-            });
+        let catalogue = [
+            ("us", "United States", *b"US"),
+            ("eu", "European Union", *b"DE"),
+        ]
+        .map(|(id, name, country)| CatalogueRegion {
+            id: id.into(),
+            name: name.into(),
+            jurisdiction: vec![country],
+        });
         replica.replace(table, &catalogue).expect("catalogue");
 
         let identifier = Identifier::new(&[

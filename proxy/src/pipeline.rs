@@ -215,7 +215,9 @@ impl Pipeline {
                 limits.max_headers
             )));
         }
-        let head_bytes: usize = req.uri().to_string().len()
+        let uri = req.uri();
+        let head_bytes: usize = uri.path_and_query().map_or(1, |p| p.as_str().len())
+            + uri.authority().map_or(0, |a| a.as_str().len())
             + headers
                 .iter()
                 .map(|(k, v)| k.as_str().len() + v.len() + 4)
@@ -323,12 +325,19 @@ impl Pipeline {
                 .and_then(|a| HeaderValue::from_str(a.as_str()).ok()),
         };
         self.prepare_headers(&mut parts.headers, &forward, peer, &request_id, upgrade, original_host.as_ref());
-        parts.version = match self.config.regions.get(&*pool.region_id).map(|r| r.protocol) {
-            Some(UpstreamProtocol::H2c) => Version::HTTP_2,
-            _ => Version::HTTP_11,
-        };
-        if let Some(host) = original_host {
-            parts.headers.insert(header::HOST, host);
+        match pool.protocol {
+            UpstreamProtocol::Http1 => {
+                parts.version = Version::HTTP_11;
+                if let Some(host) = original_host {
+                    parts.headers.insert(header::HOST, host);
+                }
+            }
+            UpstreamProtocol::H2c => {
+                // HTTP/2 forbids a Host that differs from :authority (the endpoint's address);
+                // the client's host still reaches the origin in `Forwarded`.
+                parts.version = Version::HTTP_2;
+                parts.headers.remove(header::HOST);
+            }
         }
         let path_and_query = parts
             .uri
@@ -336,12 +345,13 @@ impl Pipeline {
             .cloned()
             .unwrap_or_else(|| PathAndQuery::from_static("/"));
 
-        let fate = Arc::new(BodyFate::default());
         let body_is_empty = body.is_end_stream();
+        // Only a body that can fail needs somewhere to say why.
+        let fate = (!body_is_empty).then(|| Arc::new(BodyFate::default()));
         let upstream_body: ProxyBody = if body_is_empty {
             Empty::new().map_err(|never| match never {}).boxed_unsync()
         } else {
-            Guarded::new(body, pool.max_body_bytes, self.config.limits.idle_timeout, Some(fate.clone())).boxed_unsync()
+            Guarded::new(body, pool.max_body_bytes, self.config.limits.idle_timeout, fate.clone()).boxed_unsync()
         };
         let retries = if body_is_empty && is_idempotent(&parts.method) && !upgrade {
             self.config.limits.retries.min(pool.endpoints.len().saturating_sub(1) as u32)
@@ -351,7 +361,7 @@ impl Pipeline {
         let retry_template = (retries > 0).then(|| (parts.method.clone(), parts.headers.clone()));
 
         let result = self
-            .send(pool, parts, upstream_body, &path_and_query, retries, retry_template, &fate)
+            .send(pool, parts, upstream_body, &path_and_query, retries, retry_template, fate.as_deref())
             .await;
         let mut response = match result {
             Ok(response) => response,
@@ -439,7 +449,7 @@ impl Pipeline {
         path_and_query: &PathAndQuery,
         retries: u32,
         template: Option<(Method, HeaderMap)>,
-        fate: &BodyFate,
+        fate: Option<&BodyFate>,
     ) -> Result<Response<Incoming>, ForwardError> {
         let mut tried: u64 = 0;
         let mut next = Some(Request::from_parts(parts, body));
@@ -483,7 +493,7 @@ impl Pipeline {
                     return Ok(response);
                 }
                 Ok(Err(e)) => {
-                    match fate.get() {
+                    match fate.map_or(Fate::Running, BodyFate::get) {
                         Fate::TooLarge => return Err(ForwardError::BodyTooLarge),
                         Fate::Stalled => return Err(ForwardError::ClientStalled),
                         Fate::Broken => return Err(ForwardError::ClientBody),

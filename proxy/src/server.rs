@@ -35,6 +35,7 @@ pub struct RunningProxy {
     pub admin_addr: Option<SocketAddr>,
     pub pipeline: Arc<Pipeline>,
     shutdown: watch::Sender<bool>,
+    admin_shutdown: watch::Sender<bool>,
     draining: Arc<AtomicBool>,
     tracker: Arc<ConnectionTracker>,
     grace: std::time::Duration,
@@ -73,6 +74,8 @@ pub async fn start(config: ProxyConfig) -> Result<RunningProxy, StartError> {
     let listener = bind(listen)?;
     let addr = listener.local_addr().map_err(|source| StartError::Bind { addr: listen, source })?;
     let (shutdown, shutdown_rx) = watch::channel(false);
+    // The admin listener outlives the drain, so probes see `/readyz` fail rather than vanish.
+    let (admin_shutdown, admin_shutdown_rx) = watch::channel(false);
     let draining = Arc::new(AtomicBool::new(false));
     let tracker = Arc::new(ConnectionTracker::default());
 
@@ -86,7 +89,7 @@ pub async fn start(config: ProxyConfig) -> Result<RunningProxy, StartError> {
                 admin_listener,
                 pipeline.clone(),
                 draining.clone(),
-                shutdown_rx.clone(),
+                admin_shutdown_rx,
             ));
             Some(bound)
         }
@@ -99,6 +102,7 @@ pub async fn start(config: ProxyConfig) -> Result<RunningProxy, StartError> {
         admin_addr,
         pipeline,
         shutdown,
+        admin_shutdown,
         draining,
         grace: config.proxy.shutdown_grace,
         tracker,
@@ -126,6 +130,7 @@ impl RunningProxy {
         self.draining.store(true, Ordering::SeqCst);
         let _ = self.shutdown.send(true);
         let drained = tokio::time::timeout(self.grace, self.tracker.drained()).await;
+        let _ = self.admin_shutdown.send(true);
         match drained {
             Ok(()) => 0,
             Err(_) => {
