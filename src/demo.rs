@@ -69,7 +69,12 @@ health = {{ path = "/healthz", interval = "1s" }}
 }
 
 /// What the demo prints once everything is up, with the addresses actually bound.
-pub fn what_to_try(options: &DemoOptions, http: SocketAddr, admin: SocketAddr, config_path: &Path) -> String {
+pub fn what_to_try(
+    options: &DemoOptions,
+    http: SocketAddr,
+    admin: SocketAddr,
+    config_path: &Path,
+) -> String {
     let port = http.port();
     format!(
         r#"Domicile demo is running.
@@ -98,16 +103,28 @@ Stop with Ctrl-C."#,
 }
 
 /// Runs the demo until Ctrl-C or SIGTERM.
-pub async fn run(options: DemoOptions, shutdown: impl std::future::Future<Output = ()>) -> anyhow::Result<()> {
-    std::fs::create_dir_all(&options.data_dir)
-        .with_context(|| format!("cannot create data directory {}", options.data_dir.display()))?;
+pub async fn run(
+    options: DemoOptions,
+    shutdown: impl std::future::Future<Output = ()>,
+) -> anyhow::Result<()> {
+    std::fs::create_dir_all(&options.data_dir).with_context(|| {
+        format!(
+            "cannot create data directory {}",
+            options.data_dir.display()
+        )
+    })?;
     let loopback: SocketAddr = ([127, 0, 0, 1], 0).into();
-    let us = Origin::start("us", loopback).await.context("cannot start the us origin")?;
-    let eu = Origin::start("eu", loopback).await.context("cannot start the eu origin")?;
+    let us = Origin::start("us", loopback)
+        .await
+        .context("cannot start the us origin")?;
+    let eu = Origin::start("eu", loopback)
+        .await
+        .context("cannot start the eu origin")?;
 
     let map_path = options.data_dir.join("map.jsonl");
     if !map_path.exists() {
-        std::fs::write(&map_path, DEMO_MAP).with_context(|| format!("cannot write {}", map_path.display()))?;
+        std::fs::write(&map_path, DEMO_MAP)
+            .with_context(|| format!("cannot write {}", map_path.display()))?;
     }
     let config_path = options.data_dir.join("proxy.toml");
     std::fs::write(&config_path, proxy_config(&options, us.addr, eu.addr))

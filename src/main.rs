@@ -9,7 +9,11 @@ use domicile::demo::{self, DemoOptions};
 use domicile_proxy::ProxyConfig;
 
 #[derive(Debug, Parser)]
-#[command(name = "domicile", version, about = "Data-residency routing edge: every workspace's requests go to its home region and nowhere else")]
+#[command(
+    name = "domicile",
+    version,
+    about = "Data-residency routing edge: every workspace's requests go to its home region and nowhere else"
+)]
 struct Cli {
     /// Log format.
     #[arg(long, global = true, value_enum, default_value_t = LogFormat::Text, env = "DOMICILE_LOG_FORMAT")]
@@ -68,13 +72,14 @@ async fn shutdown_signal() {
     let ctrl_c = tokio::signal::ctrl_c();
     #[cfg(unix)]
     {
-        let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(term) => term,
-            Err(_) => {
-                let _ = ctrl_c.await;
-                return;
-            }
-        };
+        let mut term =
+            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                Ok(term) => term,
+                Err(_) => {
+                    let _ = ctrl_c.await;
+                    return;
+                }
+            };
         tokio::select! {
             _ = ctrl_c => {}
             _ = term.recv() => {}
@@ -96,7 +101,11 @@ fn main() -> ExitCode {
                     config.regions.len(),
                     if config.regions.len() == 1 { "" } else { "s" },
                     config.identify.rules.len(),
-                    if config.identify.rules.len() == 1 { "" } else { "s" },
+                    if config.identify.rules.len() == 1 {
+                        ""
+                    } else {
+                        "s"
+                    },
                     config
                         .map
                         .file
@@ -111,7 +120,10 @@ fn main() -> ExitCode {
             }
         },
         command => {
-            let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+            let runtime = match tokio::runtime::Builder::new_multi_thread()
+                .enable_all()
+                .build()
+            {
                 Ok(runtime) => runtime,
                 Err(e) => {
                     eprintln!("error: cannot start the runtime: {e}");
@@ -131,8 +143,20 @@ fn main() -> ExitCode {
 
 async fn run(command: Command) -> anyhow::Result<()> {
     match command {
-        Command::Demo { data_dir, http, admin } => {
-            demo::run(DemoOptions { data_dir, http, admin }, shutdown_signal()).await
+        Command::Demo {
+            data_dir,
+            http,
+            admin,
+        } => {
+            demo::run(
+                DemoOptions {
+                    data_dir,
+                    http,
+                    admin,
+                },
+                shutdown_signal(),
+            )
+            .await
         }
         Command::Proxy { config } => {
             let config = ProxyConfig::from_file(&config)?;
@@ -149,7 +173,10 @@ async fn run(command: Command) -> anyhow::Result<()> {
             tracing::info!("signal received: draining");
             let left = proxy.shutdown().await;
             if left > 0 {
-                tracing::warn!(left, "connections were still open at the end of the grace period");
+                tracing::warn!(
+                    left,
+                    "connections were still open at the end of the grace period"
+                );
             }
             Ok(())
         }

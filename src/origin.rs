@@ -67,7 +67,8 @@ impl Origin {
                 tokio::spawn(async move {
                     let service = service_fn(move |req| handle(req, region.clone(), log.clone()));
                     let builder = auto::Builder::new(TokioExecutor::new());
-                    let conn = builder.serve_connection_with_upgrades(TokioIo::new(stream), service);
+                    let conn =
+                        builder.serve_connection_with_upgrades(TokioIo::new(stream), service);
                     tokio::select! {
                         _ = conn => {}
                         // Stopping drops every connection: the region is gone.
@@ -93,7 +94,9 @@ impl Origin {
     pub fn seen_requests(&self) -> Vec<Seen> {
         self.seen()
             .into_iter()
-            .filter(|s| s.headers.get("user-agent").map(String::as_str) != Some("domicile-health-check"))
+            .filter(|s| {
+                s.headers.get("user-agent").map(String::as_str) != Some("domicile-health-check")
+            })
             .collect()
     }
 
@@ -114,9 +117,10 @@ fn json_response(status: StatusCode, value: &serde_json::Value) -> Response<Body
     bytes.push(b'\n');
     let mut response = Response::new(Full::new(Bytes::from(bytes)).boxed_unsync());
     *response.status_mut() = status;
-    response
-        .headers_mut()
-        .insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    response.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
     response
 }
 
@@ -128,7 +132,12 @@ async fn handle(
     let headers: BTreeMap<String, String> = req
         .headers()
         .iter()
-        .map(|(k, v)| (k.as_str().to_owned(), String::from_utf8_lossy(v.as_bytes()).into_owned()))
+        .map(|(k, v)| {
+            (
+                k.as_str().to_owned(),
+                String::from_utf8_lossy(v.as_bytes()).into_owned(),
+            )
+        })
         .collect();
     let method = req.method().to_string();
     let path = req.uri().path().to_owned();
@@ -176,7 +185,10 @@ async fn handle(
     log_seen(&log, &method, &path, &headers, body_bytes);
 
     // `/bytes/N` streams N bytes back (for download tests and demos of large bodies).
-    if let Some(n) = path.strip_prefix("/bytes/").and_then(|n| n.parse::<u64>().ok()) {
+    if let Some(n) = path
+        .strip_prefix("/bytes/")
+        .and_then(|n| n.parse::<u64>().ok())
+    {
         return Ok(stream_bytes(n));
     }
     let value = serde_json::json!({
@@ -189,7 +201,13 @@ async fn handle(
     Ok(json_response(StatusCode::OK, &value))
 }
 
-fn log_seen(log: &std::sync::Mutex<Vec<Seen>>, method: &str, path: &str, headers: &BTreeMap<String, String>, body_bytes: u64) {
+fn log_seen(
+    log: &std::sync::Mutex<Vec<Seen>>,
+    method: &str,
+    path: &str,
+    headers: &BTreeMap<String, String>,
+    body_bytes: u64,
+) {
     if let Ok(mut log) = log.lock() {
         log.push(Seen {
             method: method.to_owned(),
@@ -210,7 +228,10 @@ fn stream_bytes(total: u64) -> Response<Body> {
                 return None;
             }
             let n = left.min(CHUNK as u64);
-            Some((Ok::<_, Infallible>(Frame::data(chunk.slice(..n as usize))), left - n))
+            Some((
+                Ok::<_, Infallible>(Frame::data(chunk.slice(..n as usize))),
+                left - n,
+            ))
         }
     });
     let mut response = Response::new(BodyExt::boxed_unsync(StreamBody::new(frames)));

@@ -61,7 +61,9 @@ fn wait_for_line(child: &mut Child, marker: &str) -> (String, Vec<String>) {
     });
     let mut lines = Vec::new();
     loop {
-        let line = rx.recv_timeout(Duration::from_secs(30)).unwrap_or_else(|_| panic!("no line with {marker:?}; got {lines:#?}"));
+        let line = rx
+            .recv_timeout(Duration::from_secs(30))
+            .unwrap_or_else(|_| panic!("no line with {marker:?}; got {lines:#?}"));
         lines.push(line.clone());
         if line.contains(marker) {
             // Drain the rest of a multi-line banner without blocking.
@@ -73,10 +75,17 @@ fn wait_for_line(child: &mut Child, marker: &str) -> (String, Vec<String>) {
 }
 
 fn addr_after(line: &str, prefix: &str) -> SocketAddr {
-    let start = line.find(prefix).unwrap_or_else(|| panic!("{prefix} in {line}")) + prefix.len();
+    let start = line
+        .find(prefix)
+        .unwrap_or_else(|| panic!("{prefix} in {line}"))
+        + prefix.len();
     let rest = &line[start..];
-    let end = rest.find(|c: char| c.is_whitespace() || c == ')').unwrap_or(rest.len());
-    rest[..end].parse().unwrap_or_else(|e| panic!("{e}: {line}"))
+    let end = rest
+        .find(|c: char| c.is_whitespace() || c == ')')
+        .unwrap_or(rest.len());
+    rest[..end]
+        .parse()
+        .unwrap_or_else(|e| panic!("{e}: {line}"))
 }
 
 #[tokio::test]
@@ -93,8 +102,14 @@ async fn demo_runs_routes_and_stops_on_sigterm() {
     let mut child = Owned(child);
     let (_, banner) = wait_for_line(&mut child.0, "Stop with Ctrl-C");
     let banner = banner.join("\n");
-    let proxy_line = banner.lines().find(|l| l.trim_start().starts_with("proxy")).unwrap();
-    let admin_line = banner.lines().find(|l| l.trim_start().starts_with("admin")).unwrap();
+    let proxy_line = banner
+        .lines()
+        .find(|l| l.trim_start().starts_with("proxy"))
+        .unwrap();
+    let admin_line = banner
+        .lines()
+        .find(|l| l.trim_start().starts_with("admin"))
+        .unwrap();
     let proxy = addr_after(proxy_line, "http://");
     let admin = addr_after(admin_line, "http://");
     assert!(banner.contains("curl"), "prints what to try: {banner}");
@@ -116,16 +131,30 @@ async fn demo_runs_routes_and_stops_on_sigterm() {
     }
     let by_path = get(&format!("http://{proxy}/w/umbrella/files"), &[]).await;
     assert_eq!(by_path.region(), "eu");
-    assert_eq!(get(&format!("http://{admin}/readyz"), &[]).await.status, 200);
+    assert_eq!(
+        get(&format!("http://{admin}/readyz"), &[]).await.status,
+        200
+    );
 
     // The configuration the demo wrote is a real one.
     let config = dir.path().join("proxy.toml");
     assert!(dir.path().join("map.jsonl").exists());
-    let check = Command::new(BIN).arg("check-config").arg(&config).output().unwrap();
-    assert!(check.status.success(), "{}", String::from_utf8_lossy(&check.stderr));
+    let check = Command::new(BIN)
+        .arg("check-config")
+        .arg(&config)
+        .output()
+        .unwrap();
+    assert!(
+        check.status.success(),
+        "{}",
+        String::from_utf8_lossy(&check.stderr)
+    );
 
     let status = child.terminate();
-    assert!(status.success(), "demo exits cleanly on SIGTERM: {status:?}");
+    assert!(
+        status.success(),
+        "demo exits cleanly on SIGTERM: {status:?}"
+    );
 }
 
 #[test]
@@ -152,13 +181,27 @@ endpoints = ["not an endpoint"]
 "#,
     )
     .unwrap();
-    let out = Command::new(BIN).arg("check-config").arg(&path).output().unwrap();
+    let out = Command::new(BIN)
+        .arg("check-config")
+        .arg(&path)
+        .output()
+        .unwrap();
     assert_eq!(out.status.code(), Some(2));
     let stderr = String::from_utf8_lossy(&out.stderr);
-    for key in ["proxy.colour", "identify.rules[0]", "identify.unidentified", "limits.idle_timeout", "regions.eu.endpoints[0]"] {
+    for key in [
+        "proxy.colour",
+        "identify.rules[0]",
+        "identify.unidentified",
+        "limits.idle_timeout",
+        "regions.eu.endpoints[0]",
+    ] {
         assert!(stderr.contains(key), "{key} missing from:\n{stderr}");
     }
-    let missing = Command::new(BIN).arg("check-config").arg(dir.path().join("nope.toml")).output().unwrap();
+    let missing = Command::new(BIN)
+        .arg("check-config")
+        .arg(dir.path().join("nope.toml"))
+        .output()
+        .unwrap();
     assert_eq!(missing.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&missing.stderr).contains("cannot read"));
 }
@@ -167,14 +210,21 @@ endpoints = ["not an endpoint"]
 fn peak_rss(pid: u32) -> u64 {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
     let line = status.lines().find(|l| l.starts_with("VmHWM:")).unwrap();
-    line.split_whitespace().nth(1).unwrap().parse::<u64>().unwrap() * 1024
+    line.split_whitespace()
+        .nth(1)
+        .unwrap()
+        .parse::<u64>()
+        .unwrap()
+        * 1024
 }
 
 #[tokio::test]
 async fn one_gib_streams_both_ways_with_flat_memory() {
     const GIB: u64 = 1 << 30;
     let us = origin("us").await;
-    let builder = proxy().route("us", &[&us]).limits("max_body_bytes = \"2GiB\"");
+    let builder = proxy()
+        .route("us", &[&us])
+        .limits("max_body_bytes = \"2GiB\"");
     let (config, _dir) = builder.write();
     let child = Command::new(BIN)
         .args(["proxy", "--config"])
@@ -190,11 +240,17 @@ async fn one_gib_streams_both_ways_with_flat_memory() {
 
     // Upload: 1 GiB generated on the fly, never held anywhere.
     let chunk = Bytes::from(vec![b'u'; 256 * 1024]);
-    let chunks = (0..(GIB / chunk.len() as u64)).map(move |_| Ok::<_, std::convert::Infallible>(Frame::data(chunk.clone())));
+    let chunks = (0..(GIB / chunk.len() as u64))
+        .map(move |_| Ok::<_, std::convert::Infallible>(Frame::data(chunk.clone())));
     let body = StreamBody::new(futures_util::stream::iter(chunks));
     let client: Client<_, StreamBody<_>> = Client::builder(TokioExecutor::new()).build_http();
     let response = client
-        .request(Request::post(format!("http://{addr}/upload")).header("x-workspace-id", "acme").body(body).unwrap())
+        .request(
+            Request::post(format!("http://{addr}/upload"))
+                .header("x-workspace-id", "acme")
+                .body(body)
+                .unwrap(),
+        )
         .await
         .expect("upload");
     let reply = collect(response).await;
@@ -204,7 +260,12 @@ async fn one_gib_streams_both_ways_with_flat_memory() {
     // Download: 1 GiB from the origin, counted as it arrives.
     let client: Client<_, Full<Bytes>> = Client::builder(TokioExecutor::new()).build_http();
     let response = client
-        .request(Request::get(format!("http://{addr}/bytes/{GIB}")).header("x-workspace-id", "acme").body(Full::new(Bytes::new())).unwrap())
+        .request(
+            Request::get(format!("http://{addr}/bytes/{GIB}"))
+                .header("x-workspace-id", "acme")
+                .body(Full::new(Bytes::new()))
+                .unwrap(),
+        )
         .await
         .expect("download");
     assert_eq!(response.status(), 200);
@@ -217,7 +278,15 @@ async fn one_gib_streams_both_ways_with_flat_memory() {
 
     let peak = peak_rss(child.pid());
     let growth = peak.saturating_sub(baseline);
-    eprintln!("proxy peak RSS {} MiB (baseline {} MiB)", peak >> 20, baseline >> 20);
-    assert!(growth < 64 << 20, "proxy memory grew by {} MiB moving 2 GiB", growth >> 20);
+    eprintln!(
+        "proxy peak RSS {} MiB (baseline {} MiB)",
+        peak >> 20,
+        baseline >> 20
+    );
+    assert!(
+        growth < 64 << 20,
+        "proxy memory grew by {} MiB moving 2 GiB",
+        growth >> 20
+    );
     assert!(child.terminate().success());
 }

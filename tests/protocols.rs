@@ -21,22 +21,59 @@ use tokio::net::{TcpListener, TcpStream};
 async fn http2_clients_are_routed_like_http1() {
     let us = origin("us").await;
     let eu = origin("eu").await;
-    let proxy = proxy().route("us", &[&us]).route("eu", &[&eu]).start().await;
-    let by_header = send_h2(Request::get(proxy.url("/h2")).header("x-workspace-id", "globex").body(Full::new(Bytes::new())).unwrap()).await;
+    let proxy = proxy()
+        .route("us", &[&us])
+        .route("eu", &[&eu])
+        .start()
+        .await;
+    let by_header = send_h2(
+        Request::get(proxy.url("/h2"))
+            .header("x-workspace-id", "globex")
+            .body(Full::new(Bytes::new()))
+            .unwrap(),
+    )
+    .await;
     assert_eq!(by_header.status, 200);
     assert_eq!(by_header.region(), "eu");
     // :authority carries the host for HTTP/2.
     let authority = format!("http://acme.localhost:{}/x", proxy.addr().port());
-    let client: Client<_, Full<Bytes>> = Client::builder(TokioExecutor::new()).http2_only(true).build(ForcedConnector(proxy.addr()));
-    let reply = collect(client.request(Request::get(authority).body(Full::new(Bytes::new())).unwrap()).await.unwrap()).await;
+    let client: Client<_, Full<Bytes>> = Client::builder(TokioExecutor::new())
+        .http2_only(true)
+        .build(ForcedConnector(proxy.addr()));
+    let reply = collect(
+        client
+            .request(
+                Request::get(authority)
+                    .body(Full::new(Bytes::new()))
+                    .unwrap(),
+            )
+            .await
+            .unwrap(),
+    )
+    .await;
     assert_eq!(reply.region(), "us");
-    assert_eq!(reply.json()["headers"]["host"], format!("acme.localhost:{}", proxy.addr().port()));
+    assert_eq!(
+        reply.json()["headers"]["host"],
+        format!("acme.localhost:{}", proxy.addr().port())
+    );
     // Many concurrent streams on one connection.
     let mut tasks = Vec::new();
     for i in 0..50 {
         let client = client.clone();
-        let url = format!("http://{}.localhost:{}/{i}", if i % 2 == 0 { "acme" } else { "globex" }, proxy.addr().port());
-        tasks.push(tokio::spawn(async move { collect(client.request(Request::get(url).body(Full::new(Bytes::new())).unwrap()).await.unwrap()).await }));
+        let url = format!(
+            "http://{}.localhost:{}/{i}",
+            if i % 2 == 0 { "acme" } else { "globex" },
+            proxy.addr().port()
+        );
+        tasks.push(tokio::spawn(async move {
+            collect(
+                client
+                    .request(Request::get(url).body(Full::new(Bytes::new())).unwrap())
+                    .await
+                    .unwrap(),
+            )
+            .await
+        }));
     }
     for (i, task) in tasks.into_iter().enumerate() {
         let reply = task.await.unwrap();
@@ -52,15 +89,24 @@ struct ForcedConnector(SocketAddr);
 impl tower_service::Service<http::Uri> for ForcedConnector {
     type Response = hyper_util::rt::TokioIo<TcpStream>;
     type Error = std::io::Error;
-    type Future = std::pin::Pin<Box<dyn std::future::Future<Output = Result<Self::Response, Self::Error>> + Send>>;
+    type Future = std::pin::Pin<
+        Box<dyn std::future::Future<Output = Result<Self::Response, Self::Error>> + Send>,
+    >;
 
-    fn poll_ready(&mut self, _: &mut std::task::Context<'_>) -> std::task::Poll<Result<(), Self::Error>> {
+    fn poll_ready(
+        &mut self,
+        _: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Result<(), Self::Error>> {
         std::task::Poll::Ready(Ok(()))
     }
 
     fn call(&mut self, _: http::Uri) -> Self::Future {
         let addr = self.0;
-        Box::pin(async move { Ok(hyper_util::rt::TokioIo::new(TcpStream::connect(addr).await?)) })
+        Box::pin(async move {
+            Ok(hyper_util::rt::TokioIo::new(
+                TcpStream::connect(addr).await?,
+            ))
+        })
     }
 }
 
@@ -74,17 +120,28 @@ async fn websocket_echo_through_the_proxy() {
         .header("connection", "Upgrade")
         .header("upgrade", "websocket")
         .header("sec-websocket-version", "13")
-        .header("sec-websocket-key", tokio_tungstenite::tungstenite::handshake::client::generate_key())
+        .header(
+            "sec-websocket-key",
+            tokio_tungstenite::tungstenite::handshake::client::generate_key(),
+        )
         .body(())
         .unwrap();
-    let (mut ws, response) = tokio_tungstenite::client_async(request, stream).await.expect("handshake through the proxy");
+    let (mut ws, response) = tokio_tungstenite::client_async(request, stream)
+        .await
+        .expect("handshake through the proxy");
     assert_eq!(response.status(), 101);
     for text in ["hello", "residency", "ünïcødé"] {
-        ws.send(tokio_tungstenite::tungstenite::Message::text(text)).await.unwrap();
+        ws.send(tokio_tungstenite::tungstenite::Message::text(text))
+            .await
+            .unwrap();
         let echoed = ws.next().await.unwrap().unwrap();
         assert_eq!(echoed.into_text().unwrap().as_str(), text);
     }
-    ws.send(tokio_tungstenite::tungstenite::Message::binary(vec![0u8, 1, 2, 255])).await.unwrap();
+    ws.send(tokio_tungstenite::tungstenite::Message::binary(vec![
+        0u8, 1, 2, 255,
+    ]))
+    .await
+    .unwrap();
     let data: Vec<u8> = ws.next().await.unwrap().unwrap().into_data().to_vec();
     assert_eq!(data, [0u8, 1, 2, 255]);
     let seen = eu.seen_requests();
@@ -97,25 +154,49 @@ async fn websocket_echo_through_the_proxy() {
 #[tokio::test]
 async fn body_limits_answer_413() {
     let us = origin("us").await;
-    let proxy = proxy().route_addrs("us", &[us.addr], "max_body_bytes = \"64KiB\"").start().await;
+    let proxy = proxy()
+        .route_addrs("us", &[us.addr], "max_body_bytes = \"64KiB\"")
+        .start()
+        .await;
     // Declared too large: refused before anything is sent.
     let big = vec![b'x'; 100 * 1024];
-    let reply = send(Request::post(proxy.url("/upload")).header("x-workspace-id", "acme").body(Full::new(Bytes::from(big))).unwrap()).await;
+    let reply = send(
+        Request::post(proxy.url("/upload"))
+            .header("x-workspace-id", "acme")
+            .body(Full::new(Bytes::from(big)))
+            .unwrap(),
+    )
+    .await;
     assert_eq!(reply.status, 413);
     assert_eq!(reply.refusal(), Some("body_too_large"));
     assert!(us.seen_requests().is_empty());
 
     // Chunked, no length: cut off when it passes the limit.
-    let chunks = (0..40).map(|_| Ok::<_, std::convert::Infallible>(Frame::data(Bytes::from(vec![b'y'; 4096]))));
+    let chunks = (0..40)
+        .map(|_| Ok::<_, std::convert::Infallible>(Frame::data(Bytes::from(vec![b'y'; 4096]))));
     let body = StreamBody::new(futures_util::stream::iter(chunks));
     let client: Client<_, StreamBody<_>> = Client::builder(TokioExecutor::new()).build_http();
-    let response = client.request(Request::post(proxy.url("/upload")).header("x-workspace-id", "acme").body(body).unwrap()).await.unwrap();
+    let response = client
+        .request(
+            Request::post(proxy.url("/upload"))
+                .header("x-workspace-id", "acme")
+                .body(body)
+                .unwrap(),
+        )
+        .await
+        .unwrap();
     let reply = collect(response).await;
     assert_eq!(reply.status, 413);
     assert_eq!(reply.refusal(), Some("body_too_large"));
 
     // Within the limit passes.
-    let ok = send(Request::post(proxy.url("/upload")).header("x-workspace-id", "acme").body(Full::new(Bytes::from(vec![b'z'; 60 * 1024]))).unwrap()).await;
+    let ok = send(
+        Request::post(proxy.url("/upload"))
+            .header("x-workspace-id", "acme")
+            .body(Full::new(Bytes::from(vec![b'z'; 60 * 1024])))
+            .unwrap(),
+    )
+    .await;
     assert_eq!(ok.status, 200);
     assert_eq!(ok.json()["body_bytes"], 60 * 1024);
     proxy.running.shutdown().await;
@@ -154,10 +235,17 @@ async fn malformed_requests_get_the_right_status_and_never_reach_an_origin() {
         let answer = raw(addr, bytes.as_bytes(), Duration::from_secs(3)).await;
         assert_eq!(raw_status(&answer), Some(*want), "{name}: {answer:?}");
         if answer.contains("x-domicile-refusal") {
-            assert!(answer.contains("{\"error\":{\"code\":"), "{name}: refusal without JSON body: {answer}");
+            assert!(
+                answer.contains("{\"error\":{\"code\":"),
+                "{name}: refusal without JSON body: {answer}"
+            );
         }
     }
-    assert!(us.seen_requests().is_empty(), "a malformed request reached the origin: {:?}", us.seen_requests());
+    assert!(
+        us.seen_requests().is_empty(),
+        "a malformed request reached the origin: {:?}",
+        us.seen_requests()
+    );
 
     // An idle connection that never sends a byte is closed silently after the timeout.
     let answer = raw(addr, b"", Duration::from_secs(3)).await;
@@ -172,11 +260,18 @@ async fn content_length_with_transfer_encoding_is_reframed_and_cannot_smuggle() 
     let attack = "POST /first HTTP/1.1\r\nHost: a\r\nx-workspace-id: acme\r\nContent-Length: 4\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\nGET /smuggled HTTP/1.1\r\nHost: a\r\nx-workspace-id: acme\r\n\r\n";
     let answer = raw(proxy.addr(), attack.as_bytes(), Duration::from_secs(3)).await;
     assert_eq!(raw_status(&answer), Some(200), "{answer}");
-    assert_eq!(answer.matches("HTTP/1.1 ").count(), 1, "only one response: {answer}");
+    assert_eq!(
+        answer.matches("HTTP/1.1 ").count(),
+        1,
+        "only one response: {answer}"
+    );
     let seen = us.seen_requests();
     assert_eq!(seen.len(), 1, "{seen:?}");
     assert_eq!(seen[0].path, "/first");
-    assert_eq!(seen[0].body_bytes, 5, "Transfer-Encoding wins over Content-Length");
+    assert_eq!(
+        seen[0].body_bytes, 5,
+        "Transfer-Encoding wins over Content-Length"
+    );
     proxy.running.shutdown().await;
 }
 
@@ -187,7 +282,9 @@ async fn bad_upstream(hang: bool) -> (SocketAddr, tokio::task::JoinHandle<()>) {
     let task = tokio::spawn(async move {
         let mut held = Vec::new();
         loop {
-            let Ok((mut stream, _)) = listener.accept().await else { return };
+            let Ok((mut stream, _)) = listener.accept().await else {
+                return;
+            };
             let mut buf = [0u8; 4096];
             let _ = stream.read(&mut buf).await;
             if hang {
@@ -225,24 +322,45 @@ async fn idempotent_requests_retry_within_the_home_region_only() {
     let eu = origin("eu").await;
     let (closing, _c) = bad_upstream(false).await;
     let proxy = proxy()
-        .route_addrs("us", &[closing, us.addr], "health = { enabled = false }\nejection = { consecutive_failures = 100 }")
+        .route_addrs(
+            "us",
+            &[closing, us.addr],
+            "health = { enabled = false }\nejection = { consecutive_failures = 100 }",
+        )
         .route("eu", &[&eu])
         .start()
         .await;
     for i in 0..6 {
         let reply = get(&proxy.url(&format!("/{i}")), &[("x-workspace-id", "acme")]).await;
-        assert_eq!(reply.status, 200, "GET {i} retried on the other us endpoint");
+        assert_eq!(
+            reply.status, 200,
+            "GET {i} retried on the other us endpoint"
+        );
         assert_eq!(reply.region(), "us");
     }
     // POST is not idempotent: never retried, so some land on the broken endpoint.
     let mut statuses = Vec::new();
     for _ in 0..4 {
-        statuses.push(request("POST", &proxy.url("/"), &[("x-workspace-id", "acme")], b"x").await.status);
+        statuses.push(
+            request("POST", &proxy.url("/"), &[("x-workspace-id", "acme")], b"x")
+                .await
+                .status,
+        );
     }
-    assert!(statuses.contains(&502) && statuses.contains(&200), "{statuses:?}");
-    assert!(eu.seen_requests().is_empty(), "never retried in another region");
-    let metrics = String::from_utf8_lossy(&get(&proxy.admin_url("/metrics"), &[]).await.body).into_owned();
-    assert!(!metrics.contains("domicile_upstream_retries_total 0"), "{metrics}");
+    assert!(
+        statuses.contains(&502) && statuses.contains(&200),
+        "{statuses:?}"
+    );
+    assert!(
+        eu.seen_requests().is_empty(),
+        "never retried in another region"
+    );
+    let metrics =
+        String::from_utf8_lossy(&get(&proxy.admin_url("/metrics"), &[]).await.body).into_owned();
+    assert!(
+        !metrics.contains("domicile_upstream_retries_total 0"),
+        "{metrics}"
+    );
     proxy.running.shutdown().await;
 }
 
@@ -257,11 +375,18 @@ async fn passive_ejection_takes_a_failing_endpoint_out() {
         .await;
     let mut failures = 0;
     for _ in 0..12 {
-        if get(&proxy.url("/"), &[("x-workspace-id", "acme")]).await.status != 200 {
+        if get(&proxy.url("/"), &[("x-workspace-id", "acme")])
+            .await
+            .status
+            != 200
+        {
             failures += 1;
         }
     }
-    assert_eq!(failures, 2, "two failures eject the endpoint, then all requests succeed");
+    assert_eq!(
+        failures, 2,
+        "two failures eject the endpoint, then all requests succeed"
+    );
     proxy.running.shutdown().await;
 }
 
@@ -273,24 +398,58 @@ async fn graceful_shutdown_finishes_in_flight_requests_and_stops_accepting() {
     let (tx, rx) = tokio::sync::mpsc::channel::<Result<Frame<Bytes>, std::convert::Infallible>>(4);
     let body = StreamBody::new(tokio_stream_from(rx));
     let client: Client<_, StreamBody<_>> = Client::builder(TokioExecutor::new()).build_http();
-    let in_flight = tokio::spawn(client.request(Request::post(format!("http://{addr}/upload")).header("x-workspace-id", "acme").body(body).unwrap()));
-    tx.send(Ok(Frame::data(Bytes::from_static(b"first half,")))).await.unwrap();
+    let in_flight = tokio::spawn(
+        client.request(
+            Request::post(format!("http://{addr}/upload"))
+                .header("x-workspace-id", "acme")
+                .body(body)
+                .unwrap(),
+        ),
+    );
+    tx.send(Ok(Frame::data(Bytes::from_static(b"first half,"))))
+        .await
+        .unwrap();
     // Wait until the proxy has the request in hand.
     let pipeline = proxy.running.pipeline.clone();
-    assert!(eventually(Duration::from_secs(5), || pipeline.metrics.connections_active.load(std::sync::atomic::Ordering::Relaxed) == 1).await);
+    assert!(
+        eventually(Duration::from_secs(5), || pipeline
+            .metrics
+            .connections_active
+            .load(std::sync::atomic::Ordering::Relaxed)
+            == 1)
+        .await
+    );
     let shutdown = tokio::spawn(proxy.running.shutdown());
     // New connections are refused once the listener is gone.
-    assert!(eventually(Duration::from_secs(5), || std::net::TcpStream::connect(addr).is_err()).await, "listener closed");
-    tx.send(Ok(Frame::data(Bytes::from_static(b" second half")))).await.unwrap();
+    assert!(
+        eventually(Duration::from_secs(5), || std::net::TcpStream::connect(
+            addr
+        )
+        .is_err())
+        .await,
+        "listener closed"
+    );
+    tx.send(Ok(Frame::data(Bytes::from_static(b" second half"))))
+        .await
+        .unwrap();
     drop(tx);
-    let response = in_flight.await.unwrap().expect("in-flight request completes");
+    let response = in_flight
+        .await
+        .unwrap()
+        .expect("in-flight request completes");
     let reply = collect(response).await;
     assert_eq!(reply.status, 200);
     assert_eq!(reply.json()["body_bytes"], 23);
-    assert_eq!(shutdown.await.unwrap(), 0, "drained within the grace period");
+    assert_eq!(
+        shutdown.await.unwrap(),
+        0,
+        "drained within the grace period"
+    );
 }
 
-fn tokio_stream_from<T: Send + 'static>(mut rx: tokio::sync::mpsc::Receiver<T>) -> impl futures_util::Stream<Item = T> {
+fn tokio_stream_from<T: Send + 'static>(
+    mut rx: tokio::sync::mpsc::Receiver<T>,
+) -> impl futures_util::Stream<Item = T> {
     futures_util::stream::poll_fn(move |cx| rx.poll_recv(cx))
 }
 
@@ -300,8 +459,7 @@ async fn responses_stream_and_keep_alive_is_reused() {
     let proxy = proxy().route("us", &[&us]).start().await;
     let mut stream = TcpStream::connect(proxy.addr()).await.unwrap();
     for i in 0..3 {
-        let req = format!("GET /bytes/100000 HTTP/1.1\r\nHost: acme.localhost\r\n\r\n");
-        stream.write_all(req.as_bytes()).await.unwrap();
+        stream.write_all(b"GET /bytes/100000 HTTP/1.1\r\nHost: acme.localhost\r\n\r\n").await.unwrap();
         let mut head = Vec::new();
         while !head.ends_with(b"\r\n\r\n") {
             let mut byte = [0u8; 1];
@@ -310,14 +468,31 @@ async fn responses_stream_and_keep_alive_is_reused() {
         }
         let head = String::from_utf8(head).unwrap();
         assert!(head.starts_with("HTTP/1.1 200"), "{i}: {head}");
-        assert!(head.to_ascii_lowercase().contains("content-length: 100000"), "{head}");
+        assert!(
+            head.to_ascii_lowercase().contains("content-length: 100000"),
+            "{head}"
+        );
         let mut body = vec![0u8; 100_000];
         stream.read_exact(&mut body).await.unwrap();
         assert!(body.iter().all(|&b| b == b'x'));
     }
     let client: Client<_, Full<Bytes>> = Client::builder(TokioExecutor::new()).build_http();
-    let response = client.request(Request::get(proxy.url("/bytes/5000000")).header("x-workspace-id", "acme").body(Full::new(Bytes::new())).unwrap()).await.unwrap();
-    let total = response.into_body().collect().await.unwrap().to_bytes().len();
+    let response = client
+        .request(
+            Request::get(proxy.url("/bytes/5000000"))
+                .header("x-workspace-id", "acme")
+                .body(Full::new(Bytes::new()))
+                .unwrap(),
+        )
+        .await
+        .unwrap();
+    let total = response
+        .into_body()
+        .collect()
+        .await
+        .unwrap()
+        .to_bytes()
+        .len();
     assert_eq!(total, 5_000_000);
     proxy.running.shutdown().await;
 }
@@ -325,14 +500,27 @@ async fn responses_stream_and_keep_alive_is_reused() {
 #[tokio::test]
 async fn h2c_upstreams_are_spoken_to_in_http2() {
     let eu = origin("eu").await;
-    let proxy = proxy().route_addrs("eu", &[eu.addr], "protocol = \"h2c\"").start().await;
-    let reply = get(&proxy.url("/over-h2"), &[("x-workspace-id", "globex"), ("host", "globex.example")]).await;
+    let proxy = proxy()
+        .route_addrs("eu", &[eu.addr], "protocol = \"h2c\"")
+        .start()
+        .await;
+    let reply = get(
+        &proxy.url("/over-h2"),
+        &[("x-workspace-id", "globex"), ("host", "globex.example")],
+    )
+    .await;
     assert_eq!(reply.status, 200);
     assert_eq!(reply.region(), "eu");
     let headers = reply.json()["headers"].clone();
     // HTTP/2 carries the authority as a pseudo-header; the client's host is in Forwarded.
     assert!(headers.get("host").is_none(), "{headers}");
-    assert!(headers["forwarded"].as_str().unwrap().contains("host=\"globex.example\""), "{headers}");
+    assert!(
+        headers["forwarded"]
+            .as_str()
+            .unwrap()
+            .contains("host=\"globex.example\""),
+        "{headers}"
+    );
     proxy.running.shutdown().await;
 }
 
@@ -347,9 +535,13 @@ async fn idle_connections_are_closed_without_a_response() {
 
     // HTTP/1.1: a complete exchange, then silence: closed, and no unsolicited 408.
     let mut stream = TcpStream::connect(proxy.addr()).await.unwrap();
-    stream.write_all(b"GET / HTTP/1.1\r\nHost: acme.localhost\r\n\r\n").await.unwrap();
+    stream
+        .write_all(b"GET / HTTP/1.1\r\nHost: acme.localhost\r\n\r\n")
+        .await
+        .unwrap();
     let mut answer = Vec::new();
-    let closed = tokio::time::timeout(Duration::from_secs(5), stream.read_to_end(&mut answer)).await;
+    let closed =
+        tokio::time::timeout(Duration::from_secs(5), stream.read_to_end(&mut answer)).await;
     assert!(closed.is_ok(), "idle keep-alive connection closed");
     let text = String::from_utf8_lossy(&answer);
     assert_eq!(text.matches("HTTP/1.1 ").count(), 1, "{text}");
@@ -357,10 +549,20 @@ async fn idle_connections_are_closed_without_a_response() {
 
     // HTTP/2: one request, then no streams for the idle timeout: the proxy says GOAWAY.
     let stream = TcpStream::connect(proxy.addr()).await.unwrap();
-    let (mut sender, conn) = hyper::client::conn::http2::handshake(TokioExecutor::new(), hyper_util::rt::TokioIo::new(stream)).await.unwrap();
+    let (mut sender, conn) = hyper::client::conn::http2::handshake(
+        TokioExecutor::new(),
+        hyper_util::rt::TokioIo::new(stream),
+    )
+    .await
+    .unwrap();
     let conn = tokio::spawn(conn);
     let response = sender
-        .send_request(Request::get(format!("http://{}/", proxy.addr())).header("x-workspace-id", "acme").body(Full::new(Bytes::new())).unwrap())
+        .send_request(
+            Request::get(format!("http://{}/", proxy.addr()))
+                .header("x-workspace-id", "acme")
+                .body(Full::new(Bytes::new()))
+                .unwrap(),
+        )
         .await
         .unwrap();
     assert_eq!(response.status(), 200);
@@ -376,18 +578,37 @@ async fn readyz_reports_draining_during_shutdown() {
     let eu = origin("eu").await;
     // A map without unroutable regions, so the proxy is ready before shutdown.
     let map = MAP.replace("{\"type\":\"region\",\"id\":\"au\",\"name\":\"Australia\",\"jurisdiction\":[\"AU\"]}\n", "").replace("{\"type\":\"workspace\",\"id\":\"wombat\",\"region\":\"au\",\"epoch\":1,\"version\":7}\n", "");
-    let proxy = proxy().route("us", &[&us]).route("eu", &[&eu]).map(Some(&map)).start().await;
+    let proxy = proxy()
+        .route("us", &[&us])
+        .route("eu", &[&eu])
+        .map(Some(&map))
+        .start()
+        .await;
     let admin = proxy.admin_url("/readyz");
     assert_eq!(get(&admin, &[]).await.status, 200);
     // A request whose body is still arriving keeps the drain going.
     let (tx, rx) = tokio::sync::mpsc::channel::<Result<Frame<Bytes>, std::convert::Infallible>>(4);
     let client: Client<_, StreamBody<_>> = Client::builder(TokioExecutor::new()).build_http();
-    let in_flight = tokio::spawn(client.request(
-        Request::post(proxy.url("/upload")).header("x-workspace-id", "acme").body(StreamBody::new(tokio_stream_from(rx))).unwrap(),
-    ));
-    tx.send(Ok(Frame::data(Bytes::from_static(b"part")))).await.unwrap();
+    let in_flight = tokio::spawn(
+        client.request(
+            Request::post(proxy.url("/upload"))
+                .header("x-workspace-id", "acme")
+                .body(StreamBody::new(tokio_stream_from(rx)))
+                .unwrap(),
+        ),
+    );
+    tx.send(Ok(Frame::data(Bytes::from_static(b"part"))))
+        .await
+        .unwrap();
     let pipeline = proxy.running.pipeline.clone();
-    assert!(eventually(Duration::from_secs(5), || pipeline.metrics.connections_active.load(std::sync::atomic::Ordering::Relaxed) == 1).await);
+    assert!(
+        eventually(Duration::from_secs(5), || pipeline
+            .metrics
+            .connections_active
+            .load(std::sync::atomic::Ordering::Relaxed)
+            == 1)
+        .await
+    );
     let shutdown = tokio::spawn(proxy.running.shutdown());
     let mut saw_draining = false;
     for _ in 0..50 {
@@ -398,7 +619,10 @@ async fn readyz_reports_draining_during_shutdown() {
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    assert!(saw_draining, "/readyz said draining while requests finished");
+    assert!(
+        saw_draining,
+        "/readyz said draining while requests finished"
+    );
     drop(tx);
     let reply = collect(in_flight.await.unwrap().unwrap()).await;
     assert_eq!(reply.status, 200, "in-flight request finished");

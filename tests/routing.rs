@@ -10,14 +10,22 @@ use common::*;
 async fn each_identification_kind_routes_to_the_home_region() {
     let us = origin("us").await;
     let eu = origin("eu").await;
-    let proxy = proxy().route("us", &[&us]).route("eu", &[&eu]).start().await;
+    let proxy = proxy()
+        .route("us", &[&us])
+        .route("eu", &[&eu])
+        .start()
+        .await;
 
     let by_host = get(&proxy.url("/hello"), &[("host", "acme.localhost")]).await;
     let host_url = proxy.url("/docs");
     let by_header = get(&host_url, &[("x-workspace-id", "globex")]).await;
     let by_path = get(&proxy.url("/w/umbrella/files"), &[]).await;
     let by_query = get(&proxy.url("/search?q=x&workspace=initech"), &[]).await;
-    let agreeing = get(&proxy.url("/w/GLOBEX/x?workspace=globex"), &[("host", "globex.localhost"), ("x-workspace-id", "Globex")]).await;
+    let agreeing = get(
+        &proxy.url("/w/GLOBEX/x?workspace=globex"),
+        &[("host", "globex.localhost"), ("x-workspace-id", "Globex")],
+    )
+    .await;
 
     for (reply, region, workspace) in [
         (&by_host, "us", "acme"),
@@ -26,7 +34,12 @@ async fn each_identification_kind_routes_to_the_home_region() {
         (&by_query, "us", "initech"),
         (&agreeing, "eu", "globex"),
     ] {
-        assert_eq!(reply.status, 200, "{workspace}: {}", String::from_utf8_lossy(&reply.body));
+        assert_eq!(
+            reply.status,
+            200,
+            "{workspace}: {}",
+            String::from_utf8_lossy(&reply.body)
+        );
         assert_eq!(reply.region(), region, "{workspace}");
         let headers = &reply.json()["headers"];
         assert_eq!(headers["x-domicile-workspace"], workspace);
@@ -50,25 +63,78 @@ async fn each_identification_kind_routes_to_the_home_region() {
 async fn refusals_have_code_status_and_json_body() {
     let us = origin("us").await;
     let eu = origin("eu").await;
-    let proxy = proxy().route("us", &[&us]).route("eu", &[&eu]).start().await;
+    let proxy = proxy()
+        .route("us", &[&us])
+        .route("eu", &[&eu])
+        .start()
+        .await;
 
     let cases: Vec<(&str, Reply, u16, &str)> = vec![
-        ("conflict host vs header", get(&proxy.url("/"), &[("host", "acme.localhost"), ("x-workspace-id", "globex")]).await, 400, "conflicting_workspace"),
-        ("conflict path vs query", get(&proxy.url("/w/acme/?workspace=globex"), &[]).await, 400, "conflicting_workspace"),
-        ("unknown", get(&proxy.url("/"), &[("host", "nobody.localhost")]).await, 404, "unknown_workspace"),
-        ("missing", get(&proxy.url("/"), &[]).await, 400, "missing_workspace"),
-        ("invalid", get(&proxy.url("/"), &[("x-workspace-id", "no/slashes")]).await, 400, "invalid_workspace"),
-        ("unroutable", get(&proxy.url("/"), &[("x-workspace-id", "wombat")]).await, 503, "region_unroutable"),
+        (
+            "conflict host vs header",
+            get(
+                &proxy.url("/"),
+                &[("host", "acme.localhost"), ("x-workspace-id", "globex")],
+            )
+            .await,
+            400,
+            "conflicting_workspace",
+        ),
+        (
+            "conflict path vs query",
+            get(&proxy.url("/w/acme/?workspace=globex"), &[]).await,
+            400,
+            "conflicting_workspace",
+        ),
+        (
+            "unknown",
+            get(&proxy.url("/"), &[("host", "nobody.localhost")]).await,
+            404,
+            "unknown_workspace",
+        ),
+        (
+            "missing",
+            get(&proxy.url("/"), &[]).await,
+            400,
+            "missing_workspace",
+        ),
+        (
+            "invalid",
+            get(&proxy.url("/"), &[("x-workspace-id", "no/slashes")]).await,
+            400,
+            "invalid_workspace",
+        ),
+        (
+            "unroutable",
+            get(&proxy.url("/"), &[("x-workspace-id", "wombat")]).await,
+            503,
+            "region_unroutable",
+        ),
     ];
     for (name, reply, status, code) in cases {
         assert_eq!(reply.status, status, "{name}");
         assert_eq!(reply.refusal(), Some(code), "{name}");
         let body = reply.json();
         assert_eq!(body["error"]["code"], code, "{name}");
-        assert!(body["error"]["message"].as_str().is_some_and(|m| !m.is_empty()), "{name}");
-        assert_eq!(body["error"]["request_id"].as_str(), reply.headers.get("x-request-id").and_then(|v| v.to_str().ok()), "{name}");
+        assert!(
+            body["error"]["message"]
+                .as_str()
+                .is_some_and(|m| !m.is_empty()),
+            "{name}"
+        );
+        assert_eq!(
+            body["error"]["request_id"].as_str(),
+            reply
+                .headers
+                .get("x-request-id")
+                .and_then(|v| v.to_str().ok()),
+            "{name}"
+        );
     }
-    assert!(us.seen_requests().is_empty() && eu.seen_requests().is_empty(), "no refused request reaches an origin");
+    assert!(
+        us.seen_requests().is_empty() && eu.seen_requests().is_empty(),
+        "no refused request reaches an origin"
+    );
     proxy.running.shutdown().await;
 }
 
@@ -80,12 +146,22 @@ async fn frozen_workspace_refuses_writes_and_serves_reads() {
     assert_eq!(read.status, 200);
     assert_eq!(read.region(), "us");
     for method in ["POST", "PUT", "PATCH", "DELETE"] {
-        let write = request(method, &proxy.url("/doc"), &[("x-workspace-id", "hooli")], b"change").await;
+        let write = request(
+            method,
+            &proxy.url("/doc"),
+            &[("x-workspace-id", "hooli")],
+            b"change",
+        )
+        .await;
         assert_eq!(write.status, 503, "{method}");
         assert_eq!(write.refusal(), Some("workspace_moving"));
         assert_eq!(write.headers["retry-after"], "5");
     }
-    assert_eq!(us.seen_requests().len(), 1, "only the read reached the origin");
+    assert_eq!(
+        us.seen_requests().len(),
+        1,
+        "only the read reached the origin"
+    );
     proxy.running.shutdown().await;
 }
 
@@ -93,7 +169,11 @@ async fn frozen_workspace_refuses_writes_and_serves_reads() {
 async fn stopped_region_fails_closed_and_never_crosses_to_another_region() {
     let us = origin("us").await;
     let eu = origin("eu").await;
-    let proxy = proxy().route("us", &[&us]).route("eu", &[&eu]).start().await;
+    let proxy = proxy()
+        .route("us", &[&us])
+        .route("eu", &[&eu])
+        .start()
+        .await;
     let ok = get(&proxy.url("/"), &[("x-workspace-id", "globex")]).await;
     assert_eq!(ok.region(), "eu");
 
@@ -105,11 +185,24 @@ async fn stopped_region_fails_closed_and_never_crosses_to_another_region() {
         assert_eq!(reply.refusal(), Some("region_unavailable"));
     }
     let pool_down = eventually(Duration::from_secs(5), || {
-        !proxy.running.pipeline.upstreams.pools().find(|p| &*p.region_id == "eu").unwrap().is_up()
+        !proxy
+            .running
+            .pipeline
+            .upstreams
+            .pools()
+            .find(|p| &*p.region_id == "eu")
+            .unwrap()
+            .is_up()
     })
     .await;
     assert!(pool_down, "health checks mark eu down");
-    let reply = request("POST", &proxy.url("/"), &[("x-workspace-id", "umbrella")], b"data").await;
+    let reply = request(
+        "POST",
+        &proxy.url("/"),
+        &[("x-workspace-id", "umbrella")],
+        b"data",
+    )
+    .await;
     assert_eq!(reply.refusal(), Some("region_unavailable"));
     // The us origin never saw an eu workspace.
     for seen in us.seen_requests() {
@@ -117,7 +210,12 @@ async fn stopped_region_fails_closed_and_never_crosses_to_another_region() {
         assert!(ws != Some("globex") && ws != Some("umbrella"), "{seen:?}");
     }
     // us is unaffected.
-    assert_eq!(get(&proxy.url("/"), &[("x-workspace-id", "acme")]).await.region(), "us");
+    assert_eq!(
+        get(&proxy.url("/"), &[("x-workspace-id", "acme")])
+            .await
+            .region(),
+        "us"
+    );
     proxy.running.shutdown().await;
 }
 
@@ -134,7 +232,10 @@ async fn region_without_route_is_refused_and_us_sees_nothing() {
     let ready = get(&proxy.admin_url("/readyz"), &[]).await;
     assert_eq!(ready.status, 503);
     let unroutable = ready.json()["unroutable_regions"].clone();
-    assert!(unroutable.as_array().unwrap().iter().any(|r| r == "eu"), "{unroutable}");
+    assert!(
+        unroutable.as_array().unwrap().iter().any(|r| r == "eu"),
+        "{unroutable}"
+    );
     proxy.running.shutdown().await;
 }
 
@@ -165,8 +266,17 @@ async fn spoofed_domicile_and_hop_by_hop_headers_never_reach_the_origin() {
     assert_eq!(headers["x-domicile-region"], "us");
     assert_eq!(headers["x-domicile-workspace"], "acme");
     assert_eq!(headers["x-domicile-epoch"], "3");
-    for gone in ["x-domicile-anything", "x-private-hop", "keep-alive", "proxy-authorization", "te"] {
-        assert!(headers.get(gone).is_none(), "{gone} reached the origin: {headers}");
+    for gone in [
+        "x-domicile-anything",
+        "x-private-hop",
+        "keep-alive",
+        "proxy-authorization",
+        "te",
+    ] {
+        assert!(
+            headers.get(gone).is_none(),
+            "{gone} reached the origin: {headers}"
+        );
     }
     // Untrusted peer: its X-Forwarded-For is replaced, not appended to.
     assert_eq!(headers["x-forwarded-for"], "127.0.0.1");
@@ -188,7 +298,9 @@ async fn unidentified_edge_region_policy() {
     let reply = get(&proxy.url("/static/logo.png"), &[]).await;
     assert_eq!(reply.status, 200);
     assert_eq!(reply.region(), "us");
-    assert!(reply.json()["headers"].get("x-domicile-workspace").is_none());
+    assert!(reply.json()["headers"]
+        .get("x-domicile-workspace")
+        .is_none());
     proxy.running.shutdown().await;
 }
 
@@ -201,25 +313,38 @@ async fn unidentified_nearest_region_uses_geoip_and_jurisdictions() {
         .route("us", &[&us])
         .route("eu", &[&eu])
         .identify("unidentified = \"nearest-region\"")
-        .proxy_section(&format!("geoip_database = \"{}\"\ntrusted_proxies = [\"127.0.0.0/8\"]", db.display()))
+        .proxy_section(&format!(
+            "geoip_database = \"{}\"\ntrusted_proxies = [\"127.0.0.0/8\"]",
+            db.display()
+        ))
         .start()
         .await;
     // The test client is a trusted proxy on loopback, so X-Forwarded-For names the client.
     let cases = [
-        ("89.160.20.112", "eu"),  // SE: in eu's jurisdiction
-        ("216.160.83.56", "us"),  // US
-        ("81.2.69.142", "us"),    // GB: no region's jurisdiction -> edge region
-        ("10.0.0.1", "us"),       // unknown to GeoIP -> edge region
+        ("89.160.20.112", "eu"), // SE: in eu's jurisdiction
+        ("216.160.83.56", "us"), // US
+        ("81.2.69.142", "us"),   // GB: no region's jurisdiction -> edge region
+        ("10.0.0.1", "us"),      // unknown to GeoIP -> edge region
     ];
     for (client, region) in cases {
         let reply = get(&proxy.url("/"), &[("x-forwarded-for", client)]).await;
         assert_eq!(reply.status, 200, "{client}");
         assert_eq!(reply.region(), region, "{client}");
         // Trusted peer: the client's address is kept and ours appended.
-        assert_eq!(reply.json()["headers"]["x-forwarded-for"], format!("{client}, 127.0.0.1"));
+        assert_eq!(
+            reply.json()["headers"]["x-forwarded-for"],
+            format!("{client}, 127.0.0.1")
+        );
     }
     // An identified request ignores GeoIP entirely.
-    let reply = get(&proxy.url("/"), &[("x-forwarded-for", "89.160.20.112"), ("x-workspace-id", "acme")]).await;
+    let reply = get(
+        &proxy.url("/"),
+        &[
+            ("x-forwarded-for", "89.160.20.112"),
+            ("x-workspace-id", "acme"),
+        ],
+    )
+    .await;
     assert_eq!(reply.region(), "us");
     proxy.running.shutdown().await;
 }
@@ -234,14 +359,32 @@ async fn strict_regional_hosts_refuse_the_wrong_regions_hostname() {
         .identify("strict_regional_hosts = true")
         .start()
         .await;
-    let wrong = get(&proxy.url("/"), &[("host", "api.eu.example.test"), ("x-workspace-id", "acme")]).await;
+    let wrong = get(
+        &proxy.url("/"),
+        &[("host", "api.eu.example.test"), ("x-workspace-id", "acme")],
+    )
+    .await;
     assert_eq!(wrong.status, 421);
     assert_eq!(wrong.refusal(), Some("wrong_region_endpoint"));
-    let right = get(&proxy.url("/"), &[("host", "api.eu.example.test"), ("x-workspace-id", "globex")]).await;
+    let right = get(
+        &proxy.url("/"),
+        &[
+            ("host", "api.eu.example.test"),
+            ("x-workspace-id", "globex"),
+        ],
+    )
+    .await;
     assert_eq!(right.region(), "eu");
-    let home = get(&proxy.url("/"), &[("host", "us.example.test"), ("x-workspace-id", "acme")]).await;
+    let home = get(
+        &proxy.url("/"),
+        &[("host", "us.example.test"), ("x-workspace-id", "acme")],
+    )
+    .await;
     assert_eq!(home.region(), "us");
-    assert!(us.seen_requests().iter().all(|s| s.headers["x-domicile-workspace"] == "acme"));
+    assert!(us
+        .seen_requests()
+        .iter()
+        .all(|s| s.headers["x-domicile-workspace"] == "acme"));
     proxy.running.shutdown().await;
 }
 
@@ -263,19 +406,34 @@ async fn no_map_means_map_unavailable() {
 async fn map_file_changes_are_picked_up_and_bad_files_ignored() {
     let us = origin("us").await;
     let eu = origin("eu").await;
-    let proxy = proxy().route("us", &[&us]).route("eu", &[&eu]).start().await;
-    assert_eq!(get(&proxy.url("/"), &[("x-workspace-id", "acme")]).await.region(), "us");
+    let proxy = proxy()
+        .route("us", &[&us])
+        .route("eu", &[&eu])
+        .start()
+        .await;
+    assert_eq!(
+        get(&proxy.url("/"), &[("x-workspace-id", "acme")])
+            .await
+            .region(),
+        "us"
+    );
 
     // Move acme to eu with a new version, written the way a deploy tool would (rename over).
-    let moved = MAP
-        .replace(r#""version":7}"#, r#""version":8}"#)
-        .replace(r#"{"type":"workspace","id":"acme","region":"us","epoch":3,"version":1}"#, r#"{"type":"workspace","id":"acme","region":"eu","epoch":4,"version":8}"#);
+    let moved = MAP.replace(r#""version":7}"#, r#""version":8}"#).replace(
+        r#"{"type":"workspace","id":"acme","region":"us","epoch":3,"version":1}"#,
+        r#"{"type":"workspace","id":"acme","region":"eu","epoch":4,"version":8}"#,
+    );
     let map_path = proxy.dir.path().join("map.jsonl");
     let tmp = proxy.dir.path().join("map.jsonl.new");
     std::fs::write(&tmp, moved).unwrap();
     std::fs::rename(&tmp, &map_path).unwrap();
     let pipeline = proxy.running.pipeline.clone();
-    assert!(eventually(Duration::from_secs(5), || pipeline.replica.version() == Some(8)).await, "reloaded");
+    assert!(
+        eventually(Duration::from_secs(5), || pipeline.replica.version()
+            == Some(8))
+        .await,
+        "reloaded"
+    );
     let reply = get(&proxy.url("/"), &[("x-workspace-id", "acme")]).await;
     assert_eq!(reply.region(), "eu");
     assert_eq!(reply.json()["headers"]["x-domicile-epoch"], "4");
@@ -284,15 +442,28 @@ async fn map_file_changes_are_picked_up_and_bad_files_ignored() {
     // A broken file is rejected; the proxy keeps serving version 8.
     std::fs::write(&map_path, "{\"type\":\"map\",\"version\":9}\nnot json\n").unwrap();
     assert!(
-        eventually(Duration::from_secs(5), || pipeline.metrics.map_reloads_failed.load(std::sync::atomic::Ordering::Relaxed) > 0).await,
+        eventually(Duration::from_secs(5), || pipeline
+            .metrics
+            .map_reloads_failed
+            .load(std::sync::atomic::Ordering::Relaxed)
+            > 0)
+        .await,
         "bad reload counted"
     );
     assert_eq!(pipeline.replica.version(), Some(8));
-    assert_eq!(get(&proxy.url("/"), &[("x-workspace-id", "acme")]).await.region(), "eu");
+    assert_eq!(
+        get(&proxy.url("/"), &[("x-workspace-id", "acme")])
+            .await
+            .region(),
+        "eu"
+    );
     let metrics = get(&proxy.admin_url("/metrics"), &[]).await;
     let text = String::from_utf8_lossy(&metrics.body);
     assert!(text.contains("domicile_map_version 8"), "{text}");
-    assert!(text.contains("domicile_map_reloads_total{result=\"failed\"}"), "{text}");
+    assert!(
+        text.contains("domicile_map_reloads_total{result=\"failed\"}"),
+        "{text}"
+    );
     proxy.running.shutdown().await;
 }
 
@@ -300,12 +471,17 @@ async fn map_file_changes_are_picked_up_and_bad_files_ignored() {
 async fn metrics_count_decisions_by_code_and_region() {
     let us = origin("us").await;
     let eu = origin("eu").await;
-    let proxy = proxy().route("us", &[&us]).route("eu", &[&eu]).start().await;
+    let proxy = proxy()
+        .route("us", &[&us])
+        .route("eu", &[&eu])
+        .start()
+        .await;
     for _ in 0..3 {
         get(&proxy.url("/"), &[("x-workspace-id", "globex")]).await;
     }
     get(&proxy.url("/"), &[("x-workspace-id", "nobody")]).await;
-    let text = String::from_utf8_lossy(&get(&proxy.admin_url("/metrics"), &[]).await.body).into_owned();
+    let text =
+        String::from_utf8_lossy(&get(&proxy.admin_url("/metrics"), &[]).await.body).into_owned();
     for line in [
         "domicile_requests_total{decision=\"forwarded\",region=\"eu\"} 3",
         "domicile_requests_total{decision=\"unknown_workspace\",region=\"none\"} 1",
@@ -316,6 +492,10 @@ async fn metrics_count_decisions_by_code_and_region() {
         assert!(text.contains(line), "missing {line} in\n{text}");
     }
     assert_eq!(get(&proxy.admin_url("/healthz"), &[]).await.status, 200);
-    assert_eq!(get(&proxy.admin_url("/readyz"), &[]).await.status, 503, "au is in the map without a route");
+    assert_eq!(
+        get(&proxy.admin_url("/readyz"), &[]).await.status,
+        503,
+        "au is in the map without a route"
+    );
     proxy.running.shutdown().await;
 }

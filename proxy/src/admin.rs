@@ -51,18 +51,31 @@ pub fn readiness(pipeline: &Pipeline, draining: bool) -> Readiness {
     }
 }
 
-fn respond(status: StatusCode, content_type: &'static str, body: impl Into<Bytes>) -> Response<Full<Bytes>> {
+fn respond(
+    status: StatusCode,
+    content_type: &'static str,
+    body: impl Into<Bytes>,
+) -> Response<Full<Bytes>> {
     let mut response = Response::new(Full::new(body.into()));
     *response.status_mut() = status;
-    response
-        .headers_mut()
-        .insert(header::CONTENT_TYPE, header::HeaderValue::from_static(content_type));
+    response.headers_mut().insert(
+        header::CONTENT_TYPE,
+        header::HeaderValue::from_static(content_type),
+    );
     response
 }
 
-async fn handle(req: Request<Incoming>, pipeline: Arc<Pipeline>, draining: Arc<AtomicBool>) -> Response<Full<Bytes>> {
+async fn handle(
+    req: Request<Incoming>,
+    pipeline: Arc<Pipeline>,
+    draining: Arc<AtomicBool>,
+) -> Response<Full<Bytes>> {
     if req.method() != Method::GET && req.method() != Method::HEAD {
-        return respond(StatusCode::METHOD_NOT_ALLOWED, "text/plain", "only GET and HEAD\n");
+        return respond(
+            StatusCode::METHOD_NOT_ALLOWED,
+            "text/plain",
+            "only GET and HEAD\n",
+        );
     }
     match req.uri().path() {
         "/healthz" => respond(StatusCode::OK, "text/plain", "ok\n"),
@@ -80,14 +93,25 @@ async fn handle(req: Request<Incoming>, pipeline: Arc<Pipeline>, draining: Arc<A
         "/metrics" => respond(
             StatusCode::OK,
             "text/plain; version=0.0.4",
-            pipeline.metrics.render(&pipeline.replica, &pipeline.upstreams),
+            pipeline
+                .metrics
+                .render(&pipeline.replica, &pipeline.upstreams),
         ),
-        _ => respond(StatusCode::NOT_FOUND, "text/plain", "not found: try /healthz, /readyz or /metrics\n"),
+        _ => respond(
+            StatusCode::NOT_FOUND,
+            "text/plain",
+            "not found: try /healthz, /readyz or /metrics\n",
+        ),
     }
 }
 
 /// Serves the admin endpoints until `shutdown` turns true.
-pub async fn serve(listener: TcpListener, pipeline: Arc<Pipeline>, draining: Arc<AtomicBool>, mut shutdown: watch::Receiver<bool>) {
+pub async fn serve(
+    listener: TcpListener,
+    pipeline: Arc<Pipeline>,
+    draining: Arc<AtomicBool>,
+    mut shutdown: watch::Receiver<bool>,
+) {
     loop {
         let (stream, _) = tokio::select! {
             accepted = listener.accept() => match accepted {

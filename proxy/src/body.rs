@@ -99,7 +99,10 @@ where
     type Data = Bytes;
     type Error = BoxError;
 
-    fn poll_frame(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         let mut this = self.project();
         match this.inner.poll_frame(cx) {
             Poll::Ready(Some(Ok(frame))) => {
@@ -152,7 +155,8 @@ mod tests {
     use http_body_util::{BodyExt, StreamBody};
 
     fn chunks(n: usize, size: usize) -> impl Body<Data = Bytes, Error = BoxError> {
-        let frames = (0..n).map(move |_| Ok::<_, BoxError>(Frame::data(Bytes::from(vec![0u8; size]))));
+        let frames =
+            (0..n).map(move |_| Ok::<_, BoxError>(Frame::data(Bytes::from(vec![0u8; size]))));
         StreamBody::new(futures_util::stream::iter(frames))
     }
 
@@ -165,7 +169,12 @@ mod tests {
     #[tokio::test]
     async fn stops_at_the_limit_and_says_why() {
         let fate = Arc::new(BodyFate::default());
-        let body = Guarded::new(chunks(5, 1000), 4000, Duration::from_secs(5), Some(fate.clone()));
+        let body = Guarded::new(
+            chunks(5, 1000),
+            4000,
+            Duration::from_secs(5),
+            Some(fate.clone()),
+        );
         assert!(body.collect().await.is_err());
         assert_eq!(fate.get(), Fate::TooLarge);
     }
@@ -174,9 +183,15 @@ mod tests {
     async fn a_stalled_body_times_out() {
         let fate = Arc::new(BodyFate::default());
         use futures_util::StreamExt;
-        let first = futures_util::stream::iter([Ok::<_, BoxError>(Frame::data(Bytes::from_static(b"x")))]);
+        let first =
+            futures_util::stream::iter([Ok::<_, BoxError>(Frame::data(Bytes::from_static(b"x")))]);
         let stream = first.chain(futures_util::stream::pending());
-        let body = Guarded::new(StreamBody::new(stream), u64::MAX, Duration::from_secs(3), Some(fate.clone()));
+        let body = Guarded::new(
+            StreamBody::new(stream),
+            u64::MAX,
+            Duration::from_secs(3),
+            Some(fate.clone()),
+        );
         let err = body.collect().await.unwrap_err();
         assert!(err.to_string().contains("stalled"), "{err}");
         assert_eq!(fate.get(), Fate::Stalled);

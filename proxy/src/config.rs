@@ -118,20 +118,32 @@ pub struct Limits {
     #[serde(default = "defaults::idle_timeout", with = "humantime_serde")]
     pub idle_timeout: Duration,
     /// Largest request head (request line and headers), in bytes. 431. Default: 16384.
-    #[serde(default = "defaults::max_header_bytes", deserialize_with = "size::deserialize")]
+    #[serde(
+        default = "defaults::max_header_bytes",
+        deserialize_with = "size::deserialize"
+    )]
     pub max_header_bytes: u64,
     /// Most request header fields. 431. Default: 100.
     #[serde(default = "defaults::max_headers")]
     pub max_headers: usize,
     /// Largest request body, in bytes (integer or "100MiB"); per region override. 413.
     /// Default: 100 MiB.
-    #[serde(default = "defaults::max_body_bytes", deserialize_with = "size::deserialize")]
+    #[serde(
+        default = "defaults::max_body_bytes",
+        deserialize_with = "size::deserialize"
+    )]
     pub max_body_bytes: u64,
     /// Time to connect to an upstream endpoint. Default: 2 s.
-    #[serde(default = "defaults::upstream_connect_timeout", with = "humantime_serde")]
+    #[serde(
+        default = "defaults::upstream_connect_timeout",
+        with = "humantime_serde"
+    )]
     pub upstream_connect_timeout: Duration,
     /// Time from sending a request upstream to receiving its response head. 504. Default: 30 s.
-    #[serde(default = "defaults::upstream_response_timeout", with = "humantime_serde")]
+    #[serde(
+        default = "defaults::upstream_response_timeout",
+        with = "humantime_serde"
+    )]
     pub upstream_response_timeout: Duration,
     /// Extra attempts for idempotent requests without a body, each to another endpoint of the
     /// same region. Default: 1.
@@ -300,7 +312,9 @@ mod size {
 
     pub fn parse(text: &str) -> Result<u64, String> {
         let text = text.trim();
-        let split = text.find(|c: char| !c.is_ascii_digit()).unwrap_or(text.len());
+        let split = text
+            .find(|c: char| !c.is_ascii_digit())
+            .unwrap_or(text.len());
         let (num, unit) = text.split_at(split);
         let num: u64 = num.parse().map_err(|_| format!("{text:?} is not a size"))?;
         let mult: u64 = match unit.trim() {
@@ -309,9 +323,14 @@ mod size {
             "MiB" => 1 << 20,
             "GiB" => 1 << 30,
             "TiB" => 1 << 40,
-            other => return Err(format!("unknown size unit {other:?} (use B, KiB, MiB, GiB, TiB)")),
+            other => {
+                return Err(format!(
+                    "unknown size unit {other:?} (use B, KiB, MiB, GiB, TiB)"
+                ))
+            }
         };
-        num.checked_mul(mult).ok_or_else(|| format!("{text:?} is too large"))
+        num.checked_mul(mult)
+            .ok_or_else(|| format!("{text:?} is too large"))
     }
 
     pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<u64, D::Error> {
@@ -410,7 +429,10 @@ impl ProxyConfig {
         let proxy: Option<ProxySection> = match proxy_value {
             Some(v) => errors.section("proxy", v),
             None => {
-                errors.push("proxy", "missing section [proxy] (edge_region and listen are required)");
+                errors.push(
+                    "proxy",
+                    "missing section [proxy] (edge_region and listen are required)",
+                );
                 None
             }
         };
@@ -427,7 +449,9 @@ impl ProxyConfig {
             None => {}
             Some(toml::Value::Array(items)) => {
                 for (i, item) in items.into_iter().enumerate() {
-                    if let Some(rule) = errors.section::<Rule>(&format!("identify.rules[{i}]"), item) {
+                    if let Some(rule) =
+                        errors.section::<Rule>(&format!("identify.rules[{i}]"), item)
+                    {
                         if let Err(msg) = crate::identify::check_rule(&rule) {
                             errors.push(format!("identify.rules[{i}]"), msg);
                         }
@@ -467,11 +491,18 @@ impl ProxyConfig {
 
         if let Some(proxy) = &proxy {
             if !is_valid_region_id(&proxy.edge_region) {
-                errors.push("proxy.edge_region", "region id must match [a-z][a-z0-9-]{0,31}");
+                errors.push(
+                    "proxy.edge_region",
+                    "region id must match [a-z][a-z0-9-]{0,31}",
+                );
             }
             if let Some(id) = &proxy.id {
-                if id.is_empty() || id.len() > 128 || id.chars().any(|c| c.is_control() || c == ' ') {
-                    errors.push("proxy.id", "must be 1-128 printable characters without spaces");
+                if id.is_empty() || id.len() > 128 || id.chars().any(|c| c.is_control() || c == ' ')
+                {
+                    errors.push(
+                        "proxy.id",
+                        "must be 1-128 printable characters without spaces",
+                    );
                 }
             }
             if let Some(path) = &proxy.geoip_database {
@@ -491,8 +522,14 @@ impl ProxyConfig {
             for (key, d) in [
                 ("limits.header_read_timeout", limits.header_read_timeout),
                 ("limits.idle_timeout", limits.idle_timeout),
-                ("limits.upstream_connect_timeout", limits.upstream_connect_timeout),
-                ("limits.upstream_response_timeout", limits.upstream_response_timeout),
+                (
+                    "limits.upstream_connect_timeout",
+                    limits.upstream_connect_timeout,
+                ),
+                (
+                    "limits.upstream_response_timeout",
+                    limits.upstream_response_timeout,
+                ),
             ] {
                 if d.is_zero() {
                     errors.push(key, "must be greater than zero");
@@ -500,7 +537,9 @@ impl ProxyConfig {
             }
         }
         if let (Some(identify), Some(proxy)) = (&identify, &proxy) {
-            if identify.unidentified == Unidentified::NearestRegion && proxy.geoip_database.is_none() {
+            if identify.unidentified == Unidentified::NearestRegion
+                && proxy.geoip_database.is_none()
+            {
                 errors.push(
                     "identify.unidentified",
                     "\"nearest-region\" needs proxy.geoip_database",
@@ -508,7 +547,9 @@ impl ProxyConfig {
             }
         }
         if let Some(identify) = &identify {
-            if identify.strict_regional_hosts && regions.values().all(|r| r.regional_hosts.is_empty()) {
+            if identify.strict_regional_hosts
+                && regions.values().all(|r| r.regional_hosts.is_empty())
+            {
                 errors.push(
                     "identify.strict_regional_hosts",
                     "strict mode needs regional_hosts on at least one region",
@@ -517,7 +558,9 @@ impl ProxyConfig {
         }
 
         match (proxy, map, identify, limits) {
-            (Some(mut proxy), Some(mut map), Some(identify), Some(limits)) if errors.0.is_empty() => {
+            (Some(mut proxy), Some(mut map), Some(identify), Some(limits))
+                if errors.0.is_empty() =>
+            {
                 proxy.geoip_database = proxy.geoip_database.map(|p| base.join(p));
                 map.file = map.file.map(|p| base.join(p));
                 if proxy.id.is_none() {
@@ -543,7 +586,10 @@ impl ProxyConfig {
 
 fn validate_route(key: &str, route: &RegionRoute, errors: &mut Collector) {
     if route.endpoints.is_empty() {
-        errors.push(format!("{key}.endpoints"), "at least one endpoint is required");
+        errors.push(
+            format!("{key}.endpoints"),
+            "at least one endpoint is required",
+        );
     }
     for (i, endpoint) in route.endpoints.iter().enumerate() {
         if let Err(msg) = crate::upstream::parse_endpoint(endpoint) {
@@ -554,13 +600,19 @@ fn validate_route(key: &str, route: &RegionRoute, errors: &mut Collector) {
         errors.push(format!("{key}.health.path"), "must start with '/'");
     }
     if route.health.interval.is_zero() || route.health.timeout.is_zero() {
-        errors.push(format!("{key}.health"), "interval and timeout must be greater than zero");
+        errors.push(
+            format!("{key}.health"),
+            "interval and timeout must be greater than zero",
+        );
     }
     if route.health.healthy_threshold == 0 || route.health.unhealthy_threshold == 0 {
         errors.push(format!("{key}.health"), "thresholds must be at least 1");
     }
     if route.ejection.consecutive_failures == 0 {
-        errors.push(format!("{key}.ejection.consecutive_failures"), "must be at least 1");
+        errors.push(
+            format!("{key}.ejection.consecutive_failures"),
+            "must be at least 1",
+        );
     }
     for (i, host) in route.regional_hosts.iter().enumerate() {
         let bare = host.strip_prefix("*.").unwrap_or(host);

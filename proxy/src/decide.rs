@@ -67,7 +67,11 @@ pub enum Decision {
     },
 }
 
-fn refuse(code: RefusalCode, workspace: Option<WorkspaceId>, home_region: Option<RegionIdx>) -> Decision {
+fn refuse(
+    code: RefusalCode,
+    workspace: Option<WorkspaceId>,
+    home_region: Option<RegionIdx>,
+) -> Decision {
     Decision::Refuse {
         code,
         workspace,
@@ -75,7 +79,12 @@ fn refuse(code: RefusalCode, workspace: Option<WorkspaceId>, home_region: Option
     }
 }
 
-fn route_to(region: RegionIdx, routes: &impl Routes, forward: Forward, workspace: Option<WorkspaceId>) -> Decision {
+fn route_to(
+    region: RegionIdx,
+    routes: &impl Routes,
+    forward: Forward,
+    workspace: Option<WorkspaceId>,
+) -> Decision {
     match routes.status(region) {
         RouteStatus::Unroutable => refuse(RefusalCode::RegionUnroutable, workspace, Some(region)),
         RouteStatus::Down => refuse(RefusalCode::RegionUnavailable, workspace, Some(region)),
@@ -85,7 +94,12 @@ fn route_to(region: RegionIdx, routes: &impl Routes, forward: Forward, workspace
 
 /// The routing decision. `lookup` is the map's answer for the identified workspace, or, for an
 /// unidentified request, `NoMap` / `Unknown { version }` to say whether a map is loaded.
-pub fn decide(facts: &RequestFacts, policy: &Policy, lookup: Lookup, routes: &impl Routes) -> Decision {
+pub fn decide(
+    facts: &RequestFacts,
+    policy: &Policy,
+    lookup: Lookup,
+    routes: &impl Routes,
+) -> Decision {
     let workspace = match facts.identity {
         Identity::Invalid { .. } => return refuse(RefusalCode::InvalidWorkspace, None, None),
         Identity::Conflict { .. } => return refuse(RefusalCode::ConflictingWorkspace, None, None),
@@ -120,14 +134,20 @@ pub fn decide(facts: &RequestFacts, policy: &Policy, lookup: Lookup, routes: &im
     };
     let (entry, version) = match lookup {
         Lookup::NoMap => return refuse(RefusalCode::MapUnavailable, Some(workspace), None),
-        Lookup::Unknown { .. } => return refuse(RefusalCode::UnknownWorkspace, Some(workspace), None),
+        Lookup::Unknown { .. } => {
+            return refuse(RefusalCode::UnknownWorkspace, Some(workspace), None)
+        }
         Lookup::Found { entry, version } => (entry, version),
     };
     let home = entry.home_region;
     if policy.strict_regional_hosts {
         if let Some(arrived_on) = facts.arrived_on {
             if arrived_on != home {
-                return refuse(RefusalCode::WrongRegionEndpoint, Some(workspace), Some(home));
+                return refuse(
+                    RefusalCode::WrongRegionEndpoint,
+                    Some(workspace),
+                    Some(home),
+                );
             }
         }
     }
@@ -244,16 +264,112 @@ mod tests {
         wrong_host.arrived_on = Some(EU);
 
         let rows: Vec<(&str, Decision, RefusalCode)> = vec![
-            ("missing", decide(&facts(Identity::None), &policy(Unidentified::Refuse), Lookup::Unknown { version: 1 }, &TestRoutes), RefusalCode::MissingWorkspace),
-            ("invalid", decide(&facts(Identity::Invalid { source: Source::Path, reason: InvalidId::BadChar }), &policy(Unidentified::EdgeRegion), found(US, WorkspaceState::Active), &TestRoutes), RefusalCode::InvalidWorkspace),
-            ("conflicting", decide(&facts(Identity::Conflict { first: id("a"), second: id("b") }), &policy(Unidentified::EdgeRegion), found(US, WorkspaceState::Active), &TestRoutes), RefusalCode::ConflictingWorkspace),
-            ("unknown", decide(&facts(ws), &policy(Unidentified::EdgeRegion), Lookup::Unknown { version: 3 }, &TestRoutes), RefusalCode::UnknownWorkspace),
-            ("map unavailable", decide(&facts(ws), &policy(Unidentified::Refuse), Lookup::NoMap, &TestRoutes), RefusalCode::MapUnavailable),
-            ("map unavailable, nearest", decide(&facts(Identity::None), &policy(Unidentified::NearestRegion), Lookup::NoMap, &TestRoutes), RefusalCode::MapUnavailable),
-            ("unroutable", decide(&facts(ws), &policy(Unidentified::Refuse), found(AU, WorkspaceState::Active), &TestRoutes), RefusalCode::RegionUnroutable),
-            ("unavailable", decide(&facts(ws), &policy(Unidentified::Refuse), found(DOWN, WorkspaceState::Active), &TestRoutes), RefusalCode::RegionUnavailable),
-            ("moving", decide(&unsafe_write, &policy(Unidentified::Refuse), found(US, WorkspaceState::Frozen), &TestRoutes), RefusalCode::WorkspaceMoving),
-            ("wrong region endpoint", decide(&wrong_host, &strict, found(US, WorkspaceState::Active), &TestRoutes), RefusalCode::WrongRegionEndpoint),
+            (
+                "missing",
+                decide(
+                    &facts(Identity::None),
+                    &policy(Unidentified::Refuse),
+                    Lookup::Unknown { version: 1 },
+                    &TestRoutes,
+                ),
+                RefusalCode::MissingWorkspace,
+            ),
+            (
+                "invalid",
+                decide(
+                    &facts(Identity::Invalid {
+                        source: Source::Path,
+                        reason: InvalidId::BadChar,
+                    }),
+                    &policy(Unidentified::EdgeRegion),
+                    found(US, WorkspaceState::Active),
+                    &TestRoutes,
+                ),
+                RefusalCode::InvalidWorkspace,
+            ),
+            (
+                "conflicting",
+                decide(
+                    &facts(Identity::Conflict {
+                        first: id("a"),
+                        second: id("b"),
+                    }),
+                    &policy(Unidentified::EdgeRegion),
+                    found(US, WorkspaceState::Active),
+                    &TestRoutes,
+                ),
+                RefusalCode::ConflictingWorkspace,
+            ),
+            (
+                "unknown",
+                decide(
+                    &facts(ws),
+                    &policy(Unidentified::EdgeRegion),
+                    Lookup::Unknown { version: 3 },
+                    &TestRoutes,
+                ),
+                RefusalCode::UnknownWorkspace,
+            ),
+            (
+                "map unavailable",
+                decide(
+                    &facts(ws),
+                    &policy(Unidentified::Refuse),
+                    Lookup::NoMap,
+                    &TestRoutes,
+                ),
+                RefusalCode::MapUnavailable,
+            ),
+            (
+                "map unavailable, nearest",
+                decide(
+                    &facts(Identity::None),
+                    &policy(Unidentified::NearestRegion),
+                    Lookup::NoMap,
+                    &TestRoutes,
+                ),
+                RefusalCode::MapUnavailable,
+            ),
+            (
+                "unroutable",
+                decide(
+                    &facts(ws),
+                    &policy(Unidentified::Refuse),
+                    found(AU, WorkspaceState::Active),
+                    &TestRoutes,
+                ),
+                RefusalCode::RegionUnroutable,
+            ),
+            (
+                "unavailable",
+                decide(
+                    &facts(ws),
+                    &policy(Unidentified::Refuse),
+                    found(DOWN, WorkspaceState::Active),
+                    &TestRoutes,
+                ),
+                RefusalCode::RegionUnavailable,
+            ),
+            (
+                "moving",
+                decide(
+                    &unsafe_write,
+                    &policy(Unidentified::Refuse),
+                    found(US, WorkspaceState::Frozen),
+                    &TestRoutes,
+                ),
+                RefusalCode::WorkspaceMoving,
+            ),
+            (
+                "wrong region endpoint",
+                decide(
+                    &wrong_host,
+                    &strict,
+                    found(US, WorkspaceState::Active),
+                    &TestRoutes,
+                ),
+                RefusalCode::WrongRegionEndpoint,
+            ),
         ];
         for (name, decision, want) in rows {
             assert_eq!(code(decision), Some(want), "{name}");
@@ -262,7 +378,12 @@ mod tests {
 
     #[test]
     fn frozen_workspaces_still_serve_safe_methods_at_the_current_home() {
-        let d = decide(&facts(Identity::Workspace(id("acme"))), &policy(Unidentified::Refuse), found(US, WorkspaceState::Frozen), &TestRoutes);
+        let d = decide(
+            &facts(Identity::Workspace(id("acme"))),
+            &policy(Unidentified::Refuse),
+            found(US, WorkspaceState::Frozen),
+            &TestRoutes,
+        );
         assert!(matches!(d, Decision::Forward(Forward { region: US, .. })));
     }
 
@@ -272,31 +393,99 @@ mod tests {
         f.arrived_on = Some(US);
         let mut strict = policy(Unidentified::Refuse);
         strict.strict_regional_hosts = true;
-        assert_eq!(code(decide(&f, &strict, found(US, WorkspaceState::Active), &TestRoutes)), None);
+        assert_eq!(
+            code(decide(
+                &f,
+                &strict,
+                found(US, WorkspaceState::Active),
+                &TestRoutes
+            )),
+            None
+        );
         f.arrived_on = Some(EU);
-        assert_eq!(code(decide(&f, &policy(Unidentified::Refuse), found(US, WorkspaceState::Active), &TestRoutes)), None);
+        assert_eq!(
+            code(decide(
+                &f,
+                &policy(Unidentified::Refuse),
+                found(US, WorkspaceState::Active),
+                &TestRoutes
+            )),
+            None
+        );
     }
 
     #[test]
     fn unidentified_policies() {
         let none = facts(Identity::None);
         let loaded = Lookup::Unknown { version: 7 };
-        let edge = decide(&none, &policy(Unidentified::EdgeRegion), loaded, &TestRoutes);
-        assert_eq!(edge, Decision::Forward(Forward { region: US, workspace: None, epoch: None, map_version: Some(7) }));
+        let edge = decide(
+            &none,
+            &policy(Unidentified::EdgeRegion),
+            loaded,
+            &TestRoutes,
+        );
+        assert_eq!(
+            edge,
+            Decision::Forward(Forward {
+                region: US,
+                workspace: None,
+                epoch: None,
+                map_version: Some(7)
+            })
+        );
         // edge-region works without any map.
-        assert!(matches!(decide(&none, &policy(Unidentified::EdgeRegion), Lookup::NoMap, &TestRoutes), Decision::Forward(Forward { region: US, map_version: None, .. })));
+        assert!(matches!(
+            decide(
+                &none,
+                &policy(Unidentified::EdgeRegion),
+                Lookup::NoMap,
+                &TestRoutes
+            ),
+            Decision::Forward(Forward {
+                region: US,
+                map_version: None,
+                ..
+            })
+        ));
 
         let mut german = none;
         german.client_country = Some(*b"DE");
-        assert!(matches!(decide(&german, &policy(Unidentified::NearestRegion), loaded, &TestRoutes), Decision::Forward(Forward { region: EU, .. })));
+        assert!(matches!(
+            decide(
+                &german,
+                &policy(Unidentified::NearestRegion),
+                loaded,
+                &TestRoutes
+            ),
+            Decision::Forward(Forward { region: EU, .. })
+        ));
         let mut japanese = none;
         japanese.client_country = Some(*b"JP");
-        assert!(matches!(decide(&japanese, &policy(Unidentified::NearestRegion), loaded, &TestRoutes), Decision::Forward(Forward { region: US, .. })));
-        assert!(matches!(decide(&none, &policy(Unidentified::NearestRegion), loaded, &TestRoutes), Decision::Forward(Forward { region: US, .. })));
+        assert!(matches!(
+            decide(
+                &japanese,
+                &policy(Unidentified::NearestRegion),
+                loaded,
+                &TestRoutes
+            ),
+            Decision::Forward(Forward { region: US, .. })
+        ));
+        assert!(matches!(
+            decide(
+                &none,
+                &policy(Unidentified::NearestRegion),
+                loaded,
+                &TestRoutes
+            ),
+            Decision::Forward(Forward { region: US, .. })
+        ));
 
         let mut down_edge = policy(Unidentified::EdgeRegion);
         down_edge.edge_region = DOWN;
-        assert_eq!(code(decide(&none, &down_edge, loaded, &TestRoutes)), Some(RefusalCode::RegionUnavailable));
+        assert_eq!(
+            code(decide(&none, &down_edge, loaded, &TestRoutes)),
+            Some(RefusalCode::RegionUnavailable)
+        );
     }
 
     #[test]
@@ -312,7 +501,9 @@ mod tests {
                             f.client_country = Some(*b"DE");
                             let mut p = policy(Unidentified::NearestRegion);
                             p.strict_regional_hosts = strict;
-                            if let Decision::Forward(fw) = decide(&f, &p, found(home, state), &TestRoutes) {
+                            if let Decision::Forward(fw) =
+                                decide(&f, &p, found(home, state), &TestRoutes)
+                            {
                                 assert_eq!(fw.region, home);
                             }
                         }

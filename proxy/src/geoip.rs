@@ -92,7 +92,11 @@ mod tests {
 
     #[test]
     fn countries_from_the_real_test_databases() {
-        for db in ["GeoIP2-Country-Test.mmdb", "GeoLite2-Country-Test.mmdb", "GeoIP2-City-Test.mmdb"] {
+        for db in [
+            "GeoIP2-Country-Test.mmdb",
+            "GeoLite2-Country-Test.mmdb",
+            "GeoIP2-City-Test.mmdb",
+        ] {
             let geo = GeoIp::open(&testdata(db)).unwrap();
             let cases = [
                 ("81.2.69.142", Some(*b"GB")),

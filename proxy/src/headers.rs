@@ -110,7 +110,9 @@ pub fn client_ip(peer: IpAddr, headers: &HeaderMap, trusted: &[IpNet]) -> IpAddr
     let mut client = peer;
     let values: Vec<&HeaderValue> = headers.get_all(&X_FORWARDED_FOR).iter().collect();
     for value in values.iter().rev() {
-        let Ok(text) = value.to_str() else { return client };
+        let Ok(text) = value.to_str() else {
+            return client;
+        };
         for hop in text.rsplit(',') {
             match hop.trim().parse::<IpAddr>() {
                 Ok(ip) => {
@@ -127,7 +129,12 @@ pub fn client_ip(peer: IpAddr, headers: &HeaderMap, trusted: &[IpNet]) -> IpAddr
 }
 
 /// Sets `Forwarded`, `X-Forwarded-For` and `X-Forwarded-Proto` for a request from `peer`.
-pub fn set_forwarded(headers: &mut HeaderMap, peer: SocketAddr, trusted: &[IpNet], host: Option<&str>) {
+pub fn set_forwarded(
+    headers: &mut HeaderMap,
+    peer: SocketAddr,
+    trusted: &[IpNet],
+    host: Option<&str>,
+) {
     let trusted_peer = is_trusted(peer.ip(), trusted);
     if !trusted_peer {
         headers.remove(header::FORWARDED);
@@ -195,7 +202,10 @@ mod tests {
     fn map(pairs: &[(&str, &str)]) -> HeaderMap {
         let mut h = HeaderMap::new();
         for (k, v) in pairs {
-            h.append(HeaderName::from_bytes(k.as_bytes()).unwrap(), HeaderValue::from_str(v).unwrap());
+            h.append(
+                HeaderName::from_bytes(k.as_bytes()).unwrap(),
+                HeaderValue::from_str(v).unwrap(),
+            );
         }
         h
     }
@@ -219,7 +229,11 @@ mod tests {
 
     #[test]
     fn upgrades_keep_upgrade_and_te_trailers_stays() {
-        let mut h = map(&[("connection", "Upgrade"), ("upgrade", "websocket"), ("te", "trailers")]);
+        let mut h = map(&[
+            ("connection", "Upgrade"),
+            ("upgrade", "websocket"),
+            ("te", "trailers"),
+        ]);
         assert!(is_upgrade_request(&h));
         strip_hop_by_hop(&mut h, true);
         assert_eq!(h["upgrade"], "websocket");
@@ -229,7 +243,11 @@ mod tests {
 
     #[test]
     fn domicile_headers_are_removed() {
-        let mut h = map(&[("x-domicile-region", "eu"), ("X-Domicile-Epoch", "9"), ("x-domicilex", "keep")]);
+        let mut h = map(&[
+            ("x-domicile-region", "eu"),
+            ("X-Domicile-Epoch", "9"),
+            ("x-domicilex", "keep"),
+        ]);
         strip_domicile(&mut h);
         let left: Vec<_> = h.keys().map(|k| k.as_str()).collect();
         assert_eq!(left, ["x-domicilex"]);
@@ -243,7 +261,10 @@ mod tests {
         assert_eq!(client_ip(peer.ip(), &h, &trusted), peer.ip());
         set_forwarded(&mut h, peer, &trusted, Some("acme.localhost"));
         assert_eq!(h["x-forwarded-for"], "203.0.113.7");
-        assert_eq!(h["forwarded"], "for=203.0.113.7;proto=http;host=\"acme.localhost\"");
+        assert_eq!(
+            h["forwarded"],
+            "for=203.0.113.7;proto=http;host=\"acme.localhost\""
+        );
     }
 
     #[test]
@@ -251,7 +272,10 @@ mod tests {
         let trusted: Vec<IpNet> = vec!["10.0.0.0/8".parse().unwrap()];
         let mut h = map(&[("x-forwarded-for", "198.51.100.1, 10.1.1.1")]);
         let peer: SocketAddr = "10.0.0.2:5555".parse().unwrap();
-        assert_eq!(client_ip(peer.ip(), &h, &trusted), "198.51.100.1".parse::<IpAddr>().unwrap());
+        assert_eq!(
+            client_ip(peer.ip(), &h, &trusted),
+            "198.51.100.1".parse::<IpAddr>().unwrap()
+        );
         set_forwarded(&mut h, peer, &trusted, None);
         assert_eq!(h["x-forwarded-for"], "198.51.100.1, 10.1.1.1, 10.0.0.2");
         let v6: SocketAddr = "[::1]:1".parse().unwrap();
@@ -267,6 +291,8 @@ mod tests {
         assert_ne!(a, new_request_id());
         assert!(valid_request_id(&a));
         assert!(!valid_request_id(&HeaderValue::from_static("has space")));
-        assert!(!valid_request_id(&HeaderValue::from_str(&"x".repeat(129)).unwrap()));
+        assert!(!valid_request_id(
+            &HeaderValue::from_str(&"x".repeat(129)).unwrap()
+        ));
     }
 }

@@ -30,7 +30,10 @@ pub enum Identity {
     /// A rule found something that is not a valid id.
     Invalid { source: Source, reason: InvalidId },
     /// Two rules (or two values) found different ids.
-    Conflict { first: WorkspaceId, second: WorkspaceId },
+    Conflict {
+        first: WorkspaceId,
+        second: WorkspaceId,
+    },
 }
 
 /// The parts of a request identification reads.
@@ -64,12 +67,16 @@ pub fn check_rule(rule: &Rule) -> Result<(), String> {
 
 fn split_pattern(pattern: &str) -> Result<(String, String), String> {
     let Some(at) = pattern.find(PLACEHOLDER) else {
-        return Err(format!("pattern {pattern:?} has no {PLACEHOLDER} placeholder"));
+        return Err(format!(
+            "pattern {pattern:?} has no {PLACEHOLDER} placeholder"
+        ));
     };
     let (prefix, rest) = pattern.split_at(at);
     let suffix = &rest[PLACEHOLDER.len()..];
     if suffix.contains(PLACEHOLDER) {
-        return Err(format!("pattern {pattern:?} has more than one {PLACEHOLDER}"));
+        return Err(format!(
+            "pattern {pattern:?} has more than one {PLACEHOLDER}"
+        ));
     }
     Ok((prefix.to_owned(), suffix.to_owned()))
 }
@@ -78,7 +85,9 @@ fn compile(rule: &Rule) -> Result<Compiled, String> {
     match rule {
         Rule::Host { pattern } => {
             let (prefix, suffix) = split_pattern(pattern)?;
-            if (!prefix.is_empty() && !prefix.ends_with('.')) || (!suffix.is_empty() && !suffix.starts_with('.')) {
+            if (!prefix.is_empty() && !prefix.ends_with('.'))
+                || (!suffix.is_empty() && !suffix.starts_with('.'))
+            {
                 return Err(format!(
                     "host pattern {pattern:?}: {PLACEHOLDER} must be a whole label (between dots)"
                 ));
@@ -119,8 +128,9 @@ fn compile(rule: &Rule) -> Result<Compiled, String> {
 }
 
 fn strip_prefix_ignore_case<'a>(s: &'a str, prefix: &str) -> Option<&'a str> {
-    (s.len() >= prefix.len() && s.as_bytes()[..prefix.len()].eq_ignore_ascii_case(prefix.as_bytes()))
-        .then(|| &s[prefix.len()..])
+    (s.len() >= prefix.len()
+        && s.as_bytes()[..prefix.len()].eq_ignore_ascii_case(prefix.as_bytes()))
+    .then(|| &s[prefix.len()..])
 }
 
 fn strip_suffix_ignore_case<'a>(s: &'a str, suffix: &str) -> Option<&'a str> {
@@ -175,7 +185,9 @@ impl Identifier {
                 Compiled::Header(name) => {
                     let mut invalid = None;
                     for value in request.headers.get_all(name) {
-                        if let Some(bad) = consider(Source::Header(i), value.as_bytes().trim_ascii()) {
+                        if let Some(bad) =
+                            consider(Source::Header(i), value.as_bytes().trim_ascii())
+                        {
                             invalid.get_or_insert(bad);
                         }
                     }
@@ -273,29 +285,167 @@ mod tests {
         let globex = WorkspaceId::parse(b"globex").unwrap();
         let cases = [
             // Each source alone.
-            Case { host: Some("acme.app.example.com"), path: "/", query: None, headers: &[], want: ws("acme") },
-            Case { host: Some("ACME.App.Example.com"), path: "/", query: None, headers: &[], want: ws("acme") },
-            Case { host: None, path: "/w/acme/docs", query: None, headers: &[], want: ws("acme") },
-            Case { host: None, path: "/w/acme", query: None, headers: &[], want: ws("acme") },
-            Case { host: None, path: "/", query: None, headers: &["acme"], want: ws("acme") },
-            Case { host: None, path: "/", query: Some("x=1&app_id=acme"), headers: &[], want: ws("acme") },
+            Case {
+                host: Some("acme.app.example.com"),
+                path: "/",
+                query: None,
+                headers: &[],
+                want: ws("acme"),
+            },
+            Case {
+                host: Some("ACME.App.Example.com"),
+                path: "/",
+                query: None,
+                headers: &[],
+                want: ws("acme"),
+            },
+            Case {
+                host: None,
+                path: "/w/acme/docs",
+                query: None,
+                headers: &[],
+                want: ws("acme"),
+            },
+            Case {
+                host: None,
+                path: "/w/acme",
+                query: None,
+                headers: &[],
+                want: ws("acme"),
+            },
+            Case {
+                host: None,
+                path: "/",
+                query: None,
+                headers: &["acme"],
+                want: ws("acme"),
+            },
+            Case {
+                host: None,
+                path: "/",
+                query: Some("x=1&app_id=acme"),
+                headers: &[],
+                want: ws("acme"),
+            },
             // Nothing found.
-            Case { host: Some("app.example.com"), path: "/", query: None, headers: &[], want: Identity::None },
-            Case { host: Some("a.b.app.example.com"), path: "/", query: None, headers: &[], want: Identity::None },
-            Case { host: Some("acme.other.com"), path: "/wx/acme/", query: Some("app=acme"), headers: &[], want: Identity::None },
-            Case { host: None, path: "/w//x", query: None, headers: &[], want: Identity::None },
+            Case {
+                host: Some("app.example.com"),
+                path: "/",
+                query: None,
+                headers: &[],
+                want: Identity::None,
+            },
+            Case {
+                host: Some("a.b.app.example.com"),
+                path: "/",
+                query: None,
+                headers: &[],
+                want: Identity::None,
+            },
+            Case {
+                host: Some("acme.other.com"),
+                path: "/wx/acme/",
+                query: Some("app=acme"),
+                headers: &[],
+                want: Identity::None,
+            },
+            Case {
+                host: None,
+                path: "/w//x",
+                query: None,
+                headers: &[],
+                want: Identity::None,
+            },
             // Agreement across sources.
-            Case { host: Some("acme.app.example.com"), path: "/w/ACME/x", query: Some("app_id=acme"), headers: &["Acme"], want: ws("acme") },
+            Case {
+                host: Some("acme.app.example.com"),
+                path: "/w/ACME/x",
+                query: Some("app_id=acme"),
+                headers: &["Acme"],
+                want: ws("acme"),
+            },
             // Conflicts.
-            Case { host: Some("acme.app.example.com"), path: "/", query: None, headers: &["globex"], want: Identity::Conflict { first: acme, second: globex } },
-            Case { host: None, path: "/", query: None, headers: &["acme", "globex"], want: Identity::Conflict { first: acme, second: globex } },
-            Case { host: None, path: "/w/acme/", query: Some("app_id=globex"), headers: &[], want: Identity::Conflict { first: acme, second: globex } },
-            Case { host: None, path: "/", query: Some("app_id=acme&app_id=globex"), headers: &[], want: Identity::Conflict { first: acme, second: globex } },
+            Case {
+                host: Some("acme.app.example.com"),
+                path: "/",
+                query: None,
+                headers: &["globex"],
+                want: Identity::Conflict {
+                    first: acme,
+                    second: globex,
+                },
+            },
+            Case {
+                host: None,
+                path: "/",
+                query: None,
+                headers: &["acme", "globex"],
+                want: Identity::Conflict {
+                    first: acme,
+                    second: globex,
+                },
+            },
+            Case {
+                host: None,
+                path: "/w/acme/",
+                query: Some("app_id=globex"),
+                headers: &[],
+                want: Identity::Conflict {
+                    first: acme,
+                    second: globex,
+                },
+            },
+            Case {
+                host: None,
+                path: "/",
+                query: Some("app_id=acme&app_id=globex"),
+                headers: &[],
+                want: Identity::Conflict {
+                    first: acme,
+                    second: globex,
+                },
+            },
             // Invalid ids.
-            Case { host: None, path: "/", query: None, headers: &["ac.me"], want: Identity::Invalid { source: Source::Header(2), reason: InvalidId::BadChar } },
-            Case { host: None, path: "/w/-acme/", query: None, headers: &[], want: Identity::Invalid { source: Source::Path, reason: InvalidId::BadFirst } },
-            Case { host: None, path: "/", query: Some("app_id="), headers: &[], want: Identity::Invalid { source: Source::Query(3), reason: InvalidId::Empty } },
-            Case { host: None, path: "/", query: Some("app_id=a%2Fb"), headers: &[], want: Identity::Invalid { source: Source::Query(3), reason: InvalidId::BadChar } },
+            Case {
+                host: None,
+                path: "/",
+                query: None,
+                headers: &["ac.me"],
+                want: Identity::Invalid {
+                    source: Source::Header(2),
+                    reason: InvalidId::BadChar,
+                },
+            },
+            Case {
+                host: None,
+                path: "/w/-acme/",
+                query: None,
+                headers: &[],
+                want: Identity::Invalid {
+                    source: Source::Path,
+                    reason: InvalidId::BadFirst,
+                },
+            },
+            Case {
+                host: None,
+                path: "/",
+                query: Some("app_id="),
+                headers: &[],
+                want: Identity::Invalid {
+                    source: Source::Query(3),
+                    reason: InvalidId::Empty,
+                },
+            },
+            Case {
+                host: None,
+                path: "/",
+                query: Some("app_id=a%2Fb"),
+                headers: &[],
+                want: Identity::Invalid {
+                    source: Source::Query(3),
+                    reason: InvalidId::BadChar,
+                },
+            },
         ];
         for (i, case) in cases.iter().enumerate() {
             assert_eq!(run(case), case.want, "case {i}");
@@ -305,12 +455,24 @@ mod tests {
     #[test]
     fn bad_rules_are_rejected() {
         for rule in [
-            Rule::Host { pattern: "app.example.com".into() },
-            Rule::Host { pattern: "x{workspace}.example.com".into() },
-            Rule::Host { pattern: "{workspace}.{workspace}.com".into() },
-            Rule::Path { pattern: "w/{workspace}/".into() },
-            Rule::Path { pattern: "/w/{workspace}x".into() },
-            Rule::Header { name: "bad header".into() },
+            Rule::Host {
+                pattern: "app.example.com".into(),
+            },
+            Rule::Host {
+                pattern: "x{workspace}.example.com".into(),
+            },
+            Rule::Host {
+                pattern: "{workspace}.{workspace}.com".into(),
+            },
+            Rule::Path {
+                pattern: "w/{workspace}/".into(),
+            },
+            Rule::Path {
+                pattern: "/w/{workspace}x".into(),
+            },
+            Rule::Header {
+                name: "bad header".into(),
+            },
             Rule::Query { name: "a=b".into() },
         ] {
             assert!(check_rule(&rule).is_err(), "{rule:?}");

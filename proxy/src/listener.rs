@@ -93,10 +93,19 @@ pub async fn serve(
         let pipeline = pipeline.clone();
         let shutdown = shutdown.clone();
         tokio::spawn(async move {
-            pipeline.metrics.connections_accepted.fetch_add(1, Ordering::Relaxed);
-            pipeline.metrics.connections_active.fetch_add(1, Ordering::Relaxed);
+            pipeline
+                .metrics
+                .connections_accepted
+                .fetch_add(1, Ordering::Relaxed);
+            pipeline
+                .metrics
+                .connections_active
+                .fetch_add(1, Ordering::Relaxed);
             serve_connection(stream, peer, &pipeline, shutdown).await;
-            pipeline.metrics.connections_active.fetch_sub(1, Ordering::Relaxed);
+            pipeline
+                .metrics
+                .connections_active
+                .fetch_sub(1, Ordering::Relaxed);
             drop(guard);
         });
     }
@@ -124,7 +133,8 @@ impl Activity {
     }
 
     fn mark_response(&self) {
-        self.last_response_us.store(self.now_us(), Ordering::Relaxed);
+        self.last_response_us
+            .store(self.now_us(), Ordering::Relaxed);
         self.requests_finished.fetch_add(1, Ordering::Relaxed);
     }
 
@@ -136,7 +146,12 @@ impl Activity {
     }
 }
 
-async fn serve_connection(stream: TcpStream, peer: SocketAddr, pipeline: &Arc<Pipeline>, mut shutdown: watch::Receiver<bool>) {
+async fn serve_connection(
+    stream: TcpStream,
+    peer: SocketAddr,
+    pipeline: &Arc<Pipeline>,
+    mut shutdown: watch::Receiver<bool>,
+) {
     let _ = stream.set_nodelay(true);
     let limits = &pipeline.config.limits;
     let stream = Arc::new(stream);
@@ -249,7 +264,9 @@ async fn serve_connection(stream: TcpStream, peer: SocketAddr, pipeline: &Arc<Pi
             // answers heads between the two.
             .max_buf_size(((limits.max_header_bytes as usize) * 2).max(16 * 1024))
             .keep_alive(true);
-        let conn = builder.serve_connection(TokioIo::new(io), service).with_upgrades();
+        let conn = builder
+            .serve_connection(TokioIo::new(io), service)
+            .with_upgrades();
         tokio::pin!(conn);
         let mut draining = false;
         loop {
@@ -304,7 +321,10 @@ async fn answer_timeout(stream: &TcpStream) {
     let mut written = 0;
     let deadline = Instant::now() + Duration::from_secs(1);
     while written < bytes.len() && Instant::now() < deadline {
-        if tokio::time::timeout_at(deadline, stream.writable()).await.is_err() {
+        if tokio::time::timeout_at(deadline, stream.writable())
+            .await
+            .is_err()
+        {
             break;
         }
         match stream.try_write(&bytes[written..]) {
@@ -350,7 +370,11 @@ impl ConnIo {
 }
 
 impl AsyncRead for ConnIo {
-    fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
         if self.prefix_pos < self.prefix_len {
             let n = (self.prefix_len - self.prefix_pos).min(buf.remaining());
             let start = self.prefix_pos;
@@ -377,7 +401,11 @@ impl AsyncRead for ConnIo {
 }
 
 impl AsyncWrite for ConnIo {
-    fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, data: &[u8]) -> Poll<io::Result<usize>> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        data: &[u8],
+    ) -> Poll<io::Result<usize>> {
         loop {
             match self.stream.poll_write_ready(cx) {
                 Poll::Ready(Ok(())) => {}

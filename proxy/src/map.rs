@@ -160,7 +160,11 @@ impl Regions {
     }
 
     /// The first region listed in the map whose jurisdiction includes `country`.
-    pub fn by_jurisdiction(&self, country: [u8; 2], mut accept: impl FnMut(RegionIdx) -> bool) -> Option<RegionIdx> {
+    pub fn by_jurisdiction(
+        &self,
+        country: [u8; 2],
+        mut accept: impl FnMut(RegionIdx) -> bool,
+    ) -> Option<RegionIdx> {
         self.all
             .load()
             .iter()
@@ -207,7 +211,8 @@ impl Slot {
             WorkspaceState::Active => 0,
             WorkspaceState::Frozen => 1,
         };
-        self.packed = ((entry.version & MAX_VERSION) << 16) | ((entry.home_region as u64) << 8) | state;
+        self.packed =
+            ((entry.version & MAX_VERSION) << 16) | ((entry.home_region as u64) << 8) | state;
         self.epoch = entry.epoch;
     }
 
@@ -216,7 +221,8 @@ impl Slot {
         if len <= INLINE_KEY {
             &self.key[1..1 + len]
         } else {
-            let offset = u32::from_le_bytes([self.key[1], self.key[2], self.key[3], self.key[4]]) as usize;
+            let offset =
+                u32::from_le_bytes([self.key[1], self.key[2], self.key[3], self.key[4]]) as usize;
             &arena[offset..offset + len]
         }
     }
@@ -323,7 +329,10 @@ impl MapTable {
         let hash = self.hash(id);
         let mut guard = self.shard(hash).write();
         let shard = &mut *guard;
-        if let Some(slot) = shard.table.find_mut(hash, |slot| slot.matches(id, &shard.arena)) {
+        if let Some(slot) = shard
+            .table
+            .find_mut(hash, |slot| slot.matches(id, &shard.arena))
+        {
             slot.set_entry(&entry);
             return;
         }
@@ -427,8 +436,13 @@ pub enum Lookup {
     /// No map has ever been loaded.
     NoMap,
     /// The map (at `version`) has no such workspace.
-    Unknown { version: u64 },
-    Found { entry: MapEntry, version: u64 },
+    Unknown {
+        version: u64,
+    },
+    Found {
+        entry: MapEntry,
+        version: u64,
+    },
 }
 
 impl Replica {
@@ -476,7 +490,11 @@ impl Replica {
     }
 
     /// Atomically replaces the whole map.
-    pub fn replace(&self, table: MapTable, catalogue: &[CatalogueRegion]) -> Result<(), RegionError> {
+    pub fn replace(
+        &self,
+        table: MapTable,
+        catalogue: &[CatalogueRegion],
+    ) -> Result<(), RegionError> {
         self.regions.set_catalogue(catalogue)?;
         self.table.store(Some(Arc::new(table)));
         Ok(())
@@ -509,7 +527,10 @@ mod tests {
     fn insert_get_replace_remove_short_and_long_ids() {
         let table = MapTable::with_capacity(0, 1);
         let long = "a-very-long-workspace-identifier-that-lives-in-the-arena";
-        for (i, name) in ["acme", "exactly11ch", "twelve-chars", long].iter().enumerate() {
+        for (i, name) in ["acme", "exactly11ch", "twelve-chars", long]
+            .iter()
+            .enumerate()
+        {
             table.insert(&id(name), entry(i as u8, i as u64 + 1));
         }
         assert_eq!(table.len(), 4);
@@ -584,7 +605,10 @@ mod tests {
             }
         );
         assert_eq!(replica.lookup(&id("nope")), Lookup::Unknown { version: 5 });
-        assert_eq!(replica.regions().by_jurisdiction(*b"US", |_| true), Some(us));
+        assert_eq!(
+            replica.regions().by_jurisdiction(*b"US", |_| true),
+            Some(us)
+        );
         assert_eq!(replica.regions().by_jurisdiction(*b"DE", |_| true), None);
     }
 
@@ -595,7 +619,10 @@ mod tests {
         let eu = regions.intern("eu").unwrap();
         assert_ne!(us, eu);
         assert_eq!(regions.intern("us").unwrap(), us);
-        assert!(matches!(regions.intern("US"), Err(RegionError::InvalidId(_))));
+        assert!(matches!(
+            regions.intern("US"),
+            Err(RegionError::InvalidId(_))
+        ));
         assert_eq!(&*regions.id(eu).unwrap(), "eu");
     }
 }

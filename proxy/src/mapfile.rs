@@ -120,7 +120,11 @@ pub fn load(path: &Path, replica: &Replica) -> Result<LoadedMap, MapFileError> {
                 if version.is_some() {
                     error(&mut errors, line_no, "a second `map` line".into());
                 } else if v > MAX_VERSION {
-                    error(&mut errors, line_no, format!("version {v} is above {MAX_VERSION}"));
+                    error(
+                        &mut errors,
+                        line_no,
+                        format!("version {v} is above {MAX_VERSION}"),
+                    );
                 } else {
                     version = Some(v);
                 }
@@ -149,7 +153,9 @@ pub fn load(path: &Path, replica: &Replica) -> Result<LoadedMap, MapFileError> {
                         None => error(
                             &mut errors,
                             line_no,
-                            format!("jurisdiction {code:?} is not an ISO 3166 alpha-2 country code"),
+                            format!(
+                                "jurisdiction {code:?} is not an ISO 3166 alpha-2 country code"
+                            ),
                         ),
                     }
                 }
@@ -178,7 +184,11 @@ pub fn load(path: &Path, replica: &Replica) -> Result<LoadedMap, MapFileError> {
                     }
                 };
                 if entry_version > MAX_VERSION {
-                    error(&mut errors, line_no, format!("version {entry_version} is above {MAX_VERSION}"));
+                    error(
+                        &mut errors,
+                        line_no,
+                        format!("version {entry_version} is above {MAX_VERSION}"),
+                    );
                     continue;
                 }
                 let home_region = match regions.iter().any(|r| r.id == region) {
@@ -194,7 +204,11 @@ pub fn load(path: &Path, replica: &Replica) -> Result<LoadedMap, MapFileError> {
                     }
                 };
                 let Some(home_region) = home_region else {
-                    error(&mut errors, line_no, format!("region {region:?} is not valid"));
+                    error(
+                        &mut errors,
+                        line_no,
+                        format!("region {region:?} is not valid"),
+                    );
                     continue;
                 };
                 if table.get(ws.as_bytes()).is_some() {
@@ -264,7 +278,12 @@ pub fn write_atomically(path: &Path, replica: &Replica) -> std::io::Result<()> {
     {
         let file = std::fs::File::create(&tmp)?;
         let mut out = std::io::BufWriter::with_capacity(1 << 20, file);
-        serde_json::to_writer(&mut out, &Line::Map { version: table.version() })?;
+        serde_json::to_writer(
+            &mut out,
+            &Line::Map {
+                version: table.version(),
+            },
+        )?;
         out.write_all(b"\n")?;
         let catalogue = replica.regions().snapshot();
         for region in catalogue.iter().filter(|r| r.in_map) {
@@ -351,7 +370,7 @@ pub fn watch(
                 }
             }
         })
-        .map_err(|e| notify::Error::io(e))?;
+        .map_err(notify::Error::io)?;
     Ok(watcher)
 }
 
@@ -384,7 +403,10 @@ mod tests {
             panic!("acme missing");
         };
         assert_eq!((entry.epoch, entry.version, version), (2, 4, 9));
-        assert_eq!(replica.regions().by_jurisdiction(*b"CA", |_| true), replica.regions().find("us"));
+        assert_eq!(
+            replica.regions().by_jurisdiction(*b"CA", |_| true),
+            replica.regions().find("us")
+        );
 
         let copy = dir.path().join("copy.jsonl");
         write_atomically(&copy, &replica).unwrap();
@@ -416,7 +438,15 @@ not json
             panic!("{err}");
         };
         let all = errors.join("\n");
-        for needle in ["line 1:", "line 2:", "line 3:", "line 4:", "line 5:", "line 6:", "no `map` line"] {
+        for needle in [
+            "line 1:",
+            "line 2:",
+            "line 3:",
+            "line 4:",
+            "line 5:",
+            "line 6:",
+            "no `map` line",
+        ] {
             assert!(all.contains(needle), "{needle} missing from {all}");
         }
         assert!(!replica.is_loaded(), "a bad file must not be installed");

@@ -40,7 +40,9 @@ impl std::fmt::Debug for Metrics {
 impl Default for Metrics {
     fn default() -> Self {
         Self {
-            requests: (0..OUTCOMES * REGION_SLOTS).map(|_| AtomicU64::new(0)).collect(),
+            requests: (0..OUTCOMES * REGION_SLOTS)
+                .map(|_| AtomicU64::new(0))
+                .collect(),
             latency_buckets: Default::default(),
             latency_count: AtomicU64::new(0),
             latency_sum_micros: AtomicU64::new(0),
@@ -105,15 +107,23 @@ impl Metrics {
             }
         }
 
-        out.push_str("# HELP domicile_request_duration_seconds Time from request head to response head.\n");
+        out.push_str(
+            "# HELP domicile_request_duration_seconds Time from request head to response head.\n",
+        );
         out.push_str("# TYPE domicile_request_duration_seconds histogram\n");
         let mut cumulative = 0;
         for (i, bound) in BUCKETS.iter().enumerate() {
             cumulative += self.latency_buckets[i].load(Ordering::Relaxed);
-            let _ = writeln!(out, "domicile_request_duration_seconds_bucket{{le=\"{bound}\"}} {cumulative}");
+            let _ = writeln!(
+                out,
+                "domicile_request_duration_seconds_bucket{{le=\"{bound}\"}} {cumulative}"
+            );
         }
         let count = self.latency_count.load(Ordering::Relaxed);
-        let _ = writeln!(out, "domicile_request_duration_seconds_bucket{{le=\"+Inf\"}} {count}");
+        let _ = writeln!(
+            out,
+            "domicile_request_duration_seconds_bucket{{le=\"+Inf\"}} {count}"
+        );
         let _ = writeln!(
             out,
             "domicile_request_duration_seconds_sum {}",
@@ -135,7 +145,12 @@ impl Metrics {
         }
         out.push_str("# TYPE domicile_upstream_region_up gauge\n");
         for pool in upstreams.pools() {
-            let _ = writeln!(out, "domicile_upstream_region_up{{region=\"{}\"}} {}", pool.region_id, pool.is_up() as u8);
+            let _ = writeln!(
+                out,
+                "domicile_upstream_region_up{{region=\"{}\"}} {}",
+                pool.region_id,
+                pool.is_up() as u8
+            );
         }
         out.push_str("# TYPE domicile_upstream_ejections_total counter\n");
         for pool in upstreams.pools() {
@@ -150,19 +165,43 @@ impl Metrics {
             }
         }
         let counters = [
-            ("domicile_upstream_retries_total", "counter", self.upstream_retries.load(Ordering::Relaxed)),
-            ("domicile_connections_accepted_total", "counter", self.connections_accepted.load(Ordering::Relaxed)),
-            ("domicile_connections_active", "gauge", self.connections_active.load(Ordering::Relaxed)),
+            (
+                "domicile_upstream_retries_total",
+                "counter",
+                self.upstream_retries.load(Ordering::Relaxed),
+            ),
+            (
+                "domicile_connections_accepted_total",
+                "counter",
+                self.connections_accepted.load(Ordering::Relaxed),
+            ),
+            (
+                "domicile_connections_active",
+                "gauge",
+                self.connections_active.load(Ordering::Relaxed),
+            ),
             ("domicile_map_loaded", "gauge", replica.is_loaded() as u64),
             ("domicile_map_entries", "gauge", replica.len() as u64),
-            ("domicile_map_version", "gauge", replica.version().unwrap_or(0)),
+            (
+                "domicile_map_version",
+                "gauge",
+                replica.version().unwrap_or(0),
+            ),
         ];
         for (name, kind, value) in counters {
             let _ = writeln!(out, "# TYPE {name} {kind}\n{name} {value}");
         }
         out.push_str("# TYPE domicile_map_reloads_total counter\n");
-        let _ = writeln!(out, "domicile_map_reloads_total{{result=\"ok\"}} {}", self.map_reloads_ok.load(Ordering::Relaxed));
-        let _ = writeln!(out, "domicile_map_reloads_total{{result=\"failed\"}} {}", self.map_reloads_failed.load(Ordering::Relaxed));
+        let _ = writeln!(
+            out,
+            "domicile_map_reloads_total{{result=\"ok\"}} {}",
+            self.map_reloads_ok.load(Ordering::Relaxed)
+        );
+        let _ = writeln!(
+            out,
+            "domicile_map_reloads_total{{result=\"failed\"}} {}",
+            self.map_reloads_failed.load(Ordering::Relaxed)
+        );
         out
     }
 }

@@ -19,10 +19,13 @@ use hyper::body::Incoming;
 use hyper_util::rt::TokioIo;
 
 use crate::body::{BodyFate, Fate, Guarded};
-use crate::config::{ProxyConfig, UpstreamProtocol, Unidentified};
+use crate::config::{ProxyConfig, Unidentified, UpstreamProtocol};
 use crate::decide::{decide, Decision, Forward, Policy, RequestFacts};
 use crate::geoip::GeoIp;
-use crate::headers::{self, X_DOMICILE_EPOCH, X_DOMICILE_MAP_VERSION, X_DOMICILE_REGION, X_DOMICILE_WORKSPACE, X_REQUEST_ID};
+use crate::headers::{
+    self, X_DOMICILE_EPOCH, X_DOMICILE_MAP_VERSION, X_DOMICILE_REGION, X_DOMICILE_WORKSPACE,
+    X_REQUEST_ID,
+};
 use crate::identify::{Identifier, Identity, RequestView};
 use crate::map::{Lookup, RegionIdx, Replica};
 use crate::metrics::Metrics;
@@ -169,7 +172,11 @@ impl Pipeline {
         };
         let client_country = match (identity, self.policy.unidentified, &self.geoip) {
             (Identity::None, Unidentified::NearestRegion, Some(geoip)) => {
-                let ip = headers::client_ip(peer.ip(), req.headers(), &self.config.proxy.trusted_proxies);
+                let ip = headers::client_ip(
+                    peer.ip(),
+                    req.headers(),
+                    &self.config.proxy.trusted_proxies,
+                );
                 geoip.country(ip)
             }
             _ => None,
@@ -185,16 +192,19 @@ impl Pipeline {
             regions: self.replica.regions(),
         };
         match decide(&facts, &self.policy, lookup, &routes) {
-            Decision::Forward(forward) => self.forward(req, forward, peer, request_id, started).await,
+            Decision::Forward(forward) => {
+                self.forward(req, forward, peer, request_id, started).await
+            }
             Decision::Refuse {
                 code,
                 workspace,
                 home_region,
             } => {
                 let message = self.explain(code, &identity, lookup, home_region);
-                let refusal = Refusal::new(code)
-                    .message(message)
-                    .retry_after((code == RefusalCode::WorkspaceMoving).then_some(self.config.proxy.moving_retry_after));
+                let refusal = Refusal::new(code).message(message).retry_after(
+                    (code == RefusalCode::WorkspaceMoving)
+                        .then_some(self.config.proxy.moving_retry_after),
+                );
                 let ws = workspace.as_ref().map(|w| w.as_str());
                 self.refuse(refusal, ws, home_region, &request_id, started)
             }
@@ -205,7 +215,10 @@ impl Pipeline {
     fn check_request<B>(&self, req: &Request<B>) -> Option<Refusal<'static>> {
         let limits = &self.config.limits;
         if req.method() == Method::CONNECT {
-            return Some(Refusal::new(RefusalCode::BadRequest).message("CONNECT is not supported by this edge"));
+            return Some(
+                Refusal::new(RefusalCode::BadRequest)
+                    .message("CONNECT is not supported by this edge"),
+            );
         }
         let headers = req.headers();
         if headers.len() > limits.max_headers {
@@ -231,7 +244,13 @@ impl Pipeline {
         None
     }
 
-    fn explain(&self, code: RefusalCode, identity: &Identity, lookup: Lookup, home: Option<RegionIdx>) -> String {
+    fn explain(
+        &self,
+        code: RefusalCode,
+        identity: &Identity,
+        lookup: Lookup,
+        home: Option<RegionIdx>,
+    ) -> String {
         let region = || {
             home.and_then(|r| self.replica.regions().id(r))
                 .map_or_else(|| "?".to_owned(), |id| id.to_string())
@@ -274,14 +293,17 @@ impl Pipeline {
         request_id: &HeaderValue,
         started: Instant,
     ) -> Response<ProxyBody> {
-        self.metrics.record(Some(refusal.code), region, started.elapsed());
+        self.metrics
+            .record(Some(refusal.code), region, started.elapsed());
         let code = refusal.code;
         let mut response = refusal
             .workspace(workspace)
             .request_id(request_id.to_str().ok())
             .into_response();
         if code == RefusalCode::BadRequest {
-            response.headers_mut().insert(header::CONNECTION, HeaderValue::from_static("close"));
+            response
+                .headers_mut()
+                .insert(header::CONNECTION, HeaderValue::from_static("close"));
         }
         response
     }
@@ -302,7 +324,13 @@ impl Pipeline {
         let ws_str = workspace.as_ref().map(|w| w.as_str());
         let Some(pool) = self.upstreams.pool(forward.region) else {
             // decide() only forwards to routed regions; keep the invariant explicit anyway.
-            return self.refuse(Refusal::new(RefusalCode::RegionUnroutable), ws_str, Some(forward.region), &request_id, started);
+            return self.refuse(
+                Refusal::new(RefusalCode::RegionUnroutable),
+                ws_str,
+                Some(forward.region),
+                &request_id,
+                started,
+            );
         };
         if let Some(len) = content_length(req.headers()) {
             if len > pool.max_body_bytes {
@@ -313,7 +341,8 @@ impl Pipeline {
                 return self.refuse(refusal, ws_str, Some(forward.region), &request_id, started);
             }
         }
-        let upgrade = req.version() <= Version::HTTP_11 && headers::is_upgrade_request(req.headers());
+        let upgrade =
+            req.version() <= Version::HTTP_11 && headers::is_upgrade_request(req.headers());
         let client_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
 
         let (mut parts, body) = req.into_parts();
@@ -324,7 +353,14 @@ impl Pipeline {
                 .authority()
                 .and_then(|a| HeaderValue::from_str(a.as_str()).ok()),
         };
-        self.prepare_headers(&mut parts.headers, &forward, peer, &request_id, upgrade, original_host.as_ref());
+        self.prepare_headers(
+            &mut parts.headers,
+            &forward,
+            peer,
+            &request_id,
+            upgrade,
+            original_host.as_ref(),
+        );
         match pool.protocol {
             UpstreamProtocol::Http1 => {
                 parts.version = Version::HTTP_11;
@@ -351,17 +387,34 @@ impl Pipeline {
         let upstream_body: ProxyBody = if body_is_empty {
             Empty::new().map_err(|never| match never {}).boxed_unsync()
         } else {
-            Guarded::new(body, pool.max_body_bytes, self.config.limits.idle_timeout, fate.clone()).boxed_unsync()
+            Guarded::new(
+                body,
+                pool.max_body_bytes,
+                self.config.limits.idle_timeout,
+                fate.clone(),
+            )
+            .boxed_unsync()
         };
         let retries = if body_is_empty && is_idempotent(&parts.method) && !upgrade {
-            self.config.limits.retries.min(pool.endpoints.len().saturating_sub(1) as u32)
+            self.config
+                .limits
+                .retries
+                .min(pool.endpoints.len().saturating_sub(1) as u32)
         } else {
             0
         };
         let retry_template = (retries > 0).then(|| (parts.method.clone(), parts.headers.clone()));
 
         let result = self
-            .send(pool, parts, upstream_body, &path_and_query, retries, retry_template, fate.as_deref())
+            .send(
+                pool,
+                parts,
+                upstream_body,
+                &path_and_query,
+                retries,
+                retry_template,
+                fate.as_deref(),
+            )
             .await;
         let mut response = match result {
             Ok(response) => response,
@@ -369,7 +422,10 @@ impl Pipeline {
                 let code = error.code();
                 let mut refusal = Refusal::new(code);
                 if let ForwardError::Upstream(detail) = &error {
-                    refusal = refusal.message(format!("home region {} failed to answer: {detail}", pool.region_id));
+                    refusal = refusal.message(format!(
+                        "home region {} failed to answer: {detail}",
+                        pool.region_id
+                    ));
                 } else if code == RefusalCode::BadRequest {
                     refusal = refusal.message("the request body was malformed or cut off");
                 } else if code == RefusalCode::RegionUnavailable {
@@ -397,11 +453,16 @@ impl Pipeline {
                 });
             }
         }
-        self.metrics.record(None, Some(forward.region), started.elapsed());
+        self.metrics
+            .record(None, Some(forward.region), started.elapsed());
         let (mut parts, body) = response.into_parts();
-        headers::strip_hop_by_hop(&mut parts.headers, parts.status == StatusCode::SWITCHING_PROTOCOLS);
+        headers::strip_hop_by_hop(
+            &mut parts.headers,
+            parts.status == StatusCode::SWITCHING_PROTOCOLS,
+        );
         parts.headers.insert(X_REQUEST_ID.clone(), request_id);
-        let body = Guarded::new(body, u64::MAX, self.config.limits.idle_timeout, None).boxed_unsync();
+        let body =
+            Guarded::new(body, u64::MAX, self.config.limits.idle_timeout, None).boxed_unsync();
         Response::from_parts(parts, body)
     }
 
@@ -467,7 +528,8 @@ impl Pipeline {
                     let Some((method, headers)) = &template else {
                         return Err(served_error.unwrap_or(ForwardError::RegionUnavailable));
                     };
-                    let mut request = Request::new(Empty::new().map_err(|never| match never {}).boxed_unsync());
+                    let mut request =
+                        Request::new(Empty::new().map_err(|never| match never {}).boxed_unsync());
                     *request.method_mut() = method.clone();
                     *request.headers_mut() = headers.clone();
                     request
@@ -540,11 +602,17 @@ mod tests {
 
     #[test]
     fn host_is_taken_without_port() {
-        let req = Request::get("/").header("host", "Acme.localhost:8080").body(()).unwrap();
+        let req = Request::get("/")
+            .header("host", "Acme.localhost:8080")
+            .body(())
+            .unwrap();
         assert_eq!(host_of(&req), Some("Acme.localhost"));
         let req = Request::get("http://globex.localhost/x").body(()).unwrap();
         assert_eq!(host_of(&req), Some("globex.localhost"));
-        let req = Request::get("/").header("host", "[::1]:80").body(()).unwrap();
+        let req = Request::get("/")
+            .header("host", "[::1]:80")
+            .body(())
+            .unwrap();
         assert_eq!(host_of(&req), Some("[::1]"));
         let req = Request::get("/").body(()).unwrap();
         assert_eq!(host_of(&req), None);

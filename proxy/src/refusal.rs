@@ -192,7 +192,10 @@ impl<'a> Refusal<'a> {
             HeaderValue::from_static("application/json"),
         );
         headers.insert(REFUSAL_HEADER, HeaderValue::from_static(self.code.as_str()));
-        if let Some(id) = self.request_id.and_then(|id| HeaderValue::from_str(id).ok()) {
+        if let Some(id) = self
+            .request_id
+            .and_then(|id| HeaderValue::from_str(id).ok())
+        {
             headers.insert("x-request-id", id);
         }
         if let Some(seconds) = self.retry_after {

@@ -46,22 +46,32 @@ pub struct RunningProxy {
 pub async fn start(config: ProxyConfig) -> Result<RunningProxy, StartError> {
     let config = Arc::new(config);
     let replica = Arc::new(Replica::new());
-    let pipeline = Arc::new(Pipeline::new(config.clone(), replica.clone()).map_err(StartError::Setup)?);
+    let pipeline =
+        Arc::new(Pipeline::new(config.clone(), replica.clone()).map_err(StartError::Setup)?);
 
     let mut watcher = None;
     if let Some(path) = &config.map.file {
         let (version, entries) = mapfile::load_into(path, &replica)?;
-        pipeline.metrics.map_reloads_ok.fetch_add(1, Ordering::Relaxed);
+        pipeline
+            .metrics
+            .map_reloads_ok
+            .fetch_add(1, Ordering::Relaxed);
         tracing::info!(path = %path.display(), version, entries, "map loaded");
         if config.map.watch {
             let metrics_pipeline = pipeline.clone();
             let w = mapfile::watch(path.clone(), replica.clone(), move |result| match result {
                 Ok((version, entries)) => {
-                    metrics_pipeline.metrics.map_reloads_ok.fetch_add(1, Ordering::Relaxed);
+                    metrics_pipeline
+                        .metrics
+                        .map_reloads_ok
+                        .fetch_add(1, Ordering::Relaxed);
                     tracing::info!(version, entries, "map reloaded");
                 }
                 Err(e) => {
-                    metrics_pipeline.metrics.map_reloads_failed.fetch_add(1, Ordering::Relaxed);
+                    metrics_pipeline
+                        .metrics
+                        .map_reloads_failed
+                        .fetch_add(1, Ordering::Relaxed);
                     tracing::error!("map reload rejected, keeping the current map: {e}");
                 }
             })
@@ -72,7 +82,10 @@ pub async fn start(config: ProxyConfig) -> Result<RunningProxy, StartError> {
 
     let listen = config.proxy.listen;
     let listener = bind(listen)?;
-    let addr = listener.local_addr().map_err(|source| StartError::Bind { addr: listen, source })?;
+    let addr = listener.local_addr().map_err(|source| StartError::Bind {
+        addr: listen,
+        source,
+    })?;
     let (shutdown, shutdown_rx) = watch::channel(false);
     // The admin listener outlives the drain, so probes see `/readyz` fail rather than vanish.
     let (admin_shutdown, admin_shutdown_rx) = watch::channel(false);
@@ -84,7 +97,10 @@ pub async fn start(config: ProxyConfig) -> Result<RunningProxy, StartError> {
             let admin_listener = bind(admin)?;
             let bound = admin_listener
                 .local_addr()
-                .map_err(|source| StartError::Bind { addr: admin, source })?;
+                .map_err(|source| StartError::Bind {
+                    addr: admin,
+                    source,
+                })?;
             tokio::spawn(crate::admin::serve(
                 admin_listener,
                 pipeline.clone(),
@@ -95,7 +111,12 @@ pub async fn start(config: ProxyConfig) -> Result<RunningProxy, StartError> {
         }
         None => None,
     };
-    tokio::spawn(listener::serve(listener, pipeline.clone(), shutdown_rx, tracker.clone()));
+    tokio::spawn(listener::serve(
+        listener,
+        pipeline.clone(),
+        shutdown_rx,
+        tracker.clone(),
+    ));
     tracing::info!(%addr, ?admin_addr, proxy_id = config.proxy_id(), "proxy listening");
     Ok(RunningProxy {
         addr,
@@ -135,7 +156,10 @@ impl RunningProxy {
             Ok(()) => 0,
             Err(_) => {
                 let left = self.tracker.live();
-                tracing::warn!(left, "shutdown grace period over; closing remaining connections");
+                tracing::warn!(
+                    left,
+                    "shutdown grace period over; closing remaining connections"
+                );
                 left
             }
         }

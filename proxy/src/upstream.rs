@@ -43,7 +43,9 @@ pub fn parse_endpoint(text: &str) -> Result<Authority, String> {
         return Err(format!("endpoint {text:?} needs a port"));
     }
     if bare.contains(['/', '@']) {
-        return Err(format!("endpoint {text:?} must be host:port without path or user"));
+        return Err(format!(
+            "endpoint {text:?} must be host:port without path or user"
+        ));
     }
     Ok(authority)
 }
@@ -120,7 +122,10 @@ impl RegionPool {
 
     /// A request through this endpoint failed (connection refused or reset, timeout, protocol error).
     pub fn record_failure(&self, endpoint: &Endpoint) {
-        let failures = endpoint.consecutive_failures.fetch_add(1, Ordering::Relaxed) + 1;
+        let failures = endpoint
+            .consecutive_failures
+            .fetch_add(1, Ordering::Relaxed)
+            + 1;
         if failures >= self.ejection.consecutive_failures {
             endpoint.consecutive_failures.store(0, Ordering::Relaxed);
             let until = self.now_ms() + self.ejection.duration.as_millis() as u64;
@@ -270,7 +275,8 @@ impl Upstreams {
             .find(|(pattern, _)| {
                 if pattern.starts_with('.') {
                     host.len() > pattern.len()
-                        && host.as_bytes()[host.len() - pattern.len()..].eq_ignore_ascii_case(pattern.as_bytes())
+                        && host.as_bytes()[host.len() - pattern.len()..]
+                            .eq_ignore_ascii_case(pattern.as_bytes())
                 } else {
                     host.eq_ignore_ascii_case(pattern)
                 }
@@ -318,7 +324,8 @@ mod tests {
     async fn round_robin_skips_ejected_and_tried() {
         let regions = Regions::default();
         let mut routes = std::collections::BTreeMap::new();
-        let mut route: RegionRoute = toml::from_str(r#"endpoints = ["127.0.0.1:1", "127.0.0.1:2", "127.0.0.1:3"]"#).unwrap();
+        let mut route: RegionRoute =
+            toml::from_str(r#"endpoints = ["127.0.0.1:1", "127.0.0.1:2", "127.0.0.1:3"]"#).unwrap();
         route.health.enabled = false;
         route.ejection.consecutive_failures = 2;
         routes.insert("eu".to_owned(), route);
@@ -338,8 +345,14 @@ mod tests {
         pool.record_failure(&pool.endpoints[2]);
         assert!(pool.pick(0).is_none());
         assert!(!pool.is_up());
-        let view = RouteView { upstreams: &upstreams, regions: &regions };
+        let view = RouteView {
+            upstreams: &upstreams,
+            regions: &regions,
+        };
         assert_eq!(view.status(pool.region), RouteStatus::Down);
-        assert_eq!(view.status(regions.intern("au").unwrap()), RouteStatus::Unroutable);
+        assert_eq!(
+            view.status(regions.intern("au").unwrap()),
+            RouteStatus::Unroutable
+        );
     }
 }

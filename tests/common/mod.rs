@@ -16,7 +16,8 @@ use hyper_util::rt::TokioExecutor;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
-pub const LOOPBACK: SocketAddr = SocketAddr::new(std::net::IpAddr::V4(std::net::Ipv4Addr::LOCALHOST), 0);
+pub const LOOPBACK: SocketAddr =
+    SocketAddr::new(std::net::IpAddr::V4(std::net::Ipv4Addr::LOCALHOST), 0);
 
 /// The demo's four workspaces plus a frozen one and one homed in a region without a route.
 pub const MAP: &str = r#"{"type":"map","version":7}
@@ -64,13 +65,15 @@ impl ProxyBuilder {
     /// A route for `region` to these origins (fast health checks).
     pub fn route(mut self, region: &str, origins: &[&Origin]) -> Self {
         let addrs = origins.iter().map(|o| o.addr).collect();
-        self.regions.insert(region.to_owned(), (addrs, String::new()));
+        self.regions
+            .insert(region.to_owned(), (addrs, String::new()));
         self
     }
 
     /// A route to raw addresses, with extra TOML lines for the region table.
     pub fn route_addrs(mut self, region: &str, addrs: &[SocketAddr], extra: &str) -> Self {
-        self.regions.insert(region.to_owned(), (addrs.to_vec(), extra.to_owned()));
+        self.regions
+            .insert(region.to_owned(), (addrs.to_vec(), extra.to_owned()));
         self
     }
 
@@ -178,7 +181,9 @@ impl TestProxy {
 }
 
 pub async fn origin(region: &str) -> Origin {
-    Origin::start(region, LOOPBACK).await.expect("origin starts")
+    Origin::start(region, LOOPBACK)
+        .await
+        .expect("origin starts")
 }
 
 /// A full response: status, headers, body.
@@ -195,7 +200,9 @@ impl Reply {
     }
 
     pub fn refusal(&self) -> Option<&str> {
-        self.headers.get("x-domicile-refusal").and_then(|v| v.to_str().ok())
+        self.headers
+            .get("x-domicile-refusal")
+            .and_then(|v| v.to_str().ok())
     }
 
     /// The region of the origin that answered.
@@ -234,7 +241,12 @@ pub async fn get(url: &str, headers: &[(&str, &str)]) -> Reply {
     send(builder.body(Full::new(Bytes::new())).unwrap()).await
 }
 
-pub async fn request(method: &str, url: &str, headers: &[(&str, &str)], body: &'static [u8]) -> Reply {
+pub async fn request(
+    method: &str,
+    url: &str,
+    headers: &[(&str, &str)],
+    body: &'static [u8],
+) -> Reply {
     let mut builder = Request::builder().method(method).uri(url);
     for (k, v) in headers {
         builder = builder.header(*k, *v);
