@@ -1,0 +1,22 @@
+#!/usr/bin/env bash
+# Installs what building and testing Domicile needs on a fresh Debian machine with rustup.
+# Idempotent: installs only what is missing. Benchmark peers (nginx, HAProxy, Caddy, wrk, h2load,
+# oha) are installed by the loadtest harness itself when it runs.
+set -euo pipefail
+
+need_apt=()
+command -v cc >/dev/null 2>&1 || need_apt+=(gcc)
+if [ ${#need_apt[@]} -gt 0 ]; then
+  if [ "$(id -u)" -eq 0 ]; then
+    apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need_apt[@]}"
+  else
+    echo "missing: ${need_apt[*]} (install them with apt-get)" >&2
+    exit 1
+  fi
+fi
+
+if command -v rustup >/dev/null 2>&1; then
+  rustup component list --installed 2>/dev/null | grep -q '^rustfmt' || rustup component add rustfmt
+  rustup component list --installed 2>/dev/null | grep -q '^clippy' || rustup component add clippy
+fi
