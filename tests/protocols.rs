@@ -628,3 +628,21 @@ async fn readyz_reports_draining_during_shutdown() {
     assert_eq!(reply.status, 200, "in-flight request finished");
     assert_eq!(shutdown.await.unwrap(), 0);
 }
+
+#[tokio::test]
+async fn a_stalled_request_body_gets_408() {
+    let us = origin("us").await;
+    let proxy = proxy().route("us", &[&us]).limits("idle_timeout = \"300ms\"").start().await;
+    let (tx, rx) = tokio::sync::mpsc::channel::<Result<Frame<Bytes>, std::convert::Infallible>>(4);
+    let client: Client<_, StreamBody<_>> = Client::builder(TokioExecutor::new()).build_http();
+    let pending = tokio::spawn(client.request(
+        Request::post(proxy.url("/upload")).header("x-workspace-id", "acme").body(StreamBody::new(tokio_stream_from(rx))).unwrap(),
+    ));
+    tx.send(Ok(Frame::data(Bytes::from_static(b"a few bytes, then nothing")))).await.unwrap();
+    let response = tokio::time::timeout(Duration::from_secs(5), pending).await.expect("answered").unwrap().unwrap();
+    let reply = collect(response).await;
+    assert_eq!(reply.status, 408);
+    assert_eq!(reply.refusal(), Some("request_timeout"));
+    drop(tx);
+    proxy.running.shutdown().await;
+}
