@@ -459,7 +459,10 @@ async fn responses_stream_and_keep_alive_is_reused() {
     let proxy = proxy().route("us", &[&us]).start().await;
     let mut stream = TcpStream::connect(proxy.addr()).await.unwrap();
     for i in 0..3 {
-        stream.write_all(b"GET /bytes/100000 HTTP/1.1\r\nHost: acme.localhost\r\n\r\n").await.unwrap();
+        stream
+            .write_all(b"GET /bytes/100000 HTTP/1.1\r\nHost: acme.localhost\r\n\r\n")
+            .await
+            .unwrap();
         let mut head = Vec::new();
         while !head.ends_with(b"\r\n\r\n") {
             let mut byte = [0u8; 1];
@@ -632,14 +635,31 @@ async fn readyz_reports_draining_during_shutdown() {
 #[tokio::test]
 async fn a_stalled_request_body_gets_408() {
     let us = origin("us").await;
-    let proxy = proxy().route("us", &[&us]).limits("idle_timeout = \"300ms\"").start().await;
+    let proxy = proxy()
+        .route("us", &[&us])
+        .limits("idle_timeout = \"300ms\"")
+        .start()
+        .await;
     let (tx, rx) = tokio::sync::mpsc::channel::<Result<Frame<Bytes>, std::convert::Infallible>>(4);
     let client: Client<_, StreamBody<_>> = Client::builder(TokioExecutor::new()).build_http();
-    let pending = tokio::spawn(client.request(
-        Request::post(proxy.url("/upload")).header("x-workspace-id", "acme").body(StreamBody::new(tokio_stream_from(rx))).unwrap(),
-    ));
-    tx.send(Ok(Frame::data(Bytes::from_static(b"a few bytes, then nothing")))).await.unwrap();
-    let response = tokio::time::timeout(Duration::from_secs(5), pending).await.expect("answered").unwrap().unwrap();
+    let pending = tokio::spawn(
+        client.request(
+            Request::post(proxy.url("/upload"))
+                .header("x-workspace-id", "acme")
+                .body(StreamBody::new(tokio_stream_from(rx)))
+                .unwrap(),
+        ),
+    );
+    tx.send(Ok(Frame::data(Bytes::from_static(
+        b"a few bytes, then nothing",
+    ))))
+    .await
+    .unwrap();
+    let response = tokio::time::timeout(Duration::from_secs(5), pending)
+        .await
+        .expect("answered")
+        .unwrap()
+        .unwrap();
     let reply = collect(response).await;
     assert_eq!(reply.status, 408);
     assert_eq!(reply.refusal(), Some("request_timeout"));
