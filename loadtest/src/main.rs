@@ -72,7 +72,7 @@ fn home_is_eu(i: u64) -> bool {
 // map-memory
 
 /// Ids kept inline in a map slot are at most this long (proxy/src/map.rs).
-const INLINE_ID_BYTES: usize = 11;
+const INLINE_ID_BYTES: usize = 19;
 
 #[derive(Debug, Args)]
 struct MapMemoryArgs {
@@ -94,6 +94,8 @@ struct MapMemoryReport {
     rss_before: u64,
     rss_after: u64,
     heap_bytes: u64,
+    /// Resident bytes in transparent huge pages (`AnonHugePages`), after the build.
+    huge_page_bytes: u64,
     build: Duration,
     checked: u64,
     failures: Vec<String>,
@@ -110,10 +112,10 @@ impl MapMemoryReport {
 
     fn print_table(&self) {
         const MIB: f64 = 1024.0 * 1024.0;
-        let rows: [(&str, String); 12] = [
+        let rows: [(&str, String); 13] = [
             ("entries", self.entries.to_string()),
             (
-                "ids <= 11 bytes (inline)",
+                "ids <= 19 bytes (inline)",
                 format!(
                     "{:.1}%",
                     100.0 * self.short_ids as f64 / self.entries as f64
@@ -146,6 +148,10 @@ impl MapMemoryReport {
             (
                 "MapTable::heap_bytes",
                 format!("{:.1} MiB", self.heap_bytes as f64 / MIB),
+            ),
+            (
+                "in huge pages",
+                format!("{:.1} MiB", self.huge_page_bytes as f64 / MIB),
             ),
             (
                 "bytes/entry (RSS delta)",
@@ -185,6 +191,7 @@ impl MapMemoryReport {
             "rss_after_bytes": self.rss_after,
             "rss_delta_bytes": self.rss_delta(),
             "heap_bytes": self.heap_bytes,
+            "huge_page_bytes": self.huge_page_bytes,
             "bytes_per_entry_rss": self.per_entry(self.rss_delta()),
             "bytes_per_entry_heap": self.per_entry(self.heap_bytes),
             "lookup_check": {
@@ -194,6 +201,25 @@ impl MapMemoryReport {
             },
         })
     }
+}
+
+/// Resident anonymous memory in transparent huge pages (`AnonHugePages` in
+/// /proc/self/smaps_rollup), in bytes; 0 when the kernel does not say.
+fn anon_huge_pages() -> u64 {
+    std::fs::read_to_string("/proc/self/smaps_rollup")
+        .ok()
+        .and_then(|text| {
+            text.lines()
+                .find_map(|line| line.strip_prefix("AnonHugePages:"))
+                .and_then(|rest| {
+                    rest.trim()
+                        .trim_end_matches("kB")
+                        .trim()
+                        .parse::<u64>()
+                        .ok()
+                })
+        })
+        .map_or(0, |kib| kib * 1024)
 }
 
 /// The process's resident set size (`VmRSS` in /proc/self/status), in bytes.
@@ -254,6 +280,7 @@ fn map_memory(args: &MapMemoryArgs) -> Result<ExitCode> {
     table.publish_version(1);
     let build = started.elapsed();
     let rss_after = vm_rss()?;
+    let huge_page_bytes = anon_huge_pages();
     let heap_bytes = table.heap_bytes() as u64;
     if table.len() as u64 != args.entries {
         bail!(
@@ -295,6 +322,7 @@ fn map_memory(args: &MapMemoryArgs) -> Result<ExitCode> {
         rss_before,
         rss_after,
         heap_bytes,
+        huge_page_bytes,
         build,
         checked: args.check,
         failures,

@@ -1,8 +1,9 @@
 //! The routing map replica: workspace id -> home region, state and epoch.
 //!
-//! Sized for 10 million workspaces. Each entry is a 24-byte slot in one of 64 sharded open
-//! addressing tables (hashbrown's SwissTable): ids of up to 11 bytes live inside the slot, longer
-//! ids in a per-shard byte arena. Region ids are interned to a `u8` ([`RegionIdx`]).
+//! Sized for 10 million workspaces. Each entry is a 32-byte slot (two per cache line) in one of
+//! 64 shards, each a linear-probing table: ids of up to 19 bytes live inside the slot, longer ids
+//! in a per-shard byte arena. A lookup usually reads one cache line. Region ids are interned to a
+//! `u8` ([`RegionIdx`]).
 //!
 //! Consistency: a writer applies an entry under its shard's write lock and only then publishes
 //! the new map version (`Release`). A reader loads the version (`Acquire`) *before* looking up
@@ -16,7 +17,6 @@ use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 
 use arc_swap::{ArcSwap, ArcSwapOption};
-use hashbrown::HashTable;
 use http::HeaderValue;
 use parking_lot::{Mutex, RwLock};
 
@@ -31,7 +31,7 @@ pub const MAX_REGIONS: usize = 256;
 pub const MAX_VERSION: u64 = (1 << 48) - 1;
 
 const SHARDS: usize = 64;
-const INLINE_KEY: usize = 11;
+const INLINE_KEY: usize = 19;
 
 /// Whether a workspace takes writes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -183,16 +183,29 @@ pub struct CatalogueRegion {
     pub jurisdiction: Vec<[u8; 2]>,
 }
 
-#[derive(Clone, Copy)]
+/// A slot: 32 bytes, two per cache line, so a lookup usually reads one line.
+#[repr(C, align(32))]
+#[derive(Clone, Copy, bytemuck::Pod, bytemuck::Zeroable)]
 struct Slot {
     /// version (48 bits) | home region (8) | state (8)
     packed: u64,
     epoch: u32,
-    /// key[0] = id length; then the id inline (<= 11 bytes), or a u32 arena offset and a prefix.
-    key: [u8; 12],
+    /// key[0] = id length (0: empty slot). Ids of up to 19 bytes live in key[1..]; longer ones
+    /// keep their arena offset (u32) in key[1..5] and their first 15 bytes in key[5..20].
+    key: [u8; 20],
 }
 
+const EMPTY: Slot = Slot {
+    packed: 0,
+    epoch: 0,
+    key: [0; 20],
+};
+
 impl Slot {
+    fn is_empty(&self) -> bool {
+        self.key[0] == 0
+    }
+
     fn entry(&self) -> MapEntry {
         MapEntry {
             home_region: (self.packed >> 8) as u8,
@@ -216,13 +229,16 @@ impl Slot {
         self.epoch = entry.epoch;
     }
 
+    fn arena_offset(&self) -> usize {
+        u32::from_le_bytes([self.key[1], self.key[2], self.key[3], self.key[4]]) as usize
+    }
+
     fn id<'a>(&'a self, arena: &'a [u8]) -> &'a [u8] {
         let len = self.key[0] as usize;
         if len <= INLINE_KEY {
             &self.key[1..1 + len]
         } else {
-            let offset =
-                u32::from_le_bytes([self.key[1], self.key[2], self.key[3], self.key[4]]) as usize;
+            let offset = self.arena_offset();
             &arena[offset..offset + len]
         }
     }
@@ -236,27 +252,173 @@ impl Slot {
             &self.key[1..1 + len] == id
         } else {
             // Cheap reject on the stored prefix before touching the arena.
-            self.key[5..12] == id[..7] && self.id(arena) == id
+            self.key[5..20] == id[..15] && self.id(arena) == id
         }
     }
 }
 
-#[derive(Default)]
+/// Slot storage. Arrays of 2 MiB and more live in an anonymous mapping advised for transparent
+/// huge pages: at 10 million entries a lookup's cost is mostly the TLB walk and the cache miss,
+/// and huge pages take most of the walk away (measured in docs/benchmarks.md).
+enum SlotArray {
+    Heap(Vec<Slot>),
+    Mapped(memmap2::MmapMut),
+}
+
+const HUGE_PAGE: usize = 2 << 20;
+
+impl SlotArray {
+    /// `len` empty slots (an empty slot is all zero bytes).
+    fn new(len: usize) -> Self {
+        let bytes = len * std::mem::size_of::<Slot>();
+        if bytes >= HUGE_PAGE {
+            if let Ok(map) = memmap2::MmapMut::map_anon(bytes) {
+                // Advice only: without transparent huge pages the mapping still works.
+                let _ = map.advise(memmap2::Advice::HugePage);
+                return SlotArray::Mapped(map);
+            }
+        }
+        SlotArray::Heap(vec![EMPTY; len])
+    }
+
+    fn slots(&self) -> &[Slot] {
+        match self {
+            SlotArray::Heap(v) => v,
+            SlotArray::Mapped(m) => bytemuck::cast_slice(&m[..]),
+        }
+    }
+
+    fn slots_mut(&mut self) -> &mut [Slot] {
+        match self {
+            SlotArray::Heap(v) => v,
+            SlotArray::Mapped(m) => bytemuck::cast_slice_mut(&mut m[..]),
+        }
+    }
+
+    fn bytes(&self) -> usize {
+        self.slots().len() * std::mem::size_of::<Slot>()
+    }
+}
+
+/// Most entries per slot before a shard grows (it grows by half).
+const MAX_LOAD: f64 = 0.8;
+/// Load a presized shard starts at.
+const INITIAL_LOAD: f64 = 0.75;
+
+/// One shard: linear probing over a slot array, deletions by backward shift (no tombstones).
 struct Shard {
-    table: HashTable<Slot>,
+    slots: SlotArray,
+    len: usize,
     arena: Vec<u8>,
     dead_bytes: usize,
 }
 
+/// The slot a hash starts probing at: the hash's high bits scaled to the array length, so any
+/// length works (no power-of-two rounding, which would waste up to half the memory).
+fn home(hash: u64, len: usize) -> usize {
+    ((hash as u128 * len as u128) >> 64) as usize
+}
+
 impl Shard {
+    fn with_capacity(entries: usize) -> Self {
+        let len = ((entries as f64 / INITIAL_LOAD) as usize).max(8);
+        Self {
+            slots: SlotArray::new(len),
+            len: 0,
+            arena: Vec::new(),
+            dead_bytes: 0,
+        }
+    }
+
+    fn find(&self, hash: u64, id: &[u8]) -> Option<usize> {
+        let slots = self.slots.slots();
+        let n = slots.len();
+        let mut i = home(hash, n);
+        loop {
+            let slot = &slots[i];
+            if slot.is_empty() {
+                return None;
+            }
+            if slot.matches(id, &self.arena) {
+                return Some(i);
+            }
+            i += 1;
+            if i == n {
+                i = 0;
+            }
+        }
+    }
+
+    /// Places `slot` (not present yet) in the first empty slot of its probe sequence.
+    fn place(slots: &mut [Slot], hash: u64, slot: Slot) {
+        let n = slots.len();
+        let mut i = home(hash, n);
+        while !slots[i].is_empty() {
+            i += 1;
+            if i == n {
+                i = 0;
+            }
+        }
+        slots[i] = slot;
+    }
+
+    fn grow(&mut self, hasher: &foldhash::fast::RandomState) {
+        let new_len = (self.slots.slots().len() * 3 / 2).max(16);
+        let mut next = SlotArray::new(new_len);
+        for slot in self.slots.slots().iter().filter(|s| !s.is_empty()) {
+            let hash = hasher.hash_one(slot.id(&self.arena));
+            Self::place(next.slots_mut(), hash, *slot);
+        }
+        self.slots = next;
+    }
+
+    /// Removes slot `i`, shifting later members of its cluster back so no probe sequence breaks.
+    fn remove_at(&mut self, mut i: usize, hasher: &foldhash::fast::RandomState) {
+        let removed = self.slots.slots()[i];
+        let n = self.slots.slots().len();
+        let mut j = i;
+        loop {
+            j += 1;
+            if j == n {
+                j = 0;
+            }
+            let candidate = self.slots.slots()[j];
+            if candidate.is_empty() {
+                break;
+            }
+            let k = home(hasher.hash_one(candidate.id(&self.arena)), n);
+            // Move j back to i unless its home lies cyclically in (i, j].
+            let stays = if i <= j {
+                i < k && k <= j
+            } else {
+                i < k || k <= j
+            };
+            if !stays {
+                self.slots.slots_mut()[i] = candidate;
+                i = j;
+            }
+        }
+        self.slots.slots_mut()[i] = EMPTY;
+        self.len -= 1;
+        let len = removed.key[0] as usize;
+        if len > INLINE_KEY {
+            self.dead_bytes += len;
+            if self.dead_bytes > 64 * 1024 && self.dead_bytes * 2 > self.arena.len() {
+                self.compact();
+            }
+        }
+    }
+
+    /// Rewrites the arena without the ids of removed entries.
     fn compact(&mut self) {
         let mut arena = Vec::with_capacity(self.arena.len() - self.dead_bytes);
-        for slot in self.table.iter_mut() {
+        let old = std::mem::take(&mut self.arena);
+        for slot in self.slots.slots_mut().iter_mut() {
             let len = slot.key[0] as usize;
             if len > INLINE_KEY {
-                let id = slot.id(&self.arena);
+                let start = slot.arena_offset();
                 let offset = arena.len() as u32;
-                arena.extend_from_slice(id);
+                arena.extend_from_slice(&old[start..start + len]);
                 slot.key[1..5].copy_from_slice(&offset.to_le_bytes());
             }
         }
@@ -287,13 +449,7 @@ impl MapTable {
     pub fn with_capacity(capacity: usize, version: u64) -> Self {
         let per_shard = capacity.div_ceil(SHARDS);
         let shards = (0..SHARDS)
-            .map(|_| {
-                RwLock::new(Shard {
-                    table: HashTable::with_capacity(per_shard),
-                    arena: Vec::new(),
-                    dead_bytes: 0,
-                })
-            })
+            .map(|_| RwLock::new(Shard::with_capacity(per_shard)))
             .collect();
         Self {
             shards,
@@ -308,19 +464,15 @@ impl MapTable {
     }
 
     fn shard(&self, hash: u64) -> &RwLock<Shard> {
-        // Bits 40..46: hashbrown uses the low bits for the bucket and the top 7 for the
-        // control byte, so the shard choice must come from neither.
-        &self.shards[((hash >> 40) as usize) & (SHARDS - 1)]
+        // Low bits pick the shard; the slot comes from the high bits (see `home`).
+        &self.shards[(hash as usize) & (SHARDS - 1)]
     }
 
     /// Looks up a workspace.
     pub fn get(&self, id: &[u8]) -> Option<MapEntry> {
         let hash = self.hash(id);
         let shard = self.shard(hash).read();
-        shard
-            .table
-            .find(hash, |slot| slot.matches(id, &shard.arena))
-            .map(Slot::entry)
+        shard.find(hash, id).map(|i| shard.slots.slots()[i].entry())
     }
 
     /// Inserts or replaces a workspace entry. Does not move the map version.
@@ -329,14 +481,14 @@ impl MapTable {
         let hash = self.hash(id);
         let mut guard = self.shard(hash).write();
         let shard = &mut *guard;
-        if let Some(slot) = shard
-            .table
-            .find_mut(hash, |slot| slot.matches(id, &shard.arena))
-        {
-            slot.set_entry(&entry);
+        if let Some(i) = shard.find(hash, id) {
+            shard.slots.slots_mut()[i].set_entry(&entry);
             return;
         }
-        let mut key = [0u8; 12];
+        if (shard.len + 1) as f64 > shard.slots.slots().len() as f64 * MAX_LOAD {
+            shard.grow(&self.hasher);
+        }
+        let mut key = [0u8; 20];
         key[0] = id.len() as u8;
         if id.len() <= INLINE_KEY {
             key[1..1 + id.len()].copy_from_slice(id);
@@ -344,7 +496,7 @@ impl MapTable {
             let offset = shard.arena.len() as u32;
             shard.arena.extend_from_slice(id);
             key[1..5].copy_from_slice(&offset.to_le_bytes());
-            key[5..12].copy_from_slice(&id[..7]);
+            key[5..20].copy_from_slice(&id[..15]);
         }
         let mut slot = Slot {
             packed: 0,
@@ -352,32 +504,19 @@ impl MapTable {
             key,
         };
         slot.set_entry(&entry);
-        let hasher = &self.hasher;
-        let arena = &shard.arena;
-        shard
-            .table
-            .insert_unique(hash, slot, |s| hasher.hash_one(s.id(arena)));
+        Shard::place(shard.slots.slots_mut(), hash, slot);
+        shard.len += 1;
         self.len.fetch_add(1, Ordering::Relaxed);
     }
 
     /// Removes a workspace; returns whether it was there.
     pub fn remove(&self, id: &[u8]) -> bool {
         let hash = self.hash(id);
-        let mut guard = self.shard(hash).write();
-        let shard = &mut *guard;
-        let Ok(found) = shard
-            .table
-            .find_entry(hash, |slot| slot.matches(id, &shard.arena))
-        else {
+        let mut shard = self.shard(hash).write();
+        let Some(i) = shard.find(hash, id) else {
             return false;
         };
-        let (slot, _) = found.remove();
-        if slot.key[0] as usize > INLINE_KEY {
-            shard.dead_bytes += slot.key[0] as usize;
-            if shard.dead_bytes > 64 * 1024 && shard.dead_bytes * 2 > shard.arena.len() {
-                shard.compact();
-            }
-        }
+        shard.remove_at(i, &self.hasher);
         self.len.fetch_sub(1, Ordering::Relaxed);
         true
     }
@@ -400,13 +539,13 @@ impl MapTable {
         self.version.store(version, Ordering::Release);
     }
 
-    /// Heap bytes held by the table (slots, control bytes and arenas).
+    /// Bytes held by the table (slot arrays and arenas).
     pub fn heap_bytes(&self) -> usize {
         self.shards
             .iter()
             .map(|s| {
                 let s = s.read();
-                s.table.allocation_size() + s.arena.capacity()
+                s.slots.bytes() + s.arena.capacity()
             })
             .sum()
     }
@@ -415,7 +554,7 @@ impl MapTable {
     pub fn for_each(&self, mut f: impl FnMut(&str, MapEntry)) {
         for shard in self.shards.iter() {
             let shard = shard.read();
-            for slot in shard.table.iter() {
+            for slot in shard.slots.slots().iter().filter(|s| !s.is_empty()) {
                 let id = std::str::from_utf8(slot.id(&shard.arena)).unwrap_or_default();
                 f(id, slot.entry());
             }
@@ -519,15 +658,47 @@ mod tests {
     }
 
     #[test]
-    fn slot_is_24_bytes() {
-        assert_eq!(std::mem::size_of::<Slot>(), 24);
+    fn slot_is_half_a_cache_line() {
+        assert_eq!(std::mem::size_of::<Slot>(), 32);
+        assert_eq!(std::mem::align_of::<Slot>(), 32);
+    }
+
+    #[test]
+    fn grows_shrinks_and_survives_wraparound() {
+        // A tiny table forces growth, probe wraparound and backward-shift deletes.
+        let table = MapTable::with_capacity(0, 1);
+        let name = |i: usize| format!("w{i}");
+        for i in 0..5_000 {
+            table.insert(&id(&name(i)), entry((i % 3) as u8, i as u64));
+        }
+        for i in (0..5_000).step_by(2) {
+            assert!(table.remove(name(i).as_bytes()), "{i}");
+        }
+        for i in 0..5_000 {
+            let got = table.get(name(i).as_bytes());
+            if i % 2 == 0 {
+                assert_eq!(got, None, "{i}");
+            } else {
+                assert_eq!(got, Some(entry((i % 3) as u8, i as u64)), "{i}");
+            }
+        }
+        assert_eq!(table.len(), 2_500);
+    }
+
+    #[test]
+    fn large_shards_use_mapped_memory() {
+        let table = MapTable::with_capacity(64 * 100_000, 1);
+        assert!(table.heap_bytes() >= 64 * 100_000 * 32);
+        table.insert(&id("acme"), entry(1, 2));
+        assert_eq!(table.get(b"acme"), Some(entry(1, 2)));
+        assert!(matches!(table.shards[0].read().slots, SlotArray::Mapped(_)));
     }
 
     #[test]
     fn insert_get_replace_remove_short_and_long_ids() {
         let table = MapTable::with_capacity(0, 1);
         let long = "a-very-long-workspace-identifier-that-lives-in-the-arena";
-        for (i, name) in ["acme", "exactly11ch", "twelve-chars", long]
+        for (i, name) in ["acme", "exactly-nineteen-ch", "twenty-characters-id", long]
             .iter()
             .enumerate()
         {
@@ -535,11 +706,11 @@ mod tests {
         }
         assert_eq!(table.len(), 4);
         assert_eq!(table.get(b"acme"), Some(entry(0, 1)));
-        assert_eq!(table.get(b"exactly11ch"), Some(entry(1, 2)));
-        assert_eq!(table.get(b"twelve-chars"), Some(entry(2, 3)));
+        assert_eq!(table.get(b"exactly-nineteen-ch"), Some(entry(1, 2)));
+        assert_eq!(table.get(b"twenty-characters-id"), Some(entry(2, 3)));
         assert_eq!(table.get(long.as_bytes()), Some(entry(3, 4)));
         // Same prefix and length, different tail: must not match.
-        assert_eq!(table.get(b"twelve-charz"), None);
+        assert_eq!(table.get(b"twenty-characters-iz"), None);
 
         let frozen = MapEntry {
             state: WorkspaceState::Frozen,
