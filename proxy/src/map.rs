@@ -296,7 +296,7 @@ impl SlotArray {
     }
 
     fn bytes(&self) -> usize {
-        self.slots().len() * std::mem::size_of::<Slot>()
+        std::mem::size_of_val(self.slots())
     }
 }
 
