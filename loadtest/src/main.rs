@@ -12,6 +12,7 @@ use domicile_proxy::map::{
     CatalogueRegion, Lookup, MapEntry, MapTable, RegionIdx, Replica, WorkspaceState,
 };
 use domicile_proxy::workspace_id::WorkspaceId;
+use loadtest::synthetic::{home_is_eu, mix, workspace_id};
 
 #[derive(Debug, Parser)]
 #[command(name = "loadtest", version, about = "Domicile scale measurements")]
@@ -38,34 +39,6 @@ fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
-}
-
-// ---------------------------------------------------------------------------------------------
-// The workspace id mix. Keep `mix`, `workspace_id` and `home_is_eu` identical to
-// proxy/benches/decide.rs so that the bench and this measurement use the same map.
-
-/// splitmix64's finaliser: a cheap, well-mixed hash of a counter.
-fn mix(mut x: u64) -> u64 {
-    x = x.wrapping_add(0x9e37_79b9_7f4a_7c15);
-    x = (x ^ (x >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-    x = (x ^ (x >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-    x ^ (x >> 31)
-}
-
-/// The id of workspace `i`: 70% are short (`ws-<i>`, at most 11 bytes for `i < 10^8`, kept
-/// inline in the map slot), 30% are 13 to 26 bytes long (kept in the shard's arena).
-fn workspace_id(i: u64) -> String {
-    match mix(i) % 10 {
-        0..=6 => format!("ws-{i}"),
-        7 => format!("{i}-engineering"),
-        8 => format!("acme-corporation-{i}"),
-        _ => format!("workspace-{i:08}-staging"),
-    }
-}
-
-/// Half of the workspaces live in `eu`, half in `us`.
-fn home_is_eu(i: u64) -> bool {
-    (mix(i) >> 32) & 1 == 1
 }
 
 // ---------------------------------------------------------------------------------------------

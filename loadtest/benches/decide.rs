@@ -1,7 +1,7 @@
 //! The per-request hot path at scale: identify + map lookup + decide, with 10 thousand, 1 million
 //! and 10 million workspaces in the replica, plus `Replica::lookup` alone at 10 million.
 //!
-//! Run: `cargo bench -p domicile-proxy --bench decide` (see docs/benchmarks.md).
+//! Run: `cargo bench -p loadtest --bench decide` (see docs/benchmarks.md).
 //!
 //! Each map is built once per size, outside the timed loop. Requests pick workspaces in a
 //! pseudo-random order across the whole map: 2^20 request hosts are precomputed for random
@@ -23,36 +23,13 @@ use domicile_proxy::map::{
 };
 use domicile_proxy::workspace_id::WorkspaceId;
 use http::{HeaderMap, HeaderValue};
+use loadtest::synthetic::{home_is_eu, mix, workspace_id};
 
 /// Map sizes benchmarked for the whole request path.
 const SIZES: [(u64, &str); 3] = [(10_000, "10K"), (1_000_000, "1M"), (10_000_000, "10M")];
 /// Precomputed requests, cycled through (a power of two).
 const REQUESTS: usize = 1 << 20;
 const HOST_SUFFIX: &str = ".app.example.com";
-
-/// splitmix64's finaliser: a cheap, well-mixed hash of a counter.
-fn mix(mut x: u64) -> u64 {
-    x = x.wrapping_add(0x9e37_79b9_7f4a_7c15);
-    x = (x ^ (x >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-    x = (x ^ (x >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-    x ^ (x >> 31)
-}
-
-/// The id of workspace `i`: 70% are short (`ws-<i>`, at most 11 bytes for `i < 10^8`, kept
-/// inline in the map slot), 30% are 13 to 26 bytes long (kept in the shard's arena).
-fn workspace_id(i: u64) -> String {
-    match mix(i) % 10 {
-        0..=6 => format!("ws-{i}"),
-        7 => format!("{i}-engineering"),
-        8 => format!("acme-corporation-{i}"),
-        _ => format!("workspace-{i:08}-staging"),
-    }
-}
-
-/// Half of the workspaces live in `eu`, half in `us`.
-fn home_is_eu(i: u64) -> bool {
-    (mix(i) >> 32) & 1 == 1
-}
 
 /// Both regions of the map have healthy routes.
 struct BothUp {
