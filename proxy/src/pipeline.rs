@@ -403,7 +403,8 @@ impl Pipeline {
         } else {
             0
         };
-        let retry_template = (retries > 0).then(|| (parts.method.clone(), parts.headers.clone()));
+        let retry_template =
+            (retries > 0).then(|| (parts.method.clone(), parts.version, parts.headers.clone()));
 
         let result = self
             .send(
@@ -509,7 +510,7 @@ impl Pipeline {
         body: ProxyBody,
         path_and_query: &PathAndQuery,
         retries: u32,
-        template: Option<(Method, HeaderMap)>,
+        template: Option<(Method, Version, HeaderMap)>,
         fate: Option<&BodyFate>,
     ) -> Result<Response<Incoming>, ForwardError> {
         let mut tried: u64 = 0;
@@ -525,12 +526,13 @@ impl Pipeline {
             let mut request = match next.take() {
                 Some(request) => request,
                 None => {
-                    let Some((method, headers)) = &template else {
+                    let Some((method, version, headers)) = &template else {
                         return Err(served_error.unwrap_or(ForwardError::RegionUnavailable));
                     };
                     let mut request =
                         Request::new(Empty::new().map_err(|never| match never {}).boxed_unsync());
                     *request.method_mut() = method.clone();
+                    *request.version_mut() = *version;
                     *request.headers_mut() = headers.clone();
                     request
                 }
