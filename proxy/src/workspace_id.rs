@@ -10,6 +10,29 @@ pub const MAX_WORKSPACE_ID_LEN: usize = 64;
 /// Longest region id accepted, in bytes.
 pub const MAX_REGION_ID_LEN: usize = 32;
 
+/// Class bit: the byte may start an id (letters and digits).
+const ANY_POSITION: u8 = 0x80;
+/// The low seven bits of a class hold the byte lowercased.
+const LOWERCASE: u8 = 0x7f;
+
+/// Per byte: 0 when it may not appear in an id; otherwise its lowercase form, with
+/// `ANY_POSITION` set for bytes that may also start one.
+static ID_CLASS: [u8; 256] = {
+    let mut table = [0u8; 256];
+    let mut b = 0;
+    while b < 256 {
+        let c = b as u8;
+        table[b] = match c {
+            b'a'..=b'z' | b'0'..=b'9' => c | ANY_POSITION,
+            b'A'..=b'Z' => c.to_ascii_lowercase() | ANY_POSITION,
+            b'_' | b'-' => c,
+            _ => 0,
+        };
+        b += 1;
+    }
+    table
+};
+
 /// A validated, lowercased workspace id held inline.
 #[derive(Clone, Copy, PartialEq, Eq, Hash)]
 pub struct WorkspaceId {
@@ -33,28 +56,30 @@ pub enum InvalidId {
 impl WorkspaceId {
     /// Validates `raw` case-insensitively and stores it lowercased.
     pub fn parse(raw: &[u8]) -> Result<Self, InvalidId> {
-        if raw.is_empty() {
+        let Some((&first, _)) = raw.split_first() else {
             return Err(InvalidId::Empty);
-        }
+        };
         if raw.len() > MAX_WORKSPACE_ID_LEN {
             return Err(InvalidId::TooLong);
         }
+        if ID_CLASS[first as usize] & ANY_POSITION == 0 {
+            return Err(if ID_CLASS[first as usize] != 0 {
+                InvalidId::BadFirst
+            } else {
+                InvalidId::BadChar
+            });
+        }
         let mut bytes = [0u8; MAX_WORKSPACE_ID_LEN];
-        for (i, &b) in raw.iter().enumerate() {
-            let lower = b.to_ascii_lowercase();
-            let ok = match lower {
-                b'a'..=b'z' | b'0'..=b'9' => true,
-                b'_' | b'-' => i > 0,
-                _ => false,
-            };
-            if !ok {
-                return Err(if i == 0 && (lower == b'_' || lower == b'-') {
-                    InvalidId::BadFirst
-                } else {
-                    InvalidId::BadChar
-                });
-            }
-            bytes[i] = lower;
+        // One table look-up per byte: the class says whether the byte may appear, and the
+        // table's low bits carry it lowercased.
+        let mut invalid = 0u8;
+        for (slot, &b) in bytes.iter_mut().zip(raw) {
+            let class = ID_CLASS[b as usize];
+            invalid |= (class == 0) as u8;
+            *slot = class & LOWERCASE;
+        }
+        if invalid != 0 {
+            return Err(InvalidId::BadChar);
         }
         Ok(Self {
             len: raw.len() as u8,
