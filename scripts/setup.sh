@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Installs what building and testing Domicile needs on a fresh Debian machine with rustup.
-# Idempotent: installs only what is missing. Benchmark peers (nginx, HAProxy, Caddy, wrk, h2load,
+# Idempotent: installs only what is missing (C compiler, cargo-nextest, rustfmt, clippy). Benchmark peers (nginx, HAProxy, Caddy, wrk, h2load,
 # oha) are installed by the loadtest harness itself when it runs.
 set -euo pipefail
 
@@ -14,6 +14,11 @@ if [ ${#need_apt[@]} -gt 0 ]; then
     echo "missing: ${need_apt[*]} (install them with apt-get)" >&2
     exit 1
   fi
+fi
+
+# The test runner (one process per test, a summary line at the end).
+if ! cargo nextest --version >/dev/null 2>&1; then
+  cargo install cargo-nextest --locked
 fi
 
 if command -v rustup >/dev/null 2>&1; then
