@@ -128,33 +128,69 @@ pub fn client_ip(peer: IpAddr, headers: &HeaderMap, trusted: &[IpNet]) -> IpAddr
     client
 }
 
+/// What the proxy knows of a connection's peer, worked out once per connection so requests do
+/// not format the same address again.
+#[derive(Debug, Clone)]
+pub struct Peer {
+    pub addr: SocketAddr,
+    /// Whether the peer is one of `trusted_proxies`.
+    pub trusted: bool,
+    /// `X-Forwarded-For` for an untrusted peer: its address alone.
+    xff: HeaderValue,
+    /// `for=<node>;proto=http`
+    forwarded: String,
+    forwarded_value: HeaderValue,
+}
+
+impl Peer {
+    pub fn new(addr: SocketAddr, trusted: &[IpNet]) -> Self {
+        let ip = addr.ip();
+        let forwarded = match ip {
+            IpAddr::V4(v4) => format!("for={v4};proto=http"),
+            IpAddr::V6(v6) => format!("for=\"[{v6}]\";proto=http"),
+        };
+        let text = ip.to_string();
+        Self {
+            addr,
+            trusted: is_trusted(ip, trusted),
+            xff: HeaderValue::from_str(&text)
+                .unwrap_or_else(|_| HeaderValue::from_static("unknown")),
+            forwarded_value: HeaderValue::from_str(&forwarded)
+                .unwrap_or_else(|_| HeaderValue::from_static("for=unknown")),
+            forwarded,
+        }
+    }
+}
+
 /// Sets `Forwarded`, `X-Forwarded-For` and `X-Forwarded-Proto` for a request from `peer`.
-pub fn set_forwarded(
-    headers: &mut HeaderMap,
-    peer: SocketAddr,
-    trusted: &[IpNet],
-    host: Option<&str>,
-) {
-    let trusted_peer = is_trusted(peer.ip(), trusted);
-    if !trusted_peer {
-        headers.remove(header::FORWARDED);
-        headers.remove(&X_FORWARDED_FOR);
-        headers.remove(&X_FORWARDED_PROTO);
-    }
-    let ip = peer.ip();
-    let node = match ip {
-        IpAddr::V4(v4) => v4.to_string(),
-        IpAddr::V6(v6) => format!("\"[{v6}]\""),
+/// Incoming values are kept (and appended to) only when the peer is trusted.
+pub fn set_forwarded(headers: &mut HeaderMap, peer: &Peer, host: Option<&str>) {
+    let host = host.filter(|h| h.bytes().all(|b| b.is_ascii_graphic() && b != b'"'));
+    let forwarded = match host {
+        Some(host) => {
+            let mut text = String::with_capacity(peer.forwarded.len() + host.len() + 8);
+            text.push_str(&peer.forwarded);
+            text.push_str(";host=\"");
+            text.push_str(host);
+            text.push('"');
+            HeaderValue::from_maybe_shared(bytes::Bytes::from(text))
+                .unwrap_or_else(|_| peer.forwarded_value.clone())
+        }
+        None => peer.forwarded_value.clone(),
     };
-    let mut forwarded = format!("for={node};proto=http");
-    if let Some(host) = host.filter(|h| h.bytes().all(|b| b.is_ascii_graphic() && b != b'"')) {
-        forwarded.push_str(";host=\"");
-        forwarded.push_str(host);
-        forwarded.push('"');
-    }
-    append_list(headers, header::FORWARDED, &forwarded);
-    append_list(headers, X_FORWARDED_FOR.clone(), &ip.to_string());
-    if !headers.contains_key(&X_FORWARDED_PROTO) {
+    if peer.trusted {
+        if let Ok(item) = forwarded.to_str() {
+            append_list(headers, header::FORWARDED, item);
+        }
+        if let Ok(item) = peer.xff.to_str() {
+            append_list(headers, X_FORWARDED_FOR.clone(), item);
+        }
+        if !headers.contains_key(&X_FORWARDED_PROTO) {
+            headers.insert(X_FORWARDED_PROTO.clone(), HeaderValue::from_static("http"));
+        }
+    } else {
+        headers.insert(header::FORWARDED, forwarded);
+        headers.insert(X_FORWARDED_FOR.clone(), peer.xff.clone());
         headers.insert(X_FORWARDED_PROTO.clone(), HeaderValue::from_static("http"));
     }
 }
@@ -259,7 +295,7 @@ mod tests {
         let mut h = map(&[("x-forwarded-for", "6.6.6.6"), ("forwarded", "for=6.6.6.6")]);
         let peer: SocketAddr = "203.0.113.7:5555".parse().unwrap();
         assert_eq!(client_ip(peer.ip(), &h, &trusted), peer.ip());
-        set_forwarded(&mut h, peer, &trusted, Some("acme.localhost"));
+        set_forwarded(&mut h, &Peer::new(peer, &trusted), Some("acme.localhost"));
         assert_eq!(h["x-forwarded-for"], "203.0.113.7");
         assert_eq!(
             h["forwarded"],
@@ -276,11 +312,11 @@ mod tests {
             client_ip(peer.ip(), &h, &trusted),
             "198.51.100.1".parse::<IpAddr>().unwrap()
         );
-        set_forwarded(&mut h, peer, &trusted, None);
+        set_forwarded(&mut h, &Peer::new(peer, &trusted), None);
         assert_eq!(h["x-forwarded-for"], "198.51.100.1, 10.1.1.1, 10.0.0.2");
         let v6: SocketAddr = "[::1]:1".parse().unwrap();
         let mut h6 = HeaderMap::new();
-        set_forwarded(&mut h6, v6, &[], None);
+        set_forwarded(&mut h6, &Peer::new(v6, &[]), None);
         assert_eq!(h6["forwarded"], "for=\"[::1]\";proto=http");
     }
 

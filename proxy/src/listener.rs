@@ -209,14 +209,19 @@ async fn serve_connection(
         write_timer: None,
     };
 
+    let peer_info = Arc::new(crate::headers::Peer::new(
+        peer,
+        &pipeline.config.proxy.trusted_proxies,
+    ));
     let service_activity = activity.clone();
     let service_pipeline = pipeline.clone();
     let service = service_fn(move |req| {
         let pipeline = service_pipeline.clone();
         let activity = service_activity.clone();
+        let peer = peer_info.clone();
         activity.requests_started.fetch_add(1, Ordering::Relaxed);
         async move {
-            let response = pipeline.handle(req, peer).await;
+            let response = pipeline.handle(req, &peer).await;
             activity.mark_response();
             Ok::<_, Infallible>(response)
         }

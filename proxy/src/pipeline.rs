@@ -5,7 +5,6 @@
 //! `decide` chose; when that region cannot answer, the client gets a refusal, never another
 //! region.
 
-use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -23,7 +22,7 @@ use crate::config::{ProxyConfig, Unidentified, UpstreamProtocol};
 use crate::decide::{decide, Decision, Forward, Policy, RequestFacts};
 use crate::geoip::GeoIp;
 use crate::headers::{
-    self, X_DOMICILE_EPOCH, X_DOMICILE_MAP_VERSION, X_DOMICILE_REGION, X_DOMICILE_WORKSPACE,
+    self, Peer, X_DOMICILE_EPOCH, X_DOMICILE_MAP_VERSION, X_DOMICILE_REGION, X_DOMICILE_WORKSPACE,
     X_REQUEST_ID,
 };
 use crate::identify::{Identifier, Identity, RequestView};
@@ -133,12 +132,12 @@ impl Pipeline {
     }
 
     /// Handles one request from `peer`.
-    pub async fn handle(&self, req: Request<Incoming>, peer: SocketAddr) -> Response<ProxyBody> {
+    pub async fn handle(&self, req: Request<Incoming>, peer: &Peer) -> Response<ProxyBody> {
         self.handle_body(req, peer).await
     }
 
     /// As [`Pipeline::handle`], for any request body type.
-    pub async fn handle_body<B>(&self, req: Request<B>, peer: SocketAddr) -> Response<ProxyBody>
+    pub async fn handle_body<B>(&self, req: Request<B>, peer: &Peer) -> Response<ProxyBody>
     where
         B: Body<Data = Bytes> + Send + Unpin + 'static,
         B::Error: Into<crate::refusal::BoxError>,
@@ -173,7 +172,7 @@ impl Pipeline {
         let client_country = match (identity, self.policy.unidentified, &self.geoip) {
             (Identity::None, Unidentified::NearestRegion, Some(geoip)) => {
                 let ip = headers::client_ip(
-                    peer.ip(),
+                    peer.addr.ip(),
                     req.headers(),
                     &self.config.proxy.trusted_proxies,
                 );
@@ -312,7 +311,7 @@ impl Pipeline {
         &self,
         mut req: Request<B>,
         forward: Forward,
-        peer: SocketAddr,
+        peer: &Peer,
         request_id: HeaderValue,
         started: Instant,
     ) -> Response<ProxyBody>
@@ -471,19 +470,14 @@ impl Pipeline {
         &self,
         headers: &mut HeaderMap,
         forward: &Forward,
-        peer: SocketAddr,
+        peer: &Peer,
         request_id: &HeaderValue,
         upgrade: bool,
         host: Option<&HeaderValue>,
     ) {
         headers::strip_hop_by_hop(headers, upgrade);
         headers::strip_domicile(headers);
-        headers::set_forwarded(
-            headers,
-            peer,
-            &self.config.proxy.trusted_proxies,
-            host.and_then(|h| h.to_str().ok()),
-        );
+        headers::set_forwarded(headers, peer, host.and_then(|h| h.to_str().ok()));
         headers.insert(X_REQUEST_ID.clone(), request_id.clone());
         if let Some(workspace) = &forward.workspace {
             if let Ok(value) = HeaderValue::from_bytes(workspace.as_bytes()) {
