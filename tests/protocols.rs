@@ -19,13 +19,7 @@ use tokio::net::{TcpListener, TcpStream};
 
 #[tokio::test]
 async fn http2_clients_are_routed_like_http1() {
-    let us = origin("us").await;
-    let eu = origin("eu").await;
-    let proxy = proxy()
-        .route("us", &[&us])
-        .route("eu", &[&eu])
-        .start()
-        .await;
+    let (us, eu, proxy) = two_regions().await;
     let by_header = send_h2(
         Request::get(proxy.url("/h2"))
             .header("x-workspace-id", "globex")
@@ -395,17 +389,7 @@ async fn graceful_shutdown_finishes_in_flight_requests_and_stops_accepting() {
     let us = origin("us").await;
     let proxy = proxy().route("us", &[&us]).start().await;
     let addr = proxy.addr();
-    let (tx, rx) = tokio::sync::mpsc::channel::<Result<Frame<Bytes>, std::convert::Infallible>>(4);
-    let body = StreamBody::new(tokio_stream_from(rx));
-    let client: Client<_, StreamBody<_>> = Client::builder(TokioExecutor::new()).build_http();
-    let in_flight = tokio::spawn(
-        client.request(
-            Request::post(format!("http://{addr}/upload"))
-                .header("x-workspace-id", "acme")
-                .body(body)
-                .unwrap(),
-        ),
-    );
+    let (tx, in_flight) = streaming_post(&format!("http://{addr}/upload"), "acme");
     tx.send(Ok(Frame::data(Bytes::from_static(b"first half,"))))
         .await
         .unwrap();
@@ -590,16 +574,7 @@ async fn readyz_reports_draining_during_shutdown() {
     let admin = proxy.admin_url("/readyz");
     assert_eq!(get(&admin, &[]).await.status, 200);
     // A request whose body is still arriving keeps the drain going.
-    let (tx, rx) = tokio::sync::mpsc::channel::<Result<Frame<Bytes>, std::convert::Infallible>>(4);
-    let client: Client<_, StreamBody<_>> = Client::builder(TokioExecutor::new()).build_http();
-    let in_flight = tokio::spawn(
-        client.request(
-            Request::post(proxy.url("/upload"))
-                .header("x-workspace-id", "acme")
-                .body(StreamBody::new(tokio_stream_from(rx)))
-                .unwrap(),
-        ),
-    );
+    let (tx, in_flight) = streaming_post(&proxy.url("/upload"), "acme");
     tx.send(Ok(Frame::data(Bytes::from_static(b"part"))))
         .await
         .unwrap();
@@ -640,16 +615,7 @@ async fn a_stalled_request_body_gets_408() {
         .limits("idle_timeout = \"300ms\"")
         .start()
         .await;
-    let (tx, rx) = tokio::sync::mpsc::channel::<Result<Frame<Bytes>, std::convert::Infallible>>(4);
-    let client: Client<_, StreamBody<_>> = Client::builder(TokioExecutor::new()).build_http();
-    let pending = tokio::spawn(
-        client.request(
-            Request::post(proxy.url("/upload"))
-                .header("x-workspace-id", "acme")
-                .body(StreamBody::new(tokio_stream_from(rx)))
-                .unwrap(),
-        ),
-    );
+    let (tx, pending) = streaming_post(&proxy.url("/upload"), "acme");
     tx.send(Ok(Frame::data(Bytes::from_static(
         b"a few bytes, then nothing",
     ))))

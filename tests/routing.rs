@@ -8,13 +8,7 @@ use common::*;
 
 #[tokio::test]
 async fn each_identification_kind_routes_to_the_home_region() {
-    let us = origin("us").await;
-    let eu = origin("eu").await;
-    let proxy = proxy()
-        .route("us", &[&us])
-        .route("eu", &[&eu])
-        .start()
-        .await;
+    let (us, eu, proxy) = two_regions().await;
 
     let by_host = get(&proxy.url("/hello"), &[("host", "acme.localhost")]).await;
     let host_url = proxy.url("/docs");
@@ -61,13 +55,7 @@ async fn each_identification_kind_routes_to_the_home_region() {
 
 #[tokio::test]
 async fn refusals_have_code_status_and_json_body() {
-    let us = origin("us").await;
-    let eu = origin("eu").await;
-    let proxy = proxy()
-        .route("us", &[&us])
-        .route("eu", &[&eu])
-        .start()
-        .await;
+    let (us, eu, proxy) = two_regions().await;
 
     let cases: Vec<(&str, Reply, u16, &str)> = vec![
         (
@@ -167,13 +155,7 @@ async fn frozen_workspace_refuses_writes_and_serves_reads() {
 
 #[tokio::test]
 async fn stopped_region_fails_closed_and_never_crosses_to_another_region() {
-    let us = origin("us").await;
-    let eu = origin("eu").await;
-    let proxy = proxy()
-        .route("us", &[&us])
-        .route("eu", &[&eu])
-        .start()
-        .await;
+    let (us, eu, proxy) = two_regions().await;
     let ok = get(&proxy.url("/"), &[("x-workspace-id", "globex")]).await;
     assert_eq!(ok.region(), "eu");
 
@@ -404,13 +386,7 @@ async fn no_map_means_map_unavailable() {
 
 #[tokio::test]
 async fn map_file_changes_are_picked_up_and_bad_files_ignored() {
-    let us = origin("us").await;
-    let eu = origin("eu").await;
-    let proxy = proxy()
-        .route("us", &[&us])
-        .route("eu", &[&eu])
-        .start()
-        .await;
+    let (_us, _eu, proxy) = two_regions().await;
     assert_eq!(
         get(&proxy.url("/"), &[("x-workspace-id", "acme")])
             .await
@@ -469,13 +445,7 @@ async fn map_file_changes_are_picked_up_and_bad_files_ignored() {
 
 #[tokio::test]
 async fn metrics_count_decisions_by_code_and_region() {
-    let us = origin("us").await;
-    let eu = origin("eu").await;
-    let proxy = proxy()
-        .route("us", &[&us])
-        .route("eu", &[&eu])
-        .start()
-        .await;
+    let (_us, _eu, proxy) = two_regions().await;
     for _ in 0..3 {
         get(&proxy.url("/"), &[("x-workspace-id", "globex")]).await;
     }

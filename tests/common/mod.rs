@@ -180,6 +180,39 @@ impl TestProxy {
     }
 }
 
+/// Origins for `us` and `eu` and a proxy routing to both, with the standard test map.
+pub async fn two_regions() -> (Origin, Origin, TestProxy) {
+    let us = origin("us").await;
+    let eu = origin("eu").await;
+    let proxy = proxy()
+        .route("us", &[&us])
+        .route("eu", &[&eu])
+        .start()
+        .await;
+    (us, eu, proxy)
+}
+
+pub type BodySender =
+    tokio::sync::mpsc::Sender<Result<hyper::body::Frame<Bytes>, std::convert::Infallible>>;
+pub type PendingResponse = tokio::task::JoinHandle<
+    Result<Response<hyper::body::Incoming>, hyper_util::client::legacy::Error>,
+>;
+
+/// Starts a POST for `workspace` whose body is sent, frame by frame, through the returned sender;
+/// dropping the sender ends the body.
+pub fn streaming_post(url: &str, workspace: &str) -> (BodySender, PendingResponse) {
+    let (tx, mut rx) = tokio::sync::mpsc::channel(4);
+    let body =
+        http_body_util::StreamBody::new(futures_util::stream::poll_fn(move |cx| rx.poll_recv(cx)));
+    let client: Client<_, http_body_util::StreamBody<_>> =
+        Client::builder(TokioExecutor::new()).build_http();
+    let request = Request::post(url)
+        .header("x-workspace-id", workspace)
+        .body(body)
+        .expect("request");
+    (tx, tokio::spawn(client.request(request)))
+}
+
 pub async fn origin(region: &str) -> Origin {
     Origin::start(region, LOOPBACK)
         .await
