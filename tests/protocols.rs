@@ -19,7 +19,7 @@ use tokio::net::{TcpListener, TcpStream};
 
 #[tokio::test]
 async fn http2_clients_are_routed_like_http1() {
-    let (us, eu, proxy) = two_regions().await;
+    let (_us, _eu, proxy) = two_regions().await;
     let by_header = send_h2(
         Request::get(proxy.url("/h2"))
             .header("x-workspace-id", "globex")
@@ -429,12 +429,6 @@ async fn graceful_shutdown_finishes_in_flight_requests_and_stops_accepting() {
         0,
         "drained within the grace period"
     );
-}
-
-fn tokio_stream_from<T: Send + 'static>(
-    mut rx: tokio::sync::mpsc::Receiver<T>,
-) -> impl futures_util::Stream<Item = T> {
-    futures_util::stream::poll_fn(move |cx| rx.poll_recv(cx))
 }
 
 #[tokio::test]
