@@ -469,3 +469,19 @@ async fn metrics_count_decisions_by_code_and_region() {
     );
     proxy.running.shutdown().await;
 }
+
+#[tokio::test]
+async fn absolute_form_authority_wins_over_a_different_host_header() {
+    let (us, eu, proxy) = two_regions().await;
+    // Identified by the request target's authority (acme, us); the contradicting Host header
+    // must not reach the origin.
+    let raw_request = "GET http://acme.localhost/doc HTTP/1.1\r\nHost: globex.localhost\r\nConnection: close\r\n\r\n";
+    let answer = raw(proxy.addr(), raw_request.as_bytes(), Duration::from_secs(3)).await;
+    assert_eq!(raw_status(&answer), Some(200), "{answer}");
+    let seen = us.seen_requests();
+    assert_eq!(seen.len(), 1);
+    assert_eq!(seen[0].headers["host"], "acme.localhost");
+    assert_eq!(seen[0].headers["x-domicile-workspace"], "acme");
+    assert!(eu.seen_requests().is_empty());
+    proxy.running.shutdown().await;
+}

@@ -345,12 +345,12 @@ impl Pipeline {
         let client_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
 
         let (mut parts, body) = req.into_parts();
-        let original_host = match parts.headers.get(header::HOST) {
-            Some(host) => Some(host.clone()),
-            None => parts
-                .uri
-                .authority()
-                .and_then(|a| HeaderValue::from_str(a.as_str()).ok()),
+        // The host the request was identified by: the request target's authority when there is
+        // one (absolute form, HTTP/2), which RFC 9112 3.2.2 says overrides `Host`, else `Host`.
+        // The origin is sent that same host, never a different `Host` the client also sent.
+        let original_host = match parts.uri.authority() {
+            Some(authority) => HeaderValue::from_str(authority.as_str()).ok(),
+            None => parts.headers.get(header::HOST).cloned(),
         };
         self.prepare_headers(
             &mut parts.headers,
