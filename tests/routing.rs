@@ -485,3 +485,39 @@ async fn absolute_form_authority_wins_over_a_different_host_header() {
     assert!(eu.seen_requests().is_empty());
     proxy.running.shutdown().await;
 }
+
+#[tokio::test]
+async fn path_tricks_do_not_escape_the_path_rule() {
+    let us = origin("us").await;
+    let eu = origin("eu").await;
+    // With edge-region, an unidentified request goes to us: a path that dodged the rule would
+    // carry globex's request to the wrong region.
+    let proxy = proxy()
+        .route("us", &[&us])
+        .route("eu", &[&eu])
+        .identify("unidentified = \"edge-region\"")
+        .start()
+        .await;
+    for path in [
+        "//w/globex/x",
+        "/x/../w/globex/",
+        "/./w/globex",
+        "/w/%67lobex/doc",
+        "/w/%2e/globex/",
+    ] {
+        let answer = raw(
+            proxy.addr(),
+            format!("GET {path} HTTP/1.1\r\nHost: edge.example\r\nConnection: close\r\n\r\n")
+                .as_bytes(),
+            Duration::from_secs(3),
+        )
+        .await;
+        assert_eq!(raw_status(&answer), Some(200), "{path}: {answer}");
+        assert!(
+            answer.contains("\"region\": \"eu\""),
+            "{path} must reach eu: {answer}"
+        );
+    }
+    assert!(us.seen_requests().is_empty(), "{:?}", us.seen_requests());
+    proxy.running.shutdown().await;
+}

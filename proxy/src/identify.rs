@@ -54,6 +54,61 @@ enum Compiled {
     Query(String),
 }
 
+/// The path as an origin that normalizes paths would see it, for matching path rules: percent-
+/// encoded unreserved characters decoded, `.` and `..` segments resolved, runs of `/` collapsed.
+/// Without that, `//w/globex/x` or `/x/../w/%67lobex/` would escape a `/w/{workspace}/` rule and
+/// be routed as unidentified while the origin serves them as globex's. Borrowed (no allocation)
+/// when the path is already normal.
+pub fn normalized_path(path: &str) -> std::borrow::Cow<'_, str> {
+    let needs_work = path.contains('%') || path.contains("//") || path.contains("/.");
+    if !needs_work {
+        return std::borrow::Cow::Borrowed(path);
+    }
+    // Decode %XX only where XX is an unreserved character (RFC 3986 2.3); keep the rest encoded.
+    let bytes = path.as_bytes();
+    let mut decoded = Vec::with_capacity(path.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        if bytes[i] == b'%' && i + 2 < bytes.len() {
+            let hex = |b: u8| (b as char).to_digit(16);
+            if let (Some(hi), Some(lo)) = (hex(bytes[i + 1]), hex(bytes[i + 2])) {
+                let c = (hi * 16 + lo) as u8;
+                if c.is_ascii_alphanumeric() || matches!(c, b'-' | b'.' | b'_' | b'~') {
+                    decoded.push(c);
+                    i += 3;
+                    continue;
+                }
+            }
+        }
+        decoded.push(bytes[i]);
+        i += 1;
+    }
+    let decoded = String::from_utf8_lossy(&decoded);
+    let mut segments: Vec<&str> = Vec::new();
+    for segment in decoded.split('/') {
+        match segment {
+            "" | "." => {}
+            ".." => {
+                segments.pop();
+            }
+            other => segments.push(other),
+        }
+    }
+    let mut out = String::with_capacity(decoded.len());
+    for segment in &segments {
+        out.push('/');
+        out.push_str(segment);
+    }
+    if out.is_empty()
+        || decoded.ends_with('/')
+        || decoded.ends_with("/.")
+        || decoded.ends_with("/..")
+    {
+        out.push('/');
+    }
+    std::borrow::Cow::Owned(out)
+}
+
 /// Compiled identification rules.
 #[derive(Debug, Clone, Default)]
 pub struct Identifier {
@@ -450,6 +505,30 @@ mod tests {
         for (i, case) in cases.iter().enumerate() {
             assert_eq!(run(case), case.want, "case {i}");
         }
+    }
+
+    #[test]
+    fn paths_are_normalized_for_matching() {
+        let cases = [
+            ("/w/acme/docs", "/w/acme/docs"),
+            ("//w/acme/x", "/w/acme/x"),
+            ("/x/../w/acme/", "/w/acme/"),
+            ("/./w/./acme", "/w/acme"),
+            ("/w/%61cme/x", "/w/acme/x"),
+            ("/w/%2E%2E/w/acme/", "/w/acme/"),
+            ("/w/a%2Fb/", "/w/a%2Fb/"),
+            ("/../../", "/"),
+            ("/w/acme/..", "/w/"),
+            ("/%", "/%"),
+            ("/%6", "/%6"),
+        ];
+        for (raw, want) in cases {
+            assert_eq!(normalized_path(raw), want, "{raw}");
+        }
+        assert!(matches!(
+            normalized_path("/w/acme/x"),
+            std::borrow::Cow::Borrowed(_)
+        ));
     }
 
     #[test]

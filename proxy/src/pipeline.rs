@@ -25,7 +25,7 @@ use crate::headers::{
     self, Peer, X_DOMICILE_EPOCH, X_DOMICILE_MAP_VERSION, X_DOMICILE_REGION, X_DOMICILE_WORKSPACE,
     X_REQUEST_ID,
 };
-use crate::identify::{Identifier, Identity, RequestView};
+use crate::identify::{normalized_path, Identifier, Identity, RequestView};
 use crate::map::{Lookup, RegionIdx, Replica};
 use crate::metrics::Metrics;
 use crate::refusal::{ProxyBody, Refusal, RefusalCode};
@@ -152,9 +152,10 @@ impl Pipeline {
         }
 
         let host = host_of(&req);
+        let path = normalized_path(req.uri().path());
         let identity = self.identifier.identify(&RequestView {
             host,
-            path: req.uri().path(),
+            path: &path,
             query: req.uri().query(),
             headers: req.headers(),
         });
