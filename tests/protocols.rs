@@ -626,3 +626,22 @@ async fn a_stalled_request_body_gets_408() {
     drop(tx);
     proxy.running.shutdown().await;
 }
+
+#[tokio::test]
+async fn shutdown_does_not_wait_for_connections_that_never_sent_a_byte() {
+    let us = origin("us").await;
+    // The default 10 s header read timeout would hold the drain if silent connections counted.
+    let proxy = proxy().route("us", &[&us]).start().await;
+    let _silent = TcpStream::connect(proxy.addr()).await.unwrap();
+    let pipeline = proxy.running.pipeline.clone();
+    assert!(
+        eventually(Duration::from_secs(5), || pipeline
+            .metrics
+            .connections_active
+            .load(std::sync::atomic::Ordering::Relaxed)
+            == 1)
+        .await
+    );
+    let drained = tokio::time::timeout(Duration::from_secs(3), proxy.running.shutdown()).await;
+    assert_eq!(drained.expect("drained promptly"), 0);
+}

@@ -166,7 +166,7 @@ async fn serve_connection(
     // Sniff the HTTP/2 preface; the bytes read are replayed to hyper.
     let mut prefix = [0u8; 24];
     let mut filled = 0;
-    let sniffed = tokio::time::timeout(limits.header_read_timeout, async {
+    let sniff = tokio::time::timeout(limits.header_read_timeout, async {
         loop {
             stream.readable().await?;
             match stream.try_read(&mut prefix[filled..]) {
@@ -184,8 +184,12 @@ async fn serve_connection(
                 Err(e) => return Err(e),
             }
         }
-    })
-    .await;
+    });
+    // A connection that has not sent its first bytes yet holds no request: drop it on shutdown.
+    let sniffed = tokio::select! {
+        sniffed = sniff => sniffed,
+        _ = stopped(&mut shutdown) => return,
+    };
     let is_h2 = match sniffed {
         Ok(Ok(Some(is_h2))) => is_h2,
         Ok(Ok(None)) | Ok(Err(_)) => return,
