@@ -645,3 +645,60 @@ async fn shutdown_does_not_wait_for_connections_that_never_sent_a_byte() {
     let drained = tokio::time::timeout(Duration::from_secs(3), proxy.running.shutdown()).await;
     assert_eq!(drained.expect("drained promptly"), 0);
 }
+
+#[tokio::test]
+async fn a_long_upload_is_not_an_upstream_timeout_and_a_stalled_one_ejects_nothing() {
+    let us = origin("us").await;
+    let proxy = proxy()
+        .route_addrs("us", &[us.addr], "ejection = { consecutive_failures = 1 }")
+        .limits("upstream_response_timeout = \"200ms\"\nidle_timeout = \"600ms\"")
+        .start()
+        .await;
+    // An upload that keeps moving for longer than the response timeout.
+    let (tx, pending) = streaming_post(&proxy.url("/upload"), "acme");
+    for _ in 0..8 {
+        tx.send(Ok(Frame::data(Bytes::from_static(b"0123456789"))))
+            .await
+            .unwrap();
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    drop(tx);
+    let reply = collect(pending.await.unwrap().unwrap()).await;
+    assert_eq!(
+        reply.status,
+        200,
+        "{}",
+        String::from_utf8_lossy(&reply.body)
+    );
+    assert_eq!(reply.json()["body_bytes"], 80);
+
+    // A client that stalls its upload is the client's fault: 408, and the endpoint stays in.
+    let (tx, pending) = streaming_post(&proxy.url("/upload"), "acme");
+    tx.send(Ok(Frame::data(Bytes::from_static(b"x"))))
+        .await
+        .unwrap();
+    let reply = collect(pending.await.unwrap().unwrap()).await;
+    assert_eq!(reply.status, 408);
+    drop(tx);
+    let after = get(&proxy.url("/"), &[("x-workspace-id", "acme")]).await;
+    assert_eq!(after.status, 200, "the endpoint was not ejected");
+    proxy.running.shutdown().await;
+}
+
+#[tokio::test]
+async fn hosts_with_user_information_are_refused_and_a_trailing_dot_is_the_same_host() {
+    let (us, eu, proxy) = two_regions().await;
+    let answer = raw(
+        proxy.addr(),
+        b"GET / HTTP/1.1\r\nHost: globex.localhost@acme.localhost\r\nConnection: close\r\n\r\n",
+        Duration::from_secs(3),
+    )
+    .await;
+    assert_eq!(raw_status(&answer), Some(400), "{answer}");
+    assert!(answer.contains("bad_request"), "{answer}");
+    let dotted = get(&proxy.url("/"), &[("host", "globex.localhost.")]).await;
+    assert_eq!(dotted.region(), "eu");
+    assert!(us.seen_requests().is_empty());
+    assert_eq!(eu.seen_requests().len(), 1);
+    proxy.running.shutdown().await;
+}

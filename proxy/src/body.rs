@@ -29,6 +29,8 @@ pub enum Fate {
     Stalled,
     /// The body's source failed (for a request: the client sent a malformed body or vanished).
     Broken,
+    /// Every byte went through.
+    Done,
 }
 
 impl BodyFate {
@@ -37,6 +39,7 @@ impl BodyFate {
             1 => Fate::TooLarge,
             2 => Fate::Stalled,
             3 => Fate::Broken,
+            4 => Fate::Done,
             _ => Fate::Running,
         }
     }
@@ -47,6 +50,7 @@ impl BodyFate {
             Fate::TooLarge => 1,
             Fate::Stalled => 2,
             Fate::Broken => 3,
+            Fate::Done => 4,
         };
         self.0.store(v, Ordering::Relaxed);
     }
@@ -72,6 +76,7 @@ pin_project! {
         #[pin]
         timer: Sleep,
         fate: Option<Arc<BodyFate>>,
+        drop_trailers: bool,
     }
 }
 
@@ -87,7 +92,15 @@ impl<B> Guarded<B> {
             last_progress: now,
             timer: tokio::time::sleep_until(now + idle),
             fate,
+            drop_trailers: false,
         }
+    }
+
+    /// Drops trailer frames: a client's trailers could carry `x-domicile-*` or hop-by-hop
+    /// fields past the header rules, so request trailers are not forwarded.
+    pub fn without_trailers(mut self) -> Self {
+        self.drop_trailers = true;
+        self
     }
 }
 
@@ -105,6 +118,13 @@ where
     ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         let mut this = self.project();
         match this.inner.poll_frame(cx) {
+            Poll::Ready(Some(Ok(frame))) if *this.drop_trailers && frame.is_trailers() => {
+                // Trailers end the body; nothing follows them.
+                if let Some(fate) = this.fate {
+                    fate.set(Fate::Done);
+                }
+                Poll::Ready(None)
+            }
             Poll::Ready(Some(Ok(frame))) => {
                 if let Some(data) = frame.data_ref() {
                     *this.seen += data.len() as u64;
@@ -124,7 +144,12 @@ where
                 }
                 Poll::Ready(Some(Err(e.into())))
             }
-            Poll::Ready(None) => Poll::Ready(None),
+            Poll::Ready(None) => {
+                if let Some(fate) = this.fate {
+                    fate.set(Fate::Done);
+                }
+                Poll::Ready(None)
+            }
             Poll::Pending => loop {
                 ready!(this.timer.as_mut().poll(cx));
                 let deadline = *this.last_progress + *this.idle;

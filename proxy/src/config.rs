@@ -15,6 +15,9 @@ use serde::Deserialize;
 
 use crate::workspace_id::is_valid_region_id;
 
+/// Longest timeout accepted: deadlines computed from it must never overflow a clock.
+const MAX_TIMEOUT: Duration = Duration::from_secs(7 * 24 * 3600);
+
 /// A validated proxy configuration.
 #[derive(Debug, Clone)]
 pub struct ProxyConfig {
@@ -512,6 +515,11 @@ impl ProxyConfig {
                 }
             }
         }
+        if let Some(proxy) = &proxy {
+            if proxy.shutdown_grace > MAX_TIMEOUT {
+                errors.push("proxy.shutdown_grace", "must be at most 7 days");
+            }
+        }
         if let Some(limits) = &limits {
             if limits.max_header_bytes < 1024 {
                 errors.push("limits.max_header_bytes", "must be at least 1024");
@@ -533,6 +541,8 @@ impl ProxyConfig {
             ] {
                 if d.is_zero() {
                     errors.push(key, "must be greater than zero");
+                } else if d > MAX_TIMEOUT {
+                    errors.push(key, "must be at most 7 days");
                 }
             }
         }
@@ -598,6 +608,12 @@ fn validate_route(key: &str, route: &RegionRoute, errors: &mut Collector) {
     }
     if !route.health.path.starts_with('/') {
         errors.push(format!("{key}.health.path"), "must start with '/'");
+    }
+    if route.health.interval > MAX_TIMEOUT || route.health.timeout > MAX_TIMEOUT {
+        errors.push(
+            format!("{key}.health"),
+            "interval and timeout must be at most 7 days",
+        );
     }
     if route.health.interval.is_zero() || route.health.timeout.is_zero() {
         errors.push(
@@ -718,6 +734,9 @@ listen = "127.0.0.1:8080"
 unidentified = "nearest-region"
 strict_regional_hosts = true
 
+[limits]
+idle_timeout = "100000000h"
+
 [regions.eu]
 endpoints = ["127.0.0.1:1", "nope"]
 regional_hosts = ["bad/host"]
@@ -731,6 +750,7 @@ health = { path = "healthz" }
             "regions.eu.endpoints[1]",
             "regions.eu.regional_hosts[0]",
             "regions.eu.health.path",
+            "limits.idle_timeout",
         ] {
             assert!(keys.contains(&want), "{want} not reported in:\n{err}");
         }

@@ -165,7 +165,10 @@ impl Peer {
 /// Sets `Forwarded`, `X-Forwarded-For` and `X-Forwarded-Proto` for a request from `peer`.
 /// Incoming values are kept (and appended to) only when the peer is trusted.
 pub fn set_forwarded(headers: &mut HeaderMap, peer: &Peer, host: Option<&str>) {
-    let host = host.filter(|h| h.bytes().all(|b| b.is_ascii_graphic() && b != b'"'));
+    let host = host.filter(|h| {
+        h.bytes()
+            .all(|b| b.is_ascii_graphic() && b != b'"' && b != b'\\')
+    });
     let forwarded = match host {
         Some(host) => {
             let mut text = String::with_capacity(peer.forwarded.len() + host.len() + 8);
@@ -189,6 +192,11 @@ pub fn set_forwarded(headers: &mut HeaderMap, peer: &Peer, host: Option<&str>) {
             headers.insert(X_FORWARDED_PROTO.clone(), HeaderValue::from_static("http"));
         }
     } else {
+        // Other forwarding headers an untrusted client could use to steer a framework that
+        // trusts this proxy.
+        for name in ["x-forwarded-host", "x-forwarded-port", "x-real-ip"] {
+            headers.remove(name);
+        }
         headers.insert(header::FORWARDED, forwarded);
         headers.insert(X_FORWARDED_FOR.clone(), peer.xff.clone());
         headers.insert(X_FORWARDED_PROTO.clone(), HeaderValue::from_static("http"));
@@ -210,6 +218,24 @@ fn append_list(headers: &mut HeaderMap, name: HeaderName, item: &str) {
     };
     if let Ok(value) = HeaderValue::from_str(&combined) {
         headers.insert(name, value);
+    }
+}
+
+/// HTTP/2 clients may split `cookie` into several fields; HTTP/1.1 wants one, joined with
+/// `"; "` (RFC 9113 section 8.2.3), or origins read only the first.
+pub fn join_cookies(headers: &mut HeaderMap) {
+    let count = headers.get_all(header::COOKIE).iter().count();
+    if count < 2 {
+        return;
+    }
+    let joined: Vec<&[u8]> = headers
+        .get_all(header::COOKIE)
+        .iter()
+        .map(|v| v.as_bytes())
+        .collect();
+    let joined = joined.join(&b"; "[..]);
+    if let Ok(value) = HeaderValue::from_bytes(&joined) {
+        headers.insert(header::COOKIE, value);
     }
 }
 
@@ -292,11 +318,17 @@ mod tests {
     #[test]
     fn forwarded_from_untrusted_peer_is_replaced() {
         let trusted: Vec<IpNet> = vec!["10.0.0.0/8".parse().unwrap()];
-        let mut h = map(&[("x-forwarded-for", "6.6.6.6"), ("forwarded", "for=6.6.6.6")]);
+        let mut h = map(&[
+            ("x-forwarded-for", "6.6.6.6"),
+            ("forwarded", "for=6.6.6.6"),
+            ("x-forwarded-host", "globex.example"),
+            ("x-real-ip", "6.6.6.6"),
+        ]);
         let peer: SocketAddr = "203.0.113.7:5555".parse().unwrap();
         assert_eq!(client_ip(peer.ip(), &h, &trusted), peer.ip());
         set_forwarded(&mut h, &Peer::new(peer, &trusted), Some("acme.localhost"));
         assert_eq!(h["x-forwarded-for"], "203.0.113.7");
+        assert!(h.get("x-forwarded-host").is_none() && h.get("x-real-ip").is_none());
         assert_eq!(
             h["forwarded"],
             "for=203.0.113.7;proto=http;host=\"acme.localhost\""
@@ -318,6 +350,14 @@ mod tests {
         let mut h6 = HeaderMap::new();
         set_forwarded(&mut h6, &Peer::new(v6, &[]), None);
         assert_eq!(h6["forwarded"], "for=\"[::1]\";proto=http");
+    }
+
+    #[test]
+    fn cookies_are_joined_for_http1() {
+        let mut h = map(&[("cookie", "a=1"), ("cookie", "b=2"), ("cookie", "c=3")]);
+        join_cookies(&mut h);
+        assert_eq!(h.get_all("cookie").iter().count(), 1);
+        assert_eq!(h["cookie"], "a=1; b=2; c=3");
     }
 
     #[test]

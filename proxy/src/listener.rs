@@ -135,7 +135,6 @@ impl Activity {
     fn mark_response(&self) {
         self.last_response_us
             .store(self.now_us(), Ordering::Relaxed);
-        self.requests_finished.fetch_add(1, Ordering::Relaxed);
     }
 
     /// Whether bytes arrived after the last response: a request head was begun and not finished.
@@ -225,6 +224,7 @@ async fn serve_connection(
         let peer = peer_info.clone();
         activity.requests_started.fetch_add(1, Ordering::Relaxed);
         async move {
+            let _finished = FinishGuard(activity.clone());
             let response = pipeline.handle(req, &peer).await;
             activity.mark_response();
             Ok::<_, Infallible>(response)
@@ -301,6 +301,16 @@ async fn serve_connection(
                 }
             }
         }
+    }
+}
+
+/// Counts a request as finished when its service future ends, also when the client cancels it
+/// (an HTTP/2 reset drops the future), so the idle watcher never waits on a request that is gone.
+struct FinishGuard(Arc<Activity>);
+
+impl Drop for FinishGuard {
+    fn drop(&mut self) {
+        self.0.requests_finished.fetch_add(1, Ordering::Relaxed);
     }
 }
 

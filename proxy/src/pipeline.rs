@@ -62,11 +62,12 @@ fn host_of<B>(req: &Request<B>) -> Option<&str> {
         Some(authority) => authority.as_str(),
         None => req.headers().get(header::HOST)?.to_str().ok()?,
     };
-    let raw = raw.rsplit_once('@').map_or(raw, |(_, h)| h);
     if raw.starts_with('[') {
         return raw.split_once(']').map(|(h, _)| &raw[..h.len() + 1]);
     }
-    Some(raw.split_once(':').map_or(raw, |(h, _)| h))
+    let host = raw.split_once(':').map_or(raw, |(h, _)| h);
+    // `acme.example.com.` is the same host as `acme.example.com`.
+    Some(host.strip_suffix('.').unwrap_or(host))
 }
 
 fn content_length(headers: &HeaderMap) -> Option<u64> {
@@ -214,6 +215,23 @@ impl Pipeline {
     /// Limits hyper does not enforce with a JSON answer.
     fn check_request<B>(&self, req: &Request<B>) -> Option<Refusal<'static>> {
         let limits = &self.config.limits;
+        // A host with user information (`globex.example@acme.example`) would be identified by
+        // one part while an origin may read the other: refuse it outright.
+        let userinfo = req
+            .uri()
+            .authority()
+            .is_some_and(|a| a.as_str().contains('@'))
+            || req
+                .headers()
+                .get_all(header::HOST)
+                .iter()
+                .any(|h| h.as_bytes().contains(&b'@'));
+        if userinfo {
+            return Some(
+                Refusal::new(RefusalCode::BadRequest)
+                    .message("the host must not contain user information ('@')"),
+            );
+        }
         if req.method() == Method::CONNECT {
             return Some(
                 Refusal::new(RefusalCode::BadRequest)
@@ -341,8 +359,12 @@ impl Pipeline {
                 return self.refuse(refusal, ws_str, Some(forward.region), &request_id, started);
             }
         }
-        let upgrade =
-            req.version() <= Version::HTTP_11 && headers::is_upgrade_request(req.headers());
+        // hyper hands over upgraded connections for HTTP/1.1 only, and an HTTP/2 origin cannot
+        // take an HTTP/1.1 upgrade: there the request goes on as a plain request.
+        let upgrade = req.version() == Version::HTTP_11
+            && pool.protocol == UpstreamProtocol::Http1
+            && headers::is_upgrade_request(req.headers());
+        let client_version = req.version();
         let client_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
 
         let (mut parts, body) = req.into_parts();
@@ -364,6 +386,9 @@ impl Pipeline {
         match pool.protocol {
             UpstreamProtocol::Http1 => {
                 parts.version = Version::HTTP_11;
+                if client_version == Version::HTTP_2 {
+                    headers::join_cookies(&mut parts.headers);
+                }
                 if let Some(host) = original_host {
                     parts.headers.insert(header::HOST, host);
                 }
@@ -393,6 +418,7 @@ impl Pipeline {
                 self.config.limits.idle_timeout,
                 fate.clone(),
             )
+            .without_trailers()
             .boxed_unsync()
         };
         let retries = if body_is_empty && is_idempotent(&parts.method) && !upgrade {
@@ -496,6 +522,32 @@ impl Pipeline {
         }
     }
 
+    /// Waits for the origin's response head. `upstream_response_timeout` runs from the moment
+    /// the request body has been sent in full: a long upload that keeps moving is not a slow
+    /// origin (a stalled one is ended by the body's own idle timeout).
+    async fn await_response<F, T>(
+        &self,
+        response: F,
+        fate: Option<&BodyFate>,
+    ) -> Result<T, tokio::time::error::Elapsed>
+    where
+        F: std::future::Future<Output = T>,
+    {
+        let timeout = self.config.limits.upstream_response_timeout;
+        tokio::pin!(response);
+        loop {
+            match tokio::time::timeout(timeout, &mut response).await {
+                Ok(output) => return Ok(output),
+                Err(elapsed) => {
+                    let uploading = fate.is_some_and(|f| f.get() == Fate::Running);
+                    if !uploading {
+                        return Err(elapsed);
+                    }
+                }
+            }
+        }
+    }
+
     /// Sends to endpoints of `pool` only, retrying within the pool when allowed.
     #[allow(clippy::too_many_arguments)]
     async fn send(
@@ -541,11 +593,9 @@ impl Pipeline {
                 Ok(uri) => *request.uri_mut() = uri,
                 Err(e) => return Err(ForwardError::Upstream(e.to_string())),
             }
-            let outcome = tokio::time::timeout(
-                self.config.limits.upstream_response_timeout,
-                pool.client.request(request),
-            )
-            .await;
+            let outcome = self
+                .await_response(pool.client.request(request), fate)
+                .await;
             let error = match outcome {
                 Ok(Ok(response)) => {
                     pool.record_success(endpoint);
@@ -556,7 +606,7 @@ impl Pipeline {
                         Fate::TooLarge => return Err(ForwardError::BodyTooLarge),
                         Fate::Stalled => return Err(ForwardError::ClientStalled),
                         Fate::Broken => return Err(ForwardError::ClientBody),
-                        Fate::Running => {}
+                        Fate::Running | Fate::Done => {}
                     }
                     pool.record_failure(endpoint);
                     if e.is_connect() {

@@ -270,9 +270,10 @@ impl Upstreams {
 
     /// The region whose regional hostname `host` is, if any.
     pub fn region_of_host(&self, host: &str) -> Option<RegionIdx> {
+        // The most specific pattern wins: `*.eu.example.com` over `*.example.com`.
         self.regional_hosts
             .iter()
-            .find(|(pattern, _)| {
+            .filter(|(pattern, _)| {
                 if pattern.starts_with('.') {
                     host.len() > pattern.len()
                         && host.as_bytes()[host.len() - pattern.len()..]
@@ -281,6 +282,7 @@ impl Upstreams {
                     host.eq_ignore_ascii_case(pattern)
                 }
             })
+            .max_by_key(|(pattern, _)| (!pattern.starts_with('.'), pattern.len()))
             .map(|(_, idx)| *idx)
     }
 }
