@@ -519,5 +519,14 @@ async fn path_tricks_do_not_escape_the_path_rule() {
         );
     }
     assert!(us.seen_requests().is_empty(), "{:?}", us.seen_requests());
+    // Raw and normalized paths naming different workspaces: refused, not guessed.
+    let answer = raw(
+        proxy.addr(),
+        b"GET /w/globex/%2e%2e/acme/ HTTP/1.1\r\nHost: edge.example\r\nConnection: close\r\n\r\n",
+        Duration::from_secs(3),
+    )
+    .await;
+    assert_eq!(raw_status(&answer), Some(400), "{answer}");
+    assert!(answer.contains("conflicting_workspace"), "{answer}");
     proxy.running.shutdown().await;
 }

@@ -36,6 +36,28 @@ pub enum Identity {
     },
 }
 
+impl Identity {
+    /// Combines the reading of the normalized path (`normalized`) with the reading of the raw
+    /// path (`raw`): two different workspaces conflict, and a workspace found by either reading
+    /// is the request's. An id the raw reading cannot parse (still percent-encoded) is no id:
+    /// no origin can serve a workspace by that name.
+    pub fn agree(normalized: Identity, raw: Identity) -> Identity {
+        let raw = match raw {
+            Identity::Invalid { .. } => Identity::None,
+            other => other,
+        };
+        match (normalized, raw) {
+            (settled @ (Identity::Invalid { .. } | Identity::Conflict { .. }), _) => settled,
+            (_, conflict @ Identity::Conflict { .. }) => conflict,
+            (Identity::Workspace(first), Identity::Workspace(second)) if first != second => {
+                Identity::Conflict { first, second }
+            }
+            (Identity::Workspace(id), _) | (_, Identity::Workspace(id)) => Identity::Workspace(id),
+            _ => Identity::None,
+        }
+    }
+}
+
 /// The parts of a request identification reads.
 #[derive(Debug, Clone, Copy)]
 pub struct RequestView<'a> {

@@ -153,13 +153,21 @@ impl Pipeline {
         }
 
         let host = host_of(&req);
-        let path = normalized_path(req.uri().path());
-        let identity = self.identifier.identify(&RequestView {
+        let raw_path = req.uri().path();
+        let path = normalized_path(raw_path);
+        let mut view = RequestView {
             host,
             path: &path,
             query: req.uri().query(),
             headers: req.headers(),
-        });
+        };
+        let mut identity = self.identifier.identify(&view);
+        if *path != *raw_path {
+            // An origin may read the raw path or the normalized one: both must name the same
+            // workspace (`/w/globex/%2e%2e/acme/` names two).
+            view.path = raw_path;
+            identity = Identity::agree(identity, self.identifier.identify(&view));
+        }
         let lookup = match identity {
             Identity::Workspace(id) => self.replica.lookup(&id),
             _ => match self.replica.version() {
