@@ -86,7 +86,7 @@ pub fn load(path: &Path, replica: &Replica) -> Result<LoadedMap, MapFileError> {
     // About 80 bytes per workspace line.
     let table = MapTable::with_capacity((size_hint / 80) as usize, 0);
     let mut regions: Vec<CatalogueRegion> = Vec::new();
-    let mut pending_workspaces: Vec<(usize, String)> = Vec::new();
+    let mut pending_workspaces: Vec<(usize, WorkspaceId, String, MapEntry)> = Vec::new();
     let mut errors = Vec::new();
     let mut version = None;
     let mut line = String::new();
@@ -191,50 +191,49 @@ pub fn load(path: &Path, replica: &Replica) -> Result<LoadedMap, MapFileError> {
                     );
                     continue;
                 }
-                let home_region = match regions.iter().any(|r| r.id == region) {
-                    true => replica.regions().find(region),
-                    // A region listed further down is fine; check at the end.
-                    false => {
-                        pending_workspaces.push((line_no, region.to_owned()));
-                        if is_valid_region_id(region) {
-                            replica.regions().intern(region).ok()
-                        } else {
-                            None
-                        }
+                let entry = |home_region| MapEntry {
+                    home_region,
+                    state,
+                    epoch,
+                    version: entry_version,
+                };
+                if regions.iter().any(|r| r.id == region) {
+                    let Some(home_region) = replica.regions().find(region) else {
+                        continue;
+                    };
+                    if table.get(ws.as_bytes()).is_some() {
+                        error(&mut errors, line_no, format!("workspace {ws} listed twice"));
+                        continue;
                     }
-                };
-                let Some(home_region) = home_region else {
-                    error(
-                        &mut errors,
-                        line_no,
-                        format!("region {region:?} is not valid"),
-                    );
-                    continue;
-                };
-                if table.get(ws.as_bytes()).is_some() {
-                    error(&mut errors, line_no, format!("workspace {ws} listed twice"));
-                    continue;
+                    table.insert(&ws, entry(home_region));
+                } else {
+                    // A region listed further down is fine: placed at the end, once every region
+                    // line is known. Nothing is interned for a region no line lists.
+                    pending_workspaces.push((line_no, ws, region.to_owned(), entry(0)));
                 }
-                table.insert(
-                    &ws,
-                    MapEntry {
-                        home_region,
-                        state,
-                        epoch,
-                        version: entry_version,
-                    },
-                );
             }
         }
     }
-    for (line_no, region) in pending_workspaces {
-        if !regions.iter().any(|r| r.id == region) {
+    for (line_no, ws, region, mut entry) in pending_workspaces {
+        let home_region = regions
+            .iter()
+            .any(|r| r.id == region)
+            .then(|| replica.regions().find(&region))
+            .flatten();
+        let Some(home_region) = home_region else {
             error(
                 &mut errors,
                 line_no,
                 format!("region {region:?} is not listed by any `region` line"),
             );
+            continue;
+        };
+        if table.get(ws.as_bytes()).is_some() {
+            error(&mut errors, line_no, format!("workspace {ws} listed twice"));
+            continue;
         }
+        entry.home_region = home_region;
+        table.insert(&ws, entry);
     }
     match version {
         Some(v) => table.publish_version(v),
@@ -450,6 +449,10 @@ not json
             assert!(all.contains(needle), "{needle} missing from {all}");
         }
         assert!(!replica.is_loaded(), "a bad file must not be installed");
+        assert!(
+            replica.regions().find("mars").is_none(),
+            "a region no line lists takes no region slot"
+        );
     }
 
     #[test]
