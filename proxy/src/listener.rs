@@ -273,6 +273,11 @@ async fn serve_connection(
             // answers heads between the two.
             .max_buf_size(((limits.max_header_bytes as usize) * 2).max(16 * 1024))
             .keep_alive(true);
+        if limits.max_headers > 100 {
+            // hyper parses up to 100 fields on the stack; past that it needs to be told (and
+            // parses on the heap). Up to 100 its default stays, for speed.
+            builder.max_headers(limits.max_headers + 1);
+        }
         let conn = builder
             .serve_connection(TokioIo::new(io), service)
             .with_upgrades();
