@@ -394,15 +394,7 @@ async fn graceful_shutdown_finishes_in_flight_requests_and_stops_accepting() {
         .await
         .unwrap();
     // Wait until the proxy has the request in hand.
-    let pipeline = proxy.running.pipeline.clone();
-    assert!(
-        eventually(Duration::from_secs(5), || pipeline
-            .metrics
-            .connections_active
-            .load(std::sync::atomic::Ordering::Relaxed)
-            == 1)
-        .await
-    );
+    proxy.wait_for_connections(1).await;
     let shutdown = tokio::spawn(proxy.running.shutdown());
     // New connections are refused once the listener is gone.
     assert!(
@@ -572,15 +564,7 @@ async fn readyz_reports_draining_during_shutdown() {
     tx.send(Ok(Frame::data(Bytes::from_static(b"part"))))
         .await
         .unwrap();
-    let pipeline = proxy.running.pipeline.clone();
-    assert!(
-        eventually(Duration::from_secs(5), || pipeline
-            .metrics
-            .connections_active
-            .load(std::sync::atomic::Ordering::Relaxed)
-            == 1)
-        .await
-    );
+    proxy.wait_for_connections(1).await;
     let shutdown = tokio::spawn(proxy.running.shutdown());
     let mut saw_draining = false;
     for _ in 0..50 {
@@ -633,15 +617,7 @@ async fn shutdown_does_not_wait_for_connections_that_never_sent_a_byte() {
     // The default 10 s header read timeout would hold the drain if silent connections counted.
     let proxy = proxy().route("us", &[&us]).start().await;
     let _silent = TcpStream::connect(proxy.addr()).await.unwrap();
-    let pipeline = proxy.running.pipeline.clone();
-    assert!(
-        eventually(Duration::from_secs(5), || pipeline
-            .metrics
-            .connections_active
-            .load(std::sync::atomic::Ordering::Relaxed)
-            == 1)
-        .await
-    );
+    proxy.wait_for_connections(1).await;
     let drained = tokio::time::timeout(Duration::from_secs(3), proxy.running.shutdown()).await;
     assert_eq!(drained.expect("drained promptly"), 0);
 }

@@ -18,12 +18,10 @@ use criterion::{black_box, criterion_group, criterion_main, BenchmarkId, Criteri
 use domicile_proxy::config::{Rule, Unidentified};
 use domicile_proxy::decide::{decide, Decision, Policy, RequestFacts, RouteStatus, Routes};
 use domicile_proxy::identify::{Identifier, Identity, RequestView};
-use domicile_proxy::map::{
-    CatalogueRegion, Lookup, MapEntry, MapTable, RegionIdx, Replica, WorkspaceState,
-};
+use domicile_proxy::map::{Lookup, MapEntry, MapTable, RegionIdx, Replica, WorkspaceState};
 use domicile_proxy::workspace_id::WorkspaceId;
 use http::{HeaderMap, HeaderValue};
-use loadtest::synthetic::{home_is_eu, mix, workspace_id};
+use loadtest::synthetic::{catalogue, home_is_eu, mix, workspace_id};
 
 /// Map sizes benchmarked for the whole request path.
 const SIZES: [(u64, &str); 3] = [(10_000, "10K"), (1_000_000, "1M"), (10_000_000, "10M")];
@@ -108,15 +106,7 @@ impl Fixture {
         }
         table.publish_version(1);
         assert_eq!(table.len() as u64, entries, "workspace ids must be unique");
-        let catalogue = [
-            ("us", "United States", *b"US"),
-            ("eu", "European Union", *b"DE"),
-        ]
-        .map(|(id, name, country)| CatalogueRegion {
-            id: id.into(),
-            name: name.into(),
-            jurisdiction: vec![country],
-        });
+        let catalogue = catalogue();
         replica.replace(table, &catalogue).expect("catalogue");
 
         let identifier = Identifier::new(&[

@@ -24,6 +24,19 @@ pub mod synthetic {
         }
     }
 
+    /// The two regions of the synthetic map, as its catalogue lists them.
+    pub fn catalogue() -> [domicile_proxy::map::CatalogueRegion; 2] {
+        [
+            ("us", "United States", *b"US"),
+            ("eu", "European Union", *b"DE"),
+        ]
+        .map(|(id, name, country)| domicile_proxy::map::CatalogueRegion {
+            id: id.into(),
+            name: name.into(),
+            jurisdiction: vec![country],
+        })
+    }
+
     /// Half of the workspaces live in `eu`, half in `us`.
     pub fn home_is_eu(i: u64) -> bool {
         (mix(i) >> 32) & 1 == 1

@@ -8,11 +8,9 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 use clap::{Args, Parser, Subcommand};
-use domicile_proxy::map::{
-    CatalogueRegion, Lookup, MapEntry, MapTable, RegionIdx, Replica, WorkspaceState,
-};
+use domicile_proxy::map::{Lookup, MapEntry, MapTable, RegionIdx, Replica, WorkspaceState};
 use domicile_proxy::workspace_id::WorkspaceId;
-use loadtest::synthetic::{home_is_eu, mix, workspace_id};
+use loadtest::synthetic::{catalogue, home_is_eu, mix, workspace_id};
 
 #[derive(Debug, Parser)]
 #[command(name = "loadtest", version, about = "Domicile scale measurements")]
@@ -263,15 +261,7 @@ fn map_memory(args: &MapMemoryArgs) -> Result<ExitCode> {
         );
     }
 
-    let catalogue = [
-        ("us", "United States", *b"US"),
-        ("eu", "European Union", *b"DE"),
-    ]
-    .map(|(id, name, country)| CatalogueRegion {
-        id: id.into(),
-        name: name.into(),
-        jurisdiction: vec![country],
-    });
+    let catalogue = catalogue();
     replica.replace(table, &catalogue)?;
     let mut failures = Vec::new();
     for n in 0..args.check {

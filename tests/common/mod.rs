@@ -175,6 +175,20 @@ impl TestProxy {
         format!("http://{}{}", self.running.addr, path)
     }
 
+    /// Waits until the proxy holds `n` client connections.
+    pub async fn wait_for_connections(&self, n: u64) {
+        let pipeline = self.running.pipeline.clone();
+        let held = eventually(Duration::from_secs(5), || {
+            pipeline
+                .metrics
+                .connections_active
+                .load(std::sync::atomic::Ordering::Relaxed)
+                == n
+        })
+        .await;
+        assert!(held, "the proxy never held {n} connections");
+    }
+
     pub fn admin_url(&self, path: &str) -> String {
         format!("http://{}{}", self.running.admin_addr.expect("admin"), path)
     }
