@@ -120,7 +120,26 @@ fn main() -> ExitCode {
             }
         },
         command => {
+            // The proxy's configuration is read before the runtime starts: it says how many
+            // worker threads to run.
+            let (command, workers) = match command {
+                Command::Proxy { config } => match ProxyConfig::from_file(&config) {
+                    Ok(config) => {
+                        let workers = config.proxy.worker_count();
+                        (Job::Proxy(config), workers)
+                    }
+                    Err(e) => {
+                        eprintln!("error: {e:#}");
+                        return ExitCode::FAILURE;
+                    }
+                },
+                other => (
+                    Job::Other(other),
+                    std::thread::available_parallelism().map_or(1, |n| n.get()),
+                ),
+            };
             let runtime = match tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(workers)
                 .enable_all()
                 .build()
             {
@@ -141,7 +160,17 @@ fn main() -> ExitCode {
     }
 }
 
-async fn run(command: Command) -> anyhow::Result<()> {
+/// What the runtime runs: the proxy with its configuration already read, or another command.
+enum Job {
+    Proxy(ProxyConfig),
+    Other(Command),
+}
+
+async fn run(job: Job) -> anyhow::Result<()> {
+    let command = match job {
+        Job::Proxy(config) => return run_proxy(config).await,
+        Job::Other(command) => command,
+    };
     match command {
         Command::Demo {
             data_dir,
@@ -158,28 +187,30 @@ async fn run(command: Command) -> anyhow::Result<()> {
             )
             .await
         }
-        Command::Proxy { config } => {
-            let config = ProxyConfig::from_file(&config)?;
-            let proxy = domicile_proxy::start(config).await?;
-            // One machine-readable line for scripts and tests that bind port 0.
-            println!(
-                "domicile proxy listening on http://{} admin {}",
-                proxy.addr,
-                proxy
-                    .admin_addr
-                    .map_or_else(|| "none".to_owned(), |a| format!("http://{a}"))
-            );
-            shutdown_signal().await;
-            tracing::info!("signal received: draining");
-            let left = proxy.shutdown().await;
-            if left > 0 {
-                tracing::warn!(
-                    left,
-                    "connections were still open at the end of the grace period"
-                );
-            }
-            Ok(())
+        Command::Proxy { .. } | Command::CheckConfig { .. } => {
+            unreachable!("handled before the runtime starts")
         }
-        Command::CheckConfig { .. } => unreachable!("handled before the runtime starts"),
     }
+}
+
+async fn run_proxy(config: ProxyConfig) -> anyhow::Result<()> {
+    let proxy = domicile_proxy::start(config).await?;
+    // One machine-readable line for scripts and tests that bind port 0.
+    println!(
+        "domicile proxy listening on http://{} admin {}",
+        proxy.addr,
+        proxy
+            .admin_addr
+            .map_or_else(|| "none".to_owned(), |a| format!("http://{a}"))
+    );
+    shutdown_signal().await;
+    tracing::info!("signal received: draining");
+    let left = proxy.shutdown().await;
+    if left > 0 {
+        tracing::warn!(
+            left,
+            "connections were still open at the end of the grace period"
+        );
+    }
+    Ok(())
 }

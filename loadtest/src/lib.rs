@@ -1,5 +1,13 @@
-//! Scale measurements shared by the `loadtest` command and the criterion benches: the synthetic
-//! workspace population both use, so that the bench and `map-memory` measure the same map.
+//! Domicile's benchmarks: the side-by-side comparison with nginx, HAProxy and Caddy
+//! ([`compare`]) and the scale measurements shared by the `loadtest` command and the criterion
+//! benches (the synthetic workspace population both use, so that the bench and `map-memory`
+//! measure the same map).
+
+pub mod compare;
+pub mod origin;
+pub mod peers;
+pub mod procs;
+pub mod tools;
 
 pub mod synthetic {
     //! A deterministic population of workspaces with a realistic mix of id lengths.

@@ -1,7 +1,9 @@
 //! `loadtest`: Domicile's scale measurements.
 //!
-//! Each measurement is a subcommand (see [`Command`]); today there is `map-memory`, the resident
-//! memory a routing map costs per workspace. See loadtest/README.md and docs/benchmarks.md.
+//! Each measurement is a subcommand (see [`Command`]): `compare` (Domicile side by side with
+//! nginx, HAProxy and Caddy), `map-memory` (the resident memory a routing map costs per
+//! workspace) and `origin` (the static upstream `compare` starts). See loadtest/README.md and
+//! docs/benchmarks.md.
 
 use std::process::ExitCode;
 use std::time::{Duration, Instant};
@@ -21,14 +23,21 @@ struct Cli {
 
 #[derive(Debug, Subcommand)]
 enum Command {
+    /// Domicile against nginx, HAProxy and Caddy in one run: throughput, CPU per request,
+    /// latency over a direct baseline, memory. Writes loadtest/results/<date>-<host>.json and .md.
+    Compare(CompareArgs),
     /// Resident memory per routing-map entry: fill a map with N workspaces and measure.
     MapMemory(MapMemoryArgs),
+    /// The static origin `compare` puts behind every proxy (one listener per upstream group).
+    Origin(OriginArgs),
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let outcome = match cli.command {
+        Command::Compare(args) => compare(args),
         Command::MapMemory(args) => map_memory(&args),
+        Command::Origin(args) => loadtest::origin::run(&args.pools).map(|()| ExitCode::SUCCESS),
     };
     match outcome {
         Ok(code) => code,
@@ -37,6 +46,126 @@ fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+// ---------------------------------------------------------------------------------------------
+// compare
+
+#[derive(Debug, Args)]
+struct CompareArgs {
+    /// A short run (2 repetitions of 2 s, 2,000 idle connections): under 5 minutes.
+    #[arg(long)]
+    quick: bool,
+    /// Repetitions of every row, interleaved across proxies (default 5; 2 with --quick).
+    #[arg(long, value_parser = clap::value_parser!(u64).range(1..=50))]
+    reps: Option<u64>,
+    /// Seconds per run (default 5; 2 with --quick).
+    #[arg(long, value_parser = clap::value_parser!(u64).range(1..=600))]
+    seconds: Option<u64>,
+    /// Proxies to run, comma-separated, from direct, domicile, nginx, haproxy, caddy.
+    #[arg(
+        long,
+        value_delimiter = ',',
+        default_value = "direct,domicile,nginx,haproxy,caddy"
+    )]
+    proxies: Vec<String>,
+    /// Only these workloads (comma-separated names; get-small always runs: it finds the knee).
+    #[arg(long, value_delimiter = ',')]
+    workloads: Option<Vec<String>>,
+    /// The domicile binary to measure (default: `cargo build --release` of this checkout).
+    #[arg(long)]
+    domicile: Option<std::path::PathBuf>,
+    /// Do not run scripts/install-bench-peers.sh first.
+    #[arg(long)]
+    no_install: bool,
+    /// Idle keep-alive connections opened for the memory row (default 10000; 2000 with --quick; 0 skips).
+    #[arg(long)]
+    idle_connections: Option<usize>,
+    /// Also measure the routing map at 10 million entries (map-memory) and add it to the report.
+    #[arg(long)]
+    scale: bool,
+    /// Appended to the result file names, e.g. `before-pool`.
+    #[arg(long)]
+    label: Option<String>,
+    /// Where results are written.
+    #[arg(long, default_value = concat!(env!("CARGO_MANIFEST_DIR"), "/results"))]
+    results_dir: std::path::PathBuf,
+}
+
+fn compare(args: CompareArgs) -> Result<ExitCode> {
+    let kinds = args
+        .proxies
+        .iter()
+        .map(|p| loadtest::peers::Kind::parse(p))
+        .collect::<Result<Vec<_>>>()?;
+    if kinds.is_empty() {
+        bail!("--proxies names no proxy");
+    }
+    if let Some(names) = &args.workloads {
+        let known: Vec<&str> = loadtest::compare::THROUGHPUT
+            .iter()
+            .chain(loadtest::compare::LATENCY.iter())
+            .map(|w| w.name)
+            .collect();
+        for name in names {
+            if !known.contains(&name.as_str()) {
+                bail!("unknown workload {name:?} (known: {})", known.join(", "));
+            }
+        }
+    }
+    let label = match (&args.label, args.quick) {
+        (Some(label), true) => Some(format!("{label}-quick")),
+        (Some(label), false) => Some(label.clone()),
+        (None, true) => Some("quick".to_owned()),
+        (None, false) => None,
+    };
+    if let Some(label) = &label {
+        if !label
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+        {
+            bail!("--label {label:?}: use letters, digits, '-' and '_' only");
+        }
+    }
+    let options = loadtest::compare::Options {
+        reps: args.reps.unwrap_or(if args.quick { 2 } else { 5 }) as usize,
+        duration: Duration::from_secs(args.seconds.unwrap_or(if args.quick { 2 } else { 5 })),
+        kinds,
+        domicile: args.domicile,
+        install: !args.no_install,
+        idle_connections: args
+            .idle_connections
+            .unwrap_or(if args.quick { 2000 } else { 10_000 }),
+        results_dir: args.results_dir,
+        label,
+        scale: args.scale,
+        workloads: args.workloads,
+    };
+    let (json, md, all_valid) = loadtest::compare::run(&options)?;
+    eprintln!("compare: wrote {} and {}", json.display(), md.display());
+    if all_valid {
+        Ok(ExitCode::SUCCESS)
+    } else {
+        eprintln!("compare: some rows are invalid (non-2xx responses); see the table");
+        Ok(ExitCode::FAILURE)
+    }
+}
+
+#[derive(Debug, Args)]
+struct OriginArgs {
+    /// `name=address` of one upstream group, e.g. `eu=127.0.0.1:0`; repeatable.
+    #[arg(long = "pool", value_parser = parse_pool, required = true)]
+    pools: Vec<(String, std::net::SocketAddr)>,
+}
+
+fn parse_pool(text: &str) -> Result<(String, std::net::SocketAddr), String> {
+    let (name, addr) = text
+        .split_once('=')
+        .ok_or_else(|| format!("{text:?} is not name=address"))?;
+    let addr = addr
+        .parse()
+        .map_err(|e| format!("{text:?}: address {addr:?}: {e}"))?;
+    Ok((name.to_owned(), addr))
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -54,6 +54,20 @@ pub struct ProxySection {
     /// Seconds sent in `Retry-After` with `workspace_moving`. Default: 5.
     #[serde(default = "defaults::moving_retry_after")]
     pub moving_retry_after: u32,
+    /// Threads serving client traffic. Default: the CPUs this process may run on.
+    #[serde(default)]
+    pub workers: Option<usize>,
+}
+
+/// Most worker threads a proxy may be configured with.
+pub const MAX_WORKERS: usize = 1024;
+
+impl ProxySection {
+    /// The number of worker threads: `workers`, or the CPUs this process may run on.
+    pub fn worker_count(&self) -> usize {
+        self.workers
+            .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()))
+    }
 }
 
 #[derive(Debug, Clone, Default, Deserialize)]
@@ -518,6 +532,12 @@ impl ProxyConfig {
         if let Some(proxy) = &proxy {
             if proxy.shutdown_grace > MAX_TIMEOUT {
                 errors.push("proxy.shutdown_grace", "must be at most 7 days");
+            }
+            if proxy.workers.is_some_and(|w| w == 0 || w > MAX_WORKERS) {
+                errors.push(
+                    "proxy.workers",
+                    format!("must be between 1 and {MAX_WORKERS}"),
+                );
             }
         }
         if let Some(limits) = &limits {
