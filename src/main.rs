@@ -120,14 +120,12 @@ fn main() -> ExitCode {
             }
         },
         command => {
-            // The proxy's configuration is read before the runtime starts: it says how many
-            // worker threads to run.
+            // The proxy serves client traffic on its own worker threads (`proxy.workers`), one
+            // single-threaded runtime each; this runtime only runs the admin listener, health
+            // checks and map reloads, so one thread is enough.
             let (command, workers) = match command {
                 Command::Proxy { config } => match ProxyConfig::from_file(&config) {
-                    Ok(config) => {
-                        let workers = config.proxy.worker_count();
-                        (Job::Proxy(config), workers)
-                    }
+                    Ok(config) => (Job::Proxy(Box::new(config)), 1),
                     Err(e) => {
                         eprintln!("error: {e:#}");
                         return ExitCode::FAILURE;
@@ -162,13 +160,13 @@ fn main() -> ExitCode {
 
 /// What the runtime runs: the proxy with its configuration already read, or another command.
 enum Job {
-    Proxy(ProxyConfig),
+    Proxy(Box<ProxyConfig>),
     Other(Command),
 }
 
 async fn run(job: Job) -> anyhow::Result<()> {
     let command = match job {
-        Job::Proxy(config) => return run_proxy(config).await,
+        Job::Proxy(config) => return run_proxy(*config).await,
         Job::Other(command) => command,
     };
     match command {

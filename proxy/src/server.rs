@@ -39,6 +39,7 @@ pub struct RunningProxy {
     draining: Arc<AtomicBool>,
     tracker: Arc<ConnectionTracker>,
     grace: std::time::Duration,
+    threads: Vec<std::thread::JoinHandle<()>>,
     _watcher: Option<notify::RecommendedWatcher>,
 }
 
@@ -81,11 +82,18 @@ pub async fn start(config: ProxyConfig) -> Result<RunningProxy, StartError> {
     }
 
     let listen = config.proxy.listen;
-    let listener = bind(listen)?;
-    let addr = listener.local_addr().map_err(|source| StartError::Bind {
+    let workers = config.proxy.worker_count().max(1);
+    // One listening socket per worker (SO_REUSEPORT: the kernel spreads connections over them),
+    // the first one resolving port 0 for the others.
+    let first = bind_std(listen, workers > 1)?;
+    let addr = first.local_addr().map_err(|source| StartError::Bind {
         addr: listen,
         source,
     })?;
+    let mut sockets = vec![first];
+    for _ in 1..workers {
+        sockets.push(bind_std(addr, true)?);
+    }
     let (shutdown, shutdown_rx) = watch::channel(false);
     // The admin listener outlives the drain, so probes see `/readyz` fail rather than vanish.
     let (admin_shutdown, admin_shutdown_rx) = watch::channel(false);
@@ -111,13 +119,23 @@ pub async fn start(config: ProxyConfig) -> Result<RunningProxy, StartError> {
         }
         None => None,
     };
-    tokio::spawn(listener::serve(
-        listener,
-        pipeline.clone(),
-        shutdown_rx,
-        tracker.clone(),
-    ));
-    tracing::info!(%addr, ?admin_addr, proxy_id = config.proxy_id(), "proxy listening");
+    let mut threads = Vec::with_capacity(workers);
+    for (index, socket) in sockets.into_iter().enumerate() {
+        let worker = Worker {
+            index,
+            socket,
+            pipeline: pipeline.clone(),
+            shutdown: shutdown_rx.clone(),
+            stop: admin_shutdown.subscribe(),
+            tracker: tracker.clone(),
+        };
+        let thread = std::thread::Builder::new()
+            .name(format!("domicile-worker-{index}"))
+            .spawn(move || worker.run())
+            .map_err(|e| StartError::Setup(format!("cannot start worker thread {index}: {e}")))?;
+        threads.push(thread);
+    }
+    tracing::info!(%addr, ?admin_addr, workers, proxy_id = config.proxy_id(), "proxy listening");
     Ok(RunningProxy {
         addr,
         admin_addr,
@@ -127,8 +145,75 @@ pub async fn start(config: ProxyConfig) -> Result<RunningProxy, StartError> {
         draining,
         grace: config.proxy.shutdown_grace,
         tracker,
+        threads,
         _watcher: watcher,
     })
+}
+
+/// One thread serving client traffic on its own single-threaded runtime: the connections it
+/// accepts, their requests and their upstream exchanges all stay on this thread.
+struct Worker {
+    index: usize,
+    socket: std::net::TcpListener,
+    pipeline: Arc<Pipeline>,
+    /// Stop accepting and drain.
+    shutdown: watch::Receiver<bool>,
+    /// The grace period is over: drop whatever is still open.
+    stop: watch::Receiver<bool>,
+    tracker: Arc<ConnectionTracker>,
+}
+
+impl Worker {
+    fn run(self) {
+        let runtime = match tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+        {
+            Ok(runtime) => runtime,
+            Err(e) => {
+                tracing::error!(worker = self.index, "cannot start the worker runtime: {e}");
+                return;
+            }
+        };
+        let Worker {
+            index,
+            socket,
+            pipeline,
+            shutdown,
+            mut stop,
+            tracker,
+        } = self;
+        runtime.block_on(async move {
+            let listener = match TcpListener::from_std(socket) {
+                Ok(listener) => listener,
+                Err(e) => {
+                    tracing::error!(worker = index, "cannot register the listener: {e}");
+                    return;
+                }
+            };
+            listener::serve(listener, pipeline, shutdown, tracker.clone()).await;
+            // Accepting has stopped; the connections this worker owns finish on its runtime.
+            tokio::select! {
+                () = tracker.drained() => {}
+                _ = stop.wait_for(|stop| *stop) => {}
+            }
+        });
+    }
+}
+
+/// A non-blocking listening socket, to be registered with a worker's runtime.
+fn bind_std(addr: SocketAddr, reuse_port: bool) -> Result<std::net::TcpListener, StartError> {
+    use socket2::{Domain, Socket, Type};
+    let err = |source| StartError::Bind { addr, source };
+    let socket = Socket::new(Domain::for_address(addr), Type::STREAM, None).map_err(err)?;
+    socket.set_reuse_address(true).map_err(err)?;
+    if reuse_port {
+        socket.set_reuse_port(true).map_err(err)?;
+    }
+    socket.set_nonblocking(true).map_err(err)?;
+    socket.bind(&addr.into()).map_err(err)?;
+    socket.listen(4096).map_err(err)?;
+    Ok(socket.into())
 }
 
 fn bind(addr: SocketAddr) -> Result<TcpListener, StartError> {
@@ -151,7 +236,15 @@ impl RunningProxy {
         self.draining.store(true, Ordering::SeqCst);
         let _ = self.shutdown.send(true);
         let drained = tokio::time::timeout(self.grace, self.tracker.drained()).await;
+        // Also tells the workers to drop what is still open.
         let _ = self.admin_shutdown.send(true);
+        let threads = self.threads;
+        let _ = tokio::task::spawn_blocking(move || {
+            for thread in threads {
+                let _ = thread.join();
+            }
+        })
+        .await;
         match drained {
             Ok(()) => 0,
             Err(_) => {
