@@ -1,12 +1,13 @@
 //! Domicile's data plane: accept, identify, decide, forward only to the home region.
 //!
 //! Read in the order a request travels: [`listener`] -> [`identify`] -> [`map`] -> [`decide`]
-//! -> [`upstream`] (via [`pipeline`]). [`config`] turns TOML into a validated configuration,
+//! -> [`upstream`] (via [`pipeline`], over each worker's [`connpool`]). [`config`] turns TOML into a validated configuration,
 //! [`mapfile`] feeds the map replica from a file, [`admin`] serves health and metrics.
 
 pub mod admin;
 pub mod body;
 pub mod config;
+pub mod connpool;
 pub mod decide;
 pub mod geoip;
 pub mod headers;

@@ -10,7 +10,7 @@ use std::time::Instant;
 
 use bytes::Bytes;
 use http::header::{self, HeaderMap, HeaderValue};
-use http::uri::{PathAndQuery, Scheme};
+use http::uri::{Authority, PathAndQuery, Scheme};
 use http::{Method, Request, Response, StatusCode, Uri, Version};
 use http_body::Body;
 use http_body_util::{BodyExt, Empty};
@@ -19,6 +19,7 @@ use hyper_util::rt::TokioIo;
 
 use crate::body::{BodyFate, Fate, Guarded};
 use crate::config::{ProxyConfig, Unidentified, UpstreamProtocol};
+use crate::connpool::{PooledBody, SendError};
 use crate::decide::{decide, Decision, Forward, Policy, RequestFacts};
 use crate::geoip::GeoIp;
 use crate::headers::{
@@ -383,6 +384,12 @@ impl Pipeline {
             Some(authority) => HeaderValue::from_str(authority.as_str()).ok(),
             None => parts.headers.get(header::HOST).cloned(),
         };
+        let h2_authority = match pool.protocol {
+            UpstreamProtocol::H2c => original_host
+                .as_ref()
+                .and_then(|h| Authority::try_from(h.as_bytes()).ok()),
+            UpstreamProtocol::Http1 => None,
+        };
         self.prepare_headers(
             &mut parts.headers,
             &forward,
@@ -402,8 +409,7 @@ impl Pipeline {
                 }
             }
             UpstreamProtocol::H2c => {
-                // HTTP/2 forbids a Host that differs from :authority (the endpoint's address);
-                // the client's host still reaches the origin in `Forwarded`.
+                // The client's host travels as :authority (set in `send`), not as `Host`.
                 parts.version = Version::HTTP_2;
                 parts.headers.remove(header::HOST);
             }
@@ -446,6 +452,7 @@ impl Pipeline {
                 parts,
                 upstream_body,
                 &path_and_query,
+                h2_authority.as_ref(),
                 retries,
                 retry_template,
                 fate.as_deref(),
@@ -564,10 +571,11 @@ impl Pipeline {
         parts: http::request::Parts,
         body: ProxyBody,
         path_and_query: &PathAndQuery,
+        h2_authority: Option<&Authority>,
         retries: u32,
         template: Option<(Method, Version, HeaderMap)>,
         fate: Option<&BodyFate>,
-    ) -> Result<Response<Incoming>, ForwardError> {
+    ) -> Result<Response<PooledBody>, ForwardError> {
         let mut tried: u64 = 0;
         let mut next = Some(Request::from_parts(parts, body));
         let mut attempt = 0u32;
@@ -592,17 +600,24 @@ impl Pipeline {
                     request
                 }
             };
-            let uri = Uri::builder()
-                .scheme(Scheme::HTTP)
-                .authority(endpoint.authority.clone())
-                .path_and_query(path_and_query.clone())
-                .build();
-            match uri {
-                Ok(uri) => *request.uri_mut() = uri,
-                Err(e) => return Err(ForwardError::Upstream(e.to_string())),
-            }
+            *request.uri_mut() = match pool.protocol {
+                // HTTP/1.1 origins get the origin form (`/path?query`) and the client's `Host`.
+                UpstreamProtocol::Http1 => Uri::from(path_and_query.clone()),
+                UpstreamProtocol::H2c => {
+                    let authority = h2_authority.unwrap_or(&endpoint.authority).clone();
+                    match Uri::builder()
+                        .scheme(Scheme::HTTP)
+                        .authority(authority)
+                        .path_and_query(path_and_query.clone())
+                        .build()
+                    {
+                        Ok(uri) => uri,
+                        Err(e) => return Err(ForwardError::Upstream(e.to_string())),
+                    }
+                }
+            };
             let outcome = self
-                .await_response(pool.client.request(request), fate)
+                .await_response(endpoint.target.send(request), fate)
                 .await;
             let error = match outcome {
                 Ok(Ok(response)) => {
@@ -617,17 +632,9 @@ impl Pipeline {
                         Fate::Running | Fate::Done => {}
                     }
                     pool.record_failure(endpoint);
-                    if e.is_connect() {
-                        None
-                    } else {
-                        let mut detail = e.to_string();
-                        let mut source = std::error::Error::source(&e);
-                        while let Some(s) = source {
-                            detail.push_str(": ");
-                            detail.push_str(&s.to_string());
-                            source = s.source();
-                        }
-                        Some(ForwardError::Upstream(detail))
+                    match e {
+                        SendError::Connect(_) => None,
+                        SendError::Http(_) => Some(ForwardError::Upstream(e.to_string())),
                     }
                 }
                 Err(_elapsed) => {

@@ -17,11 +17,13 @@ use hyper_util::client::legacy::Client;
 use hyper_util::rt::{TokioExecutor, TokioTimer};
 
 use crate::config::{Ejection, HealthCheck, Limits, RegionRoute, UpstreamProtocol};
+use crate::connpool::{EndpointKey, Target};
 use crate::decide::{RouteStatus, Routes};
 use crate::map::{RegionIdx, Regions, MAX_REGIONS};
 use crate::refusal::ProxyBody;
 
-/// The HTTP client used for one region's endpoints.
+/// The HTTP client of one region's active health checks (client traffic goes through each
+/// worker's own pool, [`crate::connpool`]).
 pub type UpstreamClient = Client<HttpConnector, ProxyBody>;
 
 /// Parses `host:port` or `http://host:port` into an authority.
@@ -54,6 +56,8 @@ pub fn parse_endpoint(text: &str) -> Result<Authority, String> {
 #[derive(Debug)]
 pub struct Endpoint {
     pub authority: Authority,
+    /// How client requests reach it: through each worker's own connection pool.
+    pub target: Target,
     /// Result of active health checks (starts healthy).
     healthy: AtomicBool,
     /// Milliseconds since the pool's start until which the endpoint is ejected.
@@ -63,9 +67,17 @@ pub struct Endpoint {
 }
 
 impl Endpoint {
-    fn new(authority: Authority) -> Self {
+    fn new(authority: Authority, protocol: UpstreamProtocol, limits: &Limits) -> Self {
+        let target = Target {
+            key: EndpointKey::new(),
+            authority: authority.as_str().to_owned(),
+            addr: authority.as_str().parse().ok(),
+            protocol,
+            connect_timeout: limits.upstream_connect_timeout,
+        };
         Self {
             authority,
+            target,
             healthy: AtomicBool::new(true),
             ejected_until_ms: AtomicU64::new(0),
             consecutive_failures: AtomicU32::new(0),
@@ -230,7 +242,9 @@ impl Upstreams {
             let endpoints = route
                 .endpoints
                 .iter()
-                .map(|e| parse_endpoint(e).map(|a| Arc::new(Endpoint::new(a))))
+                .map(|e| {
+                    parse_endpoint(e).map(|a| Arc::new(Endpoint::new(a, route.protocol, limits)))
+                })
                 .collect::<Result<Vec<_>, _>>()?;
             let pool = Arc::new(RegionPool {
                 region: idx,

@@ -1,0 +1,347 @@
+//! Upstream connections, pooled per worker thread.
+//!
+//! Every worker runs its own single-threaded runtime (see `server`), so each keeps its own idle
+//! connections in a thread-local list: taking and returning one is a `Vec` pop and push, with
+//! no lock and no cross-thread wake-up. Connections are `hyper::client::conn` connections:
+//!
+//! - HTTP/1.1: one request at a time. A connection goes back to the idle list when its response
+//!   body has been read to the end ([`PooledBody`]); a connection whose response was cut off, or
+//!   that switched protocols, is closed instead.
+//! - h2c: one multiplexed connection per endpoint and worker, shared by every request.
+//!
+//! A request that hyper hands back unsent (the idle connection was closed by the origin just as
+//! it was taken) is sent again on a new connection: it never reached the origin.
+
+use std::cell::RefCell;
+use std::collections::HashMap;
+use std::io;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http::{Request, Response};
+use http_body::{Body, Frame, SizeHint};
+use hyper::body::Incoming;
+use hyper::client::conn::{http1, http2};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use tokio::net::TcpStream;
+
+use crate::config::UpstreamProtocol;
+use crate::refusal::ProxyBody;
+
+/// Idle HTTP/1.1 connections kept per endpoint and worker; more are closed.
+const MAX_IDLE_PER_ENDPOINT: usize = 512;
+/// An idle connection older than this is closed rather than reused (origins commonly close
+/// idle connections after 60 s or more; reusing one they are closing costs a retry).
+const IDLE_TIMEOUT: Duration = Duration::from_secs(50);
+
+static NEXT_ID: AtomicU64 = AtomicU64::new(1);
+
+/// A pool key: unique per endpoint for the life of the process.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct EndpointKey(u64);
+
+impl EndpointKey {
+    pub fn new() -> Self {
+        Self(NEXT_ID.fetch_add(1, Ordering::Relaxed))
+    }
+}
+
+impl Default for EndpointKey {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+#[derive(Default)]
+struct Idle {
+    http1: HashMap<EndpointKey, Vec<(http1::SendRequest<ProxyBody>, Instant)>>,
+    h2: HashMap<EndpointKey, http2::SendRequest<ProxyBody>>,
+}
+
+thread_local! {
+    static IDLE: RefCell<Idle> = RefCell::new(Idle::default());
+}
+
+/// Why an exchange with an origin failed.
+#[derive(Debug)]
+pub enum SendError {
+    /// No connection could be made: nothing reached the origin.
+    Connect(io::Error),
+    /// The connection failed during the exchange.
+    Http(hyper::Error),
+}
+
+impl std::fmt::Display for SendError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            SendError::Connect(e) => write!(f, "connect: {e}"),
+            SendError::Http(e) => {
+                write!(f, "{e}")?;
+                let mut source = std::error::Error::source(e);
+                while let Some(s) = source {
+                    write!(f, ": {s}")?;
+                    source = s.source();
+                }
+                Ok(())
+            }
+        }
+    }
+}
+
+/// How to reach one endpoint.
+#[derive(Debug)]
+pub struct Target {
+    pub key: EndpointKey,
+    /// `host:port`, resolved at each new connection when it is not an address.
+    pub authority: String,
+    pub addr: Option<SocketAddr>,
+    pub protocol: UpstreamProtocol,
+    pub connect_timeout: Duration,
+}
+
+impl Target {
+    async fn connect(&self) -> Result<TcpStream, SendError> {
+        let connect = async {
+            let stream = match self.addr {
+                Some(addr) => TcpStream::connect(addr).await?,
+                None => TcpStream::connect(self.authority.as_str()).await?,
+            };
+            stream.set_nodelay(true)?;
+            let keepalive = socket2::TcpKeepalive::new().with_time(Duration::from_secs(60));
+            socket2::SockRef::from(&stream).set_tcp_keepalive(&keepalive)?;
+            Ok::<_, io::Error>(stream)
+        };
+        match tokio::time::timeout(self.connect_timeout, connect).await {
+            Ok(Ok(stream)) => Ok(stream),
+            Ok(Err(e)) => Err(SendError::Connect(e)),
+            Err(_) => Err(SendError::Connect(io::Error::new(
+                io::ErrorKind::TimedOut,
+                format!("no connection within {:?}", self.connect_timeout),
+            ))),
+        }
+    }
+
+    /// Sends `request` and returns the response head; the body streams from the connection.
+    /// Must be called on a worker's runtime (the connection task is spawned there).
+    pub async fn send(
+        &self,
+        request: Request<ProxyBody>,
+    ) -> Result<Response<PooledBody>, SendError> {
+        match self.protocol {
+            UpstreamProtocol::Http1 => self.send_http1(request).await,
+            UpstreamProtocol::H2c => self.send_h2(request).await,
+        }
+    }
+
+    fn take_idle_http1(&self) -> Option<http1::SendRequest<ProxyBody>> {
+        let now = Instant::now();
+        IDLE.with(|idle| {
+            let mut idle = idle.borrow_mut();
+            let list = idle.http1.get_mut(&self.key)?;
+            while let Some((sender, since)) = list.pop() {
+                if !sender.is_closed() && now.duration_since(since) < IDLE_TIMEOUT {
+                    return Some(sender);
+                }
+            }
+            None
+        })
+    }
+
+    async fn new_http1(&self) -> Result<http1::SendRequest<ProxyBody>, SendError> {
+        let stream = self.connect().await?;
+        let (sender, connection) = http1::Builder::new()
+            .handshake(TokioIo::new(stream))
+            .await
+            .map_err(SendError::Http)?;
+        tokio::spawn(async move {
+            if let Err(e) = connection.with_upgrades().await {
+                tracing::debug!("upstream connection closed: {e}");
+            }
+        });
+        Ok(sender)
+    }
+
+    async fn send_http1(
+        &self,
+        mut request: Request<ProxyBody>,
+    ) -> Result<Response<PooledBody>, SendError> {
+        // A pooled connection can turn out closed between the check and the send; hyper then
+        // hands the request back unsent and it goes out on a fresh connection. A fresh
+        // connection that fails the same way is an error.
+        for _ in 0..3 {
+            let (mut sender, fresh) = match self.take_idle_http1() {
+                Some(sender) => (sender, false),
+                None => (self.new_http1().await?, true),
+            };
+            if sender.ready().await.is_err() {
+                if fresh {
+                    return Err(SendError::Connect(io::Error::new(
+                        io::ErrorKind::ConnectionReset,
+                        "the new connection closed before the request was sent",
+                    )));
+                }
+                continue;
+            }
+            match sender.try_send_request(request).await {
+                Ok(response) => {
+                    let switching = response.status() == http::StatusCode::SWITCHING_PROTOCOLS;
+                    let ticket = (!switching).then(|| Ticket {
+                        key: self.key,
+                        sender,
+                    });
+                    return Ok(response.map(|body| PooledBody {
+                        inner: body,
+                        ticket,
+                    }));
+                }
+                Err(mut e) => match e.take_message() {
+                    Some(unsent) if !fresh => request = unsent,
+                    _ => return Err(SendError::Http(e.into_error())),
+                },
+            }
+        }
+        Err(SendError::Connect(io::Error::new(
+            io::ErrorKind::ConnectionReset,
+            "pooled connections kept closing before the request was sent",
+        )))
+    }
+
+    async fn send_h2(
+        &self,
+        mut request: Request<ProxyBody>,
+    ) -> Result<Response<PooledBody>, SendError> {
+        for _ in 0..2 {
+            let existing = IDLE.with(|idle| {
+                let mut idle = idle.borrow_mut();
+                match idle.h2.get(&self.key) {
+                    Some(sender) if !sender.is_closed() => Some(sender.clone()),
+                    Some(_) => {
+                        idle.h2.remove(&self.key);
+                        None
+                    }
+                    None => None,
+                }
+            });
+            let (mut sender, fresh) = match existing {
+                Some(sender) => (sender, false),
+                None => {
+                    let stream = self.connect().await?;
+                    let (sender, connection) = http2::Builder::new(TokioExecutor::new())
+                        .timer(TokioTimer::new())
+                        .handshake(TokioIo::new(stream))
+                        .await
+                        .map_err(SendError::Http)?;
+                    tokio::spawn(async move {
+                        if let Err(e) = connection.await {
+                            tracing::debug!("upstream h2 connection closed: {e}");
+                        }
+                    });
+                    IDLE.with(|idle| idle.borrow_mut().h2.insert(self.key, sender.clone()));
+                    (sender, true)
+                }
+            };
+            if sender.ready().await.is_err() {
+                IDLE.with(|idle| idle.borrow_mut().h2.remove(&self.key));
+                if fresh {
+                    return Err(SendError::Connect(io::Error::new(
+                        io::ErrorKind::ConnectionReset,
+                        "the new h2 connection closed before the request was sent",
+                    )));
+                }
+                continue;
+            }
+            match sender.try_send_request(request).await {
+                Ok(response) => {
+                    return Ok(response.map(|body| PooledBody {
+                        inner: body,
+                        ticket: None,
+                    }))
+                }
+                Err(mut e) => match e.take_message() {
+                    Some(unsent) if !fresh => {
+                        IDLE.with(|idle| idle.borrow_mut().h2.remove(&self.key));
+                        request = unsent;
+                    }
+                    _ => return Err(SendError::Http(e.into_error())),
+                },
+            }
+        }
+        Err(SendError::Connect(io::Error::new(
+            io::ErrorKind::ConnectionReset,
+            "the h2 connection closed before the request was sent",
+        )))
+    }
+}
+
+/// The right to put an HTTP/1.1 connection back in its worker's idle list.
+struct Ticket {
+    key: EndpointKey,
+    sender: http1::SendRequest<ProxyBody>,
+}
+
+impl Ticket {
+    fn give_back(self) {
+        let _ = IDLE.try_with(|idle| {
+            let mut idle = idle.borrow_mut();
+            let list = idle.http1.entry(self.key).or_default();
+            if list.len() < MAX_IDLE_PER_ENDPOINT {
+                list.push((self.sender, Instant::now()));
+            }
+        });
+    }
+}
+
+/// An origin's response body. When it has been read to the end, its HTTP/1.1 connection goes
+/// back to the idle list; dropped earlier, the connection is closed with it.
+pub struct PooledBody {
+    inner: Incoming,
+    ticket: Option<Ticket>,
+}
+
+impl Body for PooledBody {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+        let this = &mut *self;
+        let polled = Pin::new(&mut this.inner).poll_frame(cx);
+        match &polled {
+            Poll::Ready(None) => {
+                if let Some(ticket) = this.ticket.take() {
+                    ticket.give_back();
+                }
+            }
+            Poll::Ready(Some(Err(_))) => this.ticket = None,
+            _ => {
+                if this.inner.is_end_stream() {
+                    if let Some(ticket) = this.ticket.take() {
+                        ticket.give_back();
+                    }
+                }
+            }
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+impl PooledBody {
+    /// The body as hyper gave it, for an upgraded (101) response.
+    pub fn into_inner(self) -> Incoming {
+        self.inner
+    }
+}
