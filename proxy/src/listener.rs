@@ -210,6 +210,7 @@ async fn serve_connection(
         activity: activity.clone(),
         write_stall: limits.idle_timeout,
         write_timer: None,
+        read_window: MIN_READ_WINDOW,
     };
 
     let peer_info = Arc::new(crate::headers::Peer::new(
@@ -371,7 +372,13 @@ struct ConnIo {
     activity: Arc<Activity>,
     write_stall: Duration,
     write_timer: Option<Pin<Box<Sleep>>>,
+    /// How many bytes the next read offers the kernel (see `poll_read`).
+    read_window: usize,
 }
+
+/// Smallest and largest read window: a request head fits the smallest; uploads grow it.
+const MIN_READ_WINDOW: usize = 4 * 1024;
+const MAX_READ_WINDOW: usize = 256 * 1024;
 
 impl ConnIo {
     fn write_blocked(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
@@ -408,9 +415,18 @@ impl AsyncRead for ConnIo {
         }
         loop {
             ready!(self.stream.poll_read_ready(cx))?;
-            let unfilled = buf.initialize_unfilled();
+            // hyper hands a fresh, uninitialised buffer of 8 KiB or more to every read, and safe
+            // code must zero what it offers the kernel: offer a window that fits what arrives
+            // (a request head), doubled while reads fill it (an upload), halved when they don't.
+            let window = buf.remaining().min(self.read_window);
+            let unfilled = buf.initialize_unfilled_to(window);
             match self.stream.try_read(unfilled) {
                 Ok(n) => {
+                    if n == window {
+                        self.read_window = (self.read_window * 2).min(MAX_READ_WINDOW);
+                    } else if n < window / 4 {
+                        self.read_window = (self.read_window / 2).max(MIN_READ_WINDOW);
+                    }
                     buf.advance(n);
                     if n > 0 {
                         self.activity.mark_read();
