@@ -89,6 +89,12 @@ async fn shutdown_signal() {
     let _ = ctrl_c.await;
 }
 
+/// mimalloc instead of the system allocator: the request path allocates and frees small objects
+/// (header maps, futures, buffers) on one thread at a time, which is its strength; see
+/// docs/benchmarks.md for what it bought.
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     init_logging(cli.log_format);

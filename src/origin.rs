@@ -1,7 +1,8 @@
 //! A demo origin: answers any request with JSON describing what it received, so a reader (or a
 //! test) can see which region served a request and with which headers.
 //!
-//! `{"region": ..., "method": ..., "path": ..., "headers": {...}, "body_bytes": N}`
+//! `{"region": ..., "method": ..., "path": ..., "authority": ..., "headers": {...}, "body_bytes": N}`
+//! (`authority` is the request target's authority: HTTP/2's `:authority`, else null).
 //!
 //! Request bodies are read as a stream and counted, never held. WebSocket upgrades are accepted
 //! and echoed. Every request is also kept in a log that tests can read.
@@ -129,6 +130,7 @@ async fn handle(
     region: Arc<str>,
     log: Arc<std::sync::Mutex<Vec<Seen>>>,
 ) -> Result<Response<Body>, Infallible> {
+    let authority = req.uri().authority().map(|a| a.as_str().to_owned());
     let headers: BTreeMap<String, String> = req
         .headers()
         .iter()
@@ -195,6 +197,7 @@ async fn handle(
         "region": &*region,
         "method": method,
         "path": path,
+        "authority": authority,
         "headers": headers,
         "body_bytes": body_bytes,
     });

@@ -485,8 +485,10 @@ async fn h2c_upstreams_are_spoken_to_in_http2() {
     assert_eq!(reply.status, 200);
     assert_eq!(reply.region(), "eu");
     let headers = reply.json()["headers"].clone();
-    // HTTP/2 carries the authority as a pseudo-header; the client's host is in Forwarded.
+    // HTTP/2 carries the client's host as :authority (not the endpoint's address), and it is
+    // in Forwarded too.
     assert!(headers.get("host").is_none(), "{headers}");
+    assert_eq!(reply.json()["authority"], "globex.example");
     assert!(
         headers["forwarded"]
             .as_str()
@@ -677,4 +679,102 @@ async fn hosts_with_user_information_are_refused_and_a_trailing_dot_is_the_same_
     assert!(us.seen_requests().is_empty());
     assert_eq!(eu.seen_requests().len(), 1);
     proxy.running.shutdown().await;
+}
+
+/// A raw HTTP/1.1 origin that counts the connections it accepts and answers every request
+/// `200 ok`; with `close_after_each`, it closes each connection after one response without
+/// saying so (no `Connection: close`), as an origin with a short keep-alive timeout does.
+async fn counting_upstream(
+    close_after_each: bool,
+) -> (SocketAddr, std::sync::Arc<std::sync::atomic::AtomicU64>) {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    let listener = TcpListener::bind(LOOPBACK).await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let accepted = std::sync::Arc::new(AtomicU64::new(0));
+    let counter = accepted.clone();
+    tokio::spawn(async move {
+        loop {
+            let Ok((mut stream, _)) = listener.accept().await else {
+                return;
+            };
+            counter.fetch_add(1, Ordering::SeqCst);
+            tokio::spawn(async move {
+                let mut pending = Vec::new();
+                let mut buf = [0u8; 4096];
+                loop {
+                    let Ok(n) = stream.read(&mut buf).await else {
+                        return;
+                    };
+                    if n == 0 {
+                        return;
+                    }
+                    pending.extend_from_slice(&buf[..n]);
+                    while let Some(end) = pending.windows(4).position(|w| w == b"\r\n\r\n") {
+                        pending.drain(..end + 4);
+                        let reply = b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok";
+                        if stream.write_all(reply).await.is_err() {
+                            return;
+                        }
+                        if close_after_each {
+                            return;
+                        }
+                    }
+                }
+            });
+        }
+    });
+    (addr, accepted)
+}
+
+#[tokio::test]
+async fn upstream_connections_are_reused_and_closed_ones_are_replaced() {
+    use std::sync::atomic::Ordering;
+    // A keep-alive origin: 50 sequential requests through one worker share one connection.
+    let (addr, accepted) = counting_upstream(false).await;
+    let keeping = proxy()
+        .route_addrs("us", &[addr], "health.enabled = false")
+        .proxy_section("workers = 1")
+        .start()
+        .await;
+    for i in 0..50 {
+        let reply = get(&keeping.url("/"), &[("x-workspace-id", "acme")]).await;
+        assert_eq!(reply.status, 200, "request {i}");
+    }
+    assert_eq!(accepted.load(Ordering::SeqCst), 1, "one pooled connection");
+    keeping.running.shutdown().await;
+
+    // An origin that closes every connection after one response: each request still succeeds
+    // (on a new connection), none is refused, none is sent twice.
+    let (addr, accepted) = counting_upstream(true).await;
+    let proxy = proxy()
+        .route_addrs("us", &[addr], "health.enabled = false")
+        .proxy_section("workers = 1")
+        .start()
+        .await;
+    for i in 0..20 {
+        let reply = get(&proxy.url("/"), &[("x-workspace-id", "acme")]).await;
+        assert_eq!(reply.status, 200, "request {i}");
+    }
+    assert_eq!(accepted.load(Ordering::SeqCst), 20);
+    proxy.running.shutdown().await;
+}
+
+#[tokio::test]
+async fn several_workers_share_the_port_and_drain_together() {
+    let us = origin("us").await;
+    let proxy = proxy()
+        .route("us", &[&us])
+        .proxy_section("workers = 3")
+        .start()
+        .await;
+    // Many connections at once: the kernel spreads them over the workers' sockets.
+    let replies =
+        futures_util::future::join_all((0..60).map(|_| get_owned(proxy.url("/spread"), "acme")))
+            .await;
+    assert!(replies.iter().all(|status| *status == 200), "{replies:?}");
+    assert_eq!(proxy.running.shutdown().await, 0);
+}
+
+async fn get_owned(url: String, workspace: &'static str) -> u16 {
+    get(&url, &[("x-workspace-id", workspace)]).await.status
 }

@@ -749,6 +749,7 @@ helth = {}
 [proxy]
 edge_region = "US"
 listen = "127.0.0.1:8080"
+workers = 0
 
 [identify]
 unidentified = "nearest-region"
@@ -766,6 +767,7 @@ health = { path = "healthz" }
         let keys: Vec<_> = err.0.iter().map(|e| e.key.as_str()).collect();
         for want in [
             "proxy.edge_region",
+            "proxy.workers",
             "identify.unidentified",
             "regions.eu.endpoints[1]",
             "regions.eu.regional_hosts[0]",
