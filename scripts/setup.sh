@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Installs what building and testing Domicile needs on a fresh Debian machine with rustup.
-# Idempotent: installs only what is missing (C compiler, cargo-nextest, rustfmt, clippy). Benchmark peers (nginx, HAProxy, Caddy, wrk, h2load,
-# oha) are installed by the loadtest harness itself when it runs.
+# Idempotent: installs only what is missing (C compiler, cargo-nextest, rustfmt, clippy).
+# Benchmark peers (nginx, HAProxy, Caddy, wrk, h2load, oha) are installed by
+# scripts/install-bench-peers.sh, which `loadtest compare` runs itself.
 set -euo pipefail
 
 need_apt=()

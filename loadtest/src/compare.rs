@@ -225,6 +225,8 @@ struct MemoryRow {
     rss_with_idle_bytes: u64,
     /// Connections still open when the memory was read (a proxy may close some).
     idle_connections_open: usize,
+    /// Why the idle-connection test could not complete, if it could not.
+    problem: Option<String>,
 }
 
 #[derive(Debug, Serialize)]
@@ -571,6 +573,7 @@ fn idle_memory(target: &mut Running, n: usize) -> Result<MemoryRow> {
         rss_before_idle_bytes: rss_before,
         rss_with_idle_bytes: rss_with,
         idle_connections_open: still_open,
+        problem: None,
     })
 }
 
@@ -712,12 +715,18 @@ pub fn run(options: &Options) -> Result<(PathBuf, PathBuf, bool)> {
         PathBuf::from("domicile")
     };
     let fd_limit = peers::raise_fd_limit();
-    if (fd_limit as usize) < options.idle_connections * 2 + 1000 {
-        bail!(
-            "the open-file limit is {fd_limit}: too low for {} idle connections (raise it with ulimit -n, or pass --idle-connections)",
+    // HAProxy reserves two descriptors per connection it accepts (peers::start gives it
+    // maxconn = (limit - 200) / 2): keep the idle test within that, in whole thousands.
+    let idle_cap = ((fd_limit.saturating_sub(200) / 2).saturating_sub(200) / 1000 * 1000) as usize;
+    let mut options = options.clone();
+    if options.idle_connections > idle_cap {
+        eprintln!(
+            "compare: the open-file limit is {fd_limit}: the idle-connection row uses {idle_cap} connections instead of {} (raise the hard limit to measure more)",
             options.idle_connections
         );
+        options.idle_connections = idle_cap;
     }
+    let options = &options;
     let dir = std::env::temp_dir().join(format!("domicile-compare-{}", std::process::id()));
     std::fs::create_dir_all(&dir)?;
     let (mut origin, upstreams) = start_origin(load_cpu, &dir)?;
@@ -839,7 +848,20 @@ pub fn run(options: &Options) -> Result<(PathBuf, PathBuf, bool)> {
                     options.idle_connections,
                     target.kind.name()
                 );
-                idle_memory(target, options.idle_connections)?
+                // A proxy that cannot hold the connections gets a row that says so; the rest
+                // of the report stands.
+                idle_memory(target, options.idle_connections).unwrap_or_else(|e| {
+                    eprintln!("compare: idle connections to {}: {e:#}", target.kind.name());
+                    MemoryRow {
+                        proxy: target.kind,
+                        peak_rss_bytes: 0,
+                        idle_connections: options.idle_connections,
+                        rss_before_idle_bytes: 0,
+                        rss_with_idle_bytes: 0,
+                        idle_connections_open: 0,
+                        problem: Some(format!("{e:#}")),
+                    }
+                })
             } else {
                 MemoryRow {
                     proxy: target.kind,
@@ -848,6 +870,7 @@ pub fn run(options: &Options) -> Result<(PathBuf, PathBuf, bool)> {
                     rss_before_idle_bytes: 0,
                     rss_with_idle_bytes: 0,
                     idle_connections_open: 0,
+                    problem: None,
                 }
             };
             row.peak_rss_bytes = target.pid().map_or(0, procs::peak_rss_bytes);
@@ -1076,6 +1099,14 @@ fn markdown(report: &Report) -> String {
             } else {
                 "–".into()
             };
+            if let Some(problem) = &r.problem {
+                md.push_str(&format!(
+                    "| {} | {} | – | **failed**: {problem} | – | – |\n",
+                    r.proxy.name(),
+                    fmt_bytes(r.peak_rss_bytes),
+                ));
+                continue;
+            }
             md.push_str(&format!(
                 "| {} | {} | {} | {} ({}) | {per} | {} |\n",
                 r.proxy.name(),

@@ -316,6 +316,7 @@ http {{
 
 defaults
   mode http
+  maxconn {maxconn}
   timeout connect 2s
   timeout client 60s
   timeout server 30s

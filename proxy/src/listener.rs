@@ -19,7 +19,7 @@ use std::time::Duration;
 use hyper::server::conn::{http1, http2};
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
-use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::io::{AsyncRead, AsyncWrite, Interest, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
 use tokio::time::{Instant, Sleep};
@@ -210,7 +210,6 @@ async fn serve_connection(
         activity: activity.clone(),
         write_stall: limits.idle_timeout,
         write_timer: None,
-        read_window: MIN_READ_WINDOW,
     };
 
     let peer_info = Arc::new(crate::headers::Peer::new(
@@ -226,7 +225,10 @@ async fn serve_connection(
         activity.requests_started.fetch_add(1, Ordering::Relaxed);
         async move {
             let _finished = FinishGuard(activity.clone());
-            let response = pipeline.handle(req, &peer).await;
+            // The request's state (identification, the upstream exchange) lives on the heap
+            // for the request's lifetime only: hyper keeps room for this future in every
+            // connection, idle or not, so it must stay small.
+            let response = Box::pin(pipeline.handle(req, &peer)).await;
             activity.mark_response();
             Ok::<_, Infallible>(response)
         }
@@ -372,13 +374,7 @@ struct ConnIo {
     activity: Arc<Activity>,
     write_stall: Duration,
     write_timer: Option<Pin<Box<Sleep>>>,
-    /// How many bytes the next read offers the kernel (see `poll_read`).
-    read_window: usize,
 }
-
-/// Smallest and largest read window: a request head fits the smallest; uploads grow it.
-const MIN_READ_WINDOW: usize = 4 * 1024;
-const MAX_READ_WINDOW: usize = 256 * 1024;
 
 impl ConnIo {
     fn write_blocked(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
@@ -415,21 +411,30 @@ impl AsyncRead for ConnIo {
         }
         loop {
             ready!(self.stream.poll_read_ready(cx))?;
-            // hyper hands a fresh, uninitialised buffer of 8 KiB or more to every read, and safe
-            // code must zero what it offers the kernel: offer a window that fits what arrives
-            // (a request head), doubled while reads fill it (an upload), halved when they don't.
-            let window = buf.remaining().min(self.read_window);
-            let unfilled = buf.initialize_unfilled_to(window);
-            match self.stream.try_read(unfilled) {
+            // hyper hands a fresh, uninitialised buffer to every read, and safe code would have to
+            // zero all of it (8 KiB or more) before offering it to the kernel. Instead the kernel
+            // fills this worker's scratch buffer, zeroed once per thread, and only the bytes that
+            // arrived are copied on.
+            let want = buf.remaining().min(SCRATCH_BYTES);
+            let read = SCRATCH.with(|scratch| {
+                let mut scratch = scratch.borrow_mut();
+                let n = self.stream.try_read(&mut scratch[..want])?;
+                buf.put_slice(&scratch[..n]);
+                Ok::<usize, io::Error>(n)
+            });
+            match read {
                 Ok(n) => {
-                    if n == window {
-                        self.read_window = (self.read_window * 2).min(MAX_READ_WINDOW);
-                    } else if n < window / 4 {
-                        self.read_window = (self.read_window / 2).max(MIN_READ_WINDOW);
-                    }
-                    buf.advance(n);
                     if n > 0 {
                         self.activity.mark_read();
+                        if n < want {
+                            // A short read drained the socket (epoll is edge-triggered): mark
+                            // it not ready now rather than learn it from an EAGAIN read, as
+                            // tokio's own TcpStream does. Data arriving meanwhile raises a new
+                            // edge, so nothing is missed.
+                            let _ = self.stream.try_io(Interest::READABLE, || {
+                                Err::<(), _>(io::ErrorKind::WouldBlock.into())
+                            });
+                        }
                     }
                     return Poll::Ready(Ok(()));
                 }
@@ -438,6 +443,14 @@ impl AsyncRead for ConnIo {
             }
         }
     }
+}
+
+/// Size of each worker's read scratch buffer: the most one read takes from a client socket.
+const SCRATCH_BYTES: usize = 64 * 1024;
+
+thread_local! {
+    static SCRATCH: std::cell::RefCell<Box<[u8]>> =
+        std::cell::RefCell::new(vec![0u8; SCRATCH_BYTES].into_boxed_slice());
 }
 
 impl AsyncWrite for ConnIo {

@@ -519,6 +519,8 @@ impl Pipeline {
     ) {
         headers::strip_hop_by_hop(headers, upgrade);
         headers::strip_domicile(headers);
+        // Room for the fields added below, so the map grows once rather than once per insert.
+        headers.reserve(8);
         headers::set_forwarded(headers, peer, host.and_then(|h| h.to_str().ok()));
         headers.insert(X_REQUEST_ID.clone(), request_id.clone());
         if let Some(workspace) = &forward.workspace {
