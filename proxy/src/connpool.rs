@@ -165,6 +165,21 @@ impl Target {
         Ok(sender)
     }
 
+    async fn new_h2(&self) -> Result<http2::SendRequest<ProxyBody>, SendError> {
+        let stream = self.connect().await?;
+        let (sender, connection) = http2::Builder::new(TokioExecutor::new())
+            .timer(TokioTimer::new())
+            .handshake(TokioIo::new(stream))
+            .await
+            .map_err(SendError::Http)?;
+        tokio::spawn(async move {
+            if let Err(e) = connection.await {
+                tracing::debug!("upstream h2 connection closed: {e}");
+            }
+        });
+        Ok(sender)
+    }
+
     async fn send_http1(
         &self,
         mut request: Request<ProxyBody>,
@@ -175,7 +190,9 @@ impl Target {
         for _ in 0..3 {
             let (mut sender, fresh) = match self.take_idle_http1() {
                 Some(sender) => (sender, false),
-                None => (self.new_http1().await?, true),
+                // Boxed: connecting is the rare path, and its state would otherwise make every
+                // request's future (moved several times on the way) larger.
+                None => (Box::pin(self.new_http1()).await?, true),
             };
             if sender.ready().await.is_err() {
                 if fresh {
@@ -229,17 +246,7 @@ impl Target {
             let (mut sender, fresh) = match existing {
                 Some(sender) => (sender, false),
                 None => {
-                    let stream = self.connect().await?;
-                    let (sender, connection) = http2::Builder::new(TokioExecutor::new())
-                        .timer(TokioTimer::new())
-                        .handshake(TokioIo::new(stream))
-                        .await
-                        .map_err(SendError::Http)?;
-                    tokio::spawn(async move {
-                        if let Err(e) = connection.await {
-                            tracing::debug!("upstream h2 connection closed: {e}");
-                        }
-                    });
+                    let sender = Box::pin(self.new_h2()).await?;
                     IDLE.with(|idle| idle.borrow_mut().h2.insert(self.key, sender.clone()));
                     (sender, true)
                 }
