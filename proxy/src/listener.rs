@@ -281,33 +281,38 @@ async fn serve_connection(
             // parses on the heap). Up to 100 its default stays, for speed.
             builder.max_headers(limits.max_headers + 1);
         }
-        let conn = builder
-            .serve_connection(TokioIo::new(io), service)
-            .with_upgrades();
-        tokio::pin!(conn);
-        let mut draining = false;
-        loop {
-            tokio::select! {
-                result = conn.as_mut() => {
-                    if let Err(e) = result {
-                        if e.is_timeout() && activity.has_partial_head() {
-                            // A head was started and not finished in time.
-                            answer_timeout(&stream).await;
-                        } else {
-                            tracing::debug!(%peer, "http1 connection ended: {e}");
-                        }
+        let result = {
+            let conn = builder
+                .serve_connection(TokioIo::new(io), service)
+                .with_upgrades();
+            tokio::pin!(conn);
+            let mut draining = false;
+            loop {
+                tokio::select! {
+                    result = conn.as_mut() => break result,
+                    _ = stopped(&mut shutdown), if !draining => {
+                        draining = true;
+                        conn.as_mut().graceful_shutdown();
                     }
-                    return;
-                }
-                _ = stopped(&mut shutdown), if !draining => {
-                    draining = true;
-                    conn.as_mut().graceful_shutdown();
-                }
-                _ = &mut idle, if !draining => {
-                    draining = true;
-                    conn.as_mut().graceful_shutdown();
+                    _ = &mut idle, if !draining => {
+                        draining = true;
+                        conn.as_mut().graceful_shutdown();
+                    }
                 }
             }
+        };
+        if let Err(e) = result {
+            if e.is_timeout() && activity.has_partial_head() {
+                // A head was started and not finished in time.
+                answer_timeout(&stream).await;
+            } else {
+                tracing::debug!(%peer, "http1 connection ended: {e}");
+            }
+        }
+        // hyper has let go of the connection, unless it was upgraded (a WebSocket tunnel holds
+        // it now and closes it itself).
+        if Arc::strong_count(&stream) == 1 {
+            linger(&stream).await;
         }
     }
 }
@@ -339,6 +344,32 @@ async fn watch_idle(activity: Arc<Activity>, timeout: Duration) {
         }
         seen = started;
     }
+}
+
+/// Lingering close. When this side closes a connection the client is still sending on (a body
+/// refused with 413 halfway, say), closing at once would make the kernel answer the client's
+/// next bytes with a reset, which can destroy the response before the client reads it. So:
+/// half-close, then read and discard for a moment (at most 256 KiB or 300 ms) until the client
+/// closes too. A client that already closed costs one read.
+async fn linger(stream: &TcpStream) {
+    const BUDGET: usize = 256 * 1024;
+    let _ = socket2::SockRef::from(stream).shutdown(std::net::Shutdown::Write);
+    let drain = async {
+        let mut discarded = 0;
+        let mut sink = [0u8; 4096];
+        while discarded < BUDGET {
+            if stream.readable().await.is_err() {
+                return;
+            }
+            match stream.try_read(&mut sink) {
+                Ok(0) => return,
+                Ok(n) => discarded += n,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                Err(_) => return,
+            }
+        }
+    };
+    let _ = tokio::time::timeout(Duration::from_millis(300), drain).await;
 }
 
 async fn answer_timeout(stream: &TcpStream) {
