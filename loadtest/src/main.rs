@@ -53,7 +53,7 @@ fn main() -> ExitCode {
 
 #[derive(Debug, Args)]
 struct CompareArgs {
-    /// A short run (2 repetitions of 2 s, 2,000 idle connections): under 5 minutes.
+    /// A short run (2 repetitions of 2 s, 1,000 idle connections): under 5 minutes.
     #[arg(long)]
     quick: bool,
     /// Repetitions of every row, interleaved across proxies (default 5; 2 with --quick).
@@ -78,7 +78,7 @@ struct CompareArgs {
     /// Do not run scripts/install-bench-peers.sh first.
     #[arg(long)]
     no_install: bool,
-    /// Idle keep-alive connections opened for the memory row (default 10000; 2000 with --quick; 0 skips).
+    /// Idle keep-alive connections opened for the memory row (default 10000; 1000 with --quick; 0 skips).
     #[arg(long)]
     idle_connections: Option<usize>,
     /// Also measure the routing map at 10 million entries (map-memory) and add it to the report.
@@ -135,7 +135,7 @@ fn compare(args: CompareArgs) -> Result<ExitCode> {
         install: !args.no_install,
         idle_connections: args
             .idle_connections
-            .unwrap_or(if args.quick { 2000 } else { 10_000 }),
+            .unwrap_or(if args.quick { 1000 } else { 10_000 }),
         results_dir: args.results_dir,
         label,
         scale: args.scale,
