@@ -330,12 +330,6 @@ fn wait_routing(target: &mut Running) -> Result<()> {
     )
 }
 
-fn pinned(cpu: usize, program: &str) -> Command {
-    let mut command = Command::new("taskset");
-    command.arg("-c").arg(cpu.to_string()).arg(program);
-    command
-}
-
 fn output_of(mut command: Command, what: &str) -> Result<String> {
     let out = command
         .stdin(Stdio::null())
@@ -383,7 +377,7 @@ impl Bench<'_> {
                 if !script.exists() {
                     std::fs::write(&script, tools::wrk_script(method, body_bytes, close))?;
                 }
-                let mut command = pinned(self.load_cpu, "wrk");
+                let mut command = peers::pinned(self.load_cpu, Path::new("wrk"));
                 command
                     .args(["-t1", "-c"])
                     .arg(connections.to_string())
@@ -400,7 +394,7 @@ impl Bench<'_> {
                 path, connections, ..
             } => {
                 let rate = rate.context("a fixed-rate run needs a rate")?;
-                let mut command = pinned(self.load_cpu, "oha");
+                let mut command = peers::pinned(self.load_cpu, Path::new("oha"));
                 command
                     .arg("-z")
                     .arg(format!("{seconds}s"))
@@ -427,7 +421,7 @@ impl Bench<'_> {
                 let Some(h2) = target.h2 else {
                     return Ok(None);
                 };
-                let mut command = pinned(self.load_cpu, "h2load");
+                let mut command = peers::pinned(self.load_cpu, Path::new("h2load"));
                 command
                     .arg("-c")
                     .arg(connections.to_string())
@@ -467,6 +461,48 @@ impl Bench<'_> {
             cpu_seconds_per_million,
             target_rate: rate,
         }))
+    }
+}
+
+impl Bench<'_> {
+    /// Runs every workload against every target, `reps` times, interleaved (A B C D A B C D)
+    /// so that drift on a shared machine spreads over all of them. `rate` gives the fixed rate
+    /// of open-loop workloads.
+    fn run_phase(
+        &self,
+        workloads: &[Workload],
+        targets: &mut [Running],
+        rate: impl Fn(&Workload) -> Option<u64>,
+    ) -> Result<Vec<WorkloadResult>> {
+        let mut collected: Vec<Vec<(Kind, Vec<Sample>)>> = workloads
+            .iter()
+            .map(|_| targets.iter().map(|t| (t.kind, Vec::new())).collect())
+            .collect();
+        let total = self.options.reps * workloads.len() * targets.len();
+        let mut done = 0;
+        for rep in 0..self.options.reps {
+            for (w, workload) in workloads.iter().enumerate() {
+                let rate = rate(workload);
+                for (t, target) in targets.iter_mut().enumerate() {
+                    done += 1;
+                    let at = rate.map(|r| format!(" at {r}/s")).unwrap_or_default();
+                    eprintln!(
+                        "compare: [{done}/{total}] rep {} {}{at} {}",
+                        rep + 1,
+                        workload.name,
+                        target.kind.name()
+                    );
+                    if let Some(sample) = self.sample(rep, &workload.load, target, rate)? {
+                        collected[w][t].1.push(sample);
+                    }
+                }
+            }
+        }
+        Ok(workloads
+            .iter()
+            .zip(collected)
+            .map(|(workload, samples)| summarize(*workload, samples))
+            .collect())
     }
 }
 
@@ -670,27 +706,10 @@ fn install_peers() -> Result<()> {
 }
 
 fn tool_versions() -> BTreeMap<&'static str, String> {
-    let first_line = |program: &str, args: &[&str]| -> String {
-        match Command::new(program).args(args).output() {
-            Ok(out) => {
-                let text = format!(
-                    "{}{}",
-                    String::from_utf8_lossy(&out.stdout),
-                    String::from_utf8_lossy(&out.stderr)
-                );
-                text.lines()
-                    .find(|l| !l.trim().is_empty())
-                    .unwrap_or("")
-                    .trim()
-                    .to_owned()
-            }
-            Err(e) => format!("missing ({e})"),
-        }
-    };
     BTreeMap::from([
-        ("wrk", first_line("wrk", &["-v"])),
-        ("oha", first_line("oha", &["--version"])),
-        ("h2load", first_line("h2load", &["--version"])),
+        ("wrk", peers::version_of("wrk", &["-v"])),
+        ("oha", peers::version_of("oha", &["--version"])),
+        ("h2load", peers::version_of("h2load", &["--version"])),
     ])
 }
 
@@ -758,37 +777,12 @@ pub fn run(options: &Options) -> Result<(PathBuf, PathBuf, bool)> {
                 .is_none_or(|names| names.iter().any(|n| n == w.name))
         };
 
-        let mut workloads = Vec::new();
-        // Throughput: every rep runs every workload against every proxy, in turn (A B C D A B C D).
+        // Throughput first: `get-small` finds the knee for the fixed-rate rows.
         let throughput: Vec<Workload> = THROUGHPUT
             .into_iter()
             .filter(|w| wanted(w) || w.name == "get-small")
             .collect();
-        let mut collected: Vec<Vec<(Kind, Vec<Sample>)>> = throughput
-            .iter()
-            .map(|_| targets.iter().map(|t| (t.kind, Vec::new())).collect())
-            .collect();
-        let total = options.reps * throughput.len() * targets.len();
-        let mut done = 0;
-        for rep in 0..options.reps {
-            for (w, workload) in throughput.iter().enumerate() {
-                for (t, target) in targets.iter_mut().enumerate() {
-                    done += 1;
-                    eprintln!(
-                        "compare: [{done}/{total}] rep {} {} {}",
-                        rep + 1,
-                        workload.name,
-                        target.kind.name()
-                    );
-                    if let Some(sample) = bench.sample(rep, &workload.load, target, None)? {
-                        collected[w][t].1.push(sample);
-                    }
-                }
-            }
-        }
-        for (workload, samples) in throughput.iter().zip(collected) {
-            workloads.push(summarize(*workload, samples));
-        }
+        let mut workloads = bench.run_phase(&throughput, &mut targets, |_| None)?;
 
         // The knee: the slowest proxy's median small-GET throughput, so every proxy can carry
         // the fixed rates below it.
@@ -803,41 +797,13 @@ pub fn run(options: &Options) -> Result<(PathBuf, PathBuf, bool)> {
                     .min_by(f64::total_cmp)
             });
         let latency: Vec<Workload> = LATENCY.into_iter().filter(|w| wanted(w)).collect();
-        if let (Some(knee), false) = (knee, latency.is_empty()) {
-            let mut collected: Vec<Vec<(Kind, Vec<Sample>)>> = latency
-                .iter()
-                .map(|_| targets.iter().map(|t| (t.kind, Vec::new())).collect())
-                .collect();
-            let total = options.reps * latency.len() * targets.len();
-            let mut done = 0;
-            for rep in 0..options.reps {
-                for (w, workload) in latency.iter().enumerate() {
-                    let Load::Oha {
-                        percent_of_knee, ..
-                    } = workload.load
-                    else {
-                        continue;
-                    };
-                    let rate = (knee * f64::from(percent_of_knee) / 100.0).round().max(1.0) as u64;
-                    for (t, target) in targets.iter_mut().enumerate() {
-                        done += 1;
-                        eprintln!(
-                            "compare: [{done}/{total}] rep {} {} at {rate}/s {}",
-                            rep + 1,
-                            workload.name,
-                            target.kind.name()
-                        );
-                        if let Some(sample) =
-                            bench.sample(rep, &workload.load, target, Some(rate))?
-                        {
-                            collected[w][t].1.push(sample);
-                        }
-                    }
-                }
-            }
-            for (workload, samples) in latency.iter().zip(collected) {
-                workloads.push(summarize(*workload, samples));
-            }
+        if let Some(knee) = knee {
+            workloads.extend(bench.run_phase(&latency, &mut targets, |w| match w.load {
+                Load::Oha {
+                    percent_of_knee, ..
+                } => Some((knee * f64::from(percent_of_knee) / 100.0).round().max(1.0) as u64),
+                _ => None,
+            })?);
         }
 
         let mut memory = Vec::new();

@@ -150,7 +150,8 @@ impl Drop for Running {
     }
 }
 
-fn version_of(program: &str, args: &[&str]) -> String {
+/// The first non-empty line a program prints about its version (on stdout or stderr).
+pub fn version_of(program: &str, args: &[&str]) -> String {
     match Command::new(program).args(args).output() {
         Ok(out) => {
             let text = format!(
@@ -158,13 +159,18 @@ fn version_of(program: &str, args: &[&str]) -> String {
                 String::from_utf8_lossy(&out.stdout),
                 String::from_utf8_lossy(&out.stderr)
             );
-            text.lines().next().unwrap_or("").trim().to_owned()
+            text.lines()
+                .find(|l| !l.trim().is_empty())
+                .unwrap_or("")
+                .trim()
+                .to_owned()
         }
-        Err(e) => format!("unknown ({e})"),
+        Err(e) => format!("missing ({e})"),
     }
 }
 
-fn pinned(cpu: usize, program: &Path) -> Command {
+/// `program` under `taskset -c cpu`.
+pub fn pinned(cpu: usize, program: &Path) -> Command {
     let mut command = Command::new("taskset");
     command.arg("-c").arg(cpu.to_string()).arg(program);
     command
