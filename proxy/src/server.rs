@@ -120,20 +120,35 @@ pub async fn start(config: ProxyConfig) -> Result<RunningProxy, StartError> {
         None => None,
     };
     let mut threads = Vec::with_capacity(workers);
+    let mut started = Vec::with_capacity(workers);
     for (index, socket) in sockets.into_iter().enumerate() {
+        let (ready, ready_rx) = tokio::sync::oneshot::channel();
         let worker = Worker {
-            index,
             socket,
             pipeline: pipeline.clone(),
             shutdown: shutdown_rx.clone(),
             stop: admin_shutdown.subscribe(),
             tracker: tracker.clone(),
+            ready,
         };
         let thread = std::thread::Builder::new()
             .name(format!("domicile-worker-{index}"))
             .spawn(move || worker.run())
             .map_err(|e| StartError::Setup(format!("cannot start worker thread {index}: {e}")))?;
         threads.push(thread);
+        started.push(ready_rx);
+    }
+    // Every worker must be serving before the proxy says it is listening.
+    for (index, ready) in started.into_iter().enumerate() {
+        match ready.await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => return Err(StartError::Setup(format!("worker {index}: {e}"))),
+            Err(_) => {
+                return Err(StartError::Setup(format!(
+                    "worker {index} stopped while starting"
+                )))
+            }
+        }
     }
     tracing::info!(%addr, ?admin_addr, workers, proxy_id = config.proxy_id(), "proxy listening");
     Ok(RunningProxy {
@@ -153,7 +168,6 @@ pub async fn start(config: ProxyConfig) -> Result<RunningProxy, StartError> {
 /// One thread serving client traffic on its own single-threaded runtime: the connections it
 /// accepts, their requests and their upstream exchanges all stay on this thread.
 struct Worker {
-    index: usize,
     socket: std::net::TcpListener,
     pipeline: Arc<Pipeline>,
     /// Stop accepting and drain.
@@ -161,36 +175,39 @@ struct Worker {
     /// The grace period is over: drop whatever is still open.
     stop: watch::Receiver<bool>,
     tracker: Arc<ConnectionTracker>,
+    /// Told once the worker serves, or why it cannot.
+    ready: tokio::sync::oneshot::Sender<Result<(), String>>,
 }
 
 impl Worker {
     fn run(self) {
+        let Worker {
+            socket,
+            pipeline,
+            shutdown,
+            mut stop,
+            tracker,
+            ready,
+        } = self;
         let runtime = match tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()
         {
             Ok(runtime) => runtime,
             Err(e) => {
-                tracing::error!(worker = self.index, "cannot start the worker runtime: {e}");
+                let _ = ready.send(Err(format!("cannot start its runtime: {e}")));
                 return;
             }
         };
-        let Worker {
-            index,
-            socket,
-            pipeline,
-            shutdown,
-            mut stop,
-            tracker,
-        } = self;
         runtime.block_on(async move {
             let listener = match TcpListener::from_std(socket) {
                 Ok(listener) => listener,
                 Err(e) => {
-                    tracing::error!(worker = index, "cannot register the listener: {e}");
+                    let _ = ready.send(Err(format!("cannot register its listener: {e}")));
                     return;
                 }
             };
+            let _ = ready.send(Ok(()));
             listener::serve(listener, pipeline, shutdown, tracker.clone()).await;
             // Accepting has stopped; the connections this worker owns finish on its runtime.
             tokio::select! {
