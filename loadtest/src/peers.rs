@@ -237,23 +237,24 @@ endpoints = ["{us}"]
                 eu = ups.eu,
                 us = ups.us,
             );
-            let path = dir.join("domicile.toml");
-            std::fs::write(&path, config)?;
-            let mut command = pinned(setup.cpu, setup.domicile);
-            command
-                .arg("proxy")
-                .arg("--config")
-                .arg(&path)
-                .env("DOMICILE_LOG", "warn");
-            let child = spawn(command, &dir, "domicile")?;
-            let addr: SocketAddr = ([127, 0, 0, 1], port).into();
-            Ok(Running {
+            let version = version_of(&setup.domicile.display().to_string(), &["--version"]);
+            launch(
                 kind,
-                http: addr,
-                h2: Some(addr),
-                child: Some(child),
-                version: version_of(&setup.domicile.display().to_string(), &["--version"]),
-            })
+                setup,
+                &dir,
+                "domicile.toml",
+                &config,
+                setup.domicile,
+                (port, Some(port)),
+                version,
+                |command, path| {
+                    command
+                        .arg("proxy")
+                        .arg("--config")
+                        .arg(path)
+                        .env("DOMICILE_LOG", "warn");
+                },
+            )
         }
         Kind::Nginx => {
             let (port, h2) = (free_port()?, free_port()?);
@@ -300,18 +301,20 @@ http {{
                 fd_limit = setup.fd_limit,
                 worker_connections = setup.fd_limit.saturating_sub(100).max(1000),
             );
-            let path = dir.join("nginx.conf");
-            std::fs::write(&path, config)?;
-            let mut command = pinned(setup.cpu, Path::new("nginx"));
-            command.arg("-c").arg(&path).arg("-p").arg(&dir);
-            let child = spawn(command, &dir, "nginx")?;
-            Ok(Running {
+            let version = version_of("nginx", &["-v"]);
+            launch(
                 kind,
-                http: ([127, 0, 0, 1], port).into(),
-                h2: Some(([127, 0, 0, 1], h2).into()),
-                child: Some(child),
-                version: version_of("nginx", &["-v"]),
-            })
+                setup,
+                &dir,
+                "nginx.conf",
+                &config,
+                Path::new("nginx"),
+                (port, Some(h2)),
+                version,
+                |command, path| {
+                    command.arg("-c").arg(path).arg("-p").arg(&dir);
+                },
+            )
         }
         Kind::Haproxy => {
             let (port, h2) = (free_port()?, free_port()?);
@@ -347,18 +350,20 @@ backend us
                 // Two descriptors per proxied connection, and some to spare.
                 maxconn = (setup.fd_limit.saturating_sub(200) / 2).max(1000),
             );
-            let path = dir.join("haproxy.cfg");
-            std::fs::write(&path, config)?;
-            let mut command = pinned(setup.cpu, Path::new("haproxy"));
-            command.arg("-db").arg("-f").arg(&path);
-            let child = spawn(command, &dir, "haproxy")?;
-            Ok(Running {
+            let version = version_of("haproxy", &["-v"]);
+            launch(
                 kind,
-                http: ([127, 0, 0, 1], port).into(),
-                h2: Some(([127, 0, 0, 1], h2).into()),
-                child: Some(child),
-                version: version_of("haproxy", &["-v"]),
-            })
+                setup,
+                &dir,
+                "haproxy.cfg",
+                &config,
+                Path::new("haproxy"),
+                (port, Some(h2)),
+                version,
+                |command, path| {
+                    command.arg("-db").arg("-f").arg(path);
+                },
+            )
         }
         Kind::Caddy => {
             let port = free_port()?;
@@ -389,30 +394,60 @@ http://:{port} {{
                 eu = ups.eu,
                 us = ups.us,
             );
-            let path = dir.join("Caddyfile");
-            std::fs::write(&path, config)?;
-            let mut command = pinned(setup.cpu, Path::new("caddy"));
-            command
-                .arg("run")
-                .arg("--config")
-                .arg(&path)
-                .arg("--adapter")
-                .arg("caddyfile")
-                .env("GOMAXPROCS", "1")
-                .env("HOME", &dir)
-                .env("XDG_DATA_HOME", dir.join("data"))
-                .env("XDG_CONFIG_HOME", dir.join("config"));
-            let child = spawn(command, &dir, "caddy")?;
-            let addr: SocketAddr = ([127, 0, 0, 1], port).into();
-            Ok(Running {
+            let version = version_of("caddy", &["version"]);
+            launch(
                 kind,
-                http: addr,
-                h2: Some(addr),
-                child: Some(child),
-                version: version_of("caddy", &["version"]),
-            })
+                setup,
+                &dir,
+                "Caddyfile",
+                &config,
+                Path::new("caddy"),
+                (port, Some(port)),
+                version,
+                |command, path| {
+                    command
+                        .arg("run")
+                        .arg("--config")
+                        .arg(path)
+                        .arg("--adapter")
+                        .arg("caddyfile")
+                        .env("GOMAXPROCS", "1")
+                        .env("HOME", &dir)
+                        .env("XDG_DATA_HOME", dir.join("data"))
+                        .env("XDG_CONFIG_HOME", dir.join("config"));
+                },
+            )
         }
     }
+}
+
+/// Writes `config` to `dir/file`, starts `program` pinned to the proxies' CPU with the
+/// arguments `configure` adds (given the configuration's path), its output in `dir`, and
+/// returns it as serving on the loopback ports `(http, h2)`.
+#[allow(clippy::too_many_arguments)]
+fn launch(
+    kind: Kind,
+    setup: &Setup<'_>,
+    dir: &Path,
+    file: &str,
+    config: &str,
+    program: &Path,
+    (http, h2): (u16, Option<u16>),
+    version: String,
+    configure: impl FnOnce(&mut Command, &Path),
+) -> Result<Running> {
+    let path = dir.join(file);
+    std::fs::write(&path, config)?;
+    let mut command = pinned(setup.cpu, program);
+    configure(&mut command, &path);
+    let child = spawn(command, dir, kind.name())?;
+    Ok(Running {
+        kind,
+        http: ([127, 0, 0, 1], http).into(),
+        h2: h2.map(|port| ([127, 0, 0, 1], port).into()),
+        child: Some(child),
+        version,
+    })
 }
 
 /// Domicile's bench map: `acme` in `eu`, `globex` in `us`, and [`FILLER_WORKSPACES`] more.
