@@ -129,18 +129,9 @@ fn main() -> ExitCode {
             // The proxy serves client traffic on its own worker threads (`proxy.workers`), one
             // single-threaded runtime each; this runtime only runs the admin listener, health
             // checks and map reloads, so one thread is enough.
-            let (command, workers) = match command {
-                Command::Proxy { config } => match ProxyConfig::from_file(&config) {
-                    Ok(config) => (Job::Proxy(Box::new(config)), 1),
-                    Err(e) => {
-                        eprintln!("error: {e:#}");
-                        return ExitCode::FAILURE;
-                    }
-                },
-                other => (
-                    Job::Other(other),
-                    std::thread::available_parallelism().map_or(1, |n| n.get()),
-                ),
+            let workers = match command {
+                Command::Proxy { .. } => 1,
+                _ => std::thread::available_parallelism().map_or(1, |n| n.get()),
             };
             let runtime = match tokio::runtime::Builder::new_multi_thread()
                 .worker_threads(workers)
@@ -164,17 +155,7 @@ fn main() -> ExitCode {
     }
 }
 
-/// What the runtime runs: the proxy with its configuration already read, or another command.
-enum Job {
-    Proxy(Box<ProxyConfig>),
-    Other(Command),
-}
-
-async fn run(job: Job) -> anyhow::Result<()> {
-    let command = match job {
-        Job::Proxy(config) => return run_proxy(*config).await,
-        Job::Other(command) => command,
-    };
+async fn run(command: Command) -> anyhow::Result<()> {
     match command {
         Command::Demo {
             data_dir,
@@ -191,9 +172,8 @@ async fn run(job: Job) -> anyhow::Result<()> {
             )
             .await
         }
-        Command::Proxy { .. } | Command::CheckConfig { .. } => {
-            unreachable!("handled before the runtime starts")
-        }
+        Command::Proxy { config } => run_proxy(ProxyConfig::from_file(&config)?).await,
+        Command::CheckConfig { .. } => unreachable!("handled before the runtime starts"),
     }
 }
 

@@ -58,9 +58,12 @@ impl Default for EndpointKey {
 
 #[derive(Default)]
 struct Idle {
-    http1: HashMap<EndpointKey, Vec<(http1::SendRequest<ProxyBody>, Instant)>>,
-    h2: HashMap<EndpointKey, http2::SendRequest<ProxyBody>>,
+    http1: HashMap<EndpointKey, Vec<(http1::SendRequest<ProxyBody>, Instant)>, Fast>,
+    h2: HashMap<EndpointKey, http2::SendRequest<ProxyBody>, Fast>,
 }
+
+/// Keys are process-unique counters, not attacker input: a fast hash will do.
+type Fast = foldhash::fast::RandomState;
 
 thread_local! {
     static IDLE: RefCell<Idle> = RefCell::new(Idle::default());
@@ -319,19 +322,12 @@ impl Body for PooledBody {
     ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
         let this = &mut *self;
         let polled = Pin::new(&mut this.inner).poll_frame(cx);
-        match &polled {
-            Poll::Ready(None) => {
-                if let Some(ticket) = this.ticket.take() {
-                    ticket.give_back();
-                }
-            }
-            Poll::Ready(Some(Err(_))) => this.ticket = None,
-            _ => {
-                if this.inner.is_end_stream() {
-                    if let Some(ticket) = this.ticket.take() {
-                        ticket.give_back();
-                    }
-                }
+        if let Poll::Ready(Some(Err(_))) = polled {
+            // A broken connection is not reused.
+            this.ticket = None;
+        } else if matches!(polled, Poll::Ready(None)) || this.inner.is_end_stream() {
+            if let Some(ticket) = this.ticket.take() {
+                ticket.give_back();
             }
         }
         polled
@@ -343,12 +339,5 @@ impl Body for PooledBody {
 
     fn size_hint(&self) -> SizeHint {
         self.inner.size_hint()
-    }
-}
-
-impl PooledBody {
-    /// The body as hyper gave it, for an upgraded (101) response.
-    pub fn into_inner(self) -> Incoming {
-        self.inner
     }
 }
