@@ -17,7 +17,7 @@ use std::time::{Duration, Instant};
 use criterion::{black_box, criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
 use domicile_proxy::config::{Rule, Unidentified};
 use domicile_proxy::decide::{decide, Decision, Policy, RequestFacts, RouteStatus, Routes};
-use domicile_proxy::identify::{Identifier, Identity, RequestView};
+use domicile_proxy::identify::{Headers, Identifier, Identity, RequestView};
 use domicile_proxy::map::{Lookup, MapEntry, MapTable, RegionIdx, Replica, WorkspaceState};
 use domicile_proxy::workspace_id::WorkspaceId;
 use http::{HeaderMap, HeaderValue};
@@ -155,7 +155,7 @@ impl Fixture {
             host: Some(self.requests.host(n)),
             path: "/api/v1/documents",
             query: None,
-            headers: &self.headers,
+            headers: Headers::Map(&self.headers),
         };
         let identity = self.identifier.identify(black_box(&view));
         let lookup = match identity {

@@ -57,6 +57,10 @@ pub struct ProxySection {
     /// Threads serving client traffic. Default: the CPUs this process may run on.
     #[serde(default)]
     pub workers: Option<usize>,
+    /// Serve plain HTTP/1.1 requests without a body that go to HTTP/1.1 origins on the fast
+    /// path (raw header forwarding, no intermediate message objects). Default: true.
+    #[serde(default = "defaults::fast_path")]
+    pub fast_path: bool,
 }
 
 /// Most worker threads a proxy may be configured with.
@@ -260,6 +264,10 @@ mod defaults {
     pub fn shutdown_grace() -> Duration {
         Duration::from_secs(30)
     }
+    pub fn fast_path() -> bool {
+        true
+    }
+
     pub fn moving_retry_after() -> u32 {
         5
     }

@@ -33,10 +33,10 @@ use crate::config::UpstreamProtocol;
 use crate::refusal::ProxyBody;
 
 /// Idle HTTP/1.1 connections kept per endpoint and worker; more are closed.
-const MAX_IDLE_PER_ENDPOINT: usize = 512;
+pub(crate) const MAX_IDLE_PER_ENDPOINT: usize = 512;
 /// An idle connection older than this is closed rather than reused (origins commonly close
 /// idle connections after 60 s or more; reusing one they are closing costs a retry).
-const IDLE_TIMEOUT: Duration = Duration::from_secs(50);
+pub(crate) const IDLE_TIMEOUT: Duration = Duration::from_secs(50);
 
 static NEXT_ID: AtomicU64 = AtomicU64::new(1);
 
@@ -107,7 +107,7 @@ pub struct Target {
 }
 
 impl Target {
-    async fn connect(&self) -> Result<TcpStream, SendError> {
+    pub(crate) async fn connect(&self) -> Result<TcpStream, SendError> {
         let connect = async {
             let stream = match self.addr {
                 Some(addr) => TcpStream::connect(addr).await?,

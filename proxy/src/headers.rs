@@ -11,6 +11,8 @@ use std::net::{IpAddr, SocketAddr};
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use ipnet::IpNet;
 
+use crate::identify::Headers;
+
 pub static X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 pub static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
 pub static X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
@@ -115,14 +117,14 @@ pub fn is_trusted(peer: IpAddr, trusted: &[IpNet]) -> bool {
 
 /// The client's address: the peer, or, when the peer is trusted, the right-most address in
 /// `X-Forwarded-For` that is not itself a trusted proxy.
-pub fn client_ip(peer: IpAddr, headers: &HeaderMap, trusted: &[IpNet]) -> IpAddr {
+pub fn client_ip(peer: IpAddr, headers: Headers<'_>, trusted: &[IpNet]) -> IpAddr {
     if !is_trusted(peer, trusted) {
         return peer;
     }
     let mut client = peer;
-    let values: Vec<&HeaderValue> = headers.get_all(&X_FORWARDED_FOR).iter().collect();
+    let values: Vec<&[u8]> = headers.values(&X_FORWARDED_FOR).collect();
     for value in values.iter().rev() {
-        let Ok(text) = value.to_str() else {
+        let Ok(text) = std::str::from_utf8(value) else {
             return client;
         };
         for hop in text.rsplit(',') {
@@ -171,6 +173,18 @@ impl Peer {
                 .unwrap_or_else(|_| HeaderValue::from_static("for=unknown")),
             forwarded,
         }
+    }
+}
+
+impl Peer {
+    /// This peer's `Forwarded` element without the host: `for=<node>;proto=http`.
+    pub fn forwarded_element(&self) -> &str {
+        &self.forwarded
+    }
+
+    /// This peer's address as an `X-Forwarded-For` item.
+    pub fn xff_value(&self) -> &[u8] {
+        self.xff.as_bytes()
     }
 }
 
@@ -340,7 +354,7 @@ mod tests {
             ("x-real-ip", "6.6.6.6"),
         ]);
         let peer: SocketAddr = "203.0.113.7:5555".parse().unwrap();
-        assert_eq!(client_ip(peer.ip(), &h, &trusted), peer.ip());
+        assert_eq!(client_ip(peer.ip(), Headers::Map(&h), &trusted), peer.ip());
         set_forwarded(&mut h, &Peer::new(peer, &trusted), Some("acme.localhost"));
         assert_eq!(h["x-forwarded-for"], "203.0.113.7");
         assert!(h.get("x-forwarded-host").is_none() && h.get("x-real-ip").is_none());
@@ -356,7 +370,7 @@ mod tests {
         let mut h = map(&[("x-forwarded-for", "198.51.100.1, 10.1.1.1")]);
         let peer: SocketAddr = "10.0.0.2:5555".parse().unwrap();
         assert_eq!(
-            client_ip(peer.ip(), &h, &trusted),
+            client_ip(peer.ip(), Headers::Map(&h), &trusted),
             "198.51.100.1".parse::<IpAddr>().unwrap()
         );
         set_forwarded(&mut h, &Peer::new(peer, &trusted), None);

@@ -65,7 +65,32 @@ pub struct RequestView<'a> {
     pub host: Option<&'a str>,
     pub path: &'a str,
     pub query: Option<&'a str>,
-    pub headers: &'a HeaderMap,
+    pub headers: Headers<'a>,
+}
+
+/// A request's header fields, as hyper parsed them or as raw bytes from the HTTP/1.1 fast path.
+#[derive(Debug, Clone, Copy)]
+pub enum Headers<'a> {
+    Map(&'a HeaderMap),
+    Raw(&'a [httparse::Header<'a>]),
+}
+
+impl<'a> Headers<'a> {
+    /// Every value of the field `name`, in the order received.
+    pub fn values(self, name: &'a HeaderName) -> impl Iterator<Item = &'a [u8]> + 'a {
+        let (map, raw) = match self {
+            Headers::Map(map) => (Some(map.get_all(name).iter().map(|v| v.as_bytes())), None),
+            Headers::Raw(raw) => (
+                None,
+                Some(
+                    raw.iter()
+                        .filter(move |h| h.name.eq_ignore_ascii_case(name.as_str()))
+                        .map(|h| h.value),
+                ),
+            ),
+        };
+        map.into_iter().flatten().chain(raw.into_iter().flatten())
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -261,10 +286,8 @@ impl Identifier {
                     .and_then(|segment| consider(Source::Path, segment.as_bytes())),
                 Compiled::Header(name) => {
                     let mut invalid = None;
-                    for value in request.headers.get_all(name) {
-                        if let Some(bad) =
-                            consider(Source::Header(i), value.as_bytes().trim_ascii())
-                        {
+                    for value in request.headers.values(name) {
+                        if let Some(bad) = consider(Source::Header(i), value.trim_ascii()) {
                             invalid.get_or_insert(bad);
                         }
                     }
@@ -352,7 +375,7 @@ mod tests {
             host: case.host,
             path: case.path,
             query: case.query,
-            headers: &headers,
+            headers: Headers::Map(&headers),
         })
     }
 

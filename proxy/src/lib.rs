@@ -1,7 +1,8 @@
 //! Domicile's data plane: accept, identify, decide, forward only to the home region.
 //!
 //! Read in the order a request travels: [`listener`] -> [`identify`] -> [`map`] -> [`decide`]
-//! -> [`upstream`] (via [`pipeline`], over each worker's [`connpool`]). [`config`] turns TOML into a validated configuration,
+//! -> [`upstream`] (via [`pipeline`], over each worker's [`connpool`]); plain HTTP/1.1 requests
+//! take the fast path, which routes through the same pipeline and forwards raw heads. [`config`] turns TOML into a validated configuration,
 //! [`mapfile`] feeds the map replica from a file, [`admin`] serves health and metrics.
 
 pub mod admin;
@@ -9,6 +10,7 @@ pub mod body;
 pub mod config;
 pub mod connpool;
 pub mod decide;
+mod fastpath;
 pub mod geoip;
 pub mod headers;
 pub mod identify;

@@ -162,20 +162,20 @@ async fn serve_connection(
         requests_finished: AtomicU64::new(0),
     });
 
-    // Sniff the HTTP/2 preface; the bytes read are replayed to hyper.
-    let mut prefix = [0u8; 24];
-    let mut filled = 0;
+    // Sniff the HTTP/2 preface. The bytes read (often a whole HTTP/1.1 request head) go on to
+    // the fast path or are replayed to hyper.
+    let mut prefix: Vec<u8> = Vec::with_capacity(2048);
     let sniff = tokio::time::timeout(limits.header_read_timeout, async {
         loop {
             stream.readable().await?;
-            match stream.try_read(&mut prefix[filled..]) {
+            match stream.try_read_buf(&mut prefix) {
                 Ok(0) => return Ok::<_, io::Error>(None),
-                Ok(n) => {
-                    filled += n;
-                    if prefix[..filled] != H2_PREFACE[..filled] {
+                Ok(_) => {
+                    let n = prefix.len().min(H2_PREFACE.len());
+                    if prefix[..n] != H2_PREFACE[..n] {
                         return Ok(Some(false));
                     }
-                    if filled == H2_PREFACE.len() {
+                    if n == H2_PREFACE.len() {
                         return Ok(Some(true));
                     }
                 }
@@ -193,29 +193,39 @@ async fn serve_connection(
         Ok(Ok(Some(is_h2))) => is_h2,
         Ok(Ok(None)) | Ok(Err(_)) => return,
         Err(_elapsed) => {
-            if filled > 0 {
+            if !prefix.is_empty() {
                 answer_timeout(&stream).await;
             }
             return;
         }
     };
-    if filled > 0 {
+    let peer_info = Arc::new(crate::headers::Peer::new(
+        peer,
+        &pipeline.config.proxy.trusted_proxies,
+    ));
+    if !is_h2 && pipeline.config.proxy.fast_path {
+        match crate::fastpath::serve(&stream, prefix, pipeline, &peer_info, &mut shutdown).await {
+            crate::fastpath::Outcome::Closed { linger: true } => {
+                linger(&stream).await;
+                return;
+            }
+            crate::fastpath::Outcome::Closed { linger: false } => return,
+            // hyper serves the rest of the connection, starting with these bytes.
+            crate::fastpath::Outcome::Fallback(rest) => prefix = rest,
+        }
+    }
+    if !prefix.is_empty() {
         activity.mark_read();
     }
     let io = ConnIo {
         stream: stream.clone(),
         prefix,
         prefix_pos: 0,
-        prefix_len: filled,
         activity: activity.clone(),
         write_stall: limits.idle_timeout,
         write_timer: None,
     };
 
-    let peer_info = Arc::new(crate::headers::Peer::new(
-        peer,
-        &pipeline.config.proxy.trusted_proxies,
-    ));
     let service_activity = activity.clone();
     let service_pipeline = pipeline.clone();
     let service = service_fn(move |req| {
@@ -372,7 +382,7 @@ async fn linger(stream: &TcpStream) {
     let _ = tokio::time::timeout(Duration::from_millis(300), drain).await;
 }
 
-async fn answer_timeout(stream: &TcpStream) {
+pub(crate) async fn answer_timeout(stream: &TcpStream) {
     let bytes = Refusal::new(RefusalCode::RequestTimeout)
         .message("the request head was not received in time")
         .raw_http1();
@@ -399,9 +409,9 @@ async fn answer_timeout(stream: &TcpStream) {
 /// The stream is shared so the listener can still answer after hyper gives up on a connection.
 struct ConnIo {
     stream: Arc<TcpStream>,
-    prefix: [u8; 24],
+    /// Bytes read before hyper took over (the sniffed preface, or what the fast path passed on).
+    prefix: Vec<u8>,
     prefix_pos: usize,
-    prefix_len: usize,
     activity: Arc<Activity>,
     write_stall: Duration,
     write_timer: Option<Pin<Box<Sleep>>>,
@@ -433,11 +443,15 @@ impl AsyncRead for ConnIo {
         cx: &mut Context<'_>,
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
-        if self.prefix_pos < self.prefix_len {
-            let n = (self.prefix_len - self.prefix_pos).min(buf.remaining());
+        if self.prefix_pos < self.prefix.len() {
+            let n = (self.prefix.len() - self.prefix_pos).min(buf.remaining());
             let start = self.prefix_pos;
             buf.put_slice(&self.prefix[start..start + n]);
             self.prefix_pos += n;
+            if self.prefix_pos == self.prefix.len() {
+                self.prefix = Vec::new();
+                self.prefix_pos = 0;
+            }
             return Poll::Ready(Ok(()));
         }
         loop {

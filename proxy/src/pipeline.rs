@@ -26,7 +26,7 @@ use crate::headers::{
     self, Peer, X_DOMICILE_EPOCH, X_DOMICILE_MAP_VERSION, X_DOMICILE_REGION, X_DOMICILE_WORKSPACE,
     X_REQUEST_ID,
 };
-use crate::identify::{normalized_path, Identifier, Identity, RequestView};
+use crate::identify::{normalized_path, Headers, Identifier, Identity, RequestView};
 use crate::map::{Lookup, RegionIdx, Replica};
 use crate::metrics::Metrics;
 use crate::refusal::{ProxyBody, Refusal, RefusalCode};
@@ -49,12 +49,34 @@ impl std::fmt::Debug for Pipeline {
     }
 }
 
-fn is_safe(method: &Method) -> bool {
+/// [`is_safe`] for a method token as received.
+pub(crate) fn is_safe_method(method: &str) -> bool {
+    matches!(method, "GET" | "HEAD" | "OPTIONS")
+}
+
+/// [`is_idempotent`] for a method token as received.
+pub(crate) fn is_idempotent_method(method: &str) -> bool {
+    is_safe_method(method) || matches!(method, "PUT" | "DELETE" | "TRACE")
+}
+
+pub(crate) fn is_safe(method: &Method) -> bool {
     matches!(*method, Method::GET | Method::HEAD | Method::OPTIONS)
 }
 
-fn is_idempotent(method: &Method) -> bool {
+pub(crate) fn is_idempotent(method: &Method) -> bool {
     is_safe(method) || matches!(*method, Method::PUT | Method::DELETE | Method::TRACE)
+}
+
+/// What routing reads of a request.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct RouteInput<'a> {
+    /// Host without port (see [`host_without_port`]).
+    pub host: Option<&'a str>,
+    /// The path as received, before normalisation.
+    pub raw_path: &'a str,
+    pub query: Option<&'a str>,
+    pub headers: Headers<'a>,
+    pub safe_method: bool,
 }
 
 /// The request's host without port: URI authority (HTTP/2, absolute form) or `Host`.
@@ -63,12 +85,19 @@ fn host_of<B>(req: &Request<B>) -> Option<&str> {
         Some(authority) => authority.as_str(),
         None => req.headers().get(header::HOST)?.to_str().ok()?,
     };
+    Some(host_without_port(raw))
+}
+
+/// `Acme.example.com:8080` -> `Acme.example.com`, `[::1]:80` -> `[::1]`; a trailing dot goes.
+pub(crate) fn host_without_port(raw: &str) -> &str {
     if raw.starts_with('[') {
-        return raw.split_once(']').map(|(h, _)| &raw[..h.len() + 1]);
+        return raw
+            .split_once(']')
+            .map_or(raw, |(h, _)| &raw[..h.len() + 1]);
     }
     let host = raw.split_once(':').map_or(raw, |(h, _)| h);
     // `acme.example.com.` is the same host as `acme.example.com`.
-    Some(host.strip_suffix('.').unwrap_or(host))
+    host.strip_suffix('.').unwrap_or(host)
 }
 
 fn content_length(headers: &HeaderMap) -> Option<u64> {
@@ -154,54 +183,15 @@ impl Pipeline {
         }
 
         let host = host_of(&req);
-        let raw_path = req.uri().path();
-        let path = normalized_path(raw_path);
-        let mut view = RequestView {
+        let request = RouteInput {
             host,
-            path: &path,
+            raw_path: req.uri().path(),
             query: req.uri().query(),
-            headers: req.headers(),
-        };
-        let mut identity = self.identifier.identify(&view);
-        if *path != *raw_path {
-            // An origin may read the raw path or the normalized one: both must name the same
-            // workspace (`/w/globex/%2e%2e/acme/` names two).
-            view.path = raw_path;
-            identity = Identity::agree(identity, self.identifier.identify(&view));
-        }
-        let lookup = match identity {
-            Identity::Workspace(id) => self.replica.lookup(&id),
-            _ => match self.replica.version() {
-                Some(version) => Lookup::Unknown { version },
-                None => Lookup::NoMap,
-            },
-        };
-        let arrived_on = match (self.policy.strict_regional_hosts, host) {
-            (true, Some(host)) => self.upstreams.region_of_host(host),
-            _ => None,
-        };
-        let client_country = match (identity, self.policy.unidentified, &self.geoip) {
-            (Identity::None, Unidentified::NearestRegion, Some(geoip)) => {
-                let ip = headers::client_ip(
-                    peer.addr.ip(),
-                    req.headers(),
-                    &self.config.proxy.trusted_proxies,
-                );
-                geoip.country(ip)
-            }
-            _ => None,
-        };
-        let facts = RequestFacts {
-            identity,
+            headers: Headers::Map(req.headers()),
             safe_method: is_safe(req.method()),
-            arrived_on,
-            client_country,
         };
-        let routes = RouteView {
-            upstreams: &self.upstreams,
-            regions: self.replica.regions(),
-        };
-        match decide(&facts, &self.policy, lookup, &routes) {
+        let (decision, identity, lookup) = self.route(&request, peer);
+        match decision {
             Decision::Forward(forward) => {
                 self.forward(req, forward, peer, request_id, started).await
             }
@@ -219,6 +209,65 @@ impl Pipeline {
                 self.refuse(refusal, ws, home_region, &request_id, started)
             }
         }
+    }
+
+    /// Identify, look up, decide: where a request goes, or why it may not go anywhere.
+    pub(crate) fn route(
+        &self,
+        request: &RouteInput<'_>,
+        peer: &Peer,
+    ) -> (Decision, Identity, Lookup) {
+        let path = normalized_path(request.raw_path);
+        let mut view = RequestView {
+            host: request.host,
+            path: &path,
+            query: request.query,
+            headers: request.headers,
+        };
+        let mut identity = self.identifier.identify(&view);
+        if *path != *request.raw_path {
+            // An origin may read the raw path or the normalized one: both must name the same
+            // workspace (`/w/globex/%2e%2e/acme/` names two).
+            view.path = request.raw_path;
+            identity = Identity::agree(identity, self.identifier.identify(&view));
+        }
+        let lookup = match identity {
+            Identity::Workspace(id) => self.replica.lookup(&id),
+            _ => match self.replica.version() {
+                Some(version) => Lookup::Unknown { version },
+                None => Lookup::NoMap,
+            },
+        };
+        let arrived_on = match (self.policy.strict_regional_hosts, request.host) {
+            (true, Some(host)) => self.upstreams.region_of_host(host),
+            _ => None,
+        };
+        let client_country = match (identity, self.policy.unidentified, &self.geoip) {
+            (Identity::None, Unidentified::NearestRegion, Some(geoip)) => {
+                let ip = headers::client_ip(
+                    peer.addr.ip(),
+                    request.headers,
+                    &self.config.proxy.trusted_proxies,
+                );
+                geoip.country(ip)
+            }
+            _ => None,
+        };
+        let facts = RequestFacts {
+            identity,
+            safe_method: request.safe_method,
+            arrived_on,
+            client_country,
+        };
+        let routes = RouteView {
+            upstreams: &self.upstreams,
+            regions: self.replica.regions(),
+        };
+        (
+            decide(&facts, &self.policy, lookup, &routes),
+            identity,
+            lookup,
+        )
     }
 
     /// Limits hyper does not enforce with a JSON answer.

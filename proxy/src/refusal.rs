@@ -163,19 +163,37 @@ impl<'a> Refusal<'a> {
     /// The full HTTP/1.1 response as raw bytes, for refusals sent before hyper owns a request
     /// (for example a request head that never completed). Always closes the connection.
     pub fn raw_http1(&self) -> Vec<u8> {
+        let mut out = Vec::new();
+        self.write_http1(&mut out, true);
+        out
+    }
+
+    /// Appends the full HTTP/1.1 response, with the same fields as [`Refusal::into_response`],
+    /// to `out`; `close` adds `connection: close`.
+    pub fn write_http1(&self, out: &mut Vec<u8>, close: bool) {
+        use std::io::Write;
         let body = self.body_bytes();
         let status = self.code.status();
-        let mut out = format!(
-            "HTTP/1.1 {} {}\r\ncontent-type: application/json\r\n{}: {}\r\ncontent-length: {}\r\nconnection: close\r\n\r\n",
+        let _ = write!(
+            out,
+            "HTTP/1.1 {} {}\r\ncontent-type: application/json\r\n{}: {}\r\ncontent-length: {}\r\n",
             status.as_u16(),
             status.canonical_reason().unwrap_or(""),
             REFUSAL_HEADER,
             self.code.as_str(),
             body.len()
-        )
-        .into_bytes();
+        );
+        if let Some(id) = self.request_id {
+            let _ = write!(out, "x-request-id: {id}\r\n");
+        }
+        if let Some(seconds) = self.retry_after {
+            let _ = write!(out, "retry-after: {seconds}\r\n");
+        }
+        if close {
+            out.extend_from_slice(b"connection: close\r\n");
+        }
+        out.extend_from_slice(b"\r\n");
         out.extend_from_slice(&body);
-        out
     }
 
     pub fn into_response(self) -> Response<ProxyBody> {

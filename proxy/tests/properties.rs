@@ -4,7 +4,7 @@
 
 use domicile_proxy::config::{Rule, Unidentified};
 use domicile_proxy::decide::{decide, Decision, Policy, RequestFacts, RouteStatus, Routes};
-use domicile_proxy::identify::{Identifier, Identity, RequestView};
+use domicile_proxy::identify::{Headers, Identifier, Identity, RequestView};
 use domicile_proxy::map::{Lookup, MapEntry, MapTable, RegionIdx, Replica, WorkspaceState};
 use domicile_proxy::workspace_id::WorkspaceId;
 use http::{HeaderMap, HeaderValue};
@@ -42,7 +42,7 @@ proptest! {
                 headers.insert("x-workspace-id", value);
             }
         }
-        let request = RequestView { host: Some(&host), path: &path, query: query.as_deref(), headers: &headers };
+        let request = RequestView { host: Some(&host), path: &path, query: query.as_deref(), headers: Headers::Map(&headers) };
         if let Identity::Workspace(id) = identifier().identify(&request) {
             // A valid id, and present (case-insensitively) in some part of the request.
             prop_assert!(WorkspaceId::parse(id.as_bytes()).is_ok());

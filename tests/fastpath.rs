@@ -1,0 +1,393 @@
+//! The HTTP/1.1 fast path: origins see exactly what the hyper path would send them, every
+//! response framing is relayed intact, origin misbehaviour is refused without reusing the
+//! connection, and what the fast path does not take is handed to hyper on the same connection.
+
+mod common;
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use common::*;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpListener;
+
+/// An origin that answers each request head with `reply(head)`, closing after it when the
+/// reply says so. Counts connections and keeps the heads it received.
+struct Scripted {
+    addr: SocketAddr,
+    accepted: Arc<AtomicU64>,
+    heads: Arc<Mutex<Vec<String>>>,
+}
+
+/// The reply to one request head: the bytes, and whether to close after them.
+type Script = fn(&str) -> (Vec<u8>, bool);
+
+async fn scripted(reply: Script) -> Scripted {
+    let listener = TcpListener::bind(LOOPBACK).await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let accepted = Arc::new(AtomicU64::new(0));
+    let heads = Arc::new(Mutex::new(Vec::new()));
+    let (counter, seen) = (accepted.clone(), heads.clone());
+    tokio::spawn(async move {
+        loop {
+            let Ok((mut stream, _)) = listener.accept().await else {
+                return;
+            };
+            counter.fetch_add(1, Ordering::SeqCst);
+            let seen = seen.clone();
+            tokio::spawn(async move {
+                let mut pending = Vec::new();
+                let mut buf = [0u8; 4096];
+                loop {
+                    while let Some(end) = pending.windows(4).position(|w| w == b"\r\n\r\n") {
+                        let head = String::from_utf8_lossy(&pending[..end + 4]).into_owned();
+                        pending.drain(..end + 4);
+                        let (bytes, close) = reply(&head);
+                        seen.lock().unwrap().push(head);
+                        if stream.write_all(&bytes).await.is_err() || close {
+                            return;
+                        }
+                    }
+                    match stream.read(&mut buf).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => pending.extend_from_slice(&buf[..n]),
+                    }
+                }
+            });
+        }
+    });
+    Scripted {
+        addr,
+        accepted,
+        heads,
+    }
+}
+
+async fn proxy_to(addr: SocketAddr) -> TestProxy {
+    proxy()
+        .route_addrs("us", &[addr], "health.enabled = false")
+        .proxy_section("workers = 1")
+        .start()
+        .await
+}
+
+fn request(method: &str, extra: &str) -> String {
+    format!("{method} /doc?x=1 HTTP/1.1\r\nhost: edge.test\r\nx-workspace-id: acme\r\n{extra}\r\n")
+}
+
+#[tokio::test]
+async fn chunked_responses_pass_through_with_trailers_and_the_connection_is_reused() {
+    let origin = scripted(|_| {
+        (
+            b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n5\r\nhello\r\n6;x=1\r\n world\r\n0\r\nx-trailer: t\r\n\r\n".to_vec(),
+            false,
+        )
+    })
+    .await;
+    let proxy = proxy_to(origin.addr).await;
+    // Two pipelined requests on one client connection; the second asks to close.
+    let ask = format!(
+        "{}{}",
+        request("GET", ""),
+        request("GET", "connection: close\r\n")
+    );
+    let answer = raw(proxy.addr(), ask.as_bytes(), Duration::from_secs(5)).await;
+    assert_eq!(answer.matches("HTTP/1.1 200 OK\r\n").count(), 2, "{answer}");
+    assert_eq!(
+        answer
+            .matches("5\r\nhello\r\n6;x=1\r\n world\r\n0\r\nx-trailer: t\r\n\r\n")
+            .count(),
+        2,
+        "{answer}"
+    );
+    assert_eq!(answer.matches("transfer-encoding: chunked\r\n").count(), 2);
+    assert_eq!(answer.matches("x-request-id: ").count(), 2);
+    assert!(answer.ends_with("x-trailer: t\r\n\r\n"), "{answer}");
+    assert_eq!(
+        origin.accepted.load(Ordering::SeqCst),
+        1,
+        "one origin connection"
+    );
+    // What the origin saw: the client's request with the routing fields set.
+    let heads = origin.heads.lock().unwrap().clone();
+    assert_eq!(heads.len(), 2);
+    assert!(
+        heads[0].starts_with("GET /doc?x=1 HTTP/1.1\r\n"),
+        "{}",
+        heads[0]
+    );
+    assert!(heads[0].contains("x-domicile-region: us\r\n"));
+    assert!(heads[0].contains("x-domicile-epoch: 3\r\n"));
+    assert!(heads[0].contains("x-domicile-map-version: 7\r\n"));
+    assert!(
+        !heads[1].to_ascii_lowercase().contains("connection:"),
+        "connection is hop-by-hop: {}",
+        heads[1]
+    );
+    proxy.running.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_response_delimited_by_close_ends_the_client_connection_too() {
+    let origin = scripted(|_| {
+        (
+            b"HTTP/1.1 200 OK\r\ncontent-type: text/plain\r\n\r\nall of it".to_vec(),
+            true,
+        )
+    })
+    .await;
+    let proxy = proxy_to(origin.addr).await;
+    for _ in 0..2 {
+        // No `connection: close` from the client: the proxy closes because the body ends so.
+        let answer = raw(
+            proxy.addr(),
+            request("GET", "").as_bytes(),
+            Duration::from_secs(5),
+        )
+        .await;
+        assert!(answer.starts_with("HTTP/1.1 200 OK\r\n"), "{answer}");
+        assert!(answer.contains("connection: close\r\n"), "{answer}");
+        assert!(answer.ends_with("\r\n\r\nall of it"), "{answer}");
+    }
+    assert_eq!(origin.accepted.load(Ordering::SeqCst), 2);
+    proxy.running.shutdown().await;
+}
+
+#[tokio::test]
+async fn head_204_and_304_responses_have_no_body_and_keep_the_connections() {
+    let origin = scripted(|head| {
+        let reply: &[u8] = if head.starts_with("HEAD ") {
+            b"HTTP/1.1 200 OK\r\ncontent-length: 5\r\n\r\n"
+        } else if head.contains("if-none-match") {
+            b"HTTP/1.1 304 Not Modified\r\netag: \"a\"\r\n\r\n"
+        } else {
+            b"HTTP/1.1 204 No Content\r\n\r\n"
+        };
+        (reply.to_vec(), false)
+    })
+    .await;
+    let proxy = proxy_to(origin.addr).await;
+    let ask = format!(
+        "{}{}{}{}",
+        request("HEAD", ""),
+        request("GET", "if-none-match: \"a\"\r\n"),
+        request("DELETE", ""),
+        request("HEAD", "connection: close\r\n"),
+    );
+    let answer = raw(proxy.addr(), ask.as_bytes(), Duration::from_secs(5)).await;
+    let statuses: Vec<&str> = answer.split("HTTP/1.1 ").skip(1).map(|r| &r[..3]).collect();
+    assert_eq!(statuses, ["200", "304", "204", "200"], "{answer}");
+    assert_eq!(answer.matches("content-length: 5\r\n").count(), 2);
+    assert_eq!(origin.accepted.load(Ordering::SeqCst), 1);
+    proxy.running.shutdown().await;
+}
+
+#[tokio::test]
+async fn interim_responses_are_skipped() {
+    let origin = scripted(|_| {
+        (
+            b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 103 Early Hints\r\nlink: </a.css>\r\n\r\nHTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok".to_vec(),
+            false,
+        )
+    })
+    .await;
+    let proxy = proxy_to(origin.addr).await;
+    let reply = get(&proxy.url("/"), &[("x-workspace-id", "acme")]).await;
+    assert_eq!(reply.status, 200);
+    assert_eq!(&reply.body[..], b"ok");
+    proxy.running.shutdown().await;
+}
+
+#[tokio::test]
+async fn ambiguous_or_broken_origin_responses_are_502_and_their_connections_are_not_reused() {
+    let cases: [Script; 6] = [
+        |_| {
+            (b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\ntransfer-encoding: chunked\r\n\r\n2\r\nok\r\n0\r\n\r\n".to_vec(), false)
+        },
+        |_| {
+            (
+                b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\ncontent-length: 3\r\n\r\nok".to_vec(),
+                false,
+            )
+        },
+        |_| {
+            (
+                b"HTTP/1.1 200 OK\r\ntransfer-encoding: gzip, chunked\r\n\r\n".to_vec(),
+                false,
+            )
+        },
+        |_| {
+            (
+                b"HTTP/1.1 101 Switching Protocols\r\nupgrade: websocket\r\n\r\n".to_vec(),
+                false,
+            )
+        },
+        |_| (b"HTTP/1.1 2x0 OK\r\n\r\n".to_vec(), false),
+        |_| {
+            (
+                b"HTTP/1.1 200 OK\r\ncontent-length: -1\r\n\r\n".to_vec(),
+                false,
+            )
+        },
+    ];
+    for (i, case) in cases.into_iter().enumerate() {
+        let origin = scripted(case).await;
+        let proxy = proxy_to(origin.addr).await;
+        for _ in 0..2 {
+            let reply = get(&proxy.url("/"), &[("x-workspace-id", "acme")]).await;
+            assert_eq!(reply.status, 502, "case {i}");
+            assert_eq!(reply.refusal(), Some("upstream_error"), "case {i}");
+        }
+        assert_eq!(origin.accepted.load(Ordering::SeqCst), 2, "case {i}");
+        proxy.running.shutdown().await;
+    }
+}
+
+#[tokio::test]
+async fn a_broken_chunked_body_or_extra_bytes_never_reach_the_next_response() {
+    // A chunk size that is not hex: the client gets no response, and the connection is gone.
+    let origin = scripted(|_| {
+        (
+            b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\nzz\r\n".to_vec(),
+            false,
+        )
+    })
+    .await;
+    let proxy = proxy_to(origin.addr).await;
+    let answer = raw(
+        proxy.addr(),
+        request("GET", "").as_bytes(),
+        Duration::from_secs(5),
+    )
+    .await;
+    assert!(!answer.contains("zz"), "{answer}");
+    proxy.running.shutdown().await;
+
+    // Bytes after a response's end are not relayed, and the connection is not reused (they
+    // would be read as the next response).
+    let origin = scripted(|_| {
+        (
+            b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nokHTTP/1.1 200 OK\r\ncontent-length: 6\r\n\r\nforged".to_vec(),
+            false,
+        )
+    })
+    .await;
+    let proxy = proxy_to(origin.addr).await;
+    for _ in 0..3 {
+        let reply = get(&proxy.url("/"), &[("x-workspace-id", "acme")]).await;
+        assert_eq!(reply.status, 200);
+        assert_eq!(&reply.body[..], b"ok");
+    }
+    assert_eq!(origin.accepted.load(Ordering::SeqCst), 3);
+    proxy.running.shutdown().await;
+}
+
+/// What an origin saw of one request, without the fields that differ by design between two
+/// runs (a fresh request id).
+async fn seen_by_origin(
+    fast_path: bool,
+    trusted: bool,
+    extra: &[(&str, &str)],
+) -> serde_json::Value {
+    let us = origin("us").await;
+    let mut section = format!("fast_path = {fast_path}");
+    if trusted {
+        section.push_str("\ntrusted_proxies = [\"127.0.0.1/32\"]");
+    }
+    let proxy = proxy()
+        .route("us", &[&us])
+        .proxy_section(&section)
+        .start()
+        .await;
+    // A fixed host: the two proxies listen on different ports.
+    let mut headers = vec![("host", "edge.test"), ("x-workspace-id", "acme")];
+    headers.extend_from_slice(extra);
+    let reply = get(&proxy.url("/w?q=1"), &headers).await;
+    assert_eq!(reply.status, 200);
+    let mut json = reply.json();
+    let fields = json["headers"].as_object_mut().unwrap();
+    if !extra
+        .iter()
+        .any(|(k, _)| k.eq_ignore_ascii_case("x-request-id"))
+    {
+        assert_eq!(
+            fields
+                .remove("x-request-id")
+                .unwrap()
+                .as_str()
+                .unwrap()
+                .len(),
+            32
+        );
+    }
+    proxy.running.shutdown().await;
+    json
+}
+
+#[tokio::test]
+async fn origins_see_the_same_request_from_the_fast_path_and_from_hyper() {
+    let cases: &[(bool, &[(&str, &str)])] = &[
+        (false, &[]),
+        (
+            false,
+            &[("x-request-id", "client-chosen-id"), ("accept", "*/*")],
+        ),
+        (
+            false,
+            &[
+                ("x-domicile-region", "eu"),
+                ("X-Domicile-Epoch", "999"),
+                ("x-forwarded-for", "6.6.6.6"),
+                ("forwarded", "for=6.6.6.6"),
+                ("x-forwarded-host", "globex.example"),
+                ("x-real-ip", "6.6.6.6"),
+                ("x-forwarded-proto", "https"),
+                ("proxy-authorization", "Basic Zm9vOmJhcg=="),
+                ("connection", "keep-alive"),
+            ],
+        ),
+        (
+            true,
+            &[
+                ("x-forwarded-for", "198.51.100.1, 10.1.1.1"),
+                ("forwarded", "for=198.51.100.1"),
+                ("x-forwarded-proto", "https"),
+                ("x-forwarded-host", "app.example"),
+            ],
+        ),
+        (true, &[]),
+    ];
+    for (i, (trusted, extra)) in cases.iter().enumerate() {
+        let fast = seen_by_origin(true, *trusted, extra).await;
+        let hyper = seen_by_origin(false, *trusted, extra).await;
+        assert_eq!(fast, hyper, "case {i}");
+    }
+    // And the trusted case appends rather than replaces.
+    let seen = seen_by_origin(true, true, cases[3].1).await;
+    assert_eq!(
+        seen["headers"]["x-forwarded-for"],
+        "198.51.100.1, 10.1.1.1, 127.0.0.1"
+    );
+    assert_eq!(seen["headers"]["x-forwarded-proto"], "https");
+}
+
+#[tokio::test]
+async fn requests_the_fast_path_does_not_take_continue_on_hyper_in_order() {
+    let us = origin("us").await;
+    let proxy = proxy().route("us", &[&us]).start().await;
+    // A plain GET (fast path), a POST with a body (hyper from here on), a GET, a refusal.
+    let ask = format!(
+        "{}POST /up HTTP/1.1\r\nhost: edge.test\r\nx-workspace-id: acme\r\ncontent-length: 5\r\n\r\nhello{}{}",
+        request("GET", ""),
+        request("GET", ""),
+        "GET / HTTP/1.1\r\nhost: edge.test\r\nx-workspace-id: nobody\r\nconnection: close\r\n\r\n",
+    );
+    let answer = raw(proxy.addr(), ask.as_bytes(), Duration::from_secs(5)).await;
+    let statuses: Vec<&str> = answer.split("HTTP/1.1 ").skip(1).map(|r| &r[..3]).collect();
+    assert_eq!(statuses, ["200", "200", "200", "404"], "{answer}");
+    let seen = us.seen_requests();
+    assert_eq!(seen.len(), 3);
+    proxy.running.shutdown().await;
+}
