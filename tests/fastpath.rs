@@ -391,3 +391,61 @@ async fn requests_the_fast_path_does_not_take_continue_on_hyper_in_order() {
     assert_eq!(seen.len(), 3);
     proxy.running.shutdown().await;
 }
+
+#[tokio::test]
+async fn origin_connections_closed_while_idle_are_not_failures() {
+    // An origin that answers after 20 ms and closes a connection 150 ms after its last answer
+    // (as servers with a keep-alive timeout do).
+    let listener = TcpListener::bind(LOOPBACK).await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let accepted = Arc::new(AtomicU64::new(0));
+    let counter = accepted.clone();
+    tokio::spawn(async move {
+        loop {
+            let Ok((mut stream, _)) = listener.accept().await else {
+                return;
+            };
+            counter.fetch_add(1, Ordering::SeqCst);
+            tokio::spawn(async move {
+                let mut pending = Vec::new();
+                let mut buf = [0u8; 4096];
+                loop {
+                    while let Some(end) = pending.windows(4).position(|w| w == b"\r\n\r\n") {
+                        pending.drain(..end + 4);
+                        tokio::time::sleep(Duration::from_millis(20)).await;
+                        let reply = b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok";
+                        if stream.write_all(reply).await.is_err() {
+                            return;
+                        }
+                    }
+                    let read =
+                        tokio::time::timeout(Duration::from_millis(150), stream.read(&mut buf));
+                    match read.await {
+                        Ok(Ok(n)) if n > 0 => pending.extend_from_slice(&buf[..n]),
+                        _ => return,
+                    }
+                }
+            });
+        }
+    });
+    let proxy = proxy()
+        .route_addrs("us", &[addr], "health.enabled = false")
+        .proxy_section("workers = 1")
+        .start()
+        .await;
+    for round in 0..3 {
+        // Eight at once: eight origin connections go into the idle list...
+        let url = proxy.url("/");
+        let replies = futures_util::future::join_all(
+            (0..8).map(|_| get(&url, &[("x-workspace-id", "acme")])),
+        )
+        .await;
+        for reply in replies {
+            assert_eq!(reply.status, 200, "round {round}: {:?}", reply.refusal());
+        }
+        // ...and the origin closes them all meanwhile.
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    assert!(accepted.load(Ordering::SeqCst) >= 16);
+    proxy.running.shutdown().await;
+}

@@ -792,10 +792,14 @@ impl Conn<'_> {
     async fn attempt(&mut self, plan: &Plan<'_>, endpoint: &Endpoint) -> Attempt {
         let limits = &self.pipeline.config.limits;
         let key = endpoint.target.key;
-        // A pooled connection can turn out closed by the origin; the request then goes out
-        // again on a new one, as long as the origin cannot have acted on it.
-        for _ in 0..3 {
-            let (upstream, reused) = match take_idle(key) {
+        // A pooled connection can turn out closed by the origin (many close idle connections
+        // after a while); the request then goes out again on another, as long as the origin
+        // cannot have acted on it. Only a new connection's failure counts against the endpoint.
+        let mut stale = 0;
+        loop {
+            // Past a few dead ones, a new connection rather than the rest of the idle list.
+            let pooled = if stale < 4 { take_idle(key) } else { None };
+            let (upstream, reused) = match pooled {
                 Some(stream) => (stream, true),
                 None => match Box::pin(endpoint.target.connect()).await {
                     Ok(stream) => (stream, false),
@@ -807,6 +811,7 @@ impl Conn<'_> {
             };
             // A request that is not idempotent is sent only on a connection known to be open.
             if reused && !plan.idempotent && !still_open(&upstream) {
+                stale += 1;
                 continue;
             }
             let sent = write_all(
@@ -819,6 +824,7 @@ impl Conn<'_> {
             .await;
             if let Err(e) = sent {
                 if reused {
+                    stale += 1;
                     continue;
                 }
                 return Attempt::Failed(Failure::Upstream(format!("sending the request: {e}")));
@@ -828,7 +834,10 @@ impl Conn<'_> {
                 .set(Instant::now() + limits.upstream_response_timeout);
             let head = match self.read_response_head(&upstream, plan).await {
                 Ok(head) => head,
-                Err(HeadError::Closed) if reused && plan.idempotent => continue,
+                Err(HeadError::Closed) if reused && plan.idempotent => {
+                    stale += 1;
+                    continue;
+                }
                 Err(HeadError::Closed) => {
                     return Attempt::Failed(Failure::Upstream(
                         "connection closed before the response head".into(),
@@ -843,9 +852,6 @@ impl Conn<'_> {
                 .record(None, Some(plan.pool.region), plan.started.elapsed());
             return Attempt::Done(self.relay_body(upstream, key, head).await);
         }
-        Attempt::Failed(Failure::Connect(
-            "pooled connections kept closing before the request was sent".into(),
-        ))
     }
 
     async fn read_response_head(
@@ -1366,18 +1372,31 @@ thread_local! {
     static IDLE: RefCell<Idle> = RefCell::new(Idle::default());
 }
 
+/// The most recently used idle connection to `key` that still looks open.
 fn take_idle(key: EndpointKey) -> Option<TcpStream> {
     IDLE.with(|idle| {
         let mut idle = idle.borrow_mut();
         let list = idle.get_mut(&key)?;
         let now = std::time::Instant::now();
         while let Some((stream, since)) = list.pop() {
-            if now.duration_since(since) < IDLE_TIMEOUT {
+            if now.duration_since(since) < IDLE_TIMEOUT && looks_open(&stream) {
                 return Some(stream);
             }
         }
         None
     })
+}
+
+/// Whether an idle connection looks open, without a system call in the common case: nothing
+/// has arrived on it since its last response was read (an idle origin connection only becomes
+/// readable when the origin closes it). When something has, a non-blocking read decides.
+fn looks_open(stream: &TcpStream) -> bool {
+    let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
+    match stream.poll_read_ready(&mut cx) {
+        Poll::Pending => true,
+        Poll::Ready(Ok(())) => still_open(stream),
+        Poll::Ready(Err(_)) => false,
+    }
 }
 
 fn give_back(key: EndpointKey, stream: TcpStream) {
