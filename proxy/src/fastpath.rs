@@ -92,6 +92,9 @@ pub(crate) async fn serve(
         let mut head_deadline_set = false;
         let plan = loop {
             if !conn.buf.is_empty() {
+                if conn.out.capacity() == 0 {
+                    conn.out = take_buffer();
+                }
                 match prepare(&conn.buf, pipeline, peer, &mut conn.out) {
                     Prep::Forward(plan) => break plan,
                     Prep::Fallback => return Outcome::Fallback(std::mem::take(&mut conn.buf)),
@@ -115,10 +118,22 @@ pub(crate) async fn serve(
                 }
                 conn.client_deadline
                     .set(Instant::now() + limits.idle_timeout);
-                tokio::select! {
-                    read = read_some(conn.client, &mut conn.buf, &mut conn.client_deadline) => read,
+                // Idle: the buffers go back to the worker until the next request arrives, so an
+                // idle connection holds none.
+                release(&mut conn.buf);
+                release(&mut conn.out);
+                release(&mut conn.rbuf);
+                let ready = tokio::select! {
+                    ready = conn.client_deadline.run(conn.client.readable()) => ready,
                     _ = crate::listener::stopped(shutdown) => return Outcome::Closed { linger: false },
+                };
+                match ready {
+                    Some(Ok(())) => {}
+                    // Idle for `idle_timeout`, or the socket failed.
+                    None | Some(Err(_)) => return Outcome::Closed { linger: false },
                 }
+                conn.buf = take_buffer();
+                read_some(conn.client, &mut conn.buf, &mut conn.client_deadline).await
             };
             match read {
                 Ok(Some(0)) | Err(_) => return Outcome::Closed { linger: false },
@@ -152,6 +167,14 @@ struct Conn<'a> {
     rbuf: Vec<u8>,
     client_deadline: Deadline,
     upstream_deadline: Deadline,
+}
+
+impl Drop for Conn<'_> {
+    fn drop(&mut self) {
+        release(&mut self.buf);
+        release(&mut self.out);
+        release(&mut self.rbuf);
+    }
 }
 
 /// What the connection does after an exchange.
@@ -829,6 +852,9 @@ impl Conn<'_> {
                 }
                 return Attempt::Failed(Failure::Upstream(format!("sending the request: {e}")));
             }
+            if self.rbuf.capacity() == 0 {
+                self.rbuf = take_buffer();
+            }
             self.rbuf.clear();
             self.upstream_deadline
                 .set(Instant::now() + limits.upstream_response_timeout);
@@ -1062,10 +1088,6 @@ impl Conn<'_> {
                 true
             }
         };
-        if self.rbuf.capacity() > 2 * BODY_CHUNK {
-            // A large body grew the buffer; idle connections should not keep it.
-            self.rbuf = Vec::new();
-        }
         if !complete {
             return Next::Close;
         }
@@ -1363,6 +1385,40 @@ async fn write_all(
 fn still_open(stream: &TcpStream) -> bool {
     let mut probe = [0u8; 1];
     matches!(stream.try_read(&mut probe), Err(e) if e.kind() == io::ErrorKind::WouldBlock)
+}
+
+/// Buffers of idle connections, kept per worker for the next busy one.
+const POOLED_BUFFERS: usize = 256;
+/// Buffers larger than this (grown by a large body) are freed rather than kept.
+const MAX_POOLED_BUFFER: usize = 2 * BODY_CHUNK + READ_RESERVE;
+
+thread_local! {
+    static BUFFERS: RefCell<Vec<Vec<u8>>> = const { RefCell::new(Vec::new()) };
+}
+
+fn take_buffer() -> Vec<u8> {
+    BUFFERS
+        .try_with(|buffers| buffers.borrow_mut().pop())
+        .ok()
+        .flatten()
+        .unwrap_or_else(|| Vec::with_capacity(READ_RESERVE))
+}
+
+/// Gives `buf` back to the worker (or frees it); `buf` is left empty, without capacity.
+fn release(buf: &mut Vec<u8>) {
+    if buf.capacity() == 0 {
+        return;
+    }
+    let mut buf = std::mem::take(buf);
+    if buf.capacity() <= MAX_POOLED_BUFFER {
+        buf.clear();
+        let _ = BUFFERS.try_with(|buffers| {
+            let mut buffers = buffers.borrow_mut();
+            if buffers.len() < POOLED_BUFFERS {
+                buffers.push(buf);
+            }
+        });
+    }
 }
 
 /// Idle origin connections of the fast path, per worker thread (see `connpool` for why).
