@@ -336,6 +336,7 @@ fn prepare<'p>(buf: &[u8], pipeline: &'p Pipeline, peer: &Peer, out: &mut Vec<u8
     let mut host: Option<&str> = None;
     let mut request_id: Option<&[u8]> = None;
     let mut client_close = false;
+    let mut has_length = false;
     let mut has_forwarding = false;
     let mut has_proto = false;
     let mut head_bytes = target.len();
@@ -354,10 +355,11 @@ fn prepare<'p>(buf: &[u8], pipeline: &'p Pipeline, peer: &Peer, out: &mut Vec<u8
                 }
             }
             Field::ContentLength => {
-                // Only requests without a body come this way.
-                if field.value.trim_ascii() != b"0" {
+                // Only requests without a body come this way, with one length at most.
+                if has_length || field.value.trim_ascii() != b"0" {
                     return Prep::Fallback;
                 }
+                has_length = true;
             }
             Field::Connection => {
                 for token in field.value.split(|&b| b == b',') {
