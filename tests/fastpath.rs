@@ -247,7 +247,8 @@ async fn ambiguous_or_broken_origin_responses_are_502_and_their_connections_are_
 
 #[tokio::test]
 async fn a_broken_chunked_body_or_extra_bytes_never_reach_the_next_response() {
-    // A chunk size that is not hex: the client gets no response, and the connection is gone.
+    // A chunk size that is not hex, found before anything went to the client: 502, and the
+    // connection is not reused.
     let origin = scripted(|_| {
         (
             b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\nzz\r\n".to_vec(),
@@ -256,13 +257,16 @@ async fn a_broken_chunked_body_or_extra_bytes_never_reach_the_next_response() {
     })
     .await;
     let proxy = proxy_to(origin.addr).await;
-    let answer = raw(
-        proxy.addr(),
-        request("GET", "").as_bytes(),
-        Duration::from_secs(5),
-    )
-    .await;
-    assert!(!answer.contains("zz"), "{answer}");
+    for _ in 0..2 {
+        let reply = get(&proxy.url("/"), &[("x-workspace-id", "acme")]).await;
+        assert_eq!(reply.status, 502);
+        assert_eq!(reply.refusal(), Some("upstream_error"));
+        assert!(reply.json()["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("malformed chunked body"));
+    }
+    assert_eq!(origin.accepted.load(Ordering::SeqCst), 2);
     proxy.running.shutdown().await;
 
     // Bytes after a response's end are not relayed, and the connection is not reused (they
@@ -447,5 +451,41 @@ async fn origin_connections_closed_while_idle_are_not_failures() {
         tokio::time::sleep(Duration::from_millis(300)).await;
     }
     assert!(accepted.load(Ordering::SeqCst) >= 16);
+    proxy.running.shutdown().await;
+}
+
+#[tokio::test]
+async fn heads_arriving_in_pieces_are_served_and_endless_lines_are_cut_off() {
+    let us = origin("us").await;
+    let proxy = proxy().route("us", &[&us]).start().await;
+    // A head in three pieces, one of them without a line feed.
+    let mut client = tokio::net::TcpStream::connect(proxy.addr()).await.unwrap();
+    for piece in [
+        "GET /doc HTTP/1.1\r\nhost: edge.test\r\n",
+        "x-workspace-id: ac",
+        "me\r\nconnection: close\r\n\r\n",
+    ] {
+        client.write_all(piece.as_bytes()).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(30)).await;
+    }
+    let mut answer = Vec::new();
+    tokio::time::timeout(Duration::from_secs(5), client.read_to_end(&mut answer))
+        .await
+        .unwrap()
+        .unwrap();
+    let answer = String::from_utf8_lossy(&answer);
+    assert!(answer.starts_with("HTTP/1.1 200 OK\r\n"), "{answer}");
+
+    // A line that never ends: refused once it passes the head limit, nothing forwarded.
+    let mut endless = b"GET /".to_vec();
+    endless.extend(std::iter::repeat_n(b'a', 200 * 1024));
+    let answer = raw(proxy.addr(), &endless, Duration::from_secs(5)).await;
+    let status = raw_status(&answer);
+    assert!(
+        matches!(status, Some(400 | 414 | 431)),
+        "{:?}",
+        &answer[..answer.len().min(200)]
+    );
+    assert_eq!(us.seen_requests().len(), 1);
     proxy.running.shutdown().await;
 }

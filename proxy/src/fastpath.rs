@@ -90,19 +90,23 @@ pub(crate) async fn serve(
         .max(16 * 1024);
     loop {
         let mut head_deadline_set = false;
+        // How much of the buffer an earlier parse found incomplete: a head can only complete
+        // with a line feed, so bytes without one need no new parse (a head sent a byte at a
+        // time is not parsed once per byte).
+        let mut incomplete = 0;
         let plan = loop {
-            if !conn.buf.is_empty() {
+            if conn.buf.len() > incomplete && conn.buf[incomplete..].contains(&b'\n') {
                 if conn.out.capacity() == 0 {
                     conn.out = take_buffer();
                 }
                 match prepare(&conn.buf, pipeline, peer, &mut conn.out) {
                     Prep::Forward(plan) => break plan,
                     Prep::Fallback => return Outcome::Fallback(std::mem::take(&mut conn.buf)),
-                    Prep::Partial if conn.buf.len() > head_cap => {
-                        return Outcome::Fallback(std::mem::take(&mut conn.buf))
-                    }
-                    Prep::Partial => {}
+                    Prep::Partial => incomplete = conn.buf.len(),
                 }
+            }
+            if conn.buf.len() > head_cap {
+                return Outcome::Fallback(std::mem::take(&mut conn.buf));
             }
             let partial = !conn.buf.is_empty();
             let read = if partial {
@@ -874,11 +878,17 @@ impl Conn<'_> {
                 Err(HeadError::Timeout) => return Attempt::Failed(Failure::Timeout),
                 Err(HeadError::Bad(detail)) => return Attempt::Failed(Failure::Upstream(detail)),
             };
-            plan.pool.record_success(endpoint);
-            self.pipeline
-                .metrics
-                .record(None, Some(plan.pool.region), plan.started.elapsed());
-            return Attempt::Done(self.relay_body(upstream, key, head).await);
+            let elapsed = plan.started.elapsed();
+            return match self.relay_body(upstream, key, head).await {
+                Ok(next) => {
+                    plan.pool.record_success(endpoint);
+                    self.pipeline
+                        .metrics
+                        .record(None, Some(plan.pool.region), elapsed);
+                    Attempt::Done(next)
+                }
+                Err(failure) => Attempt::Failed(failure),
+            };
         }
     }
 
@@ -921,14 +931,15 @@ impl Conn<'_> {
         }
     }
 
-    /// Writes the response head and relays the body. Failures from here on cut the client's
-    /// connection: its response has begun.
+    /// Writes the response head and relays the body. A body that is broken before anything was
+    /// written to the client is a failure of the attempt; later failures cut the client's
+    /// connection, as its response has begun.
     async fn relay_body(
         &mut self,
         upstream: TcpStream,
         key: EndpointKey,
         head: ResponseHead,
-    ) -> Next {
+    ) -> Result<Next, Failure> {
         let stall = self.pipeline.config.limits.idle_timeout;
         let mut reusable = head.reusable;
         let next = if head.client_close {
@@ -966,7 +977,7 @@ impl Conn<'_> {
                 .await
                 .is_err()
                 {
-                    return Next::Close;
+                    return Ok(Next::Close);
                 }
                 let mut remaining = len - first as u64;
                 let mut ok = true;
@@ -998,7 +1009,9 @@ impl Conn<'_> {
                 let mut chunks = ChunkedBody::default();
                 let first = match chunks.feed(buffered) {
                     Ok(done) => done,
-                    Err(_) => return Next::Close,
+                    Err(e) => {
+                        return Err(Failure::Upstream(format!("malformed chunked body: {e}")))
+                    }
                 };
                 let take = first.unwrap_or(buffered.len());
                 reusable &= take == buffered.len();
@@ -1013,7 +1026,7 @@ impl Conn<'_> {
                 .await
                 .is_err()
                 {
-                    return Next::Close;
+                    return Ok(Next::Close);
                 }
                 let mut ok = true;
                 let mut done = first.is_some();
@@ -1062,7 +1075,7 @@ impl Conn<'_> {
                 .await
                 .is_err()
                 {
-                    return Next::Close;
+                    return Ok(Next::Close);
                 }
                 loop {
                     self.rbuf.clear();
@@ -1091,12 +1104,12 @@ impl Conn<'_> {
             }
         };
         if !complete {
-            return Next::Close;
+            return Ok(Next::Close);
         }
         if reusable {
             give_back(key, upstream);
         }
-        next
+        Ok(next)
     }
 
     /// Reads the next piece of a response body into `rbuf[..n]`; `None` when the origin closed,

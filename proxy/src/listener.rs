@@ -154,13 +154,6 @@ async fn serve_connection(
     let _ = stream.set_nodelay(true);
     let limits = &pipeline.config.limits;
     let stream = Arc::new(stream);
-    let activity = Arc::new(Activity {
-        started: Instant::now(),
-        last_read_us: AtomicU64::new(u64::MAX),
-        last_response_us: AtomicU64::new(u64::MAX),
-        requests_started: AtomicU64::new(0),
-        requests_finished: AtomicU64::new(0),
-    });
 
     // Sniff the HTTP/2 preface. The bytes read (often a whole HTTP/1.1 request head) go on to
     // the fast path or are replayed to hyper.
@@ -214,6 +207,33 @@ async fn serve_connection(
             crate::fastpath::Outcome::Fallback(rest) => prefix = rest,
         }
     }
+    // hyper's connection state is large: boxed, so that connections on the fast path (the
+    // common case) do not carry room for it.
+    Box::pin(serve_hyper(
+        stream, prefix, is_h2, peer_info, pipeline, shutdown,
+    ))
+    .await;
+}
+
+/// Serves the rest of a connection with hyper: HTTP/2, or HTTP/1.1 from a request the fast path
+/// did not take (or every request, with the fast path off). `prefix` holds bytes already read.
+async fn serve_hyper(
+    stream: Arc<TcpStream>,
+    prefix: Vec<u8>,
+    is_h2: bool,
+    peer_info: Arc<crate::headers::Peer>,
+    pipeline: &Arc<Pipeline>,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    let limits = &pipeline.config.limits;
+    let peer = peer_info.addr;
+    let activity = Arc::new(Activity {
+        started: Instant::now(),
+        last_read_us: AtomicU64::new(u64::MAX),
+        last_response_us: AtomicU64::new(u64::MAX),
+        requests_started: AtomicU64::new(0),
+        requests_finished: AtomicU64::new(0),
+    });
     if !prefix.is_empty() {
         activity.mark_read();
     }
