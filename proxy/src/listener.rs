@@ -386,12 +386,14 @@ async fn linger(stream: &TcpStream) {
     let _ = socket2::SockRef::from(stream).shutdown(std::net::Shutdown::Write);
     let drain = async {
         let mut discarded = 0;
-        let mut sink = [0u8; 4096];
         while discarded < BUDGET {
             if stream.readable().await.is_err() {
                 return;
             }
-            match stream.try_read(&mut sink) {
+            // Into the worker's scratch buffer: a buffer here would sit in every connection's
+            // state, idle or not.
+            let read = SCRATCH.with(|scratch| stream.try_read(&mut scratch.borrow_mut()[..]));
+            match read {
                 Ok(0) => return,
                 Ok(n) => discarded += n,
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
