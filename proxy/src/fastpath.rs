@@ -35,7 +35,7 @@ use tokio::time::{Instant, Sleep};
 use crate::config::UpstreamProtocol;
 use crate::connpool::{EndpointKey, SendError, IDLE_TIMEOUT, MAX_IDLE_PER_ENDPOINT};
 use crate::decide::Decision;
-use crate::headers::Peer;
+use crate::headers::{self, Peer};
 use crate::identify::Headers;
 use crate::pipeline::{host_without_port, RouteInput};
 use crate::pipeline::{is_idempotent_method, is_safe_method, Pipeline};
@@ -416,7 +416,7 @@ fn prepare<'p>(buf: &[u8], pipeline: &'p Pipeline, peer: &Peer, out: &mut Vec<u8
         return Prep::Fallback;
     }
     let request_id = match request_id {
-        Some(id) if valid_request_id(id) => RequestId::from_client(id),
+        Some(id) if headers::valid_request_id(id) => RequestId::from_client(id),
         _ => RequestId::new(),
     };
 
@@ -532,10 +532,6 @@ fn append_existing(out: &mut Vec<u8>, fields: &[httparse::Header<'_>], kind: Fie
     }
 }
 
-fn valid_request_id(value: &[u8]) -> bool {
-    !value.is_empty() && value.len() <= 128 && value.iter().all(|c| c.is_ascii_graphic())
-}
-
 /// A request id kept inline: the client's (up to 128 visible characters) or 32 new hex digits.
 struct RequestId {
     len: u8,
@@ -553,13 +549,8 @@ impl RequestId {
     }
 
     fn new() -> Self {
-        use rand::Rng;
-        let n: u128 = rand::thread_rng().gen();
-        const HEX: &[u8; 16] = b"0123456789abcdef";
         let mut bytes = [0u8; 128];
-        for (i, slot) in bytes[..32].iter_mut().enumerate() {
-            *slot = HEX[((n >> (4 * (31 - i))) & 0xf) as usize];
-        }
+        bytes[..32].copy_from_slice(&headers::request_id_digits());
         Self { len: 32, bytes }
     }
 

@@ -175,7 +175,7 @@ impl Pipeline {
     {
         let started = Instant::now();
         let request_id = match req.headers().get(&X_REQUEST_ID) {
-            Some(v) if headers::valid_request_id(v) => v.clone(),
+            Some(v) if headers::valid_request_id(v.as_bytes()) => v.clone(),
             _ => headers::new_request_id(),
         };
         if let Some(refusal) = self.check_request(&req) {
