@@ -25,6 +25,12 @@ struct Scripted {
 type Script = fn(&str) -> (Vec<u8>, bool);
 
 async fn scripted(reply: Script) -> Scripted {
+    scripted_with(reply, Duration::ZERO, None).await
+}
+
+/// As [`scripted`], answering after `delay`, and closing a connection that stays idle for
+/// `idle_close` (as servers with a keep-alive timeout do).
+async fn scripted_with(reply: Script, delay: Duration, idle_close: Option<Duration>) -> Scripted {
     let listener = TcpListener::bind(LOOPBACK).await.unwrap();
     let addr = listener.local_addr().unwrap();
     let accepted = Arc::new(AtomicU64::new(0));
@@ -46,11 +52,20 @@ async fn scripted(reply: Script) -> Scripted {
                         pending.drain(..end + 4);
                         let (bytes, close) = reply(&head);
                         seen.lock().unwrap().push(head);
+                        tokio::time::sleep(delay).await;
                         if stream.write_all(&bytes).await.is_err() || close {
                             return;
                         }
                     }
-                    match stream.read(&mut buf).await {
+                    let read = stream.read(&mut buf);
+                    let read = match idle_close {
+                        Some(idle) => match tokio::time::timeout(idle, read).await {
+                            Ok(read) => read,
+                            Err(_) => return,
+                        },
+                        None => read.await,
+                    };
+                    match read {
                         Ok(0) | Err(_) => return,
                         Ok(n) => pending.extend_from_slice(&buf[..n]),
                     }
@@ -400,38 +415,18 @@ async fn requests_the_fast_path_does_not_take_continue_on_hyper_in_order() {
 async fn origin_connections_closed_while_idle_are_not_failures() {
     // An origin that answers after 20 ms and closes a connection 150 ms after its last answer
     // (as servers with a keep-alive timeout do).
-    let listener = TcpListener::bind(LOOPBACK).await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    let accepted = Arc::new(AtomicU64::new(0));
-    let counter = accepted.clone();
-    tokio::spawn(async move {
-        loop {
-            let Ok((mut stream, _)) = listener.accept().await else {
-                return;
-            };
-            counter.fetch_add(1, Ordering::SeqCst);
-            tokio::spawn(async move {
-                let mut pending = Vec::new();
-                let mut buf = [0u8; 4096];
-                loop {
-                    while let Some(end) = pending.windows(4).position(|w| w == b"\r\n\r\n") {
-                        pending.drain(..end + 4);
-                        tokio::time::sleep(Duration::from_millis(20)).await;
-                        let reply = b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok";
-                        if stream.write_all(reply).await.is_err() {
-                            return;
-                        }
-                    }
-                    let read =
-                        tokio::time::timeout(Duration::from_millis(150), stream.read(&mut buf));
-                    match read.await {
-                        Ok(Ok(n)) if n > 0 => pending.extend_from_slice(&buf[..n]),
-                        _ => return,
-                    }
-                }
-            });
-        }
-    });
+    let origin = scripted_with(
+        |_| {
+            (
+                b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok".to_vec(),
+                false,
+            )
+        },
+        Duration::from_millis(20),
+        Some(Duration::from_millis(150)),
+    )
+    .await;
+    let (addr, accepted) = (origin.addr, origin.accepted);
     let proxy = proxy()
         .route_addrs("us", &[addr], "health.enabled = false")
         .proxy_section("workers = 1")

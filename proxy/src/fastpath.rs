@@ -932,175 +932,69 @@ impl Conn<'_> {
         head: ResponseHead,
     ) -> Result<Next, Failure> {
         let stall = self.pipeline.config.limits.idle_timeout;
-        let mut reusable = head.reusable;
-        let next = if head.client_close {
-            Next::Close
-        } else {
-            Next::KeepAlive
+        let mut body = match head.framing {
+            Framing::None => BodyEnd::Length(0),
+            Framing::Length(n) => BodyEnd::Length(n),
+            Framing::Chunked => BodyEnd::Chunked(ChunkedBody::default()),
+            Framing::UntilClose => BodyEnd::Close,
         };
+        // What arrived with the head goes out with the client's head, in one write.
         let buffered = &self.rbuf[head.body_start..];
-        let complete = match head.framing {
-            Framing::None => {
-                reusable &= buffered.is_empty();
-                write_all(
-                    self.client,
-                    &self.out,
-                    &[],
-                    &mut self.client_deadline,
-                    stall,
-                )
-                .await
-                .is_ok()
-            }
-            Framing::Length(len) => {
-                let first = buffered
-                    .len()
-                    .min(usize::try_from(len).unwrap_or(usize::MAX));
-                reusable &= first == buffered.len();
-                let end = head.body_start + first;
-                if write_all(
-                    self.client,
-                    &self.out,
-                    &self.rbuf[head.body_start..end],
-                    &mut self.client_deadline,
-                    stall,
-                )
-                .await
-                .is_err()
-                {
-                    return Ok(Next::Close);
-                }
-                let mut remaining = len - first as u64;
-                let mut ok = true;
-                while remaining > 0 {
-                    let Some(n) = self.read_body(&upstream).await else {
-                        ok = false;
-                        break;
-                    };
-                    let take = n.min(usize::try_from(remaining).unwrap_or(usize::MAX));
-                    reusable &= take == n;
-                    remaining -= take as u64;
-                    if write_all(
-                        self.client,
-                        &self.rbuf[..take],
-                        &[],
-                        &mut self.client_deadline,
-                        stall,
-                    )
-                    .await
-                    .is_err()
-                    {
-                        ok = false;
-                        break;
-                    }
-                }
-                ok
-            }
-            Framing::Chunked => {
-                let mut chunks = ChunkedBody::default();
-                let first = match chunks.feed(buffered) {
-                    Ok(done) => done,
-                    Err(e) => {
-                        return Err(Failure::Upstream(format!("malformed chunked body: {e}")))
-                    }
-                };
-                let take = first.unwrap_or(buffered.len());
-                reusable &= take == buffered.len();
-                let end = head.body_start + take;
-                if write_all(
-                    self.client,
-                    &self.out,
-                    &self.rbuf[head.body_start..end],
-                    &mut self.client_deadline,
-                    stall,
-                )
-                .await
-                .is_err()
-                {
-                    return Ok(Next::Close);
-                }
-                let mut ok = true;
-                let mut done = first.is_some();
-                while !done {
-                    let Some(n) = self.read_body(&upstream).await else {
-                        ok = false;
-                        break;
-                    };
-                    let take = match chunks.feed(&self.rbuf[..n]) {
-                        Ok(Some(end)) => {
-                            done = true;
-                            reusable &= end == n;
-                            end
-                        }
-                        Ok(None) => n,
-                        Err(_) => {
-                            ok = false;
-                            break;
-                        }
-                    };
-                    if write_all(
-                        self.client,
-                        &self.rbuf[..take],
-                        &[],
-                        &mut self.client_deadline,
-                        stall,
-                    )
-                    .await
-                    .is_err()
-                    {
-                        ok = false;
-                        break;
-                    }
-                }
-                ok
-            }
-            Framing::UntilClose => {
-                reusable = false;
-                if write_all(
-                    self.client,
-                    &self.out,
-                    buffered,
-                    &mut self.client_deadline,
-                    stall,
-                )
-                .await
-                .is_err()
-                {
-                    return Ok(Next::Close);
-                }
-                loop {
-                    self.rbuf.clear();
-                    self.upstream_deadline.set(Instant::now() + stall);
-                    match read_some(&upstream, &mut self.rbuf, &mut self.upstream_deadline).await {
-                        Ok(Some(0)) => break,
-                        Ok(Some(n)) => {
-                            if write_all(
-                                self.client,
-                                &self.rbuf[..n],
-                                &[],
-                                &mut self.client_deadline,
-                                stall,
-                            )
-                            .await
-                            .is_err()
-                            {
-                                break;
-                            }
-                        }
-                        _ => break,
-                    }
-                }
-                // The client learns the end from the close.
-                true
-            }
-        };
-        if !complete {
+        let (take, mut done) = body
+            .take(buffered)
+            .map_err(|e| Failure::Upstream(format!("malformed chunked body: {e}")))?;
+        // Bytes after the end would be read as the next response: the connection is not reused.
+        let mut reusable = head.reusable && take == buffered.len();
+        let end = head.body_start + take;
+        let client = self.client;
+        if write_all(
+            client,
+            &self.out,
+            &self.rbuf[head.body_start..end],
+            &mut self.client_deadline,
+            stall,
+        )
+        .await
+        .is_err()
+        {
             return Ok(Next::Close);
+        }
+        while !done {
+            let Some(n) = self.read_body(&upstream).await else {
+                // The origin closed (or failed, or stalled): the end of a body delimited by
+                // close, a cut in any other.
+                if matches!(body, BodyEnd::Close) {
+                    break;
+                }
+                return Ok(Next::Close);
+            };
+            let Ok((take, end)) = body.take(&self.rbuf[..n]) else {
+                return Ok(Next::Close);
+            };
+            if end {
+                reusable &= take == n;
+                done = true;
+            }
+            let sent = write_all(
+                client,
+                &self.rbuf[..take],
+                &[],
+                &mut self.client_deadline,
+                stall,
+            )
+            .await;
+            if sent.is_err() {
+                return Ok(Next::Close);
+            }
         }
         if reusable {
             give_back(key, upstream);
         }
-        Ok(next)
+        Ok(if head.client_close {
+            Next::Close
+        } else {
+            Next::KeepAlive
+        })
     }
 
     /// Reads the next piece of a response body into `rbuf[..n]`; `None` when the origin closed,
@@ -1124,6 +1018,35 @@ enum HeadError {
     Closed,
     Timeout,
     Bad(String),
+}
+
+/// Where a response body ends, followed as its bytes pass through.
+enum BodyEnd {
+    /// After this many more bytes.
+    Length(u64),
+    Chunked(ChunkedBody),
+    /// When the origin closes the connection.
+    Close,
+}
+
+impl BodyEnd {
+    /// How many of `bytes` belong to the body, and whether it ends with them.
+    fn take(&mut self, bytes: &[u8]) -> Result<(usize, bool), &'static str> {
+        match self {
+            BodyEnd::Length(left) => {
+                let n = bytes
+                    .len()
+                    .min(usize::try_from(*left).unwrap_or(usize::MAX));
+                *left -= n as u64;
+                Ok((n, *left == 0))
+            }
+            BodyEnd::Chunked(chunks) => Ok(match chunks.feed(bytes)? {
+                Some(end) => (end, true),
+                None => (bytes.len(), false),
+            }),
+            BodyEnd::Close => Ok((bytes.len(), false)),
+        }
+    }
 }
 
 /// Follows a chunked body's framing (RFC 9112 section 7.1) as it passes through, to find where
