@@ -175,6 +175,16 @@ pub struct Limits {
     pub max_concurrent_streams: u32,
 }
 
+impl Limits {
+    /// The most bytes a request head may take before it is cut off: twice `max_header_bytes`
+    /// (at least 16 KiB), so that heads between the two get the pipeline's JSON 431.
+    pub fn head_buffer_cap(&self) -> usize {
+        (self.max_header_bytes as usize)
+            .saturating_mul(2)
+            .max(16 * 1024)
+    }
+}
+
 impl Default for Limits {
     fn default() -> Self {
         toml::from_str("").unwrap_or_else(|e| unreachable!("defaults parse: {e}"))

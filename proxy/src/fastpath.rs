@@ -85,9 +85,7 @@ pub(crate) async fn serve(
         upstream_deadline: Deadline::new(),
     };
     // Heads larger than this are hyper's to refuse (with the pipeline's 431).
-    let head_cap = (limits.max_header_bytes as usize)
-        .saturating_mul(2)
-        .max(16 * 1024);
+    let head_cap = limits.head_buffer_cap();
     loop {
         let mut head_deadline_set = false;
         // How much of the buffer an earlier parse found incomplete: a head can only complete

@@ -304,7 +304,7 @@ async fn serve_hyper(
             .header_read_timeout(limits.header_read_timeout)
             // hyper's own cap is a backstop above ours, so that our 431 (with its JSON body)
             // answers heads between the two.
-            .max_buf_size(((limits.max_header_bytes as usize) * 2).max(16 * 1024))
+            .max_buf_size(limits.head_buffer_cap())
             .keep_alive(true);
         if limits.max_headers > 100 {
             // hyper parses up to 100 fields on the stack; past that it needs to be told (and
