@@ -119,6 +119,9 @@ async fn chunked_responses_pass_through_with_trailers_and_the_connection_is_reus
     );
     assert_eq!(answer.matches("transfer-encoding: chunked\r\n").count(), 2);
     assert_eq!(answer.matches("x-request-id: ").count(), 2);
+    // The origin sent no date: the proxy adds the time it received the response.
+    assert_eq!(answer.matches("date: ").count(), 2, "{answer}");
+    assert!(answer.contains(" GMT\r\n"), "{answer}");
     assert!(answer.ends_with("x-trailer: t\r\n\r\n"), "{answer}");
     assert_eq!(
         origin.accepted.load(Ordering::SeqCst),

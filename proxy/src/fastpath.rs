@@ -587,6 +587,26 @@ enum Parsed {
     Final(ResponseHead),
 }
 
+thread_local! {
+    /// The current second as an HTTP date, formatted once per second per worker.
+    static HTTP_DATE: RefCell<(u64, String)> = const { RefCell::new((0, String::new())) };
+}
+
+/// Appends the current time as an HTTP date (`Sun, 06 Nov 1994 08:49:37 GMT`).
+fn put_http_date(out: &mut Vec<u8>) {
+    let now = std::time::SystemTime::now();
+    let second = now
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    HTTP_DATE.with(|cached| {
+        let mut cached = cached.borrow_mut();
+        if cached.0 != second || cached.1.is_empty() {
+            *cached = (second, httpdate::fmt_http_date(now));
+        }
+        out.extend_from_slice(cached.1.as_bytes());
+    });
+}
+
 /// Hop-by-hop fields of a response, not passed to the client (RFC 9110 7.6.1).
 fn response_hop_by_hop(name: &str) -> bool {
     let b = name.as_bytes();
@@ -643,9 +663,12 @@ fn parse_response(
     // HTTP/1.0 origins close unless told otherwise; not worth reusing.
     let mut origin_close = version == 0;
     let mut named: Vec<&[u8]> = Vec::new();
+    let mut has_date = false;
     for field in fields {
         let name = field.name.as_bytes();
-        if name.eq_ignore_ascii_case(b"transfer-encoding") {
+        if name.eq_ignore_ascii_case(b"date") {
+            has_date = true;
+        } else if name.eq_ignore_ascii_case(b"transfer-encoding") {
             if chunked || !field.value.trim_ascii().eq_ignore_ascii_case(b"chunked") {
                 return Err(format!(
                     "unsupported transfer-encoding {:?}",
@@ -704,6 +727,13 @@ fn parse_response(
             continue;
         }
         put_field(out, name.as_bytes(), field.value);
+    }
+    if !has_date {
+        // RFC 9110 section 6.6.1: a response forwarded without a date gets the time it was
+        // received.
+        out.extend_from_slice(b"date: ");
+        put_http_date(out);
+        out.extend_from_slice(b"\r\n");
     }
     if framing == Framing::Chunked {
         out.extend_from_slice(b"transfer-encoding: chunked\r\n");
