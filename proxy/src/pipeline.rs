@@ -59,11 +59,11 @@ pub(crate) fn is_idempotent_method(method: &str) -> bool {
     is_safe_method(method) || matches!(method, "PUT" | "DELETE" | "TRACE")
 }
 
-pub(crate) fn is_safe(method: &Method) -> bool {
+fn is_safe(method: &Method) -> bool {
     matches!(*method, Method::GET | Method::HEAD | Method::OPTIONS)
 }
 
-pub(crate) fn is_idempotent(method: &Method) -> bool {
+fn is_idempotent(method: &Method) -> bool {
     is_safe(method) || matches!(*method, Method::PUT | Method::DELETE | Method::TRACE)
 }
 
