@@ -1,0 +1,66 @@
+-- The map head: one row, locked by every write transaction so that version order is commit
+-- order (docs/control-plane.md, "Ordering").
+CREATE TABLE meta (
+    id                SMALLINT PRIMARY KEY CHECK (id = 1),
+    version           BIGINT  NOT NULL,
+    checksum          BIGINT  NOT NULL,
+    compacted_through BIGINT  NOT NULL,
+    epoch             TEXT    NOT NULL
+);
+
+CREATE TABLE regions (
+    id           TEXT    PRIMARY KEY,
+    name         TEXT    NOT NULL,
+    jurisdiction TEXT    NOT NULL,
+    version      BIGINT  NOT NULL,
+    updated_at   BIGINT  NOT NULL
+);
+
+CREATE TABLE workspaces (
+    id         TEXT    PRIMARY KEY,
+    region     TEXT    NOT NULL REFERENCES regions (id),
+    state      TEXT    NOT NULL CHECK (state IN ('active', 'frozen')),
+    epoch      BIGINT  NOT NULL,
+    version    BIGINT  NOT NULL,
+    updated_at BIGINT  NOT NULL
+);
+CREATE INDEX workspaces_by_region ON workspaces (region, id);
+
+-- The change feed: one ready-to-send line per version, compacted past the retained window.
+CREATE TABLE changes (
+    version BIGINT  PRIMARY KEY,
+    line    TEXT    NOT NULL
+);
+
+-- Every change ever made, never compacted: what audits read.
+CREATE TABLE history (
+    version BIGINT  PRIMARY KEY,
+    kind    TEXT    NOT NULL CHECK (kind IN ('workspace', 'region')),
+    key     TEXT    NOT NULL,
+    op      TEXT    NOT NULL CHECK (op IN ('put', 'delete')),
+    region  TEXT,
+    state   TEXT,
+    epoch   BIGINT ,
+    actor   TEXT    NOT NULL,
+    reason  TEXT,
+    at      BIGINT  NOT NULL
+);
+CREATE INDEX history_by_key ON history (kind, key, version);
+
+CREATE TABLE tokens (
+    name       TEXT    PRIMARY KEY,
+    role       TEXT    NOT NULL CHECK (role IN ('admin', 'operator', 'auditor', 'proxy')),
+    hash       TEXT    NOT NULL UNIQUE,
+    created_at BIGINT  NOT NULL
+);
+
+CREATE TABLE fleet (
+    proxy_id        TEXT    PRIMARY KEY,
+    edge_region     TEXT    NOT NULL,
+    applied_version BIGINT  NOT NULL,
+    drained_version BIGINT ,
+    checksum        TEXT    NOT NULL,
+    epoch           TEXT    NOT NULL,
+    first_seen      BIGINT  NOT NULL,
+    last_seen       BIGINT  NOT NULL
+);

@@ -1,0 +1,1108 @@
+//! The admin REST API (axum): regions, workspaces, the map feed, the fleet, tokens.
+//! JSON in and out; every error is `{"error": {"code", "message"}}` with a fitting status.
+//! `docs/control-plane.md` and `GET /v1/openapi.json` describe every route.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::body::Body;
+use axum::extract::{Path, Query, State};
+use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use bytes::Bytes;
+use domicile_wire::{
+    is_country_code, is_valid_region_id, normalize_workspace_id, ErrorBody, ErrorDetail, Fleet,
+    FleetMember, Heartbeat, HeartbeatReply, LineError, Region, SyncStatus,
+};
+use futures_util::StreamExt;
+use serde::Deserialize;
+use tokio::sync::mpsc;
+
+use crate::auth::{is_valid_token_name, Role};
+use crate::config::ControlPlaneConfig;
+use crate::store::{now_ms, Actor, ImportLine, Store, StoreError, MAX_LINE_ERRORS};
+
+/// The OpenAPI description served at `GET /v1/openapi.json`.
+pub const OPENAPI: &str = include_str!("../openapi.json");
+
+/// Every route the API serves, as `(method, path)`: the router is built from the same paths,
+/// and a test checks `openapi.json` lists exactly these.
+pub const ROUTES: &[(&str, &str)] = &[
+    ("get", "/v1/regions"),
+    ("get", "/v1/regions/{id}"),
+    ("put", "/v1/regions/{id}"),
+    ("delete", "/v1/regions/{id}"),
+    ("get", "/v1/workspaces"),
+    ("get", "/v1/workspaces/{id}"),
+    ("put", "/v1/workspaces/{id}"),
+    ("delete", "/v1/workspaces/{id}"),
+    ("post", "/v1/workspaces:import"),
+    ("get", "/v1/map/snapshot"),
+    ("get", "/v1/map/changes"),
+    ("get", "/v1/map/history"),
+    ("post", "/v1/fleet/heartbeat"),
+    ("get", "/v1/fleet"),
+    ("delete", "/v1/fleet/{proxy_id}"),
+    ("get", "/v1/tokens"),
+    ("post", "/v1/tokens"),
+    ("delete", "/v1/tokens/{name}"),
+    ("get", "/v1/openapi.json"),
+    ("get", "/healthz"),
+    ("get", "/readyz"),
+    ("get", "/metrics"),
+];
+
+/// Counters for `/metrics`.
+#[derive(Debug, Default)]
+pub struct Metrics {
+    pub requests: AtomicU64,
+    pub unauthenticated: AtomicU64,
+    pub forbidden: AtomicU64,
+    pub feed_streams_open: AtomicU64,
+    pub feed_lines_sent: AtomicU64,
+    pub heartbeats: AtomicU64,
+    pub snapshots: AtomicU64,
+    pub compacted: AtomicU64,
+}
+
+#[derive(Clone)]
+pub struct AppState {
+    pub store: Store,
+    pub config: Arc<ControlPlaneConfig>,
+    pub metrics: Arc<Metrics>,
+}
+
+/// An API error: status, stable code, message.
+#[derive(Debug)]
+pub struct ApiError {
+    status: StatusCode,
+    code: &'static str,
+    message: String,
+    lines: Vec<LineError>,
+}
+
+impl ApiError {
+    pub fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> Self {
+        Self {
+            status,
+            code,
+            message: message.into(),
+            lines: Vec::new(),
+        }
+    }
+
+    fn bad_request(code: &'static str, message: impl Into<String>) -> Self {
+        Self::new(StatusCode::BAD_REQUEST, code, message)
+    }
+}
+
+impl From<StoreError> for ApiError {
+    fn from(e: StoreError) -> Self {
+        let message = e.to_string();
+        match e {
+            StoreError::NotFound { .. } => Self::new(StatusCode::NOT_FOUND, "not_found", message),
+            StoreError::Conflict { code, .. } => Self::new(StatusCode::CONFLICT, code, message),
+            StoreError::Invalid { code, .. } => {
+                Self::new(StatusCode::UNPROCESSABLE_ENTITY, code, message)
+            }
+            StoreError::Lines { lines, .. } => Self {
+                status: StatusCode::UNPROCESSABLE_ENTITY,
+                code: "invalid_import",
+                message,
+                lines,
+            },
+            StoreError::Gone { .. } => Self::new(StatusCode::GONE, "changes_compacted", message),
+            StoreError::Db(_) | StoreError::Migrate(_) | StoreError::BadUrl(_) => {
+                tracing::error!("store error: {message}");
+                Self::new(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "store_unavailable",
+                    "the control plane's store is unavailable; try again",
+                )
+            }
+        }
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let mut response = (
+            self.status,
+            Json(ErrorBody {
+                error: ErrorDetail {
+                    code: self.code.to_owned(),
+                    message: self.message,
+                    lines: self.lines,
+                },
+            }),
+        )
+            .into_response();
+        if self.status == StatusCode::UNAUTHORIZED {
+            response.headers_mut().insert(
+                header::WWW_AUTHENTICATE,
+                HeaderValue::from_static("Bearer realm=\"domicile\""),
+            );
+        }
+        response
+    }
+}
+
+type ApiResult<T> = Result<T, ApiError>;
+
+/// The caller behind a valid token.
+#[derive(Debug, Clone)]
+pub struct Caller {
+    pub name: String,
+    pub role: Role,
+}
+
+impl Caller {
+    fn actor(&self, reason: Option<String>) -> Actor {
+        Actor {
+            name: self.name.clone(),
+            reason,
+        }
+    }
+}
+
+/// Checks the bearer token: 401 without a valid one, 403 when its role is not in `allowed`.
+pub async fn authorize(
+    state: &AppState,
+    headers: &HeaderMap,
+    allowed: &[Role],
+) -> ApiResult<Caller> {
+    let unauthenticated = |message: &str| {
+        state
+            .metrics
+            .unauthenticated
+            .fetch_add(1, Ordering::Relaxed);
+        ApiError::new(StatusCode::UNAUTHORIZED, "unauthenticated", message)
+    };
+    let Some(value) = headers.get(header::AUTHORIZATION) else {
+        return Err(unauthenticated(
+            "this endpoint needs a bearer token (Authorization: Bearer <token>)",
+        ));
+    };
+    let secret = value
+        .to_str()
+        .ok()
+        .and_then(|v| {
+            v.strip_prefix("Bearer ")
+                .or_else(|| v.strip_prefix("bearer "))
+        })
+        .map(str::trim)
+        .filter(|s| !s.is_empty())
+        .ok_or_else(|| unauthenticated("the Authorization header is not `Bearer <token>`"))?;
+    let Some((name, role)) = state.store.authenticate(secret).await? else {
+        return Err(unauthenticated("the bearer token is not valid"));
+    };
+    if !allowed.contains(&role) || allowed.is_empty() {
+        state.metrics.forbidden.fetch_add(1, Ordering::Relaxed);
+        let names: Vec<&str> = allowed.iter().map(|r| r.as_str()).collect();
+        return Err(ApiError::new(
+            StatusCode::FORBIDDEN,
+            "forbidden",
+            format!(
+                "token {name:?} has role {role}; this endpoint needs {}",
+                names.join(" or ")
+            ),
+        ));
+    }
+    Ok(Caller { name, role })
+}
+
+const READERS: &[Role] = &[Role::Admin, Role::Operator, Role::Auditor];
+const ADMIN: &[Role] = &[Role::Admin];
+const FEED: &[Role] = &[Role::Proxy, Role::Admin, Role::Auditor];
+const OPERATORS: &[Role] = &[Role::Admin, Role::Operator];
+
+/// Parses a JSON body with a clear error naming what is wrong.
+fn json_body<T: serde::de::DeserializeOwned>(body: &Bytes) -> ApiResult<T> {
+    serde_json::from_slice(body)
+        .map_err(|e| ApiError::bad_request("invalid_body", format!("invalid JSON body: {e}")))
+}
+
+fn region_id(id: &str) -> ApiResult<&str> {
+    if is_valid_region_id(id) {
+        Ok(id)
+    } else {
+        Err(ApiError::bad_request(
+            "invalid_region_id",
+            format!("region id {id:?} is not valid (expected [a-z][a-z0-9-]{{0,31}})"),
+        ))
+    }
+}
+
+fn workspace_id(id: &str) -> ApiResult<String> {
+    normalize_workspace_id(id).map_err(|why| {
+        ApiError::bad_request(
+            "invalid_workspace_id",
+            format!("workspace id {id:?} is not valid: {why}"),
+        )
+    })
+}
+
+fn rfc3339(ms: i64) -> String {
+    let t = std::time::UNIX_EPOCH + Duration::from_millis(ms.max(0) as u64);
+    humantime::format_rfc3339_millis(t).to_string()
+}
+
+pub fn router(state: AppState) -> Router {
+    let router = Router::new()
+        .route("/v1/regions", get(list_regions))
+        .route(
+            "/v1/regions/{id}",
+            get(get_region).put(put_region).delete(delete_region),
+        )
+        .route("/v1/workspaces", get(list_workspaces))
+        .route(
+            "/v1/workspaces/{id}",
+            get(get_workspace)
+                .put(put_workspace)
+                .delete(delete_workspace),
+        )
+        .route("/v1/workspaces:import", post(import_workspaces))
+        .route("/v1/map/snapshot", get(snapshot))
+        .route("/v1/map/changes", get(changes))
+        .route("/v1/map/history", get(history))
+        .route("/v1/fleet/heartbeat", post(heartbeat))
+        .route("/v1/fleet", get(fleet))
+        .route("/v1/fleet/{proxy_id}", axum::routing::delete(forget_proxy))
+        .route("/v1/tokens", get(list_tokens).post(create_token))
+        .route("/v1/tokens/{name}", axum::routing::delete(delete_token))
+        .route("/v1/openapi.json", get(openapi))
+        .route("/healthz", get(healthz))
+        .route("/readyz", get(readyz))
+        .route("/metrics", get(metrics))
+        .fallback(|| async {
+            ApiError::new(StatusCode::NOT_FOUND, "not_found", "no such endpoint")
+        })
+        .method_not_allowed_fallback(|| async {
+            ApiError::new(
+                StatusCode::METHOD_NOT_ALLOWED,
+                "method_not_allowed",
+                "this endpoint does not take that method (see /v1/openapi.json)",
+            )
+        });
+    let metrics = state.metrics.clone();
+    router
+        .layer(axum::middleware::from_fn(
+            move |req: axum::extract::Request, next: axum::middleware::Next| {
+                metrics.requests.fetch_add(1, Ordering::Relaxed);
+                next.run(req)
+            },
+        ))
+        .with_state(state)
+}
+
+// ---- regions ----
+
+async fn list_regions(State(s): State<AppState>, headers: HeaderMap) -> ApiResult<Response> {
+    authorize(&s, &headers, READERS).await?;
+    let regions = s.store.regions().await?;
+    Ok(Json(serde_json::json!({ "regions": regions })).into_response())
+}
+
+async fn get_region(
+    State(s): State<AppState>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+) -> ApiResult<Response> {
+    authorize(&s, &headers, READERS).await?;
+    Ok(Json(s.store.region(region_id(&id)?).await?).into_response())
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RegionPut {
+    name: Option<String>,
+    #[serde(default)]
+    jurisdiction: Vec<String>,
+    #[serde(default)]
+    reason: Option<String>,
+}
+
+async fn put_region(
+    State(s): State<AppState>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+    body: Bytes,
+) -> ApiResult<Response> {
+    let caller = authorize(&s, &headers, ADMIN).await?;
+    let id = region_id(&id)?.to_owned();
+    let put: RegionPut = json_body(&body)?;
+    let name = put.name.unwrap_or_else(|| id.clone());
+    if name.trim().is_empty() || name.len() > 200 {
+        return Err(ApiError::bad_request(
+            "invalid_body",
+            "name must be 1 to 200 characters",
+        ));
+    }
+    let mut jurisdiction = Vec::new();
+    for code in &put.jurisdiction {
+        if !is_country_code(code) {
+            return Err(ApiError::bad_request(
+                "invalid_body",
+                format!("jurisdiction {code:?} is not an ISO 3166-1 alpha-2 country code"),
+            ));
+        }
+        let code = code.to_ascii_uppercase();
+        if !jurisdiction.contains(&code) {
+            jurisdiction.push(code);
+        }
+    }
+    let written = s
+        .store
+        .put_region(
+            Region {
+                id,
+                name,
+                jurisdiction,
+            },
+            &caller.actor(put.reason),
+        )
+        .await?;
+    let status = if written.created {
+        StatusCode::CREATED
+    } else {
+        StatusCode::OK
+    };
+    Ok((
+        status,
+        Json(serde_json::json!({ "region": written.value, "version": written.version })),
+    )
+        .into_response())
+}
+
+async fn delete_region(
+    State(s): State<AppState>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+) -> ApiResult<Response> {
+    let caller = authorize(&s, &headers, ADMIN).await?;
+    let version = s
+        .store
+        .delete_region(region_id(&id)?, &caller.actor(None))
+        .await?;
+    Ok(Json(serde_json::json!({ "deleted": id, "version": version })).into_response())
+}
+
+// ---- workspaces ----
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ListQuery {
+    region: Option<String>,
+    cursor: Option<String>,
+    limit: Option<u32>,
+}
+
+async fn list_workspaces(
+    State(s): State<AppState>,
+    headers: HeaderMap,
+    query: Result<Query<ListQuery>, axum::extract::rejection::QueryRejection>,
+) -> ApiResult<Response> {
+    authorize(&s, &headers, READERS).await?;
+    let Query(q) = query.map_err(|e| ApiError::bad_request("invalid_query", e.body_text()))?;
+    let limit = q.limit.unwrap_or(100);
+    if limit == 0 || limit > 1000 {
+        return Err(ApiError::bad_request(
+            "invalid_query",
+            "limit must be between 1 and 1000",
+        ));
+    }
+    if let Some(region) = &q.region {
+        region_id(region)?;
+    }
+    let cursor = q.cursor.as_deref().map(workspace_id).transpose()?;
+    let items = s
+        .store
+        .workspaces(q.region.as_deref(), cursor.as_deref(), limit)
+        .await?;
+    let next_cursor = (items.len() == limit as usize)
+        .then(|| items.last().map(|w| w.id.clone()))
+        .flatten();
+    Ok(
+        Json(serde_json::json!({ "workspaces": items, "next_cursor": next_cursor }))
+            .into_response(),
+    )
+}
+
+async fn get_workspace(
+    State(s): State<AppState>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+) -> ApiResult<Response> {
+    authorize(&s, &headers, READERS).await?;
+    Ok(Json(s.store.workspace(&workspace_id(&id)?).await?).into_response())
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct WorkspacePut {
+    region: String,
+    /// Change the region of an existing workspace without a move.
+    #[serde(default)]
+    force: bool,
+    #[serde(default)]
+    reason: Option<String>,
+}
+
+async fn put_workspace(
+    State(s): State<AppState>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+    body: Bytes,
+) -> ApiResult<Response> {
+    let caller = authorize(&s, &headers, ADMIN).await?;
+    let id = workspace_id(&id)?;
+    let put: WorkspacePut = json_body(&body)?;
+    region_id(&put.region)?;
+    let written = s
+        .store
+        .put_workspace(&id, &put.region, put.force, &caller.actor(put.reason))
+        .await?;
+    let status = if written.created {
+        StatusCode::CREATED
+    } else {
+        StatusCode::OK
+    };
+    Ok((status, Json(written.value)).into_response())
+}
+
+async fn delete_workspace(
+    State(s): State<AppState>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+) -> ApiResult<Response> {
+    let caller = authorize(&s, &headers, ADMIN).await?;
+    let id = workspace_id(&id)?;
+    let version = s.store.delete_workspace(&id, &caller.actor(None)).await?;
+    Ok(Json(serde_json::json!({ "deleted": id, "version": version })).into_response())
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ImportQuery {
+    #[serde(default)]
+    force: bool,
+    #[serde(default)]
+    reason: Option<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ImportRecord<'a> {
+    #[serde(borrow)]
+    id: std::borrow::Cow<'a, str>,
+    #[serde(borrow)]
+    region: std::borrow::Cow<'a, str>,
+}
+
+/// Parses one NDJSON import line.
+fn import_line(
+    line_no: u64,
+    text: &[u8],
+    seen: &mut std::collections::HashMap<String, u64>,
+) -> Result<ImportLine, LineError> {
+    let bad = |code: &str, message: String| LineError {
+        line: line_no,
+        code: code.to_owned(),
+        message,
+    };
+    let record: ImportRecord<'_> = serde_json::from_slice(text).map_err(|e| {
+        bad(
+            "invalid_json",
+            format!("not a {{\"id\", \"region\"}} object: {e}"),
+        )
+    })?;
+    let id = normalize_workspace_id(&record.id).map_err(|why| {
+        bad(
+            "invalid_workspace_id",
+            format!("workspace id {:?}: {why}", record.id),
+        )
+    })?;
+    if !is_valid_region_id(&record.region) {
+        return Err(bad(
+            "invalid_region_id",
+            format!("region id {:?} is not valid", record.region),
+        ));
+    }
+    if let Some(first) = seen.insert(id.clone(), line_no) {
+        seen.insert(id.clone(), first);
+        return Err(bad(
+            "duplicate_workspace",
+            format!("workspace {id:?} is already on line {first}"),
+        ));
+    }
+    Ok(ImportLine {
+        line: line_no,
+        id,
+        region: record.region.into_owned(),
+    })
+}
+
+async fn import_workspaces(
+    State(s): State<AppState>,
+    headers: HeaderMap,
+    query: Result<Query<ImportQuery>, axum::extract::rejection::QueryRejection>,
+    body: Body,
+) -> ApiResult<Response> {
+    let caller = authorize(&s, &headers, ADMIN).await?;
+    let Query(q) = query.map_err(|e| ApiError::bad_request("invalid_query", e.body_text()))?;
+    let mut stream = body.into_data_stream();
+    let mut pending: Vec<u8> = Vec::new();
+    let mut lines = Vec::new();
+    let mut errors = Vec::new();
+    let mut total_errors = 0usize;
+    let mut seen = std::collections::HashMap::new();
+    let mut line_no = 0u64;
+    let mut received = 0u64;
+    let mut handle = |text: &[u8], line_no: u64, lines: &mut Vec<ImportLine>| {
+        let text = text.trim_ascii();
+        if text.is_empty() {
+            return;
+        }
+        match import_line(line_no, text, &mut seen) {
+            Ok(line) => lines.push(line),
+            Err(e) => {
+                total_errors += 1;
+                if errors.len() < MAX_LINE_ERRORS {
+                    errors.push(e);
+                }
+            }
+        }
+    };
+    while let Some(chunk) = stream.next().await {
+        let chunk = chunk.map_err(|e| {
+            ApiError::bad_request("invalid_body", format!("cannot read the import body: {e}"))
+        })?;
+        received += chunk.len() as u64;
+        if received > s.config.max_import_bytes {
+            return Err(ApiError::new(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "import_too_large",
+                format!(
+                    "the import is larger than {} bytes (max_import_bytes); split it",
+                    s.config.max_import_bytes
+                ),
+            ));
+        }
+        pending.extend_from_slice(&chunk);
+        let mut start = 0;
+        while let Some(nl) = memchr(b'\n', &pending[start..]) {
+            line_no += 1;
+            handle(&pending[start..start + nl], line_no, &mut lines);
+            start += nl + 1;
+        }
+        pending.drain(..start);
+    }
+    if !pending.is_empty() {
+        line_no += 1;
+        handle(&pending, line_no, &mut lines);
+    }
+    if total_errors > 0 {
+        return Err(ApiError {
+            status: StatusCode::UNPROCESSABLE_ENTITY,
+            code: "invalid_import",
+            message: format!(
+                "{total_errors} line(s) of the import are invalid; nothing was imported"
+            ),
+            lines: errors,
+        });
+    }
+    let outcome = s
+        .store
+        .import(lines, q.force, &caller.actor(q.reason))
+        .await?;
+    Ok(Json(outcome).into_response())
+}
+
+fn memchr(needle: u8, haystack: &[u8]) -> Option<usize> {
+    haystack.iter().position(|&b| b == needle)
+}
+
+// ---- the map feed ----
+
+fn ndjson(rx: mpsc::Receiver<Result<Bytes, std::io::Error>>) -> Response {
+    let mut rx = rx;
+    let stream = futures_util::stream::poll_fn(move |cx| rx.poll_recv(cx));
+    let mut response = Response::new(Body::from_stream(stream));
+    response.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/x-ndjson"),
+    );
+    response
+        .headers_mut()
+        .insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    response
+}
+
+async fn snapshot(State(s): State<AppState>, headers: HeaderMap) -> ApiResult<Response> {
+    authorize(&s, &headers, FEED).await?;
+    s.metrics.snapshots.fetch_add(1, Ordering::Relaxed);
+    let mut chunks = s.store.snapshot();
+    // The first chunk carries the header line; a store error before it is a clean 503.
+    let first = match chunks.recv().await {
+        Some(Ok(first)) => first,
+        Some(Err(e)) => return Err(e.into()),
+        None => return Err(ApiError::from(StoreError::BadUrl("closed".into()))),
+    };
+    let (tx, rx) = mpsc::channel(4);
+    tokio::spawn(async move {
+        if tx.send(Ok(first)).await.is_err() {
+            return;
+        }
+        while let Some(chunk) = chunks.recv().await {
+            let item = chunk.map_err(|e| {
+                tracing::error!("snapshot cut short: {e}");
+                std::io::Error::other(e.to_string())
+            });
+            let stop = item.is_err();
+            if tx.send(item).await.is_err() || stop {
+                return;
+            }
+        }
+    });
+    Ok(ndjson(rx))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ChangesQuery {
+    after: u64,
+}
+
+/// How many changes one read of the log takes.
+const FEED_BATCH: u32 = 2000;
+
+async fn changes(
+    State(s): State<AppState>,
+    headers: HeaderMap,
+    query: Result<Query<ChangesQuery>, axum::extract::rejection::QueryRejection>,
+) -> ApiResult<Response> {
+    authorize(&s, &headers, FEED).await?;
+    let Query(q) = query.map_err(|e| {
+        ApiError::bad_request(
+            "invalid_query",
+            format!("`after` must be a map version: {}", e.body_text()),
+        )
+    })?;
+    // Checked before the stream starts, so a compacted position is a plain 410.
+    let first = s.store.changes(q.after, FEED_BATCH).await?;
+    let (tx, rx) = mpsc::channel(16);
+    tokio::spawn(feed(s, q.after, first, tx));
+    Ok(ndjson(rx))
+}
+
+/// Streams changes after `cursor` until the client goes away or the log is compacted under it.
+async fn feed(
+    s: AppState,
+    mut cursor: u64,
+    mut batch: Vec<(u64, String)>,
+    tx: mpsc::Sender<Result<Bytes, std::io::Error>>,
+) {
+    let metrics = s.metrics.clone();
+    metrics.feed_streams_open.fetch_add(1, Ordering::Relaxed);
+    let _open = scopeguard(move || {
+        metrics.feed_streams_open.fetch_sub(1, Ordering::Relaxed);
+    });
+    let mut head = s.store.subscribe();
+    let epoch = s.store.epoch().to_owned();
+    let line = |l: &domicile_wire::FeedLine| {
+        let mut text = serde_json::to_vec(l).expect("feed lines serialise");
+        text.push(b'\n');
+        Ok(Bytes::from(text))
+    };
+    let hello = domicile_wire::FeedLine::Hello {
+        epoch: epoch.clone(),
+        head: (*head.borrow_and_update()).max(batch.last().map_or(0, |c| c.0)),
+    };
+    if tx.send(line(&hello)).await.is_err() {
+        return;
+    }
+    loop {
+        if !batch.is_empty() {
+            if batch[0].0 != cursor + 1 {
+                // The log was compacted between reads: end the stream; the client's next
+                // request gets 410 and resyncs from a snapshot.
+                return;
+            }
+            let mut out = Vec::with_capacity(batch.iter().map(|c| c.1.len() + 1).sum());
+            for (version, text) in &batch {
+                out.extend_from_slice(text.as_bytes());
+                out.push(b'\n');
+                cursor = *version;
+            }
+            s.metrics
+                .feed_lines_sent
+                .fetch_add(batch.len() as u64, Ordering::Relaxed);
+            if tx.send(Ok(Bytes::from(out))).await.is_err() {
+                return;
+            }
+            if batch.len() == FEED_BATCH as usize {
+                batch = match s.store.changes(cursor, FEED_BATCH).await {
+                    Ok(b) => b,
+                    Err(_) => return,
+                };
+                continue;
+            }
+        }
+        // Wait for a newer head, sending heartbeats meanwhile.
+        loop {
+            if *head.borrow_and_update() > cursor {
+                break;
+            }
+            tokio::select! {
+                changed = head.changed() => {
+                    if changed.is_err() {
+                        return;
+                    }
+                }
+                () = tokio::time::sleep(s.config.feed_heartbeat) => {
+                    let beat = domicile_wire::FeedLine::Heartbeat {
+                        epoch: epoch.clone(),
+                        head: *head.borrow(),
+                    };
+                    if tx.send(line(&beat)).await.is_err() {
+                        return;
+                    }
+                }
+                () = tx.closed() => return,
+            }
+        }
+        batch = match s.store.changes(cursor, FEED_BATCH).await {
+            Ok(b) => b,
+            Err(StoreError::Gone { .. }) => return,
+            Err(e) => {
+                tracing::warn!("change stream ends on a store error: {e}");
+                return;
+            }
+        };
+    }
+}
+
+/// Runs `f` when dropped.
+fn scopeguard(f: impl FnOnce()) -> impl Drop {
+    struct Guard<F: FnOnce()>(Option<F>);
+    impl<F: FnOnce()> Drop for Guard<F> {
+        fn drop(&mut self) {
+            if let Some(f) = self.0.take() {
+                f();
+            }
+        }
+    }
+    Guard(Some(f))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct HistoryQuery {
+    workspace: String,
+}
+
+async fn history(
+    State(s): State<AppState>,
+    headers: HeaderMap,
+    query: Result<Query<HistoryQuery>, axum::extract::rejection::QueryRejection>,
+) -> ApiResult<Response> {
+    authorize(&s, &headers, READERS).await?;
+    let Query(q) = query.map_err(|e| ApiError::bad_request("invalid_query", e.body_text()))?;
+    let id = workspace_id(&q.workspace)?;
+    let records = s.store.history(&id).await?;
+    let history: Vec<_> = records
+        .into_iter()
+        .map(|r| {
+            serde_json::json!({
+                "version": r.version,
+                "op": r.op,
+                "region": r.region,
+                "state": r.state,
+                "epoch": r.epoch,
+                "actor": r.actor,
+                "reason": r.reason,
+                "at": rfc3339(r.at_ms),
+            })
+        })
+        .collect();
+    Ok(Json(serde_json::json!({ "workspace": id, "history": history })).into_response())
+}
+
+// ---- fleet ----
+
+async fn heartbeat(
+    State(s): State<AppState>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> ApiResult<Response> {
+    authorize(&s, &headers, &[Role::Proxy]).await?;
+    let hb: Heartbeat = json_body(&body)?;
+    if !is_valid_token_name(&hb.proxy_id) {
+        return Err(ApiError::bad_request(
+            "invalid_body",
+            format!(
+                "proxy_id {:?} is not valid ([A-Za-z0-9][A-Za-z0-9._-]{{0,63}})",
+                hb.proxy_id
+            ),
+        ));
+    }
+    if !is_valid_region_id(&hb.edge_region) {
+        return Err(ApiError::bad_request(
+            "invalid_body",
+            format!("edge_region {:?} is not a region id", hb.edge_region),
+        ));
+    }
+    s.store.heartbeat(&hb).await?;
+    s.metrics.heartbeats.fetch_add(1, Ordering::Relaxed);
+    Ok(Json(HeartbeatReply {
+        epoch: s.store.epoch().to_owned(),
+        head: *s.store.subscribe().borrow(),
+    })
+    .into_response())
+}
+
+/// The fleet as `GET /v1/fleet` reports it.
+pub async fn fleet_status(store: &Store, stale_after: Duration) -> Result<Fleet, StoreError> {
+    let head = store.head().await?;
+    let now = now_ms();
+    let members = store
+        .fleet()
+        .await?
+        .into_iter()
+        .map(|m| {
+            let age_ms = (now - m.last_seen_ms).max(0);
+            let same_epoch = m.epoch == head.epoch;
+            let status = if age_ms as u128 > stale_after.as_millis() {
+                SyncStatus::Stale
+            } else if !same_epoch || m.applied_version < head.version {
+                SyncStatus::Behind
+            } else {
+                SyncStatus::Synced
+            };
+            FleetMember {
+                checksum_ok: (same_epoch && m.applied_version == head.version)
+                    .then(|| m.checksum == head.checksum.to_hex()),
+                proxy_id: m.proxy_id,
+                edge_region: m.edge_region,
+                applied_version: m.applied_version,
+                drained_version: m.drained_version,
+                checksum: m.checksum,
+                last_seen: rfc3339(m.last_seen_ms),
+                seconds_since_seen: age_ms as f64 / 1000.0,
+                status,
+            }
+        })
+        .collect();
+    Ok(Fleet {
+        head: head.version,
+        epoch: head.epoch,
+        stale_after_seconds: stale_after.as_secs(),
+        members,
+    })
+}
+
+async fn fleet(State(s): State<AppState>, headers: HeaderMap) -> ApiResult<Response> {
+    authorize(&s, &headers, READERS).await?;
+    Ok(Json(fleet_status(&s.store, s.config.stale_after).await?).into_response())
+}
+
+async fn forget_proxy(
+    State(s): State<AppState>,
+    headers: HeaderMap,
+    Path(proxy_id): Path<String>,
+) -> ApiResult<Response> {
+    authorize(&s, &headers, OPERATORS).await?;
+    if s.store.forget_proxy(&proxy_id).await? {
+        Ok(Json(serde_json::json!({ "removed": proxy_id })).into_response())
+    } else {
+        Err(StoreError::NotFound {
+            what: "proxy",
+            id: proxy_id,
+        }
+        .into())
+    }
+}
+
+// ---- tokens ----
+
+async fn list_tokens(State(s): State<AppState>, headers: HeaderMap) -> ApiResult<Response> {
+    authorize(&s, &headers, ADMIN).await?;
+    Ok(Json(serde_json::json!({ "tokens": s.store.tokens().await? })).into_response())
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct TokenCreate {
+    name: String,
+    role: String,
+}
+
+async fn create_token(
+    State(s): State<AppState>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> ApiResult<Response> {
+    authorize(&s, &headers, ADMIN).await?;
+    let req: TokenCreate = json_body(&body)?;
+    if !is_valid_token_name(&req.name) {
+        return Err(ApiError::bad_request(
+            "invalid_body",
+            format!(
+                "token name {:?} is not valid ([A-Za-z0-9][A-Za-z0-9._-]{{0,63}})",
+                req.name
+            ),
+        ));
+    }
+    let role = Role::parse(&req.role).ok_or_else(|| {
+        ApiError::bad_request(
+            "invalid_body",
+            format!(
+                "role {:?} is not one of admin, operator, auditor, proxy",
+                req.role
+            ),
+        )
+    })?;
+    let token = s.store.create_token(&req.name, role).await?;
+    Ok((
+        StatusCode::CREATED,
+        Json(serde_json::json!({ "name": req.name, "role": role, "token": token })),
+    )
+        .into_response())
+}
+
+async fn delete_token(
+    State(s): State<AppState>,
+    headers: HeaderMap,
+    Path(name): Path<String>,
+) -> ApiResult<Response> {
+    let caller = authorize(&s, &headers, ADMIN).await?;
+    if caller.name == name {
+        return Err(ApiError::new(
+            StatusCode::CONFLICT,
+            "token_in_use",
+            "a token cannot delete itself; use another admin token",
+        ));
+    }
+    if s.store.delete_token(&name).await? {
+        Ok(Json(serde_json::json!({ "deleted": name })).into_response())
+    } else {
+        Err(StoreError::NotFound {
+            what: "token",
+            id: name,
+        }
+        .into())
+    }
+}
+
+// ---- operations ----
+
+async fn openapi() -> Response {
+    ([(header::CONTENT_TYPE, "application/json")], OPENAPI).into_response()
+}
+
+async fn healthz() -> Response {
+    Json(serde_json::json!({ "status": "ok" })).into_response()
+}
+
+async fn readyz(State(s): State<AppState>) -> Response {
+    match s.store.head().await {
+        Ok(head) => Json(serde_json::json!({
+            "ready": true,
+            "store": s.store.backend_name(),
+            "head": head.version,
+            "epoch": head.epoch,
+        }))
+        .into_response(),
+        Err(e) => ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "store_unavailable",
+            format!("the store is unreachable: {e}"),
+        )
+        .into_response(),
+    }
+}
+
+async fn metrics(State(s): State<AppState>) -> Response {
+    use std::fmt::Write;
+    let m = &s.metrics;
+    let mut out = String::new();
+    let head = *s.store.subscribe().borrow();
+    let mut counter = |name: &str, help: &str, kind: &str, value: u64| {
+        let _ = writeln!(
+            out,
+            "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {value}"
+        );
+    };
+    counter(
+        "domicile_cp_head_version",
+        "Newest committed map version.",
+        "gauge",
+        head,
+    );
+    counter(
+        "domicile_cp_requests_total",
+        "API requests.",
+        "counter",
+        m.requests.load(Ordering::Relaxed),
+    );
+    counter(
+        "domicile_cp_unauthenticated_total",
+        "Requests refused with 401.",
+        "counter",
+        m.unauthenticated.load(Ordering::Relaxed),
+    );
+    counter(
+        "domicile_cp_forbidden_total",
+        "Requests refused with 403.",
+        "counter",
+        m.forbidden.load(Ordering::Relaxed),
+    );
+    counter(
+        "domicile_cp_feed_streams",
+        "Open change streams.",
+        "gauge",
+        m.feed_streams_open.load(Ordering::Relaxed),
+    );
+    counter(
+        "domicile_cp_feed_changes_sent_total",
+        "Changes sent on change streams.",
+        "counter",
+        m.feed_lines_sent.load(Ordering::Relaxed),
+    );
+    counter(
+        "domicile_cp_heartbeats_total",
+        "Fleet heartbeats received.",
+        "counter",
+        m.heartbeats.load(Ordering::Relaxed),
+    );
+    counter(
+        "domicile_cp_snapshots_total",
+        "Snapshots served.",
+        "counter",
+        m.snapshots.load(Ordering::Relaxed),
+    );
+    counter(
+        "domicile_cp_changes_compacted_total",
+        "Change-log entries compacted away.",
+        "counter",
+        m.compacted.load(Ordering::Relaxed),
+    );
+    if let Ok(fleet) = fleet_status(&s.store, s.config.stale_after).await {
+        let _ = writeln!(
+            out,
+            "# HELP domicile_cp_fleet_members Proxies by sync status.\n# TYPE domicile_cp_fleet_members gauge"
+        );
+        for status in [SyncStatus::Synced, SyncStatus::Behind, SyncStatus::Stale] {
+            let n = fleet.members.iter().filter(|m| m.status == status).count();
+            let _ = writeln!(
+                out,
+                "domicile_cp_fleet_members{{status=\"{}\"}} {n}",
+                status.as_str()
+            );
+        }
+    }
+    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], out).into_response()
+}

@@ -1,0 +1,173 @@
+//! Control-plane configuration (TOML, unknown keys refused). Every setting has a default, so
+//! `domicile control-plane` runs with no file at all; flags override the file.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ControlPlaneConfig {
+    /// Address of the admin API. Default: 127.0.0.1:7700.
+    #[serde(default = "defaults::listen")]
+    pub listen: SocketAddr,
+    /// `sqlite://PATH` (created on first start) or `postgres://...`.
+    /// Default: `sqlite://domicile.db`.
+    #[serde(default = "defaults::store")]
+    pub store: String,
+    /// When no admin token exists yet, create one and write its secret here (mode 0600).
+    #[serde(default)]
+    pub admin_token_file: Option<PathBuf>,
+    /// How often an idle change stream carries a heartbeat. Default: 5 s.
+    #[serde(default = "defaults::feed_heartbeat", with = "humantime_serde")]
+    pub feed_heartbeat: Duration,
+    /// A proxy not heard from for this long is STALE. Default: 30 s.
+    #[serde(default = "defaults::stale_after", with = "humantime_serde")]
+    pub stale_after: Duration,
+    /// How many of the newest versions the change log keeps for `GET /v1/map/changes`; a
+    /// proxy further behind gets 410 and fetches a snapshot. Default: 1,000,000.
+    #[serde(default = "defaults::change_retention")]
+    pub change_retention: u64,
+    /// How often the change log is compacted. Default: 60 s.
+    #[serde(default = "defaults::compact_interval", with = "humantime_serde")]
+    pub compact_interval: Duration,
+    /// How often the head version is re-read from the store (PostgreSQL replicas also get a
+    /// `NOTIFY` wake-up on every commit). Default: 500 ms.
+    #[serde(default = "defaults::poll_interval", with = "humantime_serde")]
+    pub poll_interval: Duration,
+    /// Largest import body accepted. Default: 2 GiB.
+    #[serde(default = "defaults::max_import_bytes")]
+    pub max_import_bytes: u64,
+}
+
+mod defaults {
+    use super::*;
+    pub fn listen() -> SocketAddr {
+        ([127, 0, 0, 1], 7700).into()
+    }
+    pub fn store() -> String {
+        "sqlite://domicile.db".to_owned()
+    }
+    pub fn feed_heartbeat() -> Duration {
+        Duration::from_secs(5)
+    }
+    pub fn stale_after() -> Duration {
+        Duration::from_secs(30)
+    }
+    pub fn change_retention() -> u64 {
+        1_000_000
+    }
+    pub fn compact_interval() -> Duration {
+        Duration::from_secs(60)
+    }
+    pub fn poll_interval() -> Duration {
+        Duration::from_millis(500)
+    }
+    pub fn max_import_bytes() -> u64 {
+        2 << 30
+    }
+}
+
+impl Default for ControlPlaneConfig {
+    fn default() -> Self {
+        toml::from_str("").expect("every setting has a default")
+    }
+}
+
+impl ControlPlaneConfig {
+    /// Reads a configuration file. Relative paths in it (the SQLite file, the token file)
+    /// are taken from the file's directory.
+    pub fn from_file(path: &Path) -> anyhow::Result<Self> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| anyhow::anyhow!("cannot read {}: {e}", path.display()))?;
+        let mut config: Self = toml::from_str(&text)
+            .map_err(|e| anyhow::anyhow!("{} is invalid: {e}", path.display()))?;
+        let base = path.parent().unwrap_or(Path::new("."));
+        config.admin_token_file = config.admin_token_file.map(|p| base.join(p));
+        if let Some(file) = config.store.strip_prefix("sqlite://") {
+            let file = Path::new(file.split('?').next().unwrap_or(file));
+            if file.is_relative() && !file.as_os_str().is_empty() {
+                config.store = format!("sqlite://{}", base.join(&config.store[9..]).display());
+            }
+        }
+        config.validate()?;
+        Ok(config)
+    }
+
+    pub fn validate(&self) -> anyhow::Result<()> {
+        let mut errors = Vec::new();
+        if !(self.store.starts_with("sqlite:")
+            || self.store.starts_with("postgres:")
+            || self.store.starts_with("postgresql:"))
+        {
+            errors.push(format!(
+                "store: {:?} is not a store URL (expected sqlite://PATH or postgres://...)",
+                self.store
+            ));
+        }
+        if self.change_retention == 0 {
+            errors.push("change_retention: must be at least 1".to_owned());
+        }
+        for (key, d) in [
+            ("feed_heartbeat", self.feed_heartbeat),
+            ("stale_after", self.stale_after),
+            ("compact_interval", self.compact_interval),
+            ("poll_interval", self.poll_interval),
+        ] {
+            if d.is_zero() {
+                errors.push(format!("{key}: must be longer than zero"));
+            }
+        }
+        if errors.is_empty() {
+            Ok(())
+        } else {
+            anyhow::bail!(
+                "invalid control-plane configuration:\n  {}",
+                errors.join("\n  ")
+            )
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_and_errors() {
+        let config = ControlPlaneConfig::default();
+        assert_eq!(config.listen.port(), 7700);
+        assert!(config.validate().is_ok());
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("cp.toml");
+        std::fs::write(
+            &path,
+            "store = \"sqlite://cp.db\"\nadmin_token_file = \"admin.token\"\n",
+        )
+        .unwrap();
+        let config = ControlPlaneConfig::from_file(&path).unwrap();
+        assert_eq!(
+            config.store,
+            format!("sqlite://{}", dir.path().join("cp.db").display())
+        );
+        assert_eq!(
+            config.admin_token_file.unwrap(),
+            dir.path().join("admin.token")
+        );
+        std::fs::write(&path, "store = \"mysql://x\"\nchange_retention = 0\n").unwrap();
+        let err = ControlPlaneConfig::from_file(&path)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("store:") && err.contains("change_retention"),
+            "{err}"
+        );
+        std::fs::write(&path, "colour = \"red\"\n").unwrap();
+        let err = ControlPlaneConfig::from_file(&path)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("colour"), "{err}");
+    }
+}

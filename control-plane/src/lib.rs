@@ -1,0 +1,15 @@
+//! Domicile's control plane: the authoritative workspace-to-region map, its change feed, the
+//! fleet of proxies that follow it, and the admin API over all of them.
+//!
+//! Read in this order: [`store`] (the schema and the version-ordering rule), [`api`] (the
+//! routes), [`auth`] (tokens and roles), [`server`] (starting and stopping a replica).
+
+pub mod api;
+pub mod auth;
+pub mod config;
+pub mod server;
+pub mod store;
+
+pub use config::ControlPlaneConfig;
+pub use server::{start, RunningControlPlane};
+pub use store::{Store, StoreOptions};

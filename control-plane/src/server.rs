@@ -1,0 +1,155 @@
+//! Starting and stopping one control-plane replica: open the store, make the first admin
+//! token if asked, compact the change log now and then, serve the API until told to stop.
+
+use std::net::SocketAddr;
+use std::path::Path;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+
+use anyhow::Context;
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+
+use crate::api::{self, AppState, Metrics};
+use crate::auth::Role;
+use crate::config::ControlPlaneConfig;
+use crate::store::{Store, StoreOptions};
+
+/// A running replica.
+pub struct RunningControlPlane {
+    pub addr: SocketAddr,
+    pub store: Store,
+    /// The admin token made at this start (first start with `admin_token_file` set).
+    pub bootstrap_token: Option<String>,
+    stop: watch::Sender<bool>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl RunningControlPlane {
+    /// Stops accepting, ends open change streams, and closes the store.
+    pub async fn shutdown(self) {
+        let _ = self.stop.send(true);
+        let _ = self.task.await;
+        self.store.close().await;
+    }
+}
+
+/// Writes a secret to a new file only its owner may read.
+pub fn write_secret(path: &Path, secret: &str) -> std::io::Result<()> {
+    use std::io::Write;
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        std::fs::create_dir_all(dir)?;
+    }
+    let mut options = std::fs::OpenOptions::new();
+    options.write(true).create(true).truncate(true);
+    #[cfg(unix)]
+    std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
+    let mut file = options.open(path)?;
+    file.write_all(secret.as_bytes())?;
+    file.write_all(b"\n")?;
+    file.sync_all()
+}
+
+/// Opens the store and serves the API on `config.listen`.
+pub async fn start(config: ControlPlaneConfig) -> anyhow::Result<RunningControlPlane> {
+    config.validate()?;
+    let store = Store::open(
+        &config.store,
+        StoreOptions {
+            poll_interval: config.poll_interval,
+            ..StoreOptions::default()
+        },
+    )
+    .await
+    .with_context(|| format!("cannot open the store {}", redact(&config.store)))?;
+    let mut bootstrap_token = None;
+    if let Some(path) = &config.admin_token_file {
+        if !store.has_admin().await? {
+            let name = if store.tokens().await?.iter().any(|t| t.name == "admin") {
+                format!("admin-{}", crate::store::now_ms())
+            } else {
+                "admin".to_owned()
+            };
+            let token = store.create_token(&name, Role::Admin).await?;
+            write_secret(path, &token)
+                .with_context(|| format!("cannot write the admin token to {}", path.display()))?;
+            tracing::info!(path = %path.display(), name, "created the first admin token");
+            bootstrap_token = Some(token);
+        }
+    }
+    let listener = TcpListener::bind(config.listen)
+        .await
+        .with_context(|| format!("cannot listen on {}", config.listen))?;
+    let addr = listener.local_addr()?;
+    let metrics = Arc::new(Metrics::default());
+    let config = Arc::new(config);
+    let (stop, mut stopped) = watch::channel(false);
+
+    // Compaction: keep the newest `change_retention` versions of the change log.
+    {
+        let store = store.clone();
+        let metrics = metrics.clone();
+        let config = config.clone();
+        let mut stopped = stopped.clone();
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(config.compact_interval);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tokio::select! {
+                    _ = tick.tick() => {}
+                    _ = stopped.changed() => return,
+                }
+                match store.compact(config.change_retention).await {
+                    Ok(0) => {}
+                    Ok(n) => {
+                        metrics.compacted.fetch_add(n, Ordering::Relaxed);
+                        tracing::debug!(removed = n, "change log compacted");
+                    }
+                    Err(e) => tracing::warn!("cannot compact the change log: {e}"),
+                }
+            }
+        });
+    }
+
+    let state = AppState {
+        store: store.clone(),
+        config: config.clone(),
+        metrics,
+    };
+    let app = api::router(state);
+    tracing::info!(%addr, store = store.backend_name(), epoch = store.epoch(), "control plane listening");
+    let task = tokio::spawn(async move {
+        let serve = axum::serve(listener, app).with_graceful_shutdown(async move {
+            let _ = stopped.changed().await;
+        });
+        if let Err(e) = serve.await {
+            tracing::error!("control-plane listener failed: {e}");
+        }
+    });
+    Ok(RunningControlPlane {
+        addr,
+        store,
+        bootstrap_token,
+        stop,
+        task,
+    })
+}
+
+/// A store URL without its password, for messages.
+pub fn redact(url: &str) -> String {
+    match (url.find("://"), url.find('@')) {
+        (Some(scheme), Some(at)) if at > scheme => {
+            let userinfo = &url[scheme + 3..at];
+            match userinfo.find(':') {
+                Some(colon) => format!(
+                    "{}{}:***{}",
+                    &url[..scheme + 3],
+                    &userinfo[..colon],
+                    &url[at..]
+                ),
+                None => url.to_owned(),
+            }
+        }
+        _ => url.to_owned(),
+    }
+}

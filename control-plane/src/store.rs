@@ -1,0 +1,1451 @@
+//! The store: regions, workspaces, the change feed, history, tokens and the fleet, on SQLite
+//! or PostgreSQL with one schema (a migration set per backend).
+//!
+//! Ordering: every write transaction first locks the single `meta` row (PostgreSQL:
+//! `SELECT ... FOR UPDATE`; SQLite: `BEGIN IMMEDIATE` on the one writer connection), takes the
+//! next versions from it and writes the new head back before committing. Writers are therefore
+//! serialised on that row, so version order is commit order, and a reader tailing
+//! `changes WHERE version > v ORDER BY version` never skips a change that commits late.
+//!
+//! Each operation's body is written once and compiled for both backends by [`on_backend!`]:
+//! the SQL is common to both, and the few differences live in a [`Dialect`].
+
+use std::collections::{HashMap, HashSet};
+use std::str::FromStr;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use bytes::Bytes;
+use domicile_wire::{
+    Checksum, FeedLine, Heartbeat, LineError, Op, Region, RegionBody, State, Workspace,
+    WorkspaceBody,
+};
+use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
+use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
+use sqlx::{PgPool, QueryBuilder, Row, SqlitePool};
+use tokio::sync::{mpsc, watch};
+
+use crate::auth::{hash_token, new_token, Role};
+
+/// Most rows one multi-row statement carries (10 columns each stays under both backends'
+/// bound-parameter limits).
+const BATCH: usize = 1000;
+/// How many bad lines an import reports before summarising.
+pub const MAX_LINE_ERRORS: usize = 1000;
+/// The PostgreSQL channel a commit notifies on (a wake-up hint only).
+const CHANNEL: &str = "domicile_map";
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("database error: {0}")]
+    Db(#[from] sqlx::Error),
+    #[error("cannot prepare the database schema: {0}")]
+    Migrate(#[from] sqlx::migrate::MigrateError),
+    #[error("unsupported store URL {0:?} (expected sqlite://PATH or postgres://...)")]
+    BadUrl(String),
+    #[error("{what} {id:?} does not exist")]
+    NotFound { what: &'static str, id: String },
+    /// A request that contradicts the current state (HTTP 409).
+    #[error("{message}")]
+    Conflict { code: &'static str, message: String },
+    /// Bad input found against the store's contents (HTTP 422).
+    #[error("{message}")]
+    Invalid { code: &'static str, message: String },
+    /// An import with bad lines (HTTP 422); nothing was written.
+    #[error("{total} line(s) of the import are invalid; nothing was imported")]
+    Lines { total: usize, lines: Vec<LineError> },
+    #[error("the change log no longer holds versions after {after} (retained from {oldest})")]
+    Gone { after: u64, oldest: u64 },
+}
+
+/// The map head: what `meta` holds.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Head {
+    pub version: u64,
+    pub checksum: Checksum,
+    /// Changes up to and including this version have been compacted away.
+    pub compacted_through: u64,
+    /// This store's epoch: a random id made when the store was created.
+    pub epoch: String,
+}
+
+/// Who makes a change, and why (kept in the history).
+#[derive(Debug, Clone)]
+pub struct Actor {
+    pub name: String,
+    pub reason: Option<String>,
+}
+
+impl Actor {
+    pub fn new(name: impl Into<String>) -> Self {
+        Self {
+            name: name.into(),
+            reason: None,
+        }
+    }
+}
+
+/// The result of a write: the entry as it now stands, and the version that wrote it (`None`
+/// when the write changed nothing).
+#[derive(Debug, Clone)]
+pub struct Written<T> {
+    pub value: T,
+    pub version: Option<u64>,
+    pub created: bool,
+}
+
+/// One line of an import, already parsed and validated on its own.
+#[derive(Debug, Clone)]
+pub struct ImportLine {
+    pub line: u64,
+    pub id: String,
+    pub region: String,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize)]
+pub struct ImportOutcome {
+    pub created: u64,
+    pub updated: u64,
+    pub unchanged: u64,
+    /// The head version after the import.
+    pub version: u64,
+}
+
+/// One version at which a workspace's entry changed.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct HistoryRecord {
+    pub version: u64,
+    pub op: Op,
+    /// The entry after the change (absent for a delete).
+    pub region: Option<String>,
+    pub state: Option<State>,
+    pub epoch: Option<u32>,
+    pub actor: String,
+    pub reason: Option<String>,
+    /// Milliseconds since the Unix epoch.
+    pub at_ms: i64,
+}
+
+/// A fleet member as stored.
+#[derive(Debug, Clone)]
+pub struct FleetRow {
+    pub proxy_id: String,
+    pub edge_region: String,
+    pub applied_version: u64,
+    pub drained_version: Option<u64>,
+    pub checksum: String,
+    pub epoch: String,
+    pub first_seen_ms: i64,
+    pub last_seen_ms: i64,
+}
+
+/// A token as listed (never its secret).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct TokenInfo {
+    pub name: String,
+    pub role: Role,
+    pub created_at_ms: i64,
+}
+
+/// The per-backend SQL that differs.
+struct Dialect {
+    begin_write: &'static str,
+    lock_meta: &'static str,
+    begin_snapshot: &'static str,
+    /// Whether commits send a `NOTIFY` wake-up to other replicas.
+    notify: bool,
+}
+
+const SQLITE: Dialect = Dialect {
+    begin_write: "BEGIN IMMEDIATE",
+    lock_meta: "SELECT version, checksum, compacted_through, epoch FROM meta WHERE id = 1",
+    begin_snapshot: "BEGIN",
+    notify: false,
+};
+
+const POSTGRES: Dialect = Dialect {
+    begin_write: "BEGIN",
+    lock_meta:
+        "SELECT version, checksum, compacted_through, epoch FROM meta WHERE id = 1 FOR UPDATE",
+    begin_snapshot: "BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY",
+    notify: true,
+};
+
+enum Backend {
+    Sqlite { write: SqlitePool, read: SqlitePool },
+    Postgres(PgPool),
+}
+
+/// Runs `$body` with `$pool` (writer pool), `$read` (reader pool) and `$d` (the [`Dialect`])
+/// bound for whichever backend the store uses; the body is compiled once per backend.
+macro_rules! on_backend {
+    ($store:expr, |$pool:ident, $read:ident, $d:ident| $body:expr) => {
+        match &$store.backend {
+            Backend::Sqlite { write, read } => {
+                let $pool = write;
+                let $read = read;
+                let $d = &SQLITE;
+                let _ = ($d, $read, $pool);
+                $body
+            }
+            Backend::Postgres(pool) => {
+                let $pool = pool;
+                let $read = pool;
+                let $d = &POSTGRES;
+                let _ = ($d, $read, $pool);
+                $body
+            }
+        }
+    };
+}
+
+/// Store settings.
+#[derive(Debug, Clone)]
+pub struct StoreOptions {
+    /// Largest pool of PostgreSQL connections.
+    pub max_connections: u32,
+    /// How often the head is re-read, in case a wake-up was missed (or, on PostgreSQL,
+    /// another replica wrote).
+    pub poll_interval: Duration,
+}
+
+impl Default for StoreOptions {
+    fn default() -> Self {
+        Self {
+            max_connections: 16,
+            poll_interval: Duration::from_millis(500),
+        }
+    }
+}
+
+/// The control plane's store. Cheap to clone.
+#[derive(Clone)]
+pub struct Store {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    backend: Backend,
+    epoch: String,
+    /// The newest committed version this replica knows of.
+    head: watch::Sender<u64>,
+}
+
+impl std::fmt::Debug for Store {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Store")
+            .field("backend", &self.backend_name())
+            .field("epoch", &self.inner.epoch)
+            .finish()
+    }
+}
+
+pub fn now_ms() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as i64)
+}
+
+fn new_epoch() -> String {
+    use rand::Rng;
+    let bytes: [u8; 8] = rand::thread_rng().gen();
+    hex::encode(bytes)
+}
+
+fn u(v: i64) -> u64 {
+    v as u64
+}
+
+fn i(v: u64) -> i64 {
+    v as i64
+}
+
+fn split_jurisdiction(text: &str) -> Vec<String> {
+    text.split(',')
+        .filter(|c| !c.is_empty())
+        .map(str::to_owned)
+        .collect()
+}
+
+fn workspace_from_row<R: Row>(row: &R) -> Result<Workspace, sqlx::Error>
+where
+    for<'a> &'a str: sqlx::ColumnIndex<R>,
+    for<'a> String: sqlx::Decode<'a, R::Database> + sqlx::Type<R::Database>,
+    for<'a> i64: sqlx::Decode<'a, R::Database> + sqlx::Type<R::Database>,
+{
+    let state: String = row.try_get("state")?;
+    Ok(Workspace {
+        id: row.try_get("id")?,
+        region: row.try_get("region")?,
+        state: State::parse(&state).ok_or_else(|| {
+            sqlx::Error::Decode(format!("unknown workspace state {state:?}").into())
+        })?,
+        epoch: row.try_get::<i64, _>("epoch")? as u32,
+        version: u(row.try_get("version")?),
+    })
+}
+
+fn region_from_row<R: Row>(row: &R) -> Result<Region, sqlx::Error>
+where
+    for<'a> &'a str: sqlx::ColumnIndex<R>,
+    for<'a> String: sqlx::Decode<'a, R::Database> + sqlx::Type<R::Database>,
+{
+    Ok(Region {
+        id: row.try_get("id")?,
+        name: row.try_get("name")?,
+        jurisdiction: split_jurisdiction(&row.try_get::<String, _>("jurisdiction")?),
+    })
+}
+
+fn head_from_row<R: Row>(row: &R) -> Result<Head, sqlx::Error>
+where
+    for<'a> &'a str: sqlx::ColumnIndex<R>,
+    for<'a> String: sqlx::Decode<'a, R::Database> + sqlx::Type<R::Database>,
+    for<'a> i64: sqlx::Decode<'a, R::Database> + sqlx::Type<R::Database>,
+{
+    Ok(Head {
+        version: u(row.try_get("version")?),
+        checksum: Checksum(u(row.try_get("checksum")?)),
+        compacted_through: u(row.try_get("compacted_through")?),
+        epoch: row.try_get("epoch")?,
+    })
+}
+
+fn entry_hash(w: &Workspace) -> u64 {
+    Checksum::entry_hash(&w.id, &w.region, w.state, w.epoch, w.version)
+}
+
+fn feed_line(line: &FeedLine) -> String {
+    serde_json::to_string(line).expect("feed lines always serialise")
+}
+
+/// A change about to be written: its feed line and its history row.
+struct Pending {
+    version: u64,
+    line: String,
+    kind: &'static str,
+    key: String,
+    op: Op,
+    region: Option<String>,
+    state: Option<State>,
+    epoch: Option<u32>,
+}
+
+impl Pending {
+    fn workspace_put(w: &Workspace) -> Self {
+        Self {
+            version: w.version,
+            line: feed_line(&FeedLine::Workspace {
+                version: w.version,
+                id: w.id.clone(),
+                op: Op::Put,
+                entry: Some(WorkspaceBody {
+                    region: w.region.clone(),
+                    state: w.state,
+                    epoch: w.epoch,
+                }),
+            }),
+            kind: "workspace",
+            key: w.id.clone(),
+            op: Op::Put,
+            region: Some(w.region.clone()),
+            state: Some(w.state),
+            epoch: Some(w.epoch),
+        }
+    }
+
+    fn workspace_delete(id: &str, version: u64) -> Self {
+        Self {
+            version,
+            line: feed_line(&FeedLine::Workspace {
+                version,
+                id: id.to_owned(),
+                op: Op::Delete,
+                entry: None,
+            }),
+            kind: "workspace",
+            key: id.to_owned(),
+            op: Op::Delete,
+            region: None,
+            state: None,
+            epoch: None,
+        }
+    }
+
+    fn region(id: &str, version: u64, body: Option<RegionBody>) -> Self {
+        let op = if body.is_some() { Op::Put } else { Op::Delete };
+        Self {
+            version,
+            line: feed_line(&FeedLine::Region {
+                version,
+                id: id.to_owned(),
+                op,
+                entry: body,
+            }),
+            kind: "region",
+            key: id.to_owned(),
+            op,
+            region: None,
+            state: None,
+            epoch: None,
+        }
+    }
+}
+
+/// Appends changes to the feed and the history, in batches.
+macro_rules! append_changes {
+    ($tx:expr, $db:ty, $pending:expr, $actor:expr, $at:expr) => {{
+        for chunk in $pending.chunks(BATCH) {
+            let mut q: QueryBuilder<'_, $db> = QueryBuilder::new("INSERT INTO changes (version, line) ");
+            q.push_values(chunk, |mut b, p| {
+                b.push_bind(i(p.version)).push_bind(p.line.as_str());
+            });
+            q.build().execute(&mut *$tx).await?;
+            let mut q: QueryBuilder<'_, $db> = QueryBuilder::new(
+                "INSERT INTO history (version, kind, key, op, region, state, epoch, actor, reason, at) ",
+            );
+            q.push_values(chunk, |mut b, p| {
+                b.push_bind(i(p.version))
+                    .push_bind(p.kind)
+                    .push_bind(p.key.as_str())
+                    .push_bind(p.op.as_str())
+                    .push_bind(p.region.as_deref())
+                    .push_bind(p.state.map(State::as_str))
+                    .push_bind(p.epoch.map(i64::from))
+                    .push_bind($actor.name.as_str())
+                    .push_bind($actor.reason.as_deref())
+                    .push_bind($at);
+            });
+            q.build().execute(&mut *$tx).await?;
+        }
+    }};
+}
+
+/// Writes the new head (and, on PostgreSQL, the wake-up hint) into the transaction.
+macro_rules! set_head {
+    ($tx:expr, $d:expr, $version:expr, $checksum:expr) => {{
+        sqlx::query("UPDATE meta SET version = $1, checksum = $2 WHERE id = 1")
+            .bind(i($version))
+            .bind(i($checksum.0))
+            .execute(&mut *$tx)
+            .await?;
+        if $d.notify {
+            // The payload names the store's epoch: stores in other schemas of the same
+            // database notify on the same channel.
+            sqlx::query("SELECT pg_notify($1, epoch || ':' || $2) FROM meta WHERE id = 1")
+                .bind(CHANNEL)
+                .bind($version.to_string())
+                .execute(&mut *$tx)
+                .await?;
+        }
+    }};
+}
+
+impl Store {
+    /// Opens (creating if needed) the store at `url` and brings its schema up to date.
+    pub async fn open(url: &str, options: StoreOptions) -> Result<Self, StoreError> {
+        let backend = if url.starts_with("sqlite:") {
+            let connect = SqliteConnectOptions::from_str(url)?
+                .create_if_missing(true)
+                .journal_mode(SqliteJournalMode::Wal)
+                .synchronous(SqliteSynchronous::Full)
+                .foreign_keys(true)
+                .busy_timeout(Duration::from_secs(10));
+            // One writer: SQLite serialises writers anyway, and one connection never sees
+            // SQLITE_BUSY from its own process.
+            let write = SqlitePoolOptions::new()
+                .max_connections(1)
+                .connect_with(connect.clone())
+                .await?;
+            sqlx::migrate!("./migrations/sqlite").run(&write).await?;
+            let read = SqlitePoolOptions::new()
+                .max_connections(4)
+                .connect_with(connect.read_only(true))
+                .await?;
+            Backend::Sqlite { write, read }
+        } else if url.starts_with("postgres:") || url.starts_with("postgresql:") {
+            let connect = PgConnectOptions::from_str(url)?;
+            let pool = PgPoolOptions::new()
+                .max_connections(options.max_connections)
+                .acquire_timeout(Duration::from_secs(10))
+                .connect_with(connect)
+                .await?;
+            sqlx::migrate!("./migrations/postgres").run(&pool).await?;
+            Backend::Postgres(pool)
+        } else {
+            return Err(StoreError::BadUrl(url.to_owned()));
+        };
+        let mut store = Self {
+            inner: Arc::new(Inner {
+                backend,
+                epoch: String::new(),
+                head: watch::channel(0).0,
+            }),
+        };
+        on_backend!(store.inner, |pool, _read, _d| {
+            sqlx::query(
+                "INSERT INTO meta (id, version, checksum, compacted_through, epoch) \
+                 VALUES (1, 0, 0, 0, $1) ON CONFLICT (id) DO NOTHING",
+            )
+            .bind(new_epoch())
+            .execute(pool)
+            .await?;
+        });
+        let head = store.head().await?;
+        let inner = Arc::get_mut(&mut store.inner).expect("not shared yet");
+        inner.epoch = head.epoch.clone();
+        inner.head.send_replace(head.version);
+        store.spawn_head_watch(options.poll_interval);
+        Ok(store)
+    }
+
+    pub fn backend_name(&self) -> &'static str {
+        match self.inner.backend {
+            Backend::Sqlite { .. } => "sqlite",
+            Backend::Postgres(_) => "postgres",
+        }
+    }
+
+    /// This store's epoch (fixed when the store was created).
+    pub fn epoch(&self) -> &str {
+        &self.inner.epoch
+    }
+
+    /// Follows the newest committed version: a receiver that changes after every commit of
+    /// this replica, and within the poll interval (or a notification) for other replicas'.
+    pub fn subscribe(&self) -> watch::Receiver<u64> {
+        self.inner.head.subscribe()
+    }
+
+    fn committed(&self, version: u64) {
+        self.inner.head.send_if_modified(|head| {
+            let newer = version > *head;
+            if newer {
+                *head = version;
+            }
+            newer
+        });
+    }
+
+    fn spawn_head_watch(&self, poll_interval: Duration) {
+        let weak = Arc::downgrade(&self.inner);
+        if let Backend::Postgres(pool) = &self.inner.backend {
+            let pool = pool.clone();
+            let weak = weak.clone();
+            tokio::spawn(async move {
+                loop {
+                    let mut listener = match sqlx::postgres::PgListener::connect_with(&pool).await {
+                        Ok(l) => l,
+                        Err(e) => {
+                            tracing::warn!("cannot listen for map changes: {e}");
+                            tokio::time::sleep(Duration::from_secs(1)).await;
+                            if weak.upgrade().is_none() {
+                                return;
+                            }
+                            continue;
+                        }
+                    };
+                    if let Err(e) = listener.listen(CHANNEL).await {
+                        tracing::warn!("cannot listen for map changes: {e}");
+                        tokio::time::sleep(Duration::from_secs(1)).await;
+                        continue;
+                    }
+                    loop {
+                        match listener.recv().await {
+                            Ok(n) => {
+                                let Some(inner) = weak.upgrade() else { return };
+                                let ours = n
+                                    .payload()
+                                    .split_once(':')
+                                    .filter(|(epoch, _)| *epoch == inner.epoch)
+                                    .and_then(|(_, v)| v.parse::<u64>().ok());
+                                if let Some(v) = ours {
+                                    Store { inner }.committed(v);
+                                }
+                            }
+                            Err(e) => {
+                                tracing::warn!("map change notifications interrupted: {e}");
+                                break;
+                            }
+                        }
+                        if pool.is_closed() {
+                            return;
+                        }
+                    }
+                }
+            });
+        }
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(poll_interval);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tick.tick().await;
+                let Some(inner) = weak.upgrade() else { return };
+                let store = Store { inner };
+                if let Ok(head) = store.head().await {
+                    store.committed(head.version);
+                }
+            }
+        });
+    }
+
+    /// Closes the connection pools.
+    pub async fn close(&self) {
+        match &self.inner.backend {
+            Backend::Sqlite { write, read } => {
+                read.close().await;
+                write.close().await;
+            }
+            Backend::Postgres(pool) => pool.close().await,
+        }
+    }
+
+    pub async fn head(&self) -> Result<Head, StoreError> {
+        on_backend!(self.inner, |_pool, read, _d| {
+            let row = sqlx::query(
+                "SELECT version, checksum, compacted_through, epoch FROM meta WHERE id = 1",
+            )
+            .fetch_one(read)
+            .await?;
+            Ok(head_from_row(&row)?)
+        })
+    }
+
+    // ---- regions ----
+
+    pub async fn regions(&self) -> Result<Vec<Region>, StoreError> {
+        on_backend!(self.inner, |_pool, read, _d| {
+            let rows = sqlx::query("SELECT id, name, jurisdiction FROM regions ORDER BY id")
+                .fetch_all(read)
+                .await?;
+            rows.iter()
+                .map(|r| region_from_row(r).map_err(StoreError::from))
+                .collect()
+        })
+    }
+
+    pub async fn region(&self, id: &str) -> Result<Region, StoreError> {
+        on_backend!(self.inner, |_pool, read, _d| {
+            let row = sqlx::query("SELECT id, name, jurisdiction FROM regions WHERE id = $1")
+                .bind(id)
+                .fetch_optional(read)
+                .await?;
+            match row {
+                Some(row) => Ok(region_from_row(&row)?),
+                None => Err(StoreError::NotFound {
+                    what: "region",
+                    id: id.to_owned(),
+                }),
+            }
+        })
+    }
+
+    /// Creates or updates a region. Ids and country codes must already be validated.
+    pub async fn put_region(
+        &self,
+        region: Region,
+        actor: &Actor,
+    ) -> Result<Written<Region>, StoreError> {
+        let written = on_backend!(self.inner, |pool, _read, d| {
+            let mut tx = pool.begin_with(d.begin_write).await?;
+            let head = head_from_row(&sqlx::query(d.lock_meta).fetch_one(&mut *tx).await?)?;
+            let existing = sqlx::query("SELECT id, name, jurisdiction FROM regions WHERE id = $1")
+                .bind(&region.id)
+                .fetch_optional(&mut *tx)
+                .await?
+                .map(|r| region_from_row(&r))
+                .transpose()?;
+            if existing.as_ref() == Some(&region) {
+                return Ok(Written {
+                    value: region,
+                    version: None,
+                    created: false,
+                });
+            }
+            let version = head.version + 1;
+            let at = now_ms();
+            sqlx::query(
+                "INSERT INTO regions (id, name, jurisdiction, version, updated_at) \
+                 VALUES ($1, $2, $3, $4, $5) ON CONFLICT (id) DO UPDATE SET \
+                 name = excluded.name, jurisdiction = excluded.jurisdiction, \
+                 version = excluded.version, updated_at = excluded.updated_at",
+            )
+            .bind(&region.id)
+            .bind(&region.name)
+            .bind(region.jurisdiction.join(","))
+            .bind(i(version))
+            .bind(at)
+            .execute(&mut *tx)
+            .await?;
+            let pending = [Pending::region(
+                &region.id,
+                version,
+                Some(RegionBody {
+                    name: region.name.clone(),
+                    jurisdiction: region.jurisdiction.clone(),
+                }),
+            )];
+            append_changes!(tx, _, pending, actor, at);
+            set_head!(tx, d, version, head.checksum);
+            tx.commit().await?;
+            Written {
+                created: existing.is_none(),
+                value: region,
+                version: Some(version),
+            }
+        });
+        if let Some(v) = written.version {
+            self.committed(v);
+        }
+        Ok(written)
+    }
+
+    /// Deletes a region; refused while any workspace calls it home.
+    pub async fn delete_region(&self, id: &str, actor: &Actor) -> Result<u64, StoreError> {
+        let version = on_backend!(self.inner, |pool, _read, d| {
+            let mut tx = pool.begin_with(d.begin_write).await?;
+            let head = head_from_row(&sqlx::query(d.lock_meta).fetch_one(&mut *tx).await?)?;
+            let exists = sqlx::query("SELECT id FROM regions WHERE id = $1")
+                .bind(id)
+                .fetch_optional(&mut *tx)
+                .await?
+                .is_some();
+            if !exists {
+                return Err(StoreError::NotFound {
+                    what: "region",
+                    id: id.to_owned(),
+                });
+            }
+            let homes: i64 = sqlx::query("SELECT COUNT(*) AS n FROM workspaces WHERE region = $1")
+                .bind(id)
+                .fetch_one(&mut *tx)
+                .await?
+                .try_get("n")?;
+            if homes > 0 {
+                return Err(StoreError::Conflict {
+                    code: "region_in_use",
+                    message: format!(
+                        "region {id:?} is the home of {homes} workspace(s); move or delete them first"
+                    ),
+                });
+            }
+            let version = head.version + 1;
+            let at = now_ms();
+            sqlx::query("DELETE FROM regions WHERE id = $1")
+                .bind(id)
+                .execute(&mut *tx)
+                .await?;
+            let pending = [Pending::region(id, version, None)];
+            append_changes!(tx, _, pending, actor, at);
+            set_head!(tx, d, version, head.checksum);
+            tx.commit().await?;
+            version
+        });
+        self.committed(version);
+        Ok(version)
+    }
+
+    // ---- workspaces ----
+
+    pub async fn workspace(&self, id: &str) -> Result<Workspace, StoreError> {
+        on_backend!(self.inner, |_pool, read, _d| {
+            let row = sqlx::query(
+                "SELECT id, region, state, epoch, version FROM workspaces WHERE id = $1",
+            )
+            .bind(id)
+            .fetch_optional(read)
+            .await?;
+            match row {
+                Some(row) => Ok(workspace_from_row(&row)?),
+                None => Err(StoreError::NotFound {
+                    what: "workspace",
+                    id: id.to_owned(),
+                }),
+            }
+        })
+    }
+
+    /// Workspaces in id order after `after`, optionally only those of one region.
+    pub async fn workspaces(
+        &self,
+        region: Option<&str>,
+        after: Option<&str>,
+        limit: u32,
+    ) -> Result<Vec<Workspace>, StoreError> {
+        on_backend!(self.inner, |_pool, read, _d| {
+            let rows = sqlx::query(
+                "SELECT id, region, state, epoch, version FROM workspaces \
+                 WHERE ($1 IS NULL OR region = $1) AND ($2 IS NULL OR id > $2) \
+                 ORDER BY id LIMIT $3",
+            )
+            .bind(region)
+            .bind(after)
+            .bind(i64::from(limit))
+            .fetch_all(read)
+            .await?;
+            rows.iter()
+                .map(|r| workspace_from_row(r).map_err(StoreError::from))
+                .collect()
+        })
+    }
+
+    /// Sets a workspace's home region, creating the workspace if needed. Changing the region
+    /// of an existing workspace needs `force` (moves are the safe way), and is refused while
+    /// the workspace is frozen.
+    pub async fn put_workspace(
+        &self,
+        id: &str,
+        region: &str,
+        force: bool,
+        actor: &Actor,
+    ) -> Result<Written<Workspace>, StoreError> {
+        let outcome = self
+            .import(
+                vec![ImportLine {
+                    line: 1,
+                    id: id.to_owned(),
+                    region: region.to_owned(),
+                }],
+                force,
+                actor,
+            )
+            .await;
+        let outcome = match outcome {
+            Ok(o) => o,
+            Err(StoreError::Lines { lines, .. }) => {
+                let Some(first) = lines.into_iter().next() else {
+                    return Err(StoreError::Invalid {
+                        code: "invalid_workspace",
+                        message: format!("workspace {id:?} was refused"),
+                    });
+                };
+                return Err(match first.code.as_str() {
+                    "unknown_region" => StoreError::Invalid {
+                        code: "unknown_region",
+                        message: first.message,
+                    },
+                    "workspace_moving" => StoreError::Conflict {
+                        code: "workspace_moving",
+                        message: first.message,
+                    },
+                    _ => StoreError::Conflict {
+                        code: "region_change_requires_move",
+                        message: first.message,
+                    },
+                });
+            }
+            Err(e) => return Err(e),
+        };
+        let value = self.workspace(id).await?;
+        Ok(Written {
+            created: outcome.created == 1,
+            version: (outcome.unchanged == 0).then_some(value.version),
+            value,
+        })
+    }
+
+    pub async fn delete_workspace(&self, id: &str, actor: &Actor) -> Result<u64, StoreError> {
+        let version = on_backend!(self.inner, |pool, _read, d| {
+            let mut tx = pool.begin_with(d.begin_write).await?;
+            let head = head_from_row(&sqlx::query(d.lock_meta).fetch_one(&mut *tx).await?)?;
+            let existing = sqlx::query(
+                "SELECT id, region, state, epoch, version FROM workspaces WHERE id = $1",
+            )
+            .bind(id)
+            .fetch_optional(&mut *tx)
+            .await?
+            .map(|r| workspace_from_row(&r))
+            .transpose()?;
+            let Some(existing) = existing else {
+                return Err(StoreError::NotFound {
+                    what: "workspace",
+                    id: id.to_owned(),
+                });
+            };
+            if existing.state == State::Frozen {
+                return Err(StoreError::Conflict {
+                    code: "workspace_moving",
+                    message: format!("workspace {id:?} is frozen for a move; it cannot be deleted until the move ends"),
+                });
+            }
+            let version = head.version + 1;
+            let mut checksum = head.checksum;
+            checksum.remove(entry_hash(&existing));
+            let at = now_ms();
+            sqlx::query("DELETE FROM workspaces WHERE id = $1")
+                .bind(id)
+                .execute(&mut *tx)
+                .await?;
+            let pending = [Pending::workspace_delete(id, version)];
+            append_changes!(tx, _, pending, actor, at);
+            set_head!(tx, d, version, checksum);
+            tx.commit().await?;
+            version
+        });
+        self.committed(version);
+        Ok(version)
+    }
+
+    /// Writes many workspaces in one transaction: all of them or none. Lines must already be
+    /// valid on their own (ids normalised, no duplicates); this checks them against the store
+    /// (the region exists; an existing workspace keeps its region unless `force`; frozen
+    /// workspaces are not touched) and reports every line that fails.
+    pub async fn import(
+        &self,
+        lines: Vec<ImportLine>,
+        force: bool,
+        actor: &Actor,
+    ) -> Result<ImportOutcome, StoreError> {
+        let outcome = on_backend!(self.inner, |pool, _read, d| {
+            let mut tx = pool.begin_with(d.begin_write).await?;
+            let head = head_from_row(&sqlx::query(d.lock_meta).fetch_one(&mut *tx).await?)?;
+            let regions: HashSet<String> = sqlx::query("SELECT id FROM regions")
+                .fetch_all(&mut *tx)
+                .await?
+                .iter()
+                .map(|r| r.try_get::<String, _>("id"))
+                .collect::<Result<_, _>>()?;
+            let any_workspaces = sqlx::query("SELECT id FROM workspaces LIMIT 1")
+                .fetch_optional(&mut *tx)
+                .await?
+                .is_some();
+            let mut existing: HashMap<String, Workspace> = HashMap::new();
+            if any_workspaces {
+                for chunk in lines.chunks(BATCH) {
+                    let mut q: QueryBuilder<'_, _> = QueryBuilder::new(
+                        "SELECT id, region, state, epoch, version FROM workspaces WHERE id IN (",
+                    );
+                    let mut list = q.separated(", ");
+                    for line in chunk {
+                        list.push_bind(line.id.as_str());
+                    }
+                    q.push(")");
+                    for row in q.build().fetch_all(&mut *tx).await? {
+                        let w = workspace_from_row(&row)?;
+                        existing.insert(w.id.clone(), w);
+                    }
+                }
+            }
+            let mut errors = Vec::new();
+            let mut total_errors = 0usize;
+            let mut report = |line: u64, code: &str, message: String| {
+                total_errors += 1;
+                if errors.len() < MAX_LINE_ERRORS {
+                    errors.push(LineError {
+                        line,
+                        code: code.to_owned(),
+                        message,
+                    });
+                }
+            };
+            let mut outcome = ImportOutcome::default();
+            let mut checksum = head.checksum;
+            let mut version = head.version;
+            let mut writes: Vec<Workspace> = Vec::new();
+            for line in &lines {
+                if !regions.contains(&line.region) {
+                    report(
+                        line.line,
+                        "unknown_region",
+                        format!("region {:?} does not exist", line.region),
+                    );
+                    continue;
+                }
+                match existing.get(&line.id) {
+                    Some(old) if old.region == line.region => outcome.unchanged += 1,
+                    Some(old) if old.state == State::Frozen => report(
+                        line.line,
+                        "workspace_moving",
+                        format!(
+                            "workspace {:?} is frozen for a move; its region cannot change now",
+                            line.id
+                        ),
+                    ),
+                    Some(old) if !force => report(
+                        line.line,
+                        "region_change_requires_move",
+                        format!(
+                            "workspace {:?} already lives in region {:?}; changing its region \
+                             moves its traffic without moving its data (use a move, or force)",
+                            line.id, old.region
+                        ),
+                    ),
+                    old => {
+                        version += 1;
+                        let new = Workspace {
+                            id: line.id.clone(),
+                            region: line.region.clone(),
+                            state: State::Active,
+                            epoch: old.map_or(1, |o| o.epoch.wrapping_add(1)),
+                            version,
+                        };
+                        if let Some(old) = old {
+                            checksum.remove(entry_hash(old));
+                            outcome.updated += 1;
+                        } else {
+                            outcome.created += 1;
+                        }
+                        checksum.add(entry_hash(&new));
+                        writes.push(new);
+                    }
+                }
+            }
+            if total_errors > 0 {
+                return Err(StoreError::Lines {
+                    total: total_errors,
+                    lines: errors,
+                });
+            }
+            outcome.version = version;
+            if writes.is_empty() {
+                return Ok(outcome);
+            }
+            let at = now_ms();
+            for chunk in writes.chunks(BATCH) {
+                let mut q: QueryBuilder<'_, _> = QueryBuilder::new(
+                    "INSERT INTO workspaces (id, region, state, epoch, version, updated_at) ",
+                );
+                q.push_values(chunk, |mut b, w| {
+                    b.push_bind(w.id.as_str())
+                        .push_bind(w.region.as_str())
+                        .push_bind(w.state.as_str())
+                        .push_bind(i64::from(w.epoch))
+                        .push_bind(i(w.version))
+                        .push_bind(at);
+                });
+                q.push(
+                    " ON CONFLICT (id) DO UPDATE SET region = excluded.region, \
+                     state = excluded.state, epoch = excluded.epoch, \
+                     version = excluded.version, updated_at = excluded.updated_at",
+                );
+                q.build().execute(&mut *tx).await?;
+            }
+            let pending: Vec<Pending> = writes.iter().map(Pending::workspace_put).collect();
+            append_changes!(tx, _, pending, actor, at);
+            set_head!(tx, d, version, checksum);
+            tx.commit().await?;
+            outcome
+        });
+        self.committed(outcome.version);
+        Ok(outcome)
+    }
+
+    /// Sets a workspace's state (and, when given, its region) as one change; the building
+    /// block of moves. Returns the new entry.
+    pub async fn set_workspace_state(
+        &self,
+        id: &str,
+        state: State,
+        region: Option<&str>,
+        actor: &Actor,
+    ) -> Result<Workspace, StoreError> {
+        let new = on_backend!(self.inner, |pool, _read, d| {
+            let mut tx = pool.begin_with(d.begin_write).await?;
+            let head = head_from_row(&sqlx::query(d.lock_meta).fetch_one(&mut *tx).await?)?;
+            let Some(old) = sqlx::query(
+                "SELECT id, region, state, epoch, version FROM workspaces WHERE id = $1",
+            )
+            .bind(id)
+            .fetch_optional(&mut *tx)
+            .await?
+            .map(|r| workspace_from_row(&r))
+            .transpose()?
+            else {
+                return Err(StoreError::NotFound {
+                    what: "workspace",
+                    id: id.to_owned(),
+                });
+            };
+            if let Some(region) = region {
+                let known = sqlx::query("SELECT id FROM regions WHERE id = $1")
+                    .bind(region)
+                    .fetch_optional(&mut *tx)
+                    .await?
+                    .is_some();
+                if !known {
+                    return Err(StoreError::Invalid {
+                        code: "unknown_region",
+                        message: format!("region {region:?} does not exist"),
+                    });
+                }
+            }
+            let version = head.version + 1;
+            let new = Workspace {
+                id: old.id.clone(),
+                region: region.map_or_else(|| old.region.clone(), str::to_owned),
+                state,
+                epoch: old.epoch.wrapping_add(1),
+                version,
+            };
+            let mut checksum = head.checksum;
+            checksum.remove(entry_hash(&old));
+            checksum.add(entry_hash(&new));
+            let at = now_ms();
+            sqlx::query(
+                "UPDATE workspaces SET region = $2, state = $3, epoch = $4, version = $5, \
+                 updated_at = $6 WHERE id = $1",
+            )
+            .bind(id)
+            .bind(&new.region)
+            .bind(new.state.as_str())
+            .bind(i64::from(new.epoch))
+            .bind(i(version))
+            .bind(at)
+            .execute(&mut *tx)
+            .await?;
+            let pending = [Pending::workspace_put(&new)];
+            append_changes!(tx, _, pending, actor, at);
+            set_head!(tx, d, version, checksum);
+            tx.commit().await?;
+            new
+        });
+        self.committed(new.version);
+        Ok(new)
+    }
+
+    // ---- the feed ----
+
+    /// Up to `limit` feed lines after `after`, in version order. `Gone` when the change log
+    /// was compacted past `after`.
+    pub async fn changes(&self, after: u64, limit: u32) -> Result<Vec<(u64, String)>, StoreError> {
+        on_backend!(self.inner, |_pool, read, d| {
+            let mut tx = read.begin_with(d.begin_snapshot).await?;
+            let head = head_from_row(
+                &sqlx::query(
+                    "SELECT version, checksum, compacted_through, epoch FROM meta WHERE id = 1",
+                )
+                .fetch_one(&mut *tx)
+                .await?,
+            )?;
+            if after < head.compacted_through {
+                return Err(StoreError::Gone {
+                    after,
+                    oldest: head.compacted_through + 1,
+                });
+            }
+            let rows = sqlx::query(
+                "SELECT version, line FROM changes WHERE version > $1 ORDER BY version LIMIT $2",
+            )
+            .bind(i(after))
+            .bind(i64::from(limit))
+            .fetch_all(&mut *tx)
+            .await?;
+            tx.commit().await?;
+            rows.iter()
+                .map(|r| Ok((u(r.try_get("version")?), r.try_get("line")?)))
+                .collect()
+        })
+    }
+
+    /// Streams the whole map at one version, in the map-file format, as chunks of lines.
+    /// The first line names the version, epoch, entry count and checksum.
+    pub fn snapshot(&self) -> mpsc::Receiver<Result<Bytes, StoreError>> {
+        let (tx, rx) = mpsc::channel(8);
+        let store = self.clone();
+        tokio::spawn(async move {
+            if let Err(e) = store.snapshot_into(&tx).await {
+                let _ = tx.send(Err(e)).await;
+            }
+        });
+        rx
+    }
+
+    async fn snapshot_into(
+        &self,
+        out: &mpsc::Sender<Result<Bytes, StoreError>>,
+    ) -> Result<(), StoreError> {
+        use futures_util::TryStreamExt;
+        const CHUNK: usize = 64 * 1024;
+        on_backend!(self.inner, |_pool, read, d| {
+            let mut tx = read.begin_with(d.begin_snapshot).await?;
+            let head = head_from_row(
+                &sqlx::query(
+                    "SELECT version, checksum, compacted_through, epoch FROM meta WHERE id = 1",
+                )
+                .fetch_one(&mut *tx)
+                .await?,
+            )?;
+            let count: i64 = sqlx::query("SELECT COUNT(*) AS n FROM workspaces")
+                .fetch_one(&mut *tx)
+                .await?
+                .try_get("n")?;
+            let mut buf = String::with_capacity(CHUNK + 256);
+            buf.push_str(
+                &serde_json::json!({
+                    "type": "map",
+                    "version": head.version,
+                    "epoch": head.epoch,
+                    "entries": count,
+                    "checksum": head.checksum.to_hex(),
+                })
+                .to_string(),
+            );
+            buf.push('\n');
+            let regions = sqlx::query("SELECT id, name, jurisdiction FROM regions ORDER BY id")
+                .fetch_all(&mut *tx)
+                .await?;
+            for row in &regions {
+                let r = region_from_row(row)?;
+                buf.push_str(
+                    &serde_json::json!({
+                        "type": "region", "id": r.id, "name": r.name,
+                        "jurisdiction": r.jurisdiction,
+                    })
+                    .to_string(),
+                );
+                buf.push('\n');
+            }
+            {
+                let mut rows = sqlx::query(
+                    "SELECT id, region, state, epoch, version FROM workspaces ORDER BY id",
+                )
+                .fetch(&mut *tx);
+                while let Some(row) = rows.try_next().await? {
+                    let w = workspace_from_row(&row)?;
+                    use std::fmt::Write;
+                    let _ = writeln!(
+                        buf,
+                        r#"{{"type":"workspace","id":"{}","region":"{}","state":"{}","epoch":{},"version":{}}}"#,
+                        w.id,
+                        w.region,
+                        w.state.as_str(),
+                        w.epoch,
+                        w.version
+                    );
+                    if buf.len() >= CHUNK {
+                        let chunk = Bytes::from(std::mem::replace(
+                            &mut buf,
+                            String::with_capacity(CHUNK + 256),
+                        ));
+                        if out.send(Ok(chunk)).await.is_err() {
+                            return Ok(());
+                        }
+                    }
+                }
+            }
+            tx.commit().await?;
+            if !buf.is_empty() {
+                let _ = out.send(Ok(Bytes::from(buf))).await;
+            }
+            Ok(())
+        })
+    }
+
+    /// Every version at which `workspace`'s entry changed, oldest first.
+    pub async fn history(&self, workspace: &str) -> Result<Vec<HistoryRecord>, StoreError> {
+        on_backend!(self.inner, |_pool, read, _d| {
+            let rows = sqlx::query(
+                "SELECT version, op, region, state, epoch, actor, reason, at FROM history \
+                 WHERE kind = 'workspace' AND key = $1 ORDER BY version",
+            )
+            .bind(workspace)
+            .fetch_all(read)
+            .await?;
+            rows.iter()
+                .map(|r| {
+                    let op: String = r.try_get("op")?;
+                    let state: Option<String> = r.try_get("state")?;
+                    Ok(HistoryRecord {
+                        version: u(r.try_get("version")?),
+                        op: if op == "delete" { Op::Delete } else { Op::Put },
+                        region: r.try_get("region")?,
+                        state: state.as_deref().and_then(State::parse),
+                        epoch: r.try_get::<Option<i64>, _>("epoch")?.map(|e| e as u32),
+                        actor: r.try_get("actor")?,
+                        reason: r.try_get("reason")?,
+                        at_ms: r.try_get("at")?,
+                    })
+                })
+                .collect()
+        })
+    }
+
+    /// Drops feed lines older than the newest `retain` versions. Returns how many went.
+    pub async fn compact(&self, retain: u64) -> Result<u64, StoreError> {
+        on_backend!(self.inner, |pool, _read, d| {
+            let mut tx = pool.begin_with(d.begin_write).await?;
+            let head = head_from_row(&sqlx::query(d.lock_meta).fetch_one(&mut *tx).await?)?;
+            let through = head.version.saturating_sub(retain);
+            if through <= head.compacted_through {
+                return Ok(0);
+            }
+            let gone = sqlx::query("DELETE FROM changes WHERE version <= $1")
+                .bind(i(through))
+                .execute(&mut *tx)
+                .await?
+                .rows_affected();
+            sqlx::query("UPDATE meta SET compacted_through = $1 WHERE id = 1")
+                .bind(i(through))
+                .execute(&mut *tx)
+                .await?;
+            tx.commit().await?;
+            Ok(gone)
+        })
+    }
+
+    // ---- fleet ----
+
+    pub async fn heartbeat(&self, hb: &Heartbeat) -> Result<(), StoreError> {
+        on_backend!(self.inner, |pool, _read, _d| {
+            let now = now_ms();
+            sqlx::query(
+                "INSERT INTO fleet (proxy_id, edge_region, applied_version, drained_version, \
+                 checksum, epoch, first_seen, last_seen) VALUES ($1, $2, $3, $4, $5, $6, $7, $7) \
+                 ON CONFLICT (proxy_id) DO UPDATE SET edge_region = excluded.edge_region, \
+                 applied_version = excluded.applied_version, \
+                 drained_version = excluded.drained_version, checksum = excluded.checksum, \
+                 epoch = excluded.epoch, last_seen = excluded.last_seen",
+            )
+            .bind(&hb.proxy_id)
+            .bind(&hb.edge_region)
+            .bind(i(hb.applied_version))
+            .bind(hb.drained_version.map(i))
+            .bind(&hb.checksum)
+            .bind(&hb.epoch)
+            .bind(now)
+            .execute(pool)
+            .await?;
+            Ok(())
+        })
+    }
+
+    pub async fn fleet(&self) -> Result<Vec<FleetRow>, StoreError> {
+        on_backend!(self.inner, |_pool, read, _d| {
+            let rows = sqlx::query(
+                "SELECT proxy_id, edge_region, applied_version, drained_version, checksum, \
+                 epoch, first_seen, last_seen FROM fleet ORDER BY proxy_id",
+            )
+            .fetch_all(read)
+            .await?;
+            rows.iter()
+                .map(|r| {
+                    Ok(FleetRow {
+                        proxy_id: r.try_get("proxy_id")?,
+                        edge_region: r.try_get("edge_region")?,
+                        applied_version: u(r.try_get("applied_version")?),
+                        drained_version: r.try_get::<Option<i64>, _>("drained_version")?.map(u),
+                        checksum: r.try_get("checksum")?,
+                        epoch: r.try_get("epoch")?,
+                        first_seen_ms: r.try_get("first_seen")?,
+                        last_seen_ms: r.try_get("last_seen")?,
+                    })
+                })
+                .collect()
+        })
+    }
+
+    /// Removes a proxy from the fleet. Returns whether it was there.
+    pub async fn forget_proxy(&self, proxy_id: &str) -> Result<bool, StoreError> {
+        on_backend!(self.inner, |pool, _read, _d| {
+            Ok(sqlx::query("DELETE FROM fleet WHERE proxy_id = $1")
+                .bind(proxy_id)
+                .execute(pool)
+                .await?
+                .rows_affected()
+                > 0)
+        })
+    }
+
+    // ---- tokens ----
+
+    /// Creates a token and returns its secret (shown once; only its hash is stored).
+    pub async fn create_token(&self, name: &str, role: Role) -> Result<String, StoreError> {
+        let secret = new_token();
+        on_backend!(self.inner, |pool, _read, _d| {
+            let done = sqlx::query(
+                "INSERT INTO tokens (name, role, hash, created_at) VALUES ($1, $2, $3, $4) \
+                 ON CONFLICT (name) DO NOTHING",
+            )
+            .bind(name)
+            .bind(role.as_str())
+            .bind(hash_token(&secret))
+            .bind(now_ms())
+            .execute(pool)
+            .await?;
+            if done.rows_affected() == 0 {
+                return Err(StoreError::Conflict {
+                    code: "token_exists",
+                    message: format!("a token named {name:?} already exists"),
+                });
+            }
+            Ok::<(), StoreError>(())
+        })?;
+        Ok(secret)
+    }
+
+    /// The token's name and role, if the secret is a live token.
+    pub async fn authenticate(&self, secret: &str) -> Result<Option<(String, Role)>, StoreError> {
+        let hash = hash_token(secret);
+        on_backend!(self.inner, |_pool, read, _d| {
+            let row = sqlx::query("SELECT name, role FROM tokens WHERE hash = $1")
+                .bind(&hash)
+                .fetch_optional(read)
+                .await?;
+            match row {
+                None => Ok(None),
+                Some(row) => {
+                    let role: String = row.try_get("role")?;
+                    Ok(Role::parse(&role).map(|r| (row.try_get("name").unwrap_or_default(), r)))
+                }
+            }
+        })
+    }
+
+    pub async fn tokens(&self) -> Result<Vec<TokenInfo>, StoreError> {
+        on_backend!(self.inner, |_pool, read, _d| {
+            let rows = sqlx::query("SELECT name, role, created_at FROM tokens ORDER BY name")
+                .fetch_all(read)
+                .await?;
+            rows.iter()
+                .filter_map(|r| {
+                    let role: String = match r.try_get("role") {
+                        Ok(role) => role,
+                        Err(e) => return Some(Err(e.into())),
+                    };
+                    Some(Ok(TokenInfo {
+                        name: r.try_get("name").ok()?,
+                        role: Role::parse(&role)?,
+                        created_at_ms: r.try_get("created_at").ok()?,
+                    }))
+                })
+                .collect()
+        })
+    }
+
+    pub async fn delete_token(&self, name: &str) -> Result<bool, StoreError> {
+        on_backend!(self.inner, |pool, _read, _d| {
+            Ok(sqlx::query("DELETE FROM tokens WHERE name = $1")
+                .bind(name)
+                .execute(pool)
+                .await?
+                .rows_affected()
+                > 0)
+        })
+    }
+
+    /// Whether any token with the admin role exists.
+    pub async fn has_admin(&self) -> Result<bool, StoreError> {
+        on_backend!(self.inner, |_pool, read, _d| {
+            Ok(
+                sqlx::query("SELECT name FROM tokens WHERE role = 'admin' LIMIT 1")
+                    .fetch_optional(read)
+                    .await?
+                    .is_some(),
+            )
+        })
+    }
+
+    /// Recomputes the map checksum from the entries (for tests and consistency checks).
+    pub async fn recompute_checksum(&self) -> Result<Checksum, StoreError> {
+        use futures_util::TryStreamExt;
+        on_backend!(self.inner, |_pool, read, _d| {
+            let mut sum = Checksum::default();
+            let mut rows =
+                sqlx::query("SELECT id, region, state, epoch, version FROM workspaces").fetch(read);
+            while let Some(row) = rows.try_next().await? {
+                sum.add(entry_hash(&workspace_from_row(&row)?));
+            }
+            Ok(sum)
+        })
+    }
+}

@@ -1,0 +1,535 @@
+//! The store suite: every test runs against SQLite and against PostgreSQL.
+
+mod common;
+
+use std::collections::BTreeSet;
+
+use domicile_control_plane::auth::Role;
+use domicile_control_plane::store::{Actor, ImportLine, StoreError};
+use domicile_control_plane::Store;
+use domicile_wire::{Checksum, FeedLine, Heartbeat, Op, Region, State};
+
+/// Generates `sqlite::$name` and `postgres::$name` from `async fn $name(store: &Store)`.
+macro_rules! both {
+    ($($name:ident),* $(,)?) => {
+        mod sqlite {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $name() {
+                    let t = crate::common::sqlite().await;
+                    super::$name(&t.store).await;
+                }
+            )*
+        }
+        mod postgres {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $name() {
+                    let Some(t) = crate::common::postgres().await else { return };
+                    super::$name(&t.store).await;
+                }
+            )*
+        }
+    };
+}
+
+both!(
+    regions_are_created_updated_and_guarded,
+    workspaces_carry_versions_epochs_and_history,
+    listing_pages_by_cursor_and_region,
+    imports_are_all_or_nothing_with_every_bad_line_named,
+    the_feed_is_contiguous_and_compaction_gives_gone,
+    the_snapshot_is_one_consistent_version,
+    concurrent_writers_give_every_watcher_every_version_once_in_order,
+    tokens_are_stored_hashed_and_checked,
+    the_fleet_keeps_one_row_per_proxy,
+);
+
+fn actor() -> Actor {
+    Actor::new("test")
+}
+
+fn region(id: &str, codes: &[&str]) -> Region {
+    Region {
+        id: id.into(),
+        name: format!("Region {id}"),
+        jurisdiction: codes.iter().map(|c| c.to_string()).collect(),
+    }
+}
+
+async fn seed(store: &Store) {
+    store
+        .put_region(region("us", &["US"]), &actor())
+        .await
+        .unwrap();
+    store
+        .put_region(region("eu", &["DE", "FR"]), &actor())
+        .await
+        .unwrap();
+}
+
+async fn regions_are_created_updated_and_guarded(store: &Store) {
+    let first = store
+        .put_region(region("us", &["US"]), &actor())
+        .await
+        .unwrap();
+    assert!(first.created);
+    assert_eq!(first.version, Some(1));
+    let same = store
+        .put_region(region("us", &["US"]), &actor())
+        .await
+        .unwrap();
+    assert_eq!(same.version, None, "an unchanged region is not a change");
+    let updated = store
+        .put_region(region("us", &["US", "CA"]), &actor())
+        .await
+        .unwrap();
+    assert_eq!((updated.created, updated.version), (false, Some(2)));
+    assert_eq!(store.region("us").await.unwrap().jurisdiction, ["US", "CA"]);
+    store.put_region(region("eu", &[]), &actor()).await.unwrap();
+    let ids: Vec<_> = store
+        .regions()
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|r| r.id)
+        .collect();
+    assert_eq!(ids, ["eu", "us"]);
+
+    store
+        .put_workspace("acme", "us", false, &actor())
+        .await
+        .unwrap();
+    match store.delete_region("us", &actor()).await {
+        Err(StoreError::Conflict { code, message }) => {
+            assert_eq!(code, "region_in_use");
+            assert!(message.contains("1 workspace"), "{message}");
+        }
+        other => panic!("deleting a region in use: {other:?}"),
+    }
+    assert!(matches!(
+        store.delete_region("mars", &actor()).await,
+        Err(StoreError::NotFound { .. })
+    ));
+    let v = store.delete_region("eu", &actor()).await.unwrap();
+    assert_eq!(store.head().await.unwrap().version, v);
+    assert!(matches!(
+        store.region("eu").await,
+        Err(StoreError::NotFound { .. })
+    ));
+}
+
+async fn workspaces_carry_versions_epochs_and_history(store: &Store) {
+    seed(store).await;
+    let created = store
+        .put_workspace("acme", "us", false, &actor())
+        .await
+        .unwrap();
+    assert!(created.created);
+    assert_eq!((created.value.epoch, created.value.version), (1, 3));
+    assert_eq!(created.value.state, State::Active);
+
+    let again = store
+        .put_workspace("acme", "us", false, &actor())
+        .await
+        .unwrap();
+    assert_eq!(again.version, None);
+    assert_eq!(store.head().await.unwrap().version, 3);
+
+    match store.put_workspace("acme", "eu", false, &actor()).await {
+        Err(StoreError::Conflict { code, .. }) => assert_eq!(code, "region_change_requires_move"),
+        other => panic!("{other:?}"),
+    }
+    match store.put_workspace("acme", "mars", false, &actor()).await {
+        Err(StoreError::Invalid { code, .. }) => assert_eq!(code, "unknown_region"),
+        other => panic!("{other:?}"),
+    }
+    let forced = store
+        .put_workspace(
+            "acme",
+            "eu",
+            true,
+            &Actor {
+                name: "ops".into(),
+                reason: Some("wrong region at signup".into()),
+            },
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        (
+            forced.value.region.as_str(),
+            forced.value.epoch,
+            forced.value.version
+        ),
+        ("eu", 2, 4)
+    );
+
+    let frozen = store
+        .set_workspace_state("acme", State::Frozen, None, &actor())
+        .await
+        .unwrap();
+    assert_eq!((frozen.epoch, frozen.version), (3, 5));
+    match store.put_workspace("acme", "us", true, &actor()).await {
+        Err(StoreError::Conflict { code, .. }) => assert_eq!(code, "workspace_moving"),
+        other => panic!("{other:?}"),
+    }
+    match store.delete_workspace("acme", &actor()).await {
+        Err(StoreError::Conflict { code, .. }) => assert_eq!(code, "workspace_moving"),
+        other => panic!("{other:?}"),
+    }
+    store
+        .set_workspace_state("acme", State::Active, None, &actor())
+        .await
+        .unwrap();
+    store
+        .put_workspace("globex", "us", false, &actor())
+        .await
+        .unwrap();
+    let head = store.head().await.unwrap();
+    assert_eq!(head.checksum, store.recompute_checksum().await.unwrap());
+
+    let deleted = store.delete_workspace("acme", &actor()).await.unwrap();
+    assert!(matches!(
+        store.workspace("acme").await,
+        Err(StoreError::NotFound { .. })
+    ));
+    assert!(matches!(
+        store.delete_workspace("acme", &actor()).await,
+        Err(StoreError::NotFound { .. })
+    ));
+    assert_eq!(
+        store.head().await.unwrap().checksum,
+        store.recompute_checksum().await.unwrap()
+    );
+
+    let history = store.history("acme").await.unwrap();
+    let versions: Vec<u64> = history.iter().map(|h| h.version).collect();
+    assert_eq!(versions, [3, 4, 5, 6, deleted]);
+    assert_eq!(history[1].actor, "ops");
+    assert_eq!(history[1].reason.as_deref(), Some("wrong region at signup"));
+    assert_eq!(history[1].region.as_deref(), Some("eu"));
+    assert_eq!(history[2].state, Some(State::Frozen));
+    assert_eq!(history[4].op, Op::Delete);
+    assert!(history.windows(2).all(|w| w[0].at_ms <= w[1].at_ms));
+}
+
+async fn listing_pages_by_cursor_and_region(store: &Store) {
+    seed(store).await;
+    let lines: Vec<ImportLine> = (0..25)
+        .map(|i| ImportLine {
+            line: i + 1,
+            id: format!("w{i:02}"),
+            region: if i % 2 == 0 { "us" } else { "eu" }.into(),
+        })
+        .collect();
+    store.import(lines, false, &actor()).await.unwrap();
+    let mut seen = Vec::new();
+    let mut cursor: Option<String> = None;
+    loop {
+        let page = store
+            .workspaces(Some("eu"), cursor.as_deref(), 5)
+            .await
+            .unwrap();
+        seen.extend(page.iter().map(|w| w.id.clone()));
+        if page.len() < 5 {
+            break;
+        }
+        cursor = page.last().map(|w| w.id.clone());
+    }
+    let expected: Vec<String> = (0..25)
+        .filter(|i| i % 2 == 1)
+        .map(|i| format!("w{i:02}"))
+        .collect();
+    assert_eq!(seen, expected);
+    assert_eq!(store.workspaces(None, None, 1000).await.unwrap().len(), 25);
+}
+
+async fn imports_are_all_or_nothing_with_every_bad_line_named(store: &Store) {
+    seed(store).await;
+    store
+        .put_workspace("acme", "us", false, &actor())
+        .await
+        .unwrap();
+    let before = store.head().await.unwrap();
+    let line = |n: u64, id: &str, region: &str| ImportLine {
+        line: n,
+        id: id.into(),
+        region: region.into(),
+    };
+    let bad = vec![
+        line(1, "new1", "eu"),
+        line(2, "new2", "mars"),
+        line(3, "acme", "eu"),
+        line(4, "acme2", "us"),
+    ];
+    match store.import(bad, false, &actor()).await {
+        Err(StoreError::Lines { total, lines }) => {
+            assert_eq!(total, 2);
+            assert_eq!(
+                (lines[0].line, lines[0].code.as_str()),
+                (2, "unknown_region")
+            );
+            assert_eq!(
+                (lines[1].line, lines[1].code.as_str()),
+                (3, "region_change_requires_move")
+            );
+        }
+        other => panic!("{other:?}"),
+    }
+    assert_eq!(store.head().await.unwrap(), before, "nothing was written");
+    assert!(store.workspace("new1").await.is_err());
+
+    let good = vec![
+        line(1, "new1", "eu"),
+        line(2, "acme", "us"),
+        line(3, "new2", "us"),
+    ];
+    let outcome = store.import(good, false, &actor()).await.unwrap();
+    assert_eq!(
+        (outcome.created, outcome.unchanged, outcome.updated),
+        (2, 1, 0)
+    );
+    assert_eq!(outcome.version, before.version + 2);
+    let forced = store
+        .import(vec![line(1, "acme", "eu")], true, &actor())
+        .await
+        .unwrap();
+    assert_eq!(forced.updated, 1);
+    assert_eq!(
+        store.head().await.unwrap().checksum,
+        store.recompute_checksum().await.unwrap()
+    );
+}
+
+async fn the_feed_is_contiguous_and_compaction_gives_gone(store: &Store) {
+    seed(store).await;
+    for i in 0..10 {
+        store
+            .put_workspace(&format!("w{i}"), "us", false, &actor())
+            .await
+            .unwrap();
+    }
+    let all = store.changes(0, 1000).await.unwrap();
+    let versions: Vec<u64> = all.iter().map(|c| c.0).collect();
+    assert_eq!(versions, (1..=12).collect::<Vec<_>>());
+    let parsed: Vec<FeedLine> = all
+        .iter()
+        .map(|c| serde_json::from_str(&c.1).unwrap())
+        .collect();
+    assert!(matches!(&parsed[0], FeedLine::Region { id, op: Op::Put, .. } if id == "us"));
+    assert!(matches!(&parsed[2], FeedLine::Workspace { id, version: 3, .. } if id == "w0"));
+    assert_eq!(store.changes(10, 1).await.unwrap()[0].0, 11);
+
+    assert_eq!(store.compact(4).await.unwrap(), 8);
+    assert_eq!(store.compact(4).await.unwrap(), 0);
+    assert!(matches!(
+        store.changes(7, 10).await,
+        Err(StoreError::Gone {
+            after: 7,
+            oldest: 9
+        })
+    ));
+    let kept: Vec<u64> = store
+        .changes(8, 10)
+        .await
+        .unwrap()
+        .iter()
+        .map(|c| c.0)
+        .collect();
+    assert_eq!(kept, [9, 10, 11, 12]);
+    // History is never compacted.
+    assert_eq!(store.history("w0").await.unwrap().len(), 1);
+}
+
+async fn collect_snapshot(store: &Store) -> String {
+    let mut rx = store.snapshot();
+    let mut text = Vec::new();
+    while let Some(chunk) = rx.recv().await {
+        text.extend_from_slice(&chunk.unwrap());
+    }
+    String::from_utf8(text).unwrap()
+}
+
+async fn the_snapshot_is_one_consistent_version(store: &Store) {
+    seed(store).await;
+    let lines: Vec<ImportLine> = (0..3000)
+        .map(|i| ImportLine {
+            line: i + 1,
+            id: format!("ws-{i}"),
+            region: "eu".into(),
+        })
+        .collect();
+    store.import(lines, false, &actor()).await.unwrap();
+    // Writes while the snapshot streams must not leak into it.
+    let writer = {
+        let store = store.clone();
+        tokio::spawn(async move {
+            for i in 0..50 {
+                store
+                    .put_workspace(&format!("late-{i}"), "us", false, &Actor::new("w"))
+                    .await
+                    .unwrap();
+            }
+        })
+    };
+    let text = collect_snapshot(store).await;
+    writer.await.unwrap();
+    let mut lines = text.lines();
+    let header: serde_json::Value = serde_json::from_str(lines.next().unwrap()).unwrap();
+    assert_eq!(header["type"], "map");
+    let version = header["version"].as_u64().unwrap();
+    let entries = header["entries"].as_u64().unwrap();
+    let mut sum = Checksum::default();
+    let mut count = 0;
+    let mut regions = BTreeSet::new();
+    for line in lines {
+        let v: serde_json::Value = serde_json::from_str(line).unwrap();
+        match v["type"].as_str().unwrap() {
+            "region" => {
+                regions.insert(v["id"].as_str().unwrap().to_owned());
+            }
+            "workspace" => {
+                count += 1;
+                assert!(v["version"].as_u64().unwrap() <= version);
+                sum.add(Checksum::entry_hash(
+                    v["id"].as_str().unwrap(),
+                    v["region"].as_str().unwrap(),
+                    State::parse(v["state"].as_str().unwrap()).unwrap(),
+                    v["epoch"].as_u64().unwrap() as u32,
+                    v["version"].as_u64().unwrap(),
+                ));
+            }
+            other => panic!("unexpected line type {other}"),
+        }
+    }
+    assert_eq!(count, entries);
+    assert_eq!(
+        Checksum::from_hex(header["checksum"].as_str().unwrap()),
+        Some(sum),
+        "the header's checksum covers exactly the listed entries"
+    );
+    assert_eq!(regions.into_iter().collect::<Vec<_>>(), ["eu", "us"]);
+    assert_eq!(header["epoch"], store.epoch());
+}
+
+async fn concurrent_writers_give_every_watcher_every_version_once_in_order(store: &Store) {
+    seed(store).await;
+    let start = store.head().await.unwrap().version;
+    const WRITERS: usize = 8;
+    const EACH: usize = 40;
+    let end = start + (WRITERS * EACH) as u64;
+    let mut watchers = Vec::new();
+    for _ in 0..3 {
+        let store = store.clone();
+        let mut head = store.subscribe();
+        watchers.push(tokio::spawn(async move {
+            let mut cursor = start;
+            let mut seen = Vec::new();
+            while cursor < end {
+                let batch = store.changes(cursor, 7).await.unwrap();
+                if batch.is_empty() {
+                    if tokio::time::timeout(std::time::Duration::from_secs(20), head.changed())
+                        .await
+                        .is_err()
+                    {
+                        let watched = *head.borrow();
+                        panic!(
+                            "no commit woke the watcher at {cursor}: watch says {}, store says {:?}, changes {:?}",
+                            watched,
+                            store.head().await,
+                            store.changes(cursor, 7).await.map(|c| c.len())
+                        );
+                    }
+                    continue;
+                }
+                for (version, line) in batch {
+                    assert_eq!(version, cursor + 1, "gap or repeat after {cursor}");
+                    let parsed: FeedLine = serde_json::from_str(&line).unwrap();
+                    assert_eq!(parsed.version(), Some(version));
+                    cursor = version;
+                    seen.push(version);
+                }
+            }
+            seen
+        }));
+    }
+    let mut writers = Vec::new();
+    for w in 0..WRITERS {
+        let store = store.clone();
+        writers.push(tokio::spawn(async move {
+            for i in 0..EACH {
+                let id = format!("c{w}-{i}");
+                let region = if i % 2 == 0 { "us" } else { "eu" };
+                store
+                    .put_workspace(&id, region, false, &Actor::new(format!("writer{w}")))
+                    .await
+                    .unwrap();
+            }
+        }));
+    }
+    for w in writers {
+        w.await.unwrap();
+    }
+    for w in watchers {
+        let seen = w.await.unwrap();
+        assert_eq!(seen, ((start + 1)..=end).collect::<Vec<_>>());
+    }
+    let head = store.head().await.unwrap();
+    assert_eq!(head.version, end);
+    assert_eq!(head.checksum, store.recompute_checksum().await.unwrap());
+}
+
+async fn tokens_are_stored_hashed_and_checked(store: &Store) {
+    let secret = store.create_token("ops", Role::Operator).await.unwrap();
+    assert_eq!(
+        store.authenticate(&secret).await.unwrap(),
+        Some(("ops".to_owned(), Role::Operator))
+    );
+    assert_eq!(store.authenticate("dom_nope").await.unwrap(), None);
+    assert!(matches!(
+        store.create_token("ops", Role::Admin).await,
+        Err(StoreError::Conflict {
+            code: "token_exists",
+            ..
+        })
+    ));
+    assert!(!store.has_admin().await.unwrap());
+    store.create_token("root", Role::Admin).await.unwrap();
+    assert!(store.has_admin().await.unwrap());
+    let names: Vec<_> = store
+        .tokens()
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|t| t.name)
+        .collect();
+    assert_eq!(names, ["ops", "root"]);
+    assert!(store.delete_token("ops").await.unwrap());
+    assert_eq!(store.authenticate(&secret).await.unwrap(), None);
+    assert!(!store.delete_token("ops").await.unwrap());
+}
+
+async fn the_fleet_keeps_one_row_per_proxy(store: &Store) {
+    let mut hb = Heartbeat {
+        proxy_id: "edge-1".into(),
+        edge_region: "us".into(),
+        applied_version: 3,
+        drained_version: None,
+        checksum: Checksum::default().to_hex(),
+        epoch: store.epoch().into(),
+    };
+    store.heartbeat(&hb).await.unwrap();
+    hb.applied_version = 5;
+    hb.drained_version = Some(4);
+    store.heartbeat(&hb).await.unwrap();
+    let fleet = store.fleet().await.unwrap();
+    assert_eq!(fleet.len(), 1);
+    assert_eq!(
+        (fleet[0].applied_version, fleet[0].drained_version),
+        (5, Some(4))
+    );
+    assert!(fleet[0].last_seen_ms >= fleet[0].first_seen_ms);
+    assert!(store.forget_proxy("edge-1").await.unwrap());
+    assert!(store.fleet().await.unwrap().is_empty());
+}
