@@ -5,7 +5,10 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 
 use anyhow::Context;
+use http::Method;
+use serde_json::json;
 
+use crate::client::AdminClient;
 use crate::origin::Origin;
 
 /// Demo settings (the command's flags).
@@ -14,20 +17,38 @@ pub struct DemoOptions {
     pub data_dir: PathBuf,
     pub http: SocketAddr,
     pub admin: SocketAddr,
+    pub control_plane: SocketAddr,
 }
 
-/// The demo's map: four workspaces in two regions.
-pub const DEMO_MAP: &str = r#"{"type":"map","version":4}
-{"type":"region","id":"us","name":"United States","jurisdiction":["US","CA"]}
-{"type":"region","id":"eu","name":"European Union","jurisdiction":["AT","BE","BG","CY","CZ","DE","DK","EE","ES","FI","FR","GR","HR","HU","IE","IT","LT","LU","LV","MT","NL","PL","PT","RO","SE","SI","SK"]}
-{"type":"workspace","id":"acme","region":"us","state":"active","epoch":1,"version":1}
-{"type":"workspace","id":"initech","region":"us","state":"active","epoch":1,"version":2}
-{"type":"workspace","id":"globex","region":"eu","state":"active","epoch":1,"version":3}
-{"type":"workspace","id":"umbrella","region":"eu","state":"active","epoch":1,"version":4}
-"#;
+/// The demo's regions: id, name, jurisdiction.
+pub const DEMO_REGIONS: &[(&str, &str, &[&str])] = &[
+    ("us", "United States", &["US", "CA"]),
+    (
+        "eu",
+        "European Union",
+        &[
+            "AT", "BE", "BG", "CY", "CZ", "DE", "DK", "EE", "ES", "FI", "FR", "GR", "HR", "HU",
+            "IE", "IT", "LT", "LU", "LV", "MT", "NL", "PL", "PT", "RO", "SE", "SI", "SK",
+        ],
+    ),
+];
 
-/// The proxy configuration the demo runs, pointing at origins on `us` and `eu`.
-pub fn proxy_config(options: &DemoOptions, us: SocketAddr, eu: SocketAddr) -> String {
+/// The demo's workspaces and their home regions.
+pub const DEMO_WORKSPACES: &[(&str, &str)] = &[
+    ("acme", "us"),
+    ("initech", "us"),
+    ("globex", "eu"),
+    ("umbrella", "eu"),
+];
+
+/// The proxy configuration the demo runs, pointing at origins on `us` and `eu` and following
+/// the control plane at `control_plane`.
+pub fn proxy_config(
+    options: &DemoOptions,
+    us: SocketAddr,
+    eu: SocketAddr,
+    control_plane: SocketAddr,
+) -> String {
     format!(
         r#"# Written by `domicile demo`. A real configuration: `domicile check-config proxy.toml`.
 [proxy]
@@ -37,9 +58,13 @@ listen = "{http}"
 admin_listen = "{admin}"
 shutdown_grace = "5s"
 
-[map]
-# JSON lines; edit it and the proxy reloads it (docs/map-file.md).
-file = "map.jsonl"
+[control_plane]
+# The map comes from the control plane; the last-known-good copy keeps the proxy routing
+# when the control plane is down (docs/control-plane.md).
+url = "http://{control_plane}"
+token_file = "proxy.token"
+last_known_good = "last-known-good.map"
+heartbeat_interval = "2s"
 
 [identify]
 # Every rule that finds an id must agree.
@@ -68,21 +93,38 @@ health = {{ path = "/healthz", interval = "1s" }}
     )
 }
 
+/// How to run this binary, for the printed commands: through cargo when it was built in a
+/// cargo target directory.
+fn command_prefix() -> &'static str {
+    let in_target = std::env::current_exe()
+        .ok()
+        .is_some_and(|p| p.components().any(|c| c.as_os_str() == "target"));
+    if in_target {
+        "cargo run -q --"
+    } else {
+        "domicile"
+    }
+}
+
 /// What the demo prints once everything is up, with the addresses actually bound.
 pub fn what_to_try(
     options: &DemoOptions,
     http: SocketAddr,
     admin: SocketAddr,
+    control_plane: SocketAddr,
     config_path: &Path,
 ) -> String {
     let port = http.port();
+    let token = options.data_dir.join("admin.token");
+    let d = command_prefix();
     format!(
         r#"Domicile demo is running.
-  proxy      http://{http}   (HTTP/1.1 and HTTP/2 cleartext)
-  admin      http://{admin}  (/healthz, /readyz, /metrics)
-  config     {config}
-  map        {map}
-  workspaces acme, initech -> us;  globex, umbrella -> eu
+  proxy         http://{http}   (HTTP/1.1 and HTTP/2 cleartext)
+  admin         http://{admin}  (/healthz, /readyz, /metrics)
+  control plane http://{control_plane}  (admin API; SQLite in {data})
+  admin token   {token}
+  config        {config}
+  workspaces    acme, initech -> us;  globex, umbrella -> eu
 
 Try:
   curl -s http://acme.localhost:{port}/hello              # host rule: served by region us
@@ -93,13 +135,96 @@ Try:
   curl -si http://nobody.localhost:{port}/                # 404 unknown_workspace
   curl -si http://{http}/                                 # 400 missing_workspace
   curl -si -H 'x-domicile-region: eu' http://acme.localhost:{port}/  # spoofed header is dropped
-  curl -s http://{admin}/metrics | grep domicile_requests_total
+  curl -s http://{admin}/metrics | grep -E 'domicile_(requests_total|map_applied_version)'
 
-Edit {map} (for example move acme to "eu" and bump the map version) and the proxy reloads it.
+The map lives in the control plane:
+  export DOMICILE_CONTROL_PLANE=http://{control_plane} DOMICILE_TOKEN_FILE={token}
+  {d} workspace list
+  {d} workspace set hooli --region eu                  # reaches the proxy within a second
+  curl -s http://hooli.localhost:{port}/                 # served by region eu
+  {d} workspace history acme
+  {d} region delete eu                                   # refused: workspaces live there
+  {d} fleet                                              # demo-edge: SYNCED
+  curl -s -H "Authorization: Bearer $(cat {token})" http://{control_plane}/v1/map/snapshot
+
 Stop with Ctrl-C."#,
         config = config_path.display(),
-        map = options.data_dir.join("map.jsonl").display(),
+        data = options.data_dir.display(),
+        token = token.display(),
     )
+}
+
+/// Starts the control plane on SQLite in the data directory and seeds it through the API.
+async fn start_control_plane(
+    options: &DemoOptions,
+) -> anyhow::Result<(domicile_control_plane::RunningControlPlane, String)> {
+    let token_path = options.data_dir.join("admin.token");
+    let config = domicile_control_plane::ControlPlaneConfig {
+        listen: options.control_plane,
+        store: format!(
+            "sqlite://{}",
+            options.data_dir.join("control-plane.db").display()
+        ),
+        admin_token_file: Some(token_path.clone()),
+        feed_heartbeat: std::time::Duration::from_secs(2),
+        ..Default::default()
+    };
+    let running = domicile_control_plane::start(config)
+        .await
+        .context("cannot start the control plane")?;
+    let admin_token = std::fs::read_to_string(&token_path)
+        .with_context(|| {
+            format!(
+                "cannot read {} (delete {} to start the demo afresh)",
+                token_path.display(),
+                options.data_dir.display()
+            )
+        })?
+        .trim()
+        .to_owned();
+    let client = AdminClient::new(&format!("http://{}", running.addr), Some(admin_token));
+    for (id, name, jurisdiction) in DEMO_REGIONS {
+        client
+            .send_json(
+                Method::PUT,
+                &format!("/v1/regions/{id}"),
+                &json!({ "name": name, "jurisdiction": jurisdiction }),
+            )
+            .await
+            .with_context(|| format!("cannot seed region {id}"))?;
+    }
+    for (id, region) in DEMO_WORKSPACES {
+        match client
+            .send_json(
+                Method::PUT,
+                &format!("/v1/workspaces/{id}"),
+                &json!({ "region": region, "reason": "demo seed" }),
+            )
+            .await
+        {
+            Ok(_) => {}
+            // A workspace the user moved in an earlier run stays where it is.
+            Err(e)
+                if e.downcast_ref::<crate::client::ApiError>()
+                    .is_some_and(|e| e.status == http::StatusCode::CONFLICT) => {}
+            Err(e) => return Err(e.context(format!("cannot seed workspace {id}"))),
+        }
+    }
+    // A fresh proxy token for this run.
+    let _ = client.send(Method::DELETE, "/v1/tokens/demo-edge", None).await;
+    let created = client
+        .send_json(
+            Method::POST,
+            "/v1/tokens",
+            &json!({ "name": "demo-edge", "role": "proxy" }),
+        )
+        .await
+        .context("cannot create the proxy's token")?;
+    let proxy_token = created["token"]
+        .as_str()
+        .context("the control plane returned no token")?
+        .to_owned();
+    Ok((running, proxy_token))
 }
 
 /// Runs the demo until Ctrl-C or SIGTERM.
@@ -121,21 +246,39 @@ pub async fn run(
         .await
         .context("cannot start the eu origin")?;
 
-    let map_path = options.data_dir.join("map.jsonl");
-    if !map_path.exists() {
-        std::fs::write(&map_path, DEMO_MAP)
-            .with_context(|| format!("cannot write {}", map_path.display()))?;
-    }
+    let (control_plane, proxy_token) = start_control_plane(&options).await?;
+    domicile_control_plane::server::write_secret(
+        &options.data_dir.join("proxy.token"),
+        &proxy_token,
+    )
+    .context("cannot write the proxy's token")?;
+    let head = control_plane.store.head().await?.version;
+
     let config_path = options.data_dir.join("proxy.toml");
-    std::fs::write(&config_path, proxy_config(&options, us.addr, eu.addr))
-        .with_context(|| format!("cannot write {}", config_path.display()))?;
+    std::fs::write(
+        &config_path,
+        proxy_config(&options, us.addr, eu.addr, control_plane.addr),
+    )
+    .with_context(|| format!("cannot write {}", config_path.display()))?;
     let config = domicile_proxy::ProxyConfig::from_file(&config_path)?;
     let proxy = domicile_proxy::start(config).await?;
+    if let Some(sync) = &proxy.sync {
+        tokio::time::timeout(
+            std::time::Duration::from_secs(10),
+            sync.wait_for_version(head),
+        )
+        .await
+        .context("the proxy did not load the map from the control plane within 10 s")?;
+    }
 
     let admin = proxy.admin_addr.unwrap_or(options.admin);
-    println!("{}", what_to_try(&options, proxy.addr, admin, &config_path));
+    println!(
+        "{}",
+        what_to_try(&options, proxy.addr, admin, control_plane.addr, &config_path)
+    );
     shutdown.await;
     println!("shutting down: draining in-flight requests");
     proxy.shutdown().await;
+    control_plane.shutdown().await;
     Ok(())
 }

@@ -1,4 +1,7 @@
-//! The `domicile` command's building blocks: the demo and its origins.
+//! The `domicile` command's building blocks: the admin commands and their API client, the
+//! demo and its origins.
 
+pub mod admin;
+pub mod client;
 pub mod demo;
 pub mod origin;

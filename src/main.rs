@@ -5,7 +5,9 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand, ValueEnum};
+use domicile::admin::{self, Connection, RegionCommand, TokenCommand, WorkspaceCommand};
 use domicile::demo::{self, DemoOptions};
+use domicile_control_plane::ControlPlaneConfig;
 use domicile_proxy::ProxyConfig;
 
 #[derive(Debug, Parser)]
@@ -41,6 +43,50 @@ enum Command {
         /// Admin address (/healthz, /readyz, /metrics).
         #[arg(long, default_value = "127.0.0.1:9901")]
         admin: SocketAddr,
+        /// Control-plane address (the admin API).
+        #[arg(long, default_value = "127.0.0.1:7700")]
+        control_plane: SocketAddr,
+    },
+    /// Run the control plane: the map's store, the admin API, the change feed, the fleet.
+    ControlPlane {
+        /// Configuration (TOML); every setting has a default.
+        #[arg(long, short)]
+        config: Option<PathBuf>,
+        /// Address of the admin API (default 127.0.0.1:7700).
+        #[arg(long)]
+        listen: Option<SocketAddr>,
+        /// sqlite://PATH or postgres://... (default sqlite://domicile.db).
+        #[arg(long, env = "DOMICILE_STORE", hide_env_values = true)]
+        store: Option<String>,
+        /// On first start, create an admin token and write it to this file.
+        #[arg(long)]
+        admin_token_file: Option<PathBuf>,
+    },
+    /// Regions of the map (control-plane API).
+    Region {
+        #[command(flatten)]
+        conn: Connection,
+        #[command(subcommand)]
+        command: RegionCommand,
+    },
+    /// Workspaces of the map (control-plane API).
+    Workspace {
+        #[command(flatten)]
+        conn: Connection,
+        #[command(subcommand)]
+        command: WorkspaceCommand,
+    },
+    /// The proxies following the map, and how far each has got.
+    Fleet {
+        #[command(flatten)]
+        conn: Connection,
+    },
+    /// API tokens (admin only).
+    Token {
+        #[command(flatten)]
+        conn: Connection,
+        #[command(subcommand)]
+        command: TokenCommand,
     },
     /// Run the proxy (data plane).
     Proxy {
@@ -161,20 +207,65 @@ async fn run(command: Command) -> anyhow::Result<()> {
             data_dir,
             http,
             admin,
+            control_plane,
         } => {
             demo::run(
                 DemoOptions {
                     data_dir,
                     http,
                     admin,
+                    control_plane,
                 },
                 shutdown_signal(),
             )
             .await
         }
         Command::Proxy { config } => run_proxy(ProxyConfig::from_file(&config)?).await,
+        Command::ControlPlane {
+            config,
+            listen,
+            store,
+            admin_token_file,
+        } => {
+            let mut config = match config {
+                Some(path) => ControlPlaneConfig::from_file(&path)?,
+                None => ControlPlaneConfig::default(),
+            };
+            if let Some(listen) = listen {
+                config.listen = listen;
+            }
+            if let Some(store) = store {
+                config.store = store;
+            }
+            if let Some(path) = admin_token_file {
+                config.admin_token_file = Some(path);
+            }
+            run_control_plane(config).await
+        }
+        Command::Region { conn, command } => admin::region(&conn, command).await,
+        Command::Workspace { conn, command } => admin::workspace(&conn, command).await,
+        Command::Fleet { conn } => admin::fleet(&conn).await,
+        Command::Token { conn, command } => admin::token(&conn, command).await,
         Command::CheckConfig { .. } => unreachable!("handled before the runtime starts"),
     }
+}
+
+async fn run_control_plane(config: ControlPlaneConfig) -> anyhow::Result<()> {
+    let running = domicile_control_plane::start(config.clone()).await?;
+    if let (Some(path), Some(_)) = (&config.admin_token_file, &running.bootstrap_token) {
+        eprintln!("created the first admin token in {}", path.display());
+    }
+    // One machine-readable line for scripts and tests that bind port 0.
+    println!(
+        "domicile control plane listening on http://{} store {} epoch {}",
+        running.addr,
+        running.store.backend_name(),
+        running.store.epoch()
+    );
+    shutdown_signal().await;
+    tracing::info!("signal received: stopping");
+    running.shutdown().await;
+    Ok(())
 }
 
 async fn run_proxy(config: ProxyConfig) -> anyhow::Result<()> {

@@ -23,6 +23,8 @@ const MAX_TIMEOUT: Duration = Duration::from_secs(7 * 24 * 3600);
 pub struct ProxyConfig {
     pub proxy: ProxySection,
     pub map: MapSection,
+    /// Where the map comes from when it is not a file: the control plane.
+    pub control_plane: Option<ControlPlaneSection>,
     pub identify: IdentifySection,
     pub limits: Limits,
     /// How this edge reaches each region, by region id.
@@ -83,6 +85,60 @@ pub struct MapSection {
     /// Reload the map file when it changes. Default: true.
     #[serde(default = "defaults::yes")]
     pub watch: bool,
+}
+
+/// Following the control plane's map (docs/control-plane.md, "The proxy side").
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ControlPlaneSection {
+    /// The control plane's base URL, `http://host:port`.
+    pub url: String,
+    /// A file holding the proxy's bearer token (role `proxy`); read at every reconnect, so a
+    /// rotated token is picked up without a restart.
+    #[serde(default)]
+    pub token_file: Option<PathBuf>,
+    /// The token itself (prefer `token_file`, or the environment variable
+    /// `DOMICILE_PROXY_TOKEN`).
+    #[serde(default)]
+    pub token: Option<String>,
+    /// The last-known-good map, served at start when the control plane is unreachable.
+    /// Default: `last-known-good.map` beside the configuration file.
+    #[serde(default = "defaults::last_known_good")]
+    pub last_known_good: PathBuf,
+    /// Heartbeat period (one is also sent as soon as a new version is persisted). Default: 5 s.
+    #[serde(default = "defaults::heartbeat_interval", with = "humantime_serde")]
+    pub heartbeat_interval: Duration,
+    /// Reconnect when the change stream is silent (no change, no heartbeat) this long.
+    /// Default: 20 s.
+    #[serde(default = "defaults::stall_timeout", with = "humantime_serde")]
+    pub stall_timeout: Duration,
+    /// Timeout for connecting and for each plain request. Default: 5 s.
+    #[serde(default = "defaults::request_timeout", with = "humantime_serde")]
+    pub request_timeout: Duration,
+    /// First reconnect delay; doubles up to `backoff_max`, with full jitter. Default: 100 ms.
+    #[serde(default = "defaults::backoff_initial", with = "humantime_serde")]
+    pub backoff_initial: Duration,
+    /// Longest reconnect delay. Default: 10 s.
+    #[serde(default = "defaults::backoff_max", with = "humantime_serde")]
+    pub backoff_max: Duration,
+}
+
+impl ControlPlaneSection {
+    /// The bearer token: `token`, else `token_file`, else `DOMICILE_PROXY_TOKEN`.
+    pub fn read_token(&self) -> Result<String, String> {
+        if let Some(token) = &self.token {
+            return Ok(token.trim().to_owned());
+        }
+        if let Some(path) = &self.token_file {
+            return std::fs::read_to_string(path)
+                .map(|t| t.trim().to_owned())
+                .map_err(|e| format!("cannot read the token file {}: {e}", path.display()));
+        }
+        std::env::var("DOMICILE_PROXY_TOKEN").map_err(|_| {
+            "no token: set control_plane.token_file, control_plane.token or DOMICILE_PROXY_TOKEN"
+                .to_owned()
+        })
+    }
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -271,6 +327,24 @@ impl Default for Ejection {
 
 mod defaults {
     use std::time::Duration;
+    pub fn last_known_good() -> std::path::PathBuf {
+        "last-known-good.map".into()
+    }
+    pub fn heartbeat_interval() -> Duration {
+        Duration::from_secs(5)
+    }
+    pub fn stall_timeout() -> Duration {
+        Duration::from_secs(20)
+    }
+    pub fn request_timeout() -> Duration {
+        Duration::from_secs(5)
+    }
+    pub fn backoff_initial() -> Duration {
+        Duration::from_millis(100)
+    }
+    pub fn backoff_max() -> Duration {
+        Duration::from_secs(10)
+    }
     pub fn shutdown_grace() -> Duration {
         Duration::from_secs(30)
     }
@@ -472,6 +546,19 @@ impl ProxyConfig {
             }
         };
         let map: Option<MapSection> = errors.section("map", take(&mut doc, "map"));
+        let control_plane: Option<ControlPlaneSection> = match doc.remove("control_plane") {
+            Some(v) => errors.section("control_plane", v),
+            None => None,
+        };
+        if let Some(cp) = &control_plane {
+            validate_control_plane(cp, &mut errors);
+            if map.as_ref().is_some_and(|m| m.file.is_some()) {
+                errors.push(
+                    "map.file",
+                    "map.file and [control_plane] are two sources for the map; use one",
+                );
+            }
+        }
         let limits: Option<Limits> = errors.section("limits", take(&mut doc, "limits"));
 
         let mut identify_value = take(&mut doc, "identify");
@@ -520,7 +607,7 @@ impl ProxyConfig {
         for key in doc.keys() {
             errors.push(
                 key.as_str(),
-                "unknown section (expected proxy, map, identify, limits, regions)",
+                "unknown section (expected proxy, map, control_plane, identify, limits, regions)",
             );
         }
 
@@ -611,12 +698,18 @@ impl ProxyConfig {
             {
                 proxy.geoip_database = proxy.geoip_database.map(|p| base.join(p));
                 map.file = map.file.map(|p| base.join(p));
+                let control_plane = control_plane.map(|mut cp| {
+                    cp.token_file = cp.token_file.map(|p| base.join(p));
+                    cp.last_known_good = base.join(&cp.last_known_good);
+                    cp
+                });
                 if proxy.id.is_none() {
                     proxy.id = Some(default_proxy_id());
                 }
                 Ok(ProxyConfig {
                     proxy,
                     map,
+                    control_plane,
                     identify,
                     limits,
                     regions,
@@ -629,6 +722,42 @@ impl ProxyConfig {
     /// This proxy's fleet id.
     pub fn proxy_id(&self) -> &str {
         self.proxy.id.as_deref().unwrap_or("domicile")
+    }
+}
+
+fn validate_control_plane(cp: &ControlPlaneSection, errors: &mut Collector) {
+    match cp.url.parse::<http::Uri>() {
+        Ok(uri) if uri.scheme_str() == Some("http") && uri.authority().is_some() => {
+            if uri.path() != "/" && !uri.path().is_empty() {
+                errors.push("control_plane.url", "must be a base URL (http://host:port)");
+            }
+        }
+        _ => errors.push(
+            "control_plane.url",
+            format!("{:?} is not an http://host:port URL", cp.url),
+        ),
+    }
+    if cp.token.is_some() && cp.token_file.is_some() {
+        errors.push("control_plane.token", "set token or token_file, not both");
+    }
+    for (key, d) in [
+        ("control_plane.heartbeat_interval", cp.heartbeat_interval),
+        ("control_plane.stall_timeout", cp.stall_timeout),
+        ("control_plane.request_timeout", cp.request_timeout),
+        ("control_plane.backoff_initial", cp.backoff_initial),
+        ("control_plane.backoff_max", cp.backoff_max),
+    ] {
+        if d.is_zero() {
+            errors.push(key, "must be greater than zero");
+        } else if d > MAX_TIMEOUT {
+            errors.push(key, "must be at most 7 days");
+        }
+    }
+    if cp.backoff_initial > cp.backoff_max {
+        errors.push(
+            "control_plane.backoff_initial",
+            "must not be longer than backoff_max",
+        );
     }
 }
 

@@ -20,6 +20,7 @@ pub mod mapfile;
 pub mod metrics;
 pub mod pipeline;
 pub mod refusal;
+pub mod sync;
 pub mod upstream;
 pub mod workspace_id;
 

@@ -19,6 +19,8 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
+use domicile_wire::Checksum;
+
 use crate::map::{CatalogueRegion, MapEntry, MapTable, Replica, WorkspaceState, MAX_VERSION};
 use crate::workspace_id::{is_valid_region_id, WorkspaceId};
 
@@ -30,6 +32,15 @@ const MAX_REPORTED_ERRORS: usize = 20;
 enum Line<'a> {
     Map {
         version: u64,
+        /// The control-plane epoch (snapshots and last-known-good files).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        epoch: Option<String>,
+        /// How many workspace lines follow; checked when present.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        entries: Option<u64>,
+        /// The map checksum (16 hex digits); checked when present.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        checksum: Option<String>,
     },
     Region {
         #[serde(borrow)]
@@ -68,65 +79,95 @@ pub enum MapFileError {
     Invalid { path: PathBuf, errors: Vec<String> },
 }
 
-/// A parsed map file, not yet installed.
+/// A parsed map, not yet installed.
 pub struct LoadedMap {
     pub table: MapTable,
     pub regions: Vec<CatalogueRegion>,
+    /// The control-plane epoch the map came from (snapshots and last-known-good files).
+    pub epoch: Option<String>,
+    /// The map checksum over the entries as loaded.
+    pub checksum: Checksum,
 }
 
-/// Parses a map file; region ids are interned into `replica`'s region table.
-pub fn load(path: &Path, replica: &Replica) -> Result<LoadedMap, MapFileError> {
-    let io_err = |source| MapFileError::Io {
-        path: path.to_owned(),
-        source,
-    };
-    let file = std::fs::File::open(path).map_err(io_err)?;
-    let size_hint = file.metadata().map(|m| m.len()).unwrap_or(0);
-    let mut reader = std::io::BufReader::with_capacity(1 << 20, file);
-    // About 80 bytes per workspace line.
-    let table = MapTable::with_capacity((size_hint / 80) as usize, 0);
-    let mut regions: Vec<CatalogueRegion> = Vec::new();
-    let mut pending_workspaces: Vec<(usize, WorkspaceId, String, MapEntry)> = Vec::new();
-    let mut errors = Vec::new();
-    let mut version = None;
-    let mut line = String::new();
-    let mut line_no = 0usize;
-    let error = |errors: &mut Vec<String>, line_no: usize, msg: String| {
-        if errors.len() < MAX_REPORTED_ERRORS {
-            errors.push(format!("  line {line_no}: {msg}"));
-        } else if errors.len() == MAX_REPORTED_ERRORS {
-            errors.push("  (further errors not shown)".to_owned());
+/// Builds a map from map-file lines, one at a time: a file, a snapshot streamed from the
+/// control plane, or a last-known-good file all go through here.
+pub struct MapBuilder<'r> {
+    replica: &'r Replica,
+    table: MapTable,
+    regions: Vec<CatalogueRegion>,
+    pending_workspaces: Vec<(usize, WorkspaceId, String, MapEntry)>,
+    errors: Vec<String>,
+    version: Option<u64>,
+    epoch: Option<String>,
+    expect_entries: Option<u64>,
+    expect_checksum: Option<Checksum>,
+    checksum: Checksum,
+    lines: usize,
+}
+
+impl<'r> MapBuilder<'r> {
+    /// Region ids are interned into `replica`'s region table; `capacity` sizes the table.
+    pub fn new(replica: &'r Replica, capacity: usize) -> Self {
+        Self {
+            replica,
+            table: MapTable::with_capacity(capacity, 0),
+            regions: Vec::new(),
+            pending_workspaces: Vec::new(),
+            errors: Vec::new(),
+            version: None,
+            epoch: None,
+            expect_entries: None,
+            expect_checksum: None,
+            checksum: Checksum::default(),
+            lines: 0,
         }
-    };
-    loop {
-        line.clear();
-        if reader.read_line(&mut line).map_err(io_err)? == 0 {
-            break;
+    }
+
+    fn error(&mut self, line_no: usize, msg: String) {
+        if self.errors.len() < MAX_REPORTED_ERRORS {
+            self.errors.push(format!("  line {line_no}: {msg}"));
+        } else if self.errors.len() == MAX_REPORTED_ERRORS {
+            self.errors.push("  (further errors not shown)".to_owned());
         }
-        line_no += 1;
-        let text = line.trim();
+    }
+
+    /// Takes the next line (without its line feed; blank lines are skipped).
+    pub fn line(&mut self, text: &str) {
+        self.lines += 1;
+        let line_no = self.lines;
+        let text = text.trim();
         if text.is_empty() {
-            continue;
+            return;
         }
         let parsed: Line<'_> = match serde_json::from_str(text) {
             Ok(parsed) => parsed,
             Err(e) => {
-                error(&mut errors, line_no, e.to_string());
-                continue;
+                self.error(line_no, e.to_string());
+                return;
             }
         };
         match parsed {
-            Line::Map { version: v } => {
-                if version.is_some() {
-                    error(&mut errors, line_no, "a second `map` line".into());
+            Line::Map {
+                version: v,
+                epoch,
+                entries,
+                checksum,
+            } => {
+                if self.version.is_some() {
+                    self.error(line_no, "a second `map` line".into());
                 } else if v > MAX_VERSION {
-                    error(
-                        &mut errors,
-                        line_no,
-                        format!("version {v} is above {MAX_VERSION}"),
-                    );
+                    self.error(line_no, format!("version {v} is above {MAX_VERSION}"));
                 } else {
-                    version = Some(v);
+                    self.version = Some(v);
+                    self.epoch = epoch;
+                    self.expect_entries = entries;
+                    match checksum.as_deref().map(Checksum::from_hex) {
+                        Some(None) => {
+                            self.error(line_no, "checksum is not 16 hex digits".into())
+                        }
+                        Some(Some(c)) => self.expect_checksum = Some(c),
+                        None => {}
+                    }
                 }
             }
             Line::Region {
@@ -135,23 +176,21 @@ pub fn load(path: &Path, replica: &Replica) -> Result<LoadedMap, MapFileError> {
                 jurisdiction,
             } => {
                 if !is_valid_region_id(id) {
-                    error(
-                        &mut errors,
+                    self.error(
                         line_no,
                         format!("region id {id:?} is not valid (expected [a-z][a-z0-9-]{{0,31}})"),
                     );
-                    continue;
+                    return;
                 }
-                if regions.iter().any(|r| r.id == id) {
-                    error(&mut errors, line_no, format!("region {id:?} listed twice"));
-                    continue;
+                if self.regions.iter().any(|r| r.id == id) {
+                    self.error(line_no, format!("region {id:?} listed twice"));
+                    return;
                 }
                 let mut codes = Vec::with_capacity(jurisdiction.len());
                 for code in &jurisdiction {
                     match country_code(code) {
                         Some(c) => codes.push(c),
-                        None => error(
-                            &mut errors,
+                        None => self.error(
                             line_no,
                             format!(
                                 "jurisdiction {code:?} is not an ISO 3166 alpha-2 country code"
@@ -159,11 +198,11 @@ pub fn load(path: &Path, replica: &Replica) -> Result<LoadedMap, MapFileError> {
                         ),
                     }
                 }
-                if let Err(e) = replica.regions().intern(id) {
-                    error(&mut errors, line_no, e.to_string());
-                    continue;
+                if let Err(e) = self.replica.regions().intern(id) {
+                    self.error(line_no, e.to_string());
+                    return;
                 }
-                regions.push(CatalogueRegion {
+                self.regions.push(CatalogueRegion {
                     id: id.to_owned(),
                     name: name.unwrap_or_else(|| id.to_owned()),
                     jurisdiction: codes,
@@ -179,73 +218,129 @@ pub fn load(path: &Path, replica: &Replica) -> Result<LoadedMap, MapFileError> {
                 let ws = match WorkspaceId::parse(id.as_bytes()) {
                     Ok(ws) => ws,
                     Err(e) => {
-                        error(&mut errors, line_no, format!("workspace id {id:?}: {e}"));
-                        continue;
+                        self.error(line_no, format!("workspace id {id:?}: {e}"));
+                        return;
                     }
                 };
                 if entry_version > MAX_VERSION {
-                    error(
-                        &mut errors,
+                    self.error(
                         line_no,
                         format!("version {entry_version} is above {MAX_VERSION}"),
                     );
-                    continue;
+                    return;
                 }
-                let entry = |home_region| MapEntry {
-                    home_region,
+                let entry = MapEntry {
+                    home_region: 0,
                     state,
                     epoch,
                     version: entry_version,
                 };
-                if regions.iter().any(|r| r.id == region) {
-                    let Some(home_region) = replica.regions().find(region) else {
-                        continue;
+                if self.regions.iter().any(|r| r.id == region) {
+                    let Some(home_region) = self.replica.regions().find(region) else {
+                        return;
                     };
-                    if table.get(ws.as_bytes()).is_some() {
-                        error(&mut errors, line_no, format!("workspace {ws} listed twice"));
-                        continue;
-                    }
-                    table.insert(&ws, entry(home_region));
+                    self.place(line_no, ws, region, MapEntry { home_region, ..entry });
                 } else {
                     // A region listed further down is fine: placed at the end, once every region
                     // line is known. Nothing is interned for a region no line lists.
-                    pending_workspaces.push((line_no, ws, region.to_owned(), entry(0)));
+                    self.pending_workspaces
+                        .push((line_no, ws, region.to_owned(), entry));
                 }
             }
         }
     }
-    for (line_no, ws, region, mut entry) in pending_workspaces {
-        let home_region = regions
-            .iter()
-            .any(|r| r.id == region)
-            .then(|| replica.regions().find(&region))
-            .flatten();
-        let Some(home_region) = home_region else {
-            error(
-                &mut errors,
-                line_no,
-                format!("region {region:?} is not listed by any `region` line"),
-            );
-            continue;
-        };
-        if table.get(ws.as_bytes()).is_some() {
-            error(&mut errors, line_no, format!("workspace {ws} listed twice"));
-            continue;
+
+    fn place(&mut self, line_no: usize, ws: WorkspaceId, region: &str, entry: MapEntry) {
+        if self.table.get(ws.as_bytes()).is_some() {
+            self.error(line_no, format!("workspace {ws} listed twice"));
+            return;
         }
-        entry.home_region = home_region;
-        table.insert(&ws, entry);
+        self.checksum.add(entry_hash(ws.as_str(), region, &entry));
+        self.table.insert(&ws, entry);
     }
-    match version {
-        Some(v) => table.publish_version(v),
-        None => error(&mut errors, 0, "no `map` line gives the map version".into()),
+
+    /// Checks the whole map (a `map` line, every region listed, the entry count and checksum
+    /// the header promises) and returns it; `source` names it in errors.
+    pub fn finish(mut self, source: &Path) -> Result<LoadedMap, MapFileError> {
+        for (line_no, ws, region, mut entry) in std::mem::take(&mut self.pending_workspaces) {
+            let home_region = self
+                .regions
+                .iter()
+                .any(|r| r.id == region)
+                .then(|| self.replica.regions().find(&region))
+                .flatten();
+            let Some(home_region) = home_region else {
+                self.error(
+                    line_no,
+                    format!("region {region:?} is not listed by any `region` line"),
+                );
+                continue;
+            };
+            entry.home_region = home_region;
+            self.place(line_no, ws, &region, entry);
+        }
+        match self.version {
+            Some(v) => self.table.publish_version(v),
+            None => self.error(0, "no `map` line gives the map version".into()),
+        }
+        if self.errors.is_empty() {
+            if let Some(n) = self.expect_entries.filter(|&n| n != self.table.len() as u64) {
+                self.errors.push(format!(
+                    "  the map promises {n} entries but holds {} (truncated or edited)",
+                    self.table.len()
+                ));
+            } else if let Some(c) = self.expect_checksum.filter(|&c| c != self.checksum) {
+                self.errors.push(format!(
+                    "  the map's checksum is {} but its entries sum to {} (corrupted or edited)",
+                    c.to_hex(),
+                    self.checksum.to_hex()
+                ));
+            }
+        }
+        if !self.errors.is_empty() {
+            return Err(MapFileError::Invalid {
+                path: source.to_owned(),
+                errors: self.errors,
+            });
+        }
+        Ok(LoadedMap {
+            table: self.table,
+            regions: self.regions,
+            epoch: self.epoch,
+            checksum: self.checksum,
+        })
     }
-    if !errors.is_empty() {
-        return Err(MapFileError::Invalid {
-            path: path.to_owned(),
-            errors,
-        });
+}
+
+/// The checksum term of one entry ([`Checksum::entry_hash`]).
+pub fn entry_hash(id: &str, region: &str, entry: &MapEntry) -> u64 {
+    let state = match entry.state {
+        WorkspaceState::Active => domicile_wire::State::Active,
+        WorkspaceState::Frozen => domicile_wire::State::Frozen,
+    };
+    Checksum::entry_hash(id, region, state, entry.epoch, entry.version)
+}
+
+/// Parses a map file; region ids are interned into `replica`'s region table.
+pub fn load(path: &Path, replica: &Replica) -> Result<LoadedMap, MapFileError> {
+    let io_err = |source| MapFileError::Io {
+        path: path.to_owned(),
+        source,
+    };
+    let file = std::fs::File::open(path).map_err(io_err)?;
+    let size_hint = file.metadata().map(|m| m.len()).unwrap_or(0);
+    let mut reader = std::io::BufReader::with_capacity(1 << 20, file);
+    // About 80 bytes per workspace line.
+    let mut builder = MapBuilder::new(replica, (size_hint / 80) as usize);
+    let mut line = String::new();
+    loop {
+        line.clear();
+        if reader.read_line(&mut line).map_err(io_err)? == 0 {
+            break;
+        }
+        builder.line(&line);
     }
-    Ok(LoadedMap { table, regions })
+    builder.finish(path)
 }
 
 fn country_code(code: &str) -> Option<[u8; 2]> {
@@ -268,23 +363,33 @@ pub fn load_into(path: &Path, replica: &Replica) -> Result<(u64, usize), MapFile
     Ok((version, len))
 }
 
-/// Writes the replica's map in map-file format, durably: temporary file, fsync, rename.
-pub fn write_atomically(path: &Path, replica: &Replica) -> std::io::Result<()> {
+/// Writes the replica's map in map-file format, durably: temporary file, fsync, rename. The
+/// `map` line carries the entry count and checksum (so a truncated or edited file is refused
+/// when loaded) and `epoch` when given. The map must not change while it is written.
+pub fn write_atomically(path: &Path, replica: &Replica, epoch: Option<&str>) -> std::io::Result<()> {
     let Some(table) = replica.table() else {
         return Err(std::io::Error::other("no map loaded"));
     };
     let tmp = path.with_extension("tmp");
     {
+        let catalogue = replica.regions().snapshot();
+        let mut checksum = Checksum::default();
+        table.for_each(|id, entry| {
+            let region = &catalogue[entry.home_region as usize].id;
+            checksum.add(entry_hash(id, region, &entry));
+        });
         let file = std::fs::File::create(&tmp)?;
         let mut out = std::io::BufWriter::with_capacity(1 << 20, file);
         serde_json::to_writer(
             &mut out,
             &Line::Map {
                 version: table.version(),
+                epoch: epoch.map(str::to_owned),
+                entries: Some(table.len() as u64),
+                checksum: Some(checksum.to_hex()),
             },
         )?;
         out.write_all(b"\n")?;
-        let catalogue = replica.regions().snapshot();
         for region in catalogue.iter().filter(|r| r.in_map) {
             let jurisdiction = region
                 .jurisdiction
@@ -408,7 +513,7 @@ mod tests {
         );
 
         let copy = dir.path().join("copy.jsonl");
-        write_atomically(&copy, &replica).unwrap();
+        write_atomically(&copy, &replica, Some("e1")).unwrap();
         let again = Replica::new();
         assert_eq!(load_into(&copy, &again).unwrap(), (9, 2));
         let globex = WorkspaceId::parse(b"globex").unwrap();

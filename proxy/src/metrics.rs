@@ -29,6 +29,18 @@ pub struct Metrics {
     pub connections_active: AtomicU64,
     pub map_reloads_ok: AtomicU64,
     pub map_reloads_failed: AtomicU64,
+    /// The map version the replica routes with (control-plane sync).
+    pub map_applied_version: AtomicU64,
+    /// When the control plane last answered, in ms since the Unix epoch (0: never).
+    pub map_last_contact_ms: AtomicU64,
+    pub sync_snapshots: AtomicU64,
+    pub sync_errors: AtomicU64,
+    /// Resyncs by reason ([`crate::sync::Resync`]).
+    pub resyncs: [AtomicU64; crate::sync::Resync::ALL.len()],
+    pub lkg_writes: AtomicU64,
+    pub lkg_load_failures: AtomicU64,
+    pub heartbeats_ok: AtomicU64,
+    pub heartbeats_failed: AtomicU64,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -51,6 +63,15 @@ impl Default for Metrics {
             connections_active: AtomicU64::new(0),
             map_reloads_ok: AtomicU64::new(0),
             map_reloads_failed: AtomicU64::new(0),
+            map_applied_version: AtomicU64::new(0),
+            map_last_contact_ms: AtomicU64::new(0),
+            sync_snapshots: AtomicU64::new(0),
+            sync_errors: AtomicU64::new(0),
+            resyncs: Default::default(),
+            lkg_writes: AtomicU64::new(0),
+            lkg_load_failures: AtomicU64::new(0),
+            heartbeats_ok: AtomicU64::new(0),
+            heartbeats_failed: AtomicU64::new(0),
         }
     }
 }
@@ -201,6 +222,72 @@ impl Metrics {
             out,
             "domicile_map_reloads_total{{result=\"failed\"}} {}",
             self.map_reloads_failed.load(Ordering::Relaxed)
+        );
+
+        let load = |c: &AtomicU64| c.load(Ordering::Relaxed);
+        let sync = [
+            (
+                "domicile_map_applied_version",
+                "gauge",
+                "Map version applied from the control plane (or its last-known-good copy).",
+                load(&self.map_applied_version),
+            ),
+            (
+                "domicile_sync_snapshots_total",
+                "counter",
+                "Map snapshots fetched from the control plane.",
+                load(&self.sync_snapshots),
+            ),
+            (
+                "domicile_sync_errors_total",
+                "counter",
+                "Failed snapshot fetches and broken change streams.",
+                load(&self.sync_errors),
+            ),
+            (
+                "domicile_last_known_good_writes_total",
+                "counter",
+                "Last-known-good base maps written.",
+                load(&self.lkg_writes),
+            ),
+            (
+                "domicile_last_known_good_load_failures_total",
+                "counter",
+                "Last-known-good maps refused at start (corrupt or truncated).",
+                load(&self.lkg_load_failures),
+            ),
+        ];
+        for (name, kind, help, value) in sync {
+            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {value}");
+        }
+        let contact = load(&self.map_last_contact_ms);
+        if contact > 0 {
+            let now = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_millis() as u64);
+            let _ = writeln!(
+                out,
+                "# HELP domicile_control_plane_seconds_since_contact Seconds since the control plane last answered.\n\
+                 # TYPE domicile_control_plane_seconds_since_contact gauge\n\
+                 domicile_control_plane_seconds_since_contact {:.3}",
+                now.saturating_sub(contact) as f64 / 1000.0
+            );
+        }
+        out.push_str("# TYPE domicile_sync_resyncs_total counter\n");
+        for reason in crate::sync::Resync::ALL {
+            let _ = writeln!(
+                out,
+                "domicile_sync_resyncs_total{{reason=\"{}\"}} {}",
+                reason.as_str(),
+                load(&self.resyncs[reason as usize])
+            );
+        }
+        out.push_str("# TYPE domicile_heartbeats_total counter\n");
+        let _ = writeln!(
+            out,
+            "domicile_heartbeats_total{{result=\"ok\"}} {}\ndomicile_heartbeats_total{{result=\"failed\"}} {}",
+            load(&self.heartbeats_ok),
+            load(&self.heartbeats_failed)
         );
         out
     }

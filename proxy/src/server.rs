@@ -12,6 +12,7 @@ use crate::listener::{self, ConnectionTracker};
 use crate::map::Replica;
 use crate::mapfile;
 use crate::pipeline::Pipeline;
+use crate::sync::SyncHandle;
 
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
@@ -41,6 +42,8 @@ pub struct RunningProxy {
     grace: std::time::Duration,
     threads: Vec<std::thread::JoinHandle<()>>,
     _watcher: Option<notify::RecommendedWatcher>,
+    /// Following the control plane, when the map comes from it.
+    pub sync: Option<SyncHandle>,
 }
 
 /// Binds the listeners, loads the map file (if any), starts health checks and serves.
@@ -80,6 +83,17 @@ pub async fn start(config: ProxyConfig) -> Result<RunningProxy, StartError> {
             watcher = Some(w);
         }
     }
+
+    // The map from the control plane: the last-known-good copy is installed before the
+    // listeners open, so a restart with the control plane down routes at once.
+    let sync = config.control_plane.as_ref().map(|cp| {
+        crate::sync::start(
+            cp.clone(),
+            pipeline.clone(),
+            config.proxy_id().to_owned(),
+            config.proxy.edge_region.clone(),
+        )
+    });
 
     let listen = config.proxy.listen;
     let workers = config.proxy.worker_count().max(1);
@@ -162,6 +176,7 @@ pub async fn start(config: ProxyConfig) -> Result<RunningProxy, StartError> {
         tracker,
         threads,
         _watcher: watcher,
+        sync,
     })
 }
 
@@ -249,7 +264,10 @@ fn bind(addr: SocketAddr) -> Result<TcpListener, StartError> {
 impl RunningProxy {
     /// Stops accepting, lets in-flight requests finish up to the grace period, then returns.
     /// Returns the number of connections still open when the grace period ran out.
-    pub async fn shutdown(self) -> u64 {
+    pub async fn shutdown(mut self) -> u64 {
+        if let Some(sync) = self.sync.take() {
+            sync.stop().await;
+        }
         self.draining.store(true, Ordering::SeqCst);
         let _ = self.shutdown.send(true);
         let drained = tokio::time::timeout(self.grace, self.tracker.drained()).await;

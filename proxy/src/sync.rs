@@ -1,0 +1,961 @@
+//! Following the control plane's map: snapshot, then the change stream, applied into the
+//! [`Replica`] one change at a time; the last-known-good map kept on disk so the proxy routes
+//! at start even when the control plane is down; heartbeats to the fleet.
+//!
+//! ```text
+//! start ── load last-known-good (if any) ──► serve
+//!   │
+//!   └─► loop: [no map, 410, gap, version backwards, new epoch] ─► GET /v1/map/snapshot
+//!             GET /v1/map/changes?after=V ─► apply ─► append to journal + fsync ─► heartbeat
+//!             error ─► reconnect after a jittered, doubling delay
+//! ```
+//!
+//! The last-known-good map is two files: a base map in map-file format (written to a
+//! temporary file, fsynced, renamed) and a journal of the changes applied since, appended
+//! and fsynced before the version they reach is heartbeated. The journal is folded into a
+//! new base when it grows past half the base's size. A torn last journal line (a crash in
+//! the middle of an append) is ignored: it was never acknowledged. A base that does not hold
+//! what its header promises is refused whole, and the proxy waits for the control plane
+//! rather than serve part of a map.
+
+use std::io::{BufRead, Write};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use domicile_wire::{Checksum, FeedLine, Heartbeat, HeartbeatReply, Op};
+use http::{header, Method, Request, StatusCode, Uri};
+use http_body_util::{BodyExt, Full};
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::TokioExecutor;
+use tokio::sync::watch;
+
+use crate::config::ControlPlaneSection;
+use crate::map::{CatalogueRegion, MapEntry, MapTable, Regions, WorkspaceState};
+use crate::mapfile::{self, entry_hash, MapBuilder, MapFileError};
+use crate::pipeline::Pipeline;
+use crate::workspace_id::WorkspaceId;
+
+/// Where the proxy's map stands, as the sync task last published it.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct SyncState {
+    /// The version the replica routes with.
+    pub applied: Option<u64>,
+    /// The version persisted as last-known-good (what heartbeats report).
+    pub persisted: Option<u64>,
+    /// The map checksum at `persisted`.
+    pub checksum: Option<Checksum>,
+    /// The control-plane epoch the map came from.
+    pub epoch: Option<String>,
+    /// Whether a change stream is open right now.
+    pub streaming: bool,
+    /// Snapshots fetched since start.
+    pub snapshots: u64,
+}
+
+/// The running sync task.
+#[derive(Debug)]
+pub struct SyncHandle {
+    pub state: watch::Receiver<SyncState>,
+    stop: watch::Sender<bool>,
+    task: Option<tokio::task::JoinHandle<()>>,
+}
+
+impl Drop for SyncHandle {
+    fn drop(&mut self) {
+        let _ = self.stop.send(true);
+    }
+}
+
+impl SyncHandle {
+    /// Stops following the control plane and waits for the task to end.
+    pub async fn stop(mut self) {
+        let _ = self.stop.send(true);
+        if let Some(task) = self.task.take() {
+            let _ = task.await;
+        }
+    }
+
+    /// Waits until the replica routes with at least `version`.
+    pub async fn wait_for_version(&self, version: u64) -> SyncState {
+        let mut state = self.state.clone();
+        let reached = state
+            .wait_for(|s| s.applied.is_some_and(|v| v >= version))
+            .await
+            .map(|s| s.clone());
+        reached.unwrap_or_else(|_| self.state.borrow().clone())
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+enum SyncError {
+    #[error("cannot reach the control plane: {0}")]
+    Http(String),
+    #[error("the control plane answered {status}: {body}")]
+    Status { status: StatusCode, body: String },
+    #[error("the snapshot is invalid: {0}")]
+    Snapshot(#[from] MapFileError),
+    #[error("{0}")]
+    Token(String),
+    #[error("cannot persist the last-known-good map: {0}")]
+    Persist(std::io::Error),
+    #[error("the change stream stalled for {0:?}")]
+    Stalled(Duration),
+    #[error("the change stream ended")]
+    Ended,
+    #[error("stopping")]
+    Stopped,
+}
+
+/// Why the proxy drops its map position and fetches a snapshot.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Resync {
+    /// 410: the change log no longer reaches back to our version.
+    Gone,
+    /// A change skipped a version.
+    Gap,
+    /// The control plane's head is older than our version (a restored store).
+    Backwards,
+    /// Another control-plane epoch (a new store).
+    Epoch,
+    /// A change the proxy cannot apply (names an unknown region, a bad id).
+    Invalid,
+}
+
+impl Resync {
+    pub const ALL: [Resync; 5] = [
+        Resync::Gone,
+        Resync::Gap,
+        Resync::Backwards,
+        Resync::Epoch,
+        Resync::Invalid,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Resync::Gone => "gone",
+            Resync::Gap => "gap",
+            Resync::Backwards => "backwards",
+            Resync::Epoch => "epoch",
+            Resync::Invalid => "invalid_change",
+        }
+    }
+}
+
+/// The map as the sync task tracks it, beside the replica's table.
+struct Position {
+    epoch: String,
+    version: u64,
+    checksum: Checksum,
+    catalogue: Vec<CatalogueRegion>,
+}
+
+/// Applies one change line to `table` (and `catalogue`); the caller publishes the version.
+/// Returns whether the region catalogue changed.
+fn apply_change(
+    table: &MapTable,
+    regions: &Regions,
+    pos: &mut Position,
+    line: &FeedLine,
+) -> Result<bool, String> {
+    match line {
+        FeedLine::Workspace {
+            version,
+            id,
+            op,
+            entry,
+        } => {
+            let ws = WorkspaceId::parse(id.as_bytes())
+                .map_err(|e| format!("workspace id {id:?}: {e}"))?;
+            if let Some(old) = table.get(ws.as_bytes()) {
+                let region = regions
+                    .id(old.home_region)
+                    .ok_or("an entry names a region that was never interned")?;
+                pos.checksum.remove(entry_hash(ws.as_str(), &region, &old));
+            }
+            match (op, entry) {
+                (Op::Put, Some(body)) => {
+                    if !pos.catalogue.iter().any(|r| r.id == body.region) {
+                        return Err(format!(
+                            "workspace {id:?} names region {:?}, which the map does not list",
+                            body.region
+                        ));
+                    }
+                    let home_region = regions.intern(&body.region).map_err(|e| e.to_string())?;
+                    let entry = MapEntry {
+                        home_region,
+                        state: match body.state {
+                            domicile_wire::State::Active => WorkspaceState::Active,
+                            domicile_wire::State::Frozen => WorkspaceState::Frozen,
+                        },
+                        epoch: body.epoch,
+                        version: *version,
+                    };
+                    pos.checksum
+                        .add(entry_hash(ws.as_str(), &body.region, &entry));
+                    table.insert(&ws, entry);
+                }
+                (Op::Delete, _) => {
+                    table.remove(ws.as_bytes());
+                }
+                (Op::Put, None) => return Err(format!("a put of {id:?} without an entry")),
+            }
+            Ok(false)
+        }
+        FeedLine::Region { id, op, entry, .. } => {
+            pos.catalogue.retain(|r| r.id != *id);
+            match (op, entry) {
+                (Op::Put, Some(body)) => {
+                    regions.intern(id).map_err(|e| e.to_string())?;
+                    let mut jurisdiction = Vec::new();
+                    for code in &body.jurisdiction {
+                        let b = code.as_bytes();
+                        if b.len() != 2 || !b.iter().all(u8::is_ascii_alphabetic) {
+                            return Err(format!("region {id:?}: bad country code {code:?}"));
+                        }
+                        jurisdiction.push([b[0].to_ascii_uppercase(), b[1].to_ascii_uppercase()]);
+                    }
+                    pos.catalogue.push(CatalogueRegion {
+                        id: id.clone(),
+                        name: body.name.clone(),
+                        jurisdiction,
+                    });
+                }
+                (Op::Delete, _) => {}
+                (Op::Put, None) => return Err(format!("a put of region {id:?} without a body")),
+            }
+            Ok(true)
+        }
+        FeedLine::Hello { .. } | FeedLine::Heartbeat { .. } => Ok(false),
+    }
+}
+
+/// The last-known-good files: a base map and a journal of changes since.
+struct LastKnownGood {
+    base: PathBuf,
+    journal: PathBuf,
+    file: Option<std::fs::File>,
+    journal_bytes: u64,
+    base_bytes: u64,
+}
+
+impl LastKnownGood {
+    fn new(base: PathBuf) -> Self {
+        let mut journal = base.clone().into_os_string();
+        journal.push(".journal");
+        Self {
+            base,
+            journal: journal.into(),
+            file: None,
+            journal_bytes: 0,
+            base_bytes: 0,
+        }
+    }
+
+    /// Loads the base and replays the journal. `Ok(None)` when there is no base yet.
+    fn load(
+        &mut self,
+        pipeline: &Pipeline,
+    ) -> Result<Option<(MapTable, Position, usize)>, MapFileError> {
+        let replica = &pipeline.replica;
+        if !self.base.exists() {
+            return Ok(None);
+        }
+        let loaded = mapfile::load(&self.base, replica)?;
+        let Some(epoch) = loaded.epoch else {
+            return Err(MapFileError::Invalid {
+                path: self.base.clone(),
+                errors: vec!["  the map names no control-plane epoch".into()],
+            });
+        };
+        self.base_bytes = std::fs::metadata(&self.base).map_or(0, |m| m.len());
+        let table = loaded.table;
+        let mut pos = Position {
+            epoch,
+            version: table.version(),
+            checksum: loaded.checksum,
+            catalogue: loaded.regions,
+        };
+        let mut replayed = 0;
+        match std::fs::File::open(&self.journal) {
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => tracing::warn!(
+                path = %self.journal.display(),
+                "cannot read the last-known-good journal, using the base map alone: {e}"
+            ),
+            Ok(file) => {
+                let mut lines = std::io::BufReader::new(file).lines();
+                let first = lines.next().and_then(|l| l.ok());
+                let hello = first.and_then(|l| serde_json::from_str::<FeedLine>(&l).ok());
+                match hello {
+                    Some(FeedLine::Hello { epoch, head })
+                        if epoch == pos.epoch && head == pos.version =>
+                    {
+                        for (n, line) in lines.enumerate() {
+                            let Ok(line) = line else { break };
+                            let change = serde_json::from_str::<FeedLine>(&line);
+                            let ok = match &change {
+                                Ok(change) if change.version() == Some(pos.version + 1) => {
+                                    apply_change(&table, replica.regions(), &mut pos, change)
+                                        .is_ok()
+                                }
+                                _ => false,
+                            };
+                            if !ok {
+                                tracing::warn!(
+                                    path = %self.journal.display(),
+                                    line = n + 2,
+                                    version = pos.version,
+                                    "the last-known-good journal ends in a line that cannot be applied; \
+                                     using the map up to the line before"
+                                );
+                                break;
+                            }
+                            pos.version += 1;
+                            table.publish_version(pos.version);
+                            replayed += 1;
+                        }
+                    }
+                    _ => tracing::warn!(
+                        path = %self.journal.display(),
+                        "the last-known-good journal does not follow the base map; ignoring it"
+                    ),
+                }
+            }
+        }
+        Ok(Some((table, pos, replayed)))
+    }
+
+    /// Writes the whole map as the new base, and starts an empty journal after it.
+    fn write_base(&mut self, pipeline: &Pipeline, pos: &Position) -> std::io::Result<()> {
+        self.file = None;
+        mapfile::write_atomically(&self.base, &pipeline.replica, Some(&pos.epoch))?;
+        self.base_bytes = std::fs::metadata(&self.base).map_or(0, |m| m.len());
+        let tmp = self.journal.with_extension("journal.tmp");
+        let mut file = std::fs::File::create(&tmp)?;
+        let mut hello = serde_json::to_vec(&FeedLine::Hello {
+            epoch: pos.epoch.clone(),
+            head: pos.version,
+        })?;
+        hello.push(b'\n');
+        file.write_all(&hello)?;
+        file.sync_all()?;
+        std::fs::rename(&tmp, &self.journal)?;
+        sync_dir(&self.journal)?;
+        self.journal_bytes = hello.len() as u64;
+        self.file = Some(
+            std::fs::OpenOptions::new()
+                .append(true)
+                .open(&self.journal)?,
+        );
+        Ok(())
+    }
+
+    /// Appends changes to the journal and fsyncs them.
+    fn append(&mut self, lines: &[u8]) -> std::io::Result<()> {
+        let Some(file) = self.file.as_mut() else {
+            return Err(std::io::Error::other("the journal is not open"));
+        };
+        file.write_all(lines)?;
+        file.sync_data()?;
+        self.journal_bytes += lines.len() as u64;
+        Ok(())
+    }
+
+    fn wants_new_base(&self) -> bool {
+        self.file.is_none() || self.journal_bytes > (4 << 20).max(self.base_bytes / 2)
+    }
+}
+
+fn sync_dir(path: &Path) -> std::io::Result<()> {
+    match path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        Some(dir) => std::fs::File::open(dir)?.sync_all(),
+        None => Ok(()),
+    }
+}
+
+/// Jittered exponential backoff ("full jitter": a uniform delay up to the doubling cap).
+struct Backoff {
+    initial: Duration,
+    max: Duration,
+    cap: Duration,
+}
+
+impl Backoff {
+    fn new(initial: Duration, max: Duration) -> Self {
+        Self {
+            initial,
+            max,
+            cap: initial,
+        }
+    }
+
+    fn reset(&mut self) {
+        self.cap = self.initial;
+    }
+
+    fn next(&mut self) -> Duration {
+        use rand::Rng;
+        let cap = self.cap;
+        self.cap = (self.cap * 2).min(self.max);
+        let low = cap / 2;
+        low + rand::thread_rng().gen_range(Duration::ZERO..=cap - low)
+    }
+}
+
+type HttpClient = Client<HttpConnector, Full<Bytes>>;
+
+struct Syncer {
+    cfg: ControlPlaneSection,
+    pipeline: Arc<Pipeline>,
+    client: HttpClient,
+    base: String,
+    pos: Option<Position>,
+    lkg: Option<LastKnownGood>,
+    state: watch::Sender<SyncState>,
+    stop: watch::Receiver<bool>,
+}
+
+/// Loads the last-known-good map (when there is one) and starts following the control plane.
+pub fn start(
+    cfg: ControlPlaneSection,
+    pipeline: Arc<Pipeline>,
+    proxy_id: String,
+    edge_region: String,
+) -> SyncHandle {
+    let mut lkg = LastKnownGood::new(cfg.last_known_good.clone());
+    let mut pos = None;
+    match lkg.load(&pipeline) {
+        Ok(None) => tracing::info!(
+            path = %lkg.base.display(),
+            "no last-known-good map yet; waiting for the control plane"
+        ),
+        Ok(Some((table, loaded, replayed))) => {
+            let (version, entries) = (loaded.version, table.len());
+            match pipeline.replica.replace(table, &loaded.catalogue) {
+                Ok(()) => {
+                    tracing::info!(
+                        path = %lkg.base.display(),
+                        version,
+                        entries,
+                        replayed,
+                        "serving the last-known-good map until the control plane answers"
+                    );
+                    pos = Some(loaded);
+                }
+                Err(e) => tracing::error!("cannot install the last-known-good map: {e}"),
+            }
+        }
+        Err(e) => {
+            pipeline
+                .metrics
+                .lkg_load_failures
+                .fetch_add(1, Ordering::Relaxed);
+            tracing::error!(
+                "the last-known-good map is unusable, so nothing is served from it; \
+                 waiting for the control plane: {e}"
+            );
+        }
+    }
+    let initial = SyncState {
+        applied: pos.as_ref().map(|p| p.version),
+        persisted: pos.as_ref().map(|p| p.version),
+        checksum: pos.as_ref().map(|p| p.checksum),
+        epoch: pos.as_ref().map(|p| p.epoch.clone()),
+        ..SyncState::default()
+    };
+    if let Some(v) = initial.applied {
+        pipeline.metrics.map_applied_version.store(v, Ordering::Relaxed);
+    }
+    let (state, state_rx) = watch::channel(initial);
+    let (stop_tx, stop) = watch::channel(false);
+    let mut connector = HttpConnector::new();
+    connector.set_connect_timeout(Some(cfg.request_timeout));
+    connector.set_nodelay(true);
+    let client = Client::builder(TokioExecutor::new()).build(connector);
+    let base = cfg.url.trim_end_matches('/').to_owned();
+    let heartbeat = tokio::spawn(heartbeats(
+        cfg.clone(),
+        client.clone(),
+        base.clone(),
+        proxy_id.clone(),
+        edge_region.clone(),
+        pipeline.clone(),
+        state_rx.clone(),
+        stop.clone(),
+    ));
+    let syncer = Syncer {
+        cfg,
+        pipeline,
+        client,
+        base,
+        pos,
+        lkg: Some(lkg),
+        state,
+        stop,
+    };
+    let task = tokio::spawn(async move {
+        syncer.run().await;
+        let _ = heartbeat.await;
+    });
+    SyncHandle {
+        state: state_rx,
+        stop: stop_tx,
+        task: Some(task),
+    }
+}
+
+impl Syncer {
+    async fn run(mut self) {
+        let mut backoff = Backoff::new(self.cfg.backoff_initial, self.cfg.backoff_max);
+        let mut need_snapshot = self.pos.is_none();
+        loop {
+            if *self.stop.borrow() {
+                return;
+            }
+            if need_snapshot {
+                match self.fetch_snapshot().await {
+                    Ok(()) => {
+                        need_snapshot = false;
+                        backoff.reset();
+                    }
+                    Err(SyncError::Stopped) => return,
+                    Err(e) => {
+                        self.pipeline
+                            .metrics
+                            .sync_errors
+                            .fetch_add(1, Ordering::Relaxed);
+                        tracing::warn!("map snapshot failed: {e}");
+                        if self.pause(backoff.next()).await {
+                            return;
+                        }
+                        continue;
+                    }
+                }
+            }
+            let followed = self.follow(&mut backoff).await;
+            self.state.send_modify(|s| s.streaming = false);
+            match followed {
+                Ok(reason) => {
+                    self.pipeline.metrics.resyncs[reason as usize].fetch_add(1, Ordering::Relaxed);
+                    tracing::info!(reason = reason.as_str(), "fetching a new map snapshot");
+                    need_snapshot = true;
+                }
+                Err(SyncError::Stopped) => return,
+                Err(e) => {
+                    self.pipeline
+                        .metrics
+                        .sync_errors
+                        .fetch_add(1, Ordering::Relaxed);
+                    tracing::warn!("map change stream: {e}; reconnecting");
+                    if self.pause(backoff.next()).await {
+                        return;
+                    }
+                }
+            }
+        }
+    }
+
+    /// Sleeps, or returns true when told to stop.
+    async fn pause(&mut self, delay: Duration) -> bool {
+        tokio::select! {
+            () = tokio::time::sleep(delay) => false,
+            _ = self.stop.wait_for(|s| *s) => true,
+        }
+    }
+
+    fn contact(&self) {
+        self.pipeline
+            .metrics
+            .map_last_contact_ms
+            .store(now_ms(), Ordering::Relaxed);
+    }
+
+    async fn get(&self, path_and_query: &str) -> Result<hyper::Response<hyper::body::Incoming>, SyncError> {
+        let token = self.cfg.read_token().map_err(SyncError::Token)?;
+        let uri: Uri = format!("{}{path_and_query}", self.base)
+            .parse()
+            .map_err(|e| SyncError::Http(format!("bad URL: {e}")))?;
+        let request = Request::builder()
+            .method(Method::GET)
+            .uri(uri)
+            .header(header::AUTHORIZATION, format!("Bearer {token}"))
+            .header(header::USER_AGENT, concat!("domicile-proxy/", env!("CARGO_PKG_VERSION")))
+            .body(Full::new(Bytes::new()))
+            .map_err(|e| SyncError::Http(e.to_string()))?;
+        let response = tokio::time::timeout(self.cfg.request_timeout, self.client.request(request))
+            .await
+            .map_err(|_| SyncError::Http(format!("no answer within {:?}", self.cfg.request_timeout)))?
+            .map_err(|e| SyncError::Http(e.to_string()))?;
+        Ok(response)
+    }
+
+    /// The next body frame, with the stall timeout and the stop signal.
+    async fn frame(
+        &mut self,
+        body: &mut hyper::body::Incoming,
+    ) -> Result<Option<Bytes>, SyncError> {
+        let stall = self.cfg.stall_timeout;
+        loop {
+            let next = tokio::select! {
+                next = tokio::time::timeout(stall, body.frame()) => next,
+                _ = self.stop.wait_for(|s| *s) => return Err(SyncError::Stopped),
+            };
+            match next {
+                Err(_) => return Err(SyncError::Stalled(stall)),
+                Ok(None) => return Ok(None),
+                Ok(Some(Err(e))) => return Err(SyncError::Http(e.to_string())),
+                Ok(Some(Ok(frame))) => {
+                    if let Ok(data) = frame.into_data() {
+                        return Ok(Some(data));
+                    }
+                }
+            }
+        }
+    }
+
+    async fn error_status(response: hyper::Response<hyper::body::Incoming>) -> SyncError {
+        let status = response.status();
+        let body = tokio::time::timeout(Duration::from_secs(2), response.into_body().collect())
+            .await
+            .ok()
+            .and_then(|b| b.ok())
+            .map(|b| String::from_utf8_lossy(&b.to_bytes()).trim().to_owned())
+            .unwrap_or_default();
+        SyncError::Status { status, body }
+    }
+
+    async fn fetch_snapshot(&mut self) -> Result<(), SyncError> {
+        let started = std::time::Instant::now();
+        let response = self.get("/v1/map/snapshot").await?;
+        if response.status() != StatusCode::OK {
+            return Err(Self::error_status(response).await);
+        }
+        self.contact();
+        let mut body = response.into_body();
+        let pipeline = self.pipeline.clone();
+        let mut builder = MapBuilder::new(&pipeline.replica, 0);
+        let mut pending: Vec<u8> = Vec::new();
+        while let Some(data) = self.frame(&mut body).await? {
+            pending.extend_from_slice(&data);
+            let mut start = 0;
+            while let Some(nl) = pending[start..].iter().position(|&b| b == b'\n') {
+                builder.line(&String::from_utf8_lossy(&pending[start..start + nl]));
+                start += nl + 1;
+            }
+            pending.drain(..start);
+        }
+        if !pending.is_empty() {
+            builder.line(&String::from_utf8_lossy(&pending));
+        }
+        let source = PathBuf::from(format!("{}/v1/map/snapshot", self.base));
+        let loaded = builder.finish(&source)?;
+        let Some(epoch) = loaded.epoch else {
+            return Err(SyncError::Snapshot(MapFileError::Invalid {
+                path: source,
+                errors: vec!["  the snapshot names no control-plane epoch".into()],
+            }));
+        };
+        let version = loaded.table.version();
+        let entries = loaded.table.len();
+        pipeline
+            .replica
+            .replace(loaded.table, &loaded.regions)
+            .map_err(|e| {
+                SyncError::Snapshot(MapFileError::Invalid {
+                    path: source.clone(),
+                    errors: vec![format!("  {e}")],
+                })
+            })?;
+        self.pos = Some(Position {
+            epoch,
+            version,
+            checksum: loaded.checksum,
+            catalogue: loaded.regions,
+        });
+        pipeline.metrics.map_applied_version.store(version, Ordering::Relaxed);
+        pipeline.metrics.sync_snapshots.fetch_add(1, Ordering::Relaxed);
+        self.state.send_modify(|s| {
+            s.applied = Some(version);
+            s.epoch = self.pos.as_ref().map(|p| p.epoch.clone());
+            s.snapshots += 1;
+        });
+        tracing::info!(version, entries, elapsed = ?started.elapsed(), "map snapshot applied");
+        self.persist_base().await
+    }
+
+    /// Writes a new last-known-good base and reports the version as persisted.
+    async fn persist_base(&mut self) -> Result<(), SyncError> {
+        let (Some(pos), Some(mut lkg)) = (self.pos.take(), self.lkg.take()) else {
+            return Ok(());
+        };
+        let pipeline = self.pipeline.clone();
+        let (lkg, pos, written) = tokio::task::spawn_blocking(move || {
+            let written = lkg.write_base(&pipeline, &pos);
+            (lkg, pos, written)
+        })
+        .await
+        .expect("the last-known-good writer does not panic");
+        self.lkg = Some(lkg);
+        let (version, checksum) = (pos.version, pos.checksum);
+        self.pos = Some(pos);
+        written.map_err(SyncError::Persist)?;
+        self.pipeline.metrics.lkg_writes.fetch_add(1, Ordering::Relaxed);
+        self.state.send_modify(|s| {
+            s.persisted = Some(version);
+            s.checksum = Some(checksum);
+        });
+        Ok(())
+    }
+
+    /// Appends applied changes to the journal (or writes a new base when due).
+    async fn persist_changes(&mut self, lines: Vec<u8>) -> Result<(), SyncError> {
+        if self.lkg.as_ref().is_none_or(|l| l.wants_new_base()) {
+            return self.persist_base().await;
+        }
+        let Some(mut lkg) = self.lkg.take() else {
+            return Ok(());
+        };
+        let (lkg, written) = tokio::task::spawn_blocking(move || {
+            let written = lkg.append(&lines);
+            (lkg, written)
+        })
+        .await
+        .expect("the journal writer does not panic");
+        self.lkg = Some(lkg);
+        if let Err(e) = written {
+            // The base is rewritten on the next change; until then nothing newer is reported.
+            if let Some(lkg) = self.lkg.as_mut() {
+                lkg.file = None;
+            }
+            return Err(SyncError::Persist(e));
+        }
+        let version = self.pos.as_ref().map(|p| p.version);
+        let checksum = self.pos.as_ref().map(|p| p.checksum);
+        self.state.send_modify(|s| {
+            s.persisted = version;
+            s.checksum = checksum;
+        });
+        Ok(())
+    }
+
+    /// Follows the change stream until it ends (an error) or a resync is needed.
+    async fn follow(&mut self, backoff: &mut Backoff) -> Result<Resync, SyncError> {
+        let after = self.pos.as_ref().map_or(0, |p| p.version);
+        let response = self.get(&format!("/v1/map/changes?after={after}")).await?;
+        match response.status() {
+            StatusCode::OK => {}
+            StatusCode::GONE => {
+                self.contact();
+                return Ok(Resync::Gone);
+            }
+            _ => return Err(Self::error_status(response).await),
+        }
+        self.contact();
+        self.state.send_modify(|s| s.streaming = true);
+        let mut body = response.into_body();
+        let mut pending: Vec<u8> = Vec::new();
+        loop {
+            let Some(data) = self.frame(&mut body).await? else {
+                return Err(SyncError::Ended);
+            };
+            self.contact();
+            pending.extend_from_slice(&data);
+            let mut journal = Vec::new();
+            let mut start = 0;
+            let mut outcome = None;
+            while let Some(nl) = pending[start..].iter().position(|&b| b == b'\n') {
+                let text = &pending[start..start + nl];
+                start += nl + 1;
+                let line: FeedLine = match serde_json::from_slice(text) {
+                    Ok(line) => line,
+                    Err(e) => {
+                        tracing::warn!("unreadable change line: {e}");
+                        outcome = Some(Resync::Invalid);
+                        break;
+                    }
+                };
+                let pos = self.pos.as_mut().expect("following needs a map");
+                match &line {
+                    FeedLine::Hello { epoch, head } | FeedLine::Heartbeat { epoch, head } => {
+                        if *epoch != pos.epoch {
+                            outcome = Some(Resync::Epoch);
+                            break;
+                        }
+                        if *head < pos.version {
+                            outcome = Some(Resync::Backwards);
+                            break;
+                        }
+                        if matches!(line, FeedLine::Hello { .. }) {
+                            backoff.reset();
+                        }
+                    }
+                    change => {
+                        let version = change.version().unwrap_or_default();
+                        if version != pos.version + 1 {
+                            outcome = Some(if version <= pos.version {
+                                Resync::Backwards
+                            } else {
+                                Resync::Gap
+                            });
+                            break;
+                        }
+                        let Some(table) = self.pipeline.replica.table() else {
+                            outcome = Some(Resync::Invalid);
+                            break;
+                        };
+                        match apply_change(&table, self.pipeline.replica.regions(), pos, change) {
+                            Ok(changed) => {
+                                if changed {
+                                    if let Err(e) = self
+                                        .pipeline
+                                        .replica
+                                        .regions()
+                                        .set_catalogue(&pos.catalogue)
+                                    {
+                                        tracing::warn!("cannot apply a region change: {e}");
+                                        outcome = Some(Resync::Invalid);
+                                        break;
+                                    }
+                                }
+                                pos.version = version;
+                                table.publish_version(version);
+                                journal.extend_from_slice(text);
+                                journal.push(b'\n');
+                            }
+                            Err(e) => {
+                                tracing::warn!(version, "cannot apply a change: {e}");
+                                outcome = Some(Resync::Invalid);
+                                break;
+                            }
+                        }
+                    }
+                }
+            }
+            pending.drain(..start);
+            if !journal.is_empty() {
+                let version = self.pos.as_ref().map_or(0, |p| p.version);
+                self.pipeline
+                    .metrics
+                    .map_applied_version
+                    .store(version, Ordering::Relaxed);
+                self.state.send_modify(|s| s.applied = Some(version));
+                self.persist_changes(journal).await?;
+            }
+            if let Some(reason) = outcome {
+                return Ok(reason);
+            }
+        }
+    }
+}
+
+fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+/// Sends a heartbeat whenever a new version is persisted, and every `heartbeat_interval`.
+#[allow(clippy::too_many_arguments)]
+async fn heartbeats(
+    cfg: ControlPlaneSection,
+    client: HttpClient,
+    base: String,
+    proxy_id: String,
+    edge_region: String,
+    pipeline: Arc<Pipeline>,
+    mut state: watch::Receiver<SyncState>,
+    mut stop: watch::Receiver<bool>,
+) {
+    loop {
+        let current = state.borrow_and_update().clone();
+        if let (Some(version), Some(epoch), Some(checksum)) =
+            (current.persisted, current.epoch.clone(), current.checksum)
+        {
+            let hb = Heartbeat {
+                proxy_id: proxy_id.clone(),
+                edge_region: edge_region.clone(),
+                applied_version: version,
+                drained_version: None,
+                checksum: checksum.to_hex(),
+                epoch,
+            };
+            match send_heartbeat(&cfg, &client, &base, &hb).await {
+                Ok(_reply) => {
+                    pipeline.metrics.heartbeats_ok.fetch_add(1, Ordering::Relaxed);
+                    pipeline
+                        .metrics
+                        .map_last_contact_ms
+                        .store(now_ms(), Ordering::Relaxed);
+
+                }
+                Err(e) => {
+                    pipeline
+                        .metrics
+                        .heartbeats_failed
+                        .fetch_add(1, Ordering::Relaxed);
+                    tracing::debug!("heartbeat failed: {e}");
+                }
+            }
+        }
+        tokio::select! {
+            changed = state.changed() => {
+                if changed.is_err() {
+                    return;
+                }
+            }
+            () = tokio::time::sleep(cfg.heartbeat_interval) => {}
+            _ = stop.wait_for(|s| *s) => return,
+        }
+    }
+}
+
+async fn send_heartbeat(
+    cfg: &ControlPlaneSection,
+    client: &HttpClient,
+    base: &str,
+    hb: &Heartbeat,
+) -> Result<HeartbeatReply, String> {
+    let token = cfg.read_token()?;
+    let body = serde_json::to_vec(hb).map_err(|e| e.to_string())?;
+    let request = Request::builder()
+        .method(Method::POST)
+        .uri(format!("{base}/v1/fleet/heartbeat"))
+        .header(header::AUTHORIZATION, format!("Bearer {token}"))
+        .header(header::CONTENT_TYPE, "application/json")
+        .body(Full::new(Bytes::from(body)))
+        .map_err(|e| e.to_string())?;
+    let response = tokio::time::timeout(cfg.request_timeout, client.request(request))
+        .await
+        .map_err(|_| "no answer".to_owned())?
+        .map_err(|e| e.to_string())?;
+    let status = response.status();
+    let body = tokio::time::timeout(cfg.request_timeout, response.into_body().collect())
+        .await
+        .map_err(|_| "the reply stalled".to_owned())?
+        .map_err(|e| e.to_string())?
+        .to_bytes();
+    if status != StatusCode::OK {
+        return Err(format!("{status}: {}", String::from_utf8_lossy(&body)));
+    }
+    serde_json::from_slice(&body).map_err(|e| e.to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_doubles_with_jitter_up_to_the_cap() {
+        let mut b = Backoff::new(Duration::from_millis(100), Duration::from_secs(1));
+        let delays: Vec<Duration> = (0..8).map(|_| b.next()).collect();
+        assert!(delays[0] >= Duration::from_millis(50) && delays[0] <= Duration::from_millis(100));
+        assert!(delays.iter().all(|d| *d <= Duration::from_secs(1)));
+        assert!(delays[7] >= Duration::from_millis(500));
+        b.reset();
+        assert!(b.next() <= Duration::from_millis(100));
+    }
+}
