@@ -428,7 +428,11 @@ pub async fn fleet(conn: &Connection) -> anyhow::Result<()> {
         print_json(&v);
         return Ok(());
     }
-    println!("map head: version {}  (epoch {})", s(&v["head"]), s(&v["epoch"]));
+    println!(
+        "map head: version {}  (epoch {})",
+        s(&v["head"]),
+        s(&v["epoch"])
+    );
     let rows = v["members"]
         .as_array()
         .map(|a| {
@@ -445,14 +449,25 @@ pub async fn fleet(conn: &Connection) -> anyhow::Result<()> {
                             Some(false) => "MISMATCH".into(),
                             None => "-".into(),
                         },
-                        format!("{:.1}s ago", m["seconds_since_seen"].as_f64().unwrap_or(0.0)),
+                        format!(
+                            "{:.1}s ago",
+                            m["seconds_since_seen"].as_f64().unwrap_or(0.0)
+                        ),
                     ]
                 })
                 .collect()
         })
         .unwrap_or_default();
     print_table(
-        &["PROXY", "EDGE", "STATUS", "APPLIED", "DRAINED", "CHECKSUM", "LAST SEEN"],
+        &[
+            "PROXY",
+            "EDGE",
+            "STATUS",
+            "APPLIED",
+            "DRAINED",
+            "CHECKSUM",
+            "LAST SEEN",
+        ],
         rows,
     );
     Ok(())
@@ -466,7 +481,11 @@ pub async fn token(conn: &Connection, command: TokenCommand) -> anyhow::Result<(
             if !conn.json {
                 let rows = v["tokens"]
                     .as_array()
-                    .map(|a| a.iter().map(|t| vec![s(&t["name"]), s(&t["role"])]).collect())
+                    .map(|a| {
+                        a.iter()
+                            .map(|t| vec![s(&t["name"]), s(&t["role"])])
+                            .collect()
+                    })
                     .unwrap_or_default();
                 print_table(&["NAME", "ROLE"], rows);
                 return Ok(());

@@ -211,7 +211,9 @@ async fn start_control_plane(
         }
     }
     // A fresh proxy token for this run.
-    let _ = client.send(Method::DELETE, "/v1/tokens/demo-edge", None).await;
+    let _ = client
+        .send(Method::DELETE, "/v1/tokens/demo-edge", None)
+        .await;
     let created = client
         .send_json(
             Method::POST,
@@ -274,7 +276,13 @@ pub async fn run(
     let admin = proxy.admin_addr.unwrap_or(options.admin);
     println!(
         "{}",
-        what_to_try(&options, proxy.addr, admin, control_plane.addr, &config_path)
+        what_to_try(
+            &options,
+            proxy.addr,
+            admin,
+            control_plane.addr,
+            &config_path
+        )
     );
     shutdown.await;
     println!("shutting down: draining in-flight requests");

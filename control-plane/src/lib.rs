@@ -9,6 +9,7 @@ pub mod auth;
 pub mod config;
 pub mod server;
 pub mod store;
+pub mod testing;
 
 pub use config::ControlPlaneConfig;
 pub use server::{start, RunningControlPlane};

@@ -162,9 +162,7 @@ impl<'r> MapBuilder<'r> {
                     self.epoch = epoch;
                     self.expect_entries = entries;
                     match checksum.as_deref().map(Checksum::from_hex) {
-                        Some(None) => {
-                            self.error(line_no, "checksum is not 16 hex digits".into())
-                        }
+                        Some(None) => self.error(line_no, "checksum is not 16 hex digits".into()),
                         Some(Some(c)) => self.expect_checksum = Some(c),
                         None => {}
                     }
@@ -239,7 +237,15 @@ impl<'r> MapBuilder<'r> {
                     let Some(home_region) = self.replica.regions().find(region) else {
                         return;
                     };
-                    self.place(line_no, ws, region, MapEntry { home_region, ..entry });
+                    self.place(
+                        line_no,
+                        ws,
+                        region,
+                        MapEntry {
+                            home_region,
+                            ..entry
+                        },
+                    );
                 } else {
                     // A region listed further down is fine: placed at the end, once every region
                     // line is known. Nothing is interned for a region no line lists.
@@ -284,7 +290,10 @@ impl<'r> MapBuilder<'r> {
             None => self.error(0, "no `map` line gives the map version".into()),
         }
         if self.errors.is_empty() {
-            if let Some(n) = self.expect_entries.filter(|&n| n != self.table.len() as u64) {
+            if let Some(n) = self
+                .expect_entries
+                .filter(|&n| n != self.table.len() as u64)
+            {
                 self.errors.push(format!(
                     "  the map promises {n} entries but holds {} (truncated or edited)",
                     self.table.len()
@@ -366,7 +375,11 @@ pub fn load_into(path: &Path, replica: &Replica) -> Result<(u64, usize), MapFile
 /// Writes the replica's map in map-file format, durably: temporary file, fsync, rename. The
 /// `map` line carries the entry count and checksum (so a truncated or edited file is refused
 /// when loaded) and `epoch` when given. The map must not change while it is written.
-pub fn write_atomically(path: &Path, replica: &Replica, epoch: Option<&str>) -> std::io::Result<()> {
+pub fn write_atomically(
+    path: &Path,
+    replica: &Replica,
+    epoch: Option<&str>,
+) -> std::io::Result<()> {
     let Some(table) = replica.table() else {
         return Err(std::io::Error::other("no map loaded"));
     };

@@ -258,7 +258,10 @@ impl Metrics {
             ),
         ];
         for (name, kind, help, value) in sync {
-            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {value}");
+            let _ = writeln!(
+                out,
+                "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {value}"
+            );
         }
         let contact = load(&self.map_last_contact_ms);
         if contact > 0 {

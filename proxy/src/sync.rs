@@ -468,7 +468,10 @@ pub fn start(
         ..SyncState::default()
     };
     if let Some(v) = initial.applied {
-        pipeline.metrics.map_applied_version.store(v, Ordering::Relaxed);
+        pipeline
+            .metrics
+            .map_applied_version
+            .store(v, Ordering::Relaxed);
     }
     let (state, state_rx) = watch::channel(initial);
     let (stop_tx, stop) = watch::channel(false);
@@ -574,7 +577,10 @@ impl Syncer {
             .store(now_ms(), Ordering::Relaxed);
     }
 
-    async fn get(&self, path_and_query: &str) -> Result<hyper::Response<hyper::body::Incoming>, SyncError> {
+    async fn get(
+        &self,
+        path_and_query: &str,
+    ) -> Result<hyper::Response<hyper::body::Incoming>, SyncError> {
         let token = self.cfg.read_token().map_err(SyncError::Token)?;
         let uri: Uri = format!("{}{path_and_query}", self.base)
             .parse()
@@ -583,12 +589,17 @@ impl Syncer {
             .method(Method::GET)
             .uri(uri)
             .header(header::AUTHORIZATION, format!("Bearer {token}"))
-            .header(header::USER_AGENT, concat!("domicile-proxy/", env!("CARGO_PKG_VERSION")))
+            .header(
+                header::USER_AGENT,
+                concat!("domicile-proxy/", env!("CARGO_PKG_VERSION")),
+            )
             .body(Full::new(Bytes::new()))
             .map_err(|e| SyncError::Http(e.to_string()))?;
         let response = tokio::time::timeout(self.cfg.request_timeout, self.client.request(request))
             .await
-            .map_err(|_| SyncError::Http(format!("no answer within {:?}", self.cfg.request_timeout)))?
+            .map_err(|_| {
+                SyncError::Http(format!("no answer within {:?}", self.cfg.request_timeout))
+            })?
             .map_err(|e| SyncError::Http(e.to_string()))?;
         Ok(response)
     }
@@ -676,8 +687,14 @@ impl Syncer {
             checksum: loaded.checksum,
             catalogue: loaded.regions,
         });
-        pipeline.metrics.map_applied_version.store(version, Ordering::Relaxed);
-        pipeline.metrics.sync_snapshots.fetch_add(1, Ordering::Relaxed);
+        pipeline
+            .metrics
+            .map_applied_version
+            .store(version, Ordering::Relaxed);
+        pipeline
+            .metrics
+            .sync_snapshots
+            .fetch_add(1, Ordering::Relaxed);
         self.state.send_modify(|s| {
             s.applied = Some(version);
             s.epoch = self.pos.as_ref().map(|p| p.epoch.clone());
@@ -703,7 +720,10 @@ impl Syncer {
         let (version, checksum) = (pos.version, pos.checksum);
         self.pos = Some(pos);
         written.map_err(SyncError::Persist)?;
-        self.pipeline.metrics.lkg_writes.fetch_add(1, Ordering::Relaxed);
+        self.pipeline
+            .metrics
+            .lkg_writes
+            .fetch_add(1, Ordering::Relaxed);
         self.state.send_modify(|s| {
             s.persisted = Some(version);
             s.checksum = Some(checksum);
@@ -885,12 +905,14 @@ async fn heartbeats(
             };
             match send_heartbeat(&cfg, &client, &base, &hb).await {
                 Ok(_reply) => {
-                    pipeline.metrics.heartbeats_ok.fetch_add(1, Ordering::Relaxed);
+                    pipeline
+                        .metrics
+                        .heartbeats_ok
+                        .fetch_add(1, Ordering::Relaxed);
                     pipeline
                         .metrics
                         .map_last_contact_ms
                         .store(now_ms(), Ordering::Relaxed);
-
                 }
                 Err(e) => {
                     pipeline
