@@ -94,7 +94,14 @@ async fn demo_runs_routes_and_stops_on_sigterm() {
     let child = Command::new(BIN)
         .args(["demo", "--data-dir"])
         .arg(dir.path())
-        .args(["--http", "127.0.0.1:0", "--admin", "127.0.0.1:0"])
+        .args([
+            "--http",
+            "127.0.0.1:0",
+            "--admin",
+            "127.0.0.1:0",
+            "--control-plane",
+            "127.0.0.1:0",
+        ])
         .stdout(Stdio::piped())
         .stderr(Stdio::null())
         .spawn()
@@ -136,9 +143,83 @@ async fn demo_runs_routes_and_stops_on_sigterm() {
         200
     );
 
+    // The map lives in the control plane: the admin commands change it, the proxy follows.
+    let control_plane = addr_after(
+        banner
+            .lines()
+            .find(|l| l.trim_start().starts_with("control plane"))
+            .unwrap(),
+        "http://",
+    );
+    let token_file = dir.path().join("admin.token");
+    let admin = |args: &[&str]| {
+        let out = Command::new(BIN)
+            .args(args)
+            .args(["--control-plane", &format!("http://{control_plane}")])
+            .arg("--token-file")
+            .arg(&token_file)
+            .output()
+            .unwrap();
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    let (ok, table, err) = admin(&["workspace", "list"]);
+    assert!(ok, "{err}");
+    assert!(table.starts_with("WORKSPACE"), "{table}");
+    assert_eq!(
+        table.lines().count(),
+        5,
+        "a header and the four demo workspaces: {table}"
+    );
+    let (ok, _, err) = admin(&["workspace", "set", "hooli", "--region", "eu"]);
+    assert!(ok, "{err}");
+    let hooli = format!("http://{proxy}/w/hooli/");
+    let mut routed = false;
+    for _ in 0..250 {
+        let reply = get(&hooli, &[]).await;
+        if reply.status == 200 && reply.region() == "eu" {
+            routed = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(
+        routed,
+        "a workspace set through the CLI is routed within 5 s"
+    );
+    let (ok, _, err) = admin(&["region", "delete", "eu"]);
+    assert!(!ok, "a region with workspaces cannot be deleted");
+    assert!(err.contains("region_in_use"), "{err}");
+    let (ok, json, err) = admin(&["fleet", "--json"]);
+    assert!(ok, "{err}");
+    let fleet: serde_json::Value = serde_json::from_str(&json).unwrap();
+    assert!(fleet["members"][0]["proxy_id"] == "demo-edge", "{fleet}");
+    let (ok, _, err) = Command::new(BIN)
+        .args([
+            "workspace",
+            "list",
+            "--control-plane",
+            &format!("http://{control_plane}"),
+        ])
+        .env_remove("DOMICILE_TOKEN")
+        .env_remove("DOMICILE_TOKEN_FILE")
+        .output()
+        .map(|o| {
+            (
+                o.status.success(),
+                (),
+                String::from_utf8_lossy(&o.stderr).into_owned(),
+            )
+        })
+        .unwrap();
+    assert!(!ok && err.contains("no token"), "{err}");
+
     // The configuration the demo wrote is a real one.
     let config = dir.path().join("proxy.toml");
-    assert!(dir.path().join("map.jsonl").exists());
+    assert!(token_file.exists());
     let check = Command::new(BIN)
         .arg("check-config")
         .arg(&config)

@@ -34,7 +34,7 @@ use hyper_util::rt::TokioExecutor;
 use tokio::sync::watch;
 
 use crate::config::ControlPlaneSection;
-use crate::map::{CatalogueRegion, MapEntry, MapTable, Regions, WorkspaceState};
+use crate::map::{CatalogueRegion, MapEntry, MapTable, Regions, Replica, WorkspaceState};
 use crate::mapfile::{self, entry_hash, MapBuilder, MapFileError};
 use crate::pipeline::Pipeline;
 use crate::workspace_id::WorkspaceId;
@@ -258,9 +258,8 @@ impl LastKnownGood {
     /// Loads the base and replays the journal. `Ok(None)` when there is no base yet.
     fn load(
         &mut self,
-        pipeline: &Pipeline,
+        replica: &Replica,
     ) -> Result<Option<(MapTable, Position, usize)>, MapFileError> {
-        let replica = &pipeline.replica;
         if !self.base.exists() {
             return Ok(None);
         }
@@ -330,9 +329,9 @@ impl LastKnownGood {
     }
 
     /// Writes the whole map as the new base, and starts an empty journal after it.
-    fn write_base(&mut self, pipeline: &Pipeline, pos: &Position) -> std::io::Result<()> {
+    fn write_base(&mut self, replica: &Replica, pos: &Position) -> std::io::Result<()> {
         self.file = None;
-        mapfile::write_atomically(&self.base, &pipeline.replica, Some(&pos.epoch))?;
+        mapfile::write_atomically(&self.base, replica, Some(&pos.epoch))?;
         self.base_bytes = std::fs::metadata(&self.base).map_or(0, |m| m.len());
         let tmp = self.journal.with_extension("journal.tmp");
         let mut file = std::fs::File::create(&tmp)?;
@@ -428,7 +427,7 @@ pub fn start(
 ) -> SyncHandle {
     let mut lkg = LastKnownGood::new(cfg.last_known_good.clone());
     let mut pos = None;
-    match lkg.load(&pipeline) {
+    match lkg.load(&pipeline.replica) {
         Ok(None) => tracing::info!(
             path = %lkg.base.display(),
             "no last-known-good map yet; waiting for the control plane"
@@ -711,7 +710,7 @@ impl Syncer {
         };
         let pipeline = self.pipeline.clone();
         let (lkg, pos, written) = tokio::task::spawn_blocking(move || {
-            let written = lkg.write_base(&pipeline, &pos);
+            let written = lkg.write_base(&pipeline.replica, &pos);
             (lkg, pos, written)
         })
         .await
@@ -979,5 +978,124 @@ mod tests {
         assert!(delays[7] >= Duration::from_millis(500));
         b.reset();
         assert!(b.next() <= Duration::from_millis(100));
+    }
+}
+
+#[cfg(test)]
+mod last_known_good {
+    use super::*;
+    use crate::map::Lookup;
+
+    fn change(version: u64, id: &str, region: &str) -> String {
+        serde_json::to_string(&FeedLine::Workspace {
+            version,
+            id: id.into(),
+            op: Op::Put,
+            entry: Some(domicile_wire::WorkspaceBody {
+                region: region.into(),
+                state: domicile_wire::State::Active,
+                epoch: 1,
+            }),
+        })
+        .unwrap()
+            + "\n"
+    }
+
+    /// A base at version 2 (one region, one workspace) and an empty journal.
+    fn base(dir: &Path) -> (Replica, LastKnownGood) {
+        let p = Replica::new();
+        let map = "{\"type\":\"map\",\"version\":2,\"epoch\":\"e1\"}\n\
+                   {\"type\":\"region\",\"id\":\"us\"}\n\
+                   {\"type\":\"workspace\",\"id\":\"acme\",\"region\":\"us\",\"epoch\":1,\"version\":2}\n";
+        let src = dir.join("src.map");
+        std::fs::write(&src, map).unwrap();
+        mapfile::load_into(&src, &p).unwrap();
+        let loaded = mapfile::load(&src, &p).unwrap();
+        let pos = Position {
+            epoch: "e1".into(),
+            version: 2,
+            checksum: loaded.checksum,
+            catalogue: loaded.regions,
+        };
+        let mut lkg = LastKnownGood::new(dir.join("lkg.map"));
+        lkg.write_base(&p, &pos).unwrap();
+        (p, lkg)
+    }
+
+    fn found(table: &MapTable, id: &str) -> bool {
+        table.get(id.as_bytes()).is_some()
+    }
+
+    #[test]
+    fn the_journal_is_replayed_and_a_torn_last_line_ignored() {
+        let dir = tempfile::tempdir().unwrap();
+        let (p, mut lkg) = base(dir.path());
+        lkg.append(change(3, "globex", "us").as_bytes()).unwrap();
+        lkg.append(change(4, "initech", "us").as_bytes()).unwrap();
+        // A crash in the middle of an append: half a line, never acknowledged.
+        lkg.append(&change(5, "hooli", "us").as_bytes()[..20])
+            .unwrap();
+        let fresh = Replica::new();
+        let (table, pos, replayed) = LastKnownGood::new(dir.path().join("lkg.map"))
+            .load(&fresh)
+            .unwrap()
+            .unwrap();
+        assert_eq!((pos.version, replayed, table.version()), (4, 2, 4));
+        assert!(found(&table, "globex") && found(&table, "initech") && !found(&table, "hooli"));
+        drop(p);
+    }
+
+    #[test]
+    fn a_gap_in_the_journal_stops_the_replay_before_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let (_p, mut lkg) = base(dir.path());
+        lkg.append(change(3, "globex", "us").as_bytes()).unwrap();
+        lkg.append(change(5, "initech", "us").as_bytes()).unwrap();
+        let fresh = Replica::new();
+        let (table, pos, _) = LastKnownGood::new(dir.path().join("lkg.map"))
+            .load(&fresh)
+            .unwrap()
+            .unwrap();
+        assert_eq!(pos.version, 3);
+        assert!(!found(&table, "initech"));
+    }
+
+    #[test]
+    fn a_journal_that_does_not_follow_the_base_is_ignored() {
+        let dir = tempfile::tempdir().unwrap();
+        let (_p, mut lkg) = base(dir.path());
+        lkg.append(change(3, "globex", "us").as_bytes()).unwrap();
+        // The base is replaced (as after a crash between the two renames) by another epoch's.
+        let text = std::fs::read_to_string(dir.path().join("lkg.map"))
+            .unwrap()
+            .replace("\"epoch\":\"e1\"", "\"epoch\":\"e2\"");
+        std::fs::write(dir.path().join("lkg.map"), text).unwrap();
+        let fresh = Replica::new();
+        let (table, pos, replayed) = LastKnownGood::new(dir.path().join("lkg.map"))
+            .load(&fresh)
+            .unwrap()
+            .unwrap();
+        assert_eq!((pos.version, replayed, pos.epoch.as_str()), (2, 0, "e2"));
+        assert!(!found(&table, "globex"));
+    }
+
+    #[test]
+    fn a_base_that_lost_a_line_is_refused_whole() {
+        let dir = tempfile::tempdir().unwrap();
+        let (_p, _lkg) = base(dir.path());
+        let path = dir.path().join("lkg.map");
+        let text = std::fs::read_to_string(&path).unwrap();
+        let cut: Vec<&str> = text.lines().filter(|l| !l.contains("acme")).collect();
+        std::fs::write(&path, cut.join("\n")).unwrap();
+        let fresh = Replica::new();
+        let err = match LastKnownGood::new(path).load(&fresh) {
+            Err(e) => e.to_string(),
+            Ok(_) => panic!("a truncated base must be refused"),
+        };
+        assert!(err.contains("promises 1 entries but holds 0"), "{err}");
+        assert!(matches!(
+            fresh.lookup(&WorkspaceId::parse(b"acme").unwrap()),
+            Lookup::NoMap
+        ));
     }
 }
