@@ -65,7 +65,6 @@ pub struct Metrics {
     pub feed_lines_sent: AtomicU64,
     pub heartbeats: AtomicU64,
     pub snapshots: AtomicU64,
-    pub compacted: AtomicU64,
 }
 
 #[derive(Clone)]
@@ -114,7 +113,7 @@ impl From<StoreError> for ApiError {
                 message,
                 lines,
             },
-            StoreError::Gone { .. } => Self::new(StatusCode::GONE, "changes_compacted", message),
+            StoreError::Gone { .. } => Self::new(StatusCode::GONE, "changes_expired", message),
             StoreError::Db(_) | StoreError::Migrate(_) | StoreError::BadUrl(_) => {
                 tracing::error!("store error: {message}");
                 Self::new(
@@ -691,14 +690,14 @@ async fn changes(
             format!("`after` must be a map version: {}", e.body_text()),
         )
     })?;
-    // Checked before the stream starts, so a compacted position is a plain 410.
+    // Checked before the stream starts, so a position past the window is a plain 410.
     let first = s.store.changes(q.after, FEED_BATCH).await?;
     let (tx, rx) = mpsc::channel(16);
     tokio::spawn(feed(s, q.after, first, tx));
     Ok(ndjson(rx))
 }
 
-/// Streams changes after `cursor` until the client goes away or the log is compacted under it.
+/// Streams changes after `cursor` until the client goes away or falls out of the window.
 async fn feed(
     s: AppState,
     mut cursor: u64,
@@ -727,8 +726,8 @@ async fn feed(
     loop {
         if !batch.is_empty() {
             if batch[0].0 != cursor + 1 {
-                // The log was compacted between reads: end the stream; the client's next
-                // request gets 410 and resyncs from a snapshot.
+                // Cannot happen with versions committed in order; end the stream rather than
+                // send a gap, and let the client resync.
                 return;
             }
             let mut out = Vec::with_capacity(batch.iter().map(|c| c.1.len() + 1).sum());
@@ -1083,12 +1082,6 @@ async fn metrics(State(s): State<AppState>) -> Response {
         "Snapshots served.",
         "counter",
         m.snapshots.load(Ordering::Relaxed),
-    );
-    counter(
-        "domicile_cp_changes_compacted_total",
-        "Change-log entries compacted away.",
-        "counter",
-        m.compacted.load(Ordering::Relaxed),
     );
     if let Ok(fleet) = fleet_status(&s.store, s.config.stale_after).await {
         let _ = writeln!(

@@ -26,13 +26,11 @@ pub struct ControlPlaneConfig {
     /// A proxy not heard from for this long is STALE. Default: 30 s.
     #[serde(default = "defaults::stale_after", with = "humantime_serde")]
     pub stale_after: Duration,
-    /// How many of the newest versions the change log keeps for `GET /v1/map/changes`; a
-    /// proxy further behind gets 410 and fetches a snapshot. Default: 1,000,000.
+    /// How many of the newest versions `GET /v1/map/changes` serves; a proxy further behind
+    /// gets 410 and fetches a snapshot (cheaper than replaying that many changes). The history
+    /// itself is kept whole. Default: 1,000,000.
     #[serde(default = "defaults::change_retention")]
     pub change_retention: u64,
-    /// How often the change log is compacted. Default: 60 s.
-    #[serde(default = "defaults::compact_interval", with = "humantime_serde")]
-    pub compact_interval: Duration,
     /// How often the head version is re-read from the store (PostgreSQL replicas also get a
     /// `NOTIFY` wake-up on every commit). Default: 500 ms.
     #[serde(default = "defaults::poll_interval", with = "humantime_serde")]
@@ -58,9 +56,6 @@ mod defaults {
     }
     pub fn change_retention() -> u64 {
         1_000_000
-    }
-    pub fn compact_interval() -> Duration {
-        Duration::from_secs(60)
     }
     pub fn poll_interval() -> Duration {
         Duration::from_millis(500)
@@ -113,7 +108,6 @@ impl ControlPlaneConfig {
         for (key, d) in [
             ("feed_heartbeat", self.feed_heartbeat),
             ("stale_after", self.stale_after),
-            ("compact_interval", self.compact_interval),
             ("poll_interval", self.poll_interval),
         ] {
             if d.is_zero() {

@@ -1,9 +1,8 @@
 //! Starting and stopping one control-plane replica: open the store, make the first admin
-//! token if asked, compact the change log now and then, serve the API until told to stop.
+//! token if asked, serve the API until told to stop.
 
 use std::net::SocketAddr;
 use std::path::Path;
-use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use anyhow::Context;
@@ -57,6 +56,7 @@ pub async fn start(config: ControlPlaneConfig) -> anyhow::Result<RunningControlP
         &config.store,
         StoreOptions {
             poll_interval: config.poll_interval,
+            change_retention: config.change_retention,
             ..StoreOptions::default()
         },
     )
@@ -84,32 +84,6 @@ pub async fn start(config: ControlPlaneConfig) -> anyhow::Result<RunningControlP
     let metrics = Arc::new(Metrics::default());
     let config = Arc::new(config);
     let (stop, mut stopped) = watch::channel(false);
-
-    // Compaction: keep the newest `change_retention` versions of the change log.
-    {
-        let store = store.clone();
-        let metrics = metrics.clone();
-        let config = config.clone();
-        let mut stopped = stopped.clone();
-        tokio::spawn(async move {
-            let mut tick = tokio::time::interval(config.compact_interval);
-            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-            loop {
-                tokio::select! {
-                    _ = tick.tick() => {}
-                    _ = stopped.changed() => return,
-                }
-                match store.compact(config.change_retention).await {
-                    Ok(0) => {}
-                    Ok(n) => {
-                        metrics.compacted.fetch_add(n, Ordering::Relaxed);
-                        tracing::debug!(removed = n, "change log compacted");
-                    }
-                    Err(e) => tracing::warn!("cannot compact the change log: {e}"),
-                }
-            }
-        });
-    }
 
     let state = AppState {
         store: store.clone(),

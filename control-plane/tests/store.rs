@@ -38,7 +38,7 @@ both!(
     workspaces_carry_versions_epochs_and_history,
     listing_pages_by_cursor_and_region,
     imports_are_all_or_nothing_with_every_bad_line_named,
-    the_feed_is_contiguous_and_compaction_gives_gone,
+    the_feed_is_contiguous_and_gone_past_its_window,
     the_snapshot_is_one_consistent_version,
     concurrent_writers_give_every_watcher_every_version_once_in_order,
     tokens_are_stored_hashed_and_checked,
@@ -291,6 +291,25 @@ async fn imports_are_all_or_nothing_with_every_bad_line_named(store: &Store) {
         (2, 1, 0)
     );
     assert_eq!(outcome.version, before.version + 2);
+    // A large import (loaded in bulk) keeps an awkward reason intact in every history row.
+    let reason = "tab\there, line\nbreak, back\\slash, \\N, quote\"";
+    let bulk: Vec<ImportLine> = (0..500)
+        .map(|i| line(i + 1, &format!("bulk-{i}"), "eu"))
+        .collect();
+    store
+        .import(
+            bulk,
+            false,
+            &Actor {
+                name: "bulk".into(),
+                reason: Some(reason.into()),
+            },
+        )
+        .await
+        .unwrap();
+    let h = store.history("bulk-499").await.unwrap();
+    assert_eq!(h[0].reason.as_deref(), Some(reason));
+    assert_eq!(store.workspace("bulk-0").await.unwrap().region, "eu");
     let forced = store
         .import(vec![line(1, "acme", "eu")], true, &actor())
         .await
@@ -302,7 +321,7 @@ async fn imports_are_all_or_nothing_with_every_bad_line_named(store: &Store) {
     );
 }
 
-async fn the_feed_is_contiguous_and_compaction_gives_gone(store: &Store) {
+async fn the_feed_is_contiguous_and_gone_past_its_window(store: &Store) {
     seed(store).await;
     for i in 0..10 {
         store
@@ -321,25 +340,44 @@ async fn the_feed_is_contiguous_and_compaction_gives_gone(store: &Store) {
     assert!(matches!(&parsed[2], FeedLine::Workspace { id, version: 3, .. } if id == "w0"));
     assert_eq!(store.changes(10, 1).await.unwrap()[0].0, 11);
 
-    assert_eq!(store.compact(4).await.unwrap(), 8);
-    assert_eq!(store.compact(4).await.unwrap(), 0);
+    // Deletes and region changes are in the feed too, as the lines the proxy applies.
+    store.delete_workspace("w0", &actor()).await.unwrap();
+    store
+        .put_region(region("au", &["AU"]), &actor())
+        .await
+        .unwrap();
+    let tail = store.changes(12, 10).await.unwrap();
+    let tail: Vec<FeedLine> = tail
+        .iter()
+        .map(|c| serde_json::from_str(&c.1).unwrap())
+        .collect();
     assert!(matches!(
-        store.changes(7, 10).await,
+        &tail[0],
+        FeedLine::Workspace { id, op: Op::Delete, entry: None, version: 13 } if id == "w0"
+    ));
+    assert!(matches!(
+        &tail[1],
+        FeedLine::Region { id, op: Op::Put, entry: Some(b), .. } if id == "au" && b.jurisdiction == ["AU"]
+    ));
+
+    store.set_change_retention(4);
+    assert!(matches!(
+        store.changes(9, 10).await,
         Err(StoreError::Gone {
-            after: 7,
-            oldest: 9
+            after: 9,
+            oldest: 11
         })
     ));
     let kept: Vec<u64> = store
-        .changes(8, 10)
+        .changes(10, 10)
         .await
         .unwrap()
         .iter()
         .map(|c| c.0)
         .collect();
-    assert_eq!(kept, [9, 10, 11, 12]);
-    // History is never compacted.
-    assert_eq!(store.history("w0").await.unwrap().len(), 1);
+    assert_eq!(kept, [11, 12, 13, 14]);
+    // The history keeps everything.
+    assert_eq!(store.history("w0").await.unwrap().len(), 2);
 }
 
 async fn collect_snapshot(store: &Store) -> String {

@@ -4,6 +4,7 @@
 //! measure the same map).
 
 pub mod compare;
+pub mod control_plane;
 pub mod origin;
 pub mod peers;
 pub mod procs;

@@ -30,6 +30,42 @@ enum Command {
     MapMemory(MapMemoryArgs),
     /// The static origin `compare` puts behind every proxy (one listener per upstream group).
     Origin(OriginArgs),
+    /// The control plane at scale: import, snapshot, change propagation, on SQLite and
+    /// PostgreSQL. Writes loadtest/results/<date>-<host>-control-plane.json and .md.
+    ControlPlane(ControlPlaneArgs),
+}
+
+#[derive(Debug, Args)]
+struct ControlPlaneArgs {
+    /// Workspaces imported and then snapshotted.
+    #[arg(long, default_value_t = 1_000_000)]
+    entries: u64,
+    /// Writes timed for propagation.
+    #[arg(long, default_value_t = 1000)]
+    changes: usize,
+    /// Proxies watching for the second propagation run.
+    #[arg(long, default_value_t = 10)]
+    proxies: usize,
+    /// Stores to measure (PostgreSQL from DATABASE_URL, default postgres://postgres@127.0.0.1:5432/test).
+    #[arg(long, value_delimiter = ',', default_value = "sqlite,postgres")]
+    stores: Vec<String>,
+}
+
+fn control_plane(args: ControlPlaneArgs) -> Result<ExitCode> {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    let results_dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("results");
+    runtime.block_on(loadtest::control_plane::run(
+        loadtest::control_plane::Options {
+            entries: args.entries,
+            changes: args.changes,
+            proxies: args.proxies.max(1),
+            stores: args.stores,
+            results_dir,
+        },
+    ))?;
+    Ok(ExitCode::SUCCESS)
 }
 
 fn main() -> ExitCode {
@@ -38,6 +74,7 @@ fn main() -> ExitCode {
         Command::Compare(args) => compare(args),
         Command::MapMemory(args) => map_memory(&args),
         Command::Origin(args) => loadtest::origin::run(&args.pools).map(|()| ExitCode::SUCCESS),
+        Command::ControlPlane(args) => control_plane(args),
     };
     match outcome {
         Ok(code) => code,

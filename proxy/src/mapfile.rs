@@ -161,6 +161,11 @@ impl<'r> MapBuilder<'r> {
                     self.version = Some(v);
                     self.epoch = epoch;
                     self.expect_entries = entries;
+                    if let Some(n) = entries.filter(|_| self.table.is_empty()) {
+                        // Sized once for what the header promises (bounded: a header is not
+                        // trusted with memory).
+                        self.table = MapTable::with_capacity(n.min(1 << 25) as usize, 0);
+                    }
                     match checksum.as_deref().map(Checksum::from_hex) {
                         Some(None) => self.error(line_no, "checksum is not 16 hex digits".into()),
                         Some(Some(c)) => self.expect_checksum = Some(c),

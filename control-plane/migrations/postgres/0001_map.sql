@@ -4,7 +4,6 @@ CREATE TABLE meta (
     id                SMALLINT PRIMARY KEY CHECK (id = 1),
     version           BIGINT  NOT NULL,
     checksum          BIGINT  NOT NULL,
-    compacted_through BIGINT  NOT NULL,
     epoch             TEXT    NOT NULL
 );
 
@@ -16,9 +15,12 @@ CREATE TABLE regions (
     updated_at   BIGINT  NOT NULL
 );
 
+-- A workspace's region must exist: every write transaction checks it under the meta row's
+-- lock, and deleting a region checks no workspace calls it home under the same lock. (A
+-- foreign key would say it again at a per-row cost that dominates bulk imports.)
 CREATE TABLE workspaces (
     id         TEXT    PRIMARY KEY,
-    region     TEXT    NOT NULL REFERENCES regions (id),
+    region     TEXT    NOT NULL,
     state      TEXT    NOT NULL CHECK (state IN ('active', 'frozen')),
     epoch      BIGINT  NOT NULL,
     version    BIGINT  NOT NULL,
@@ -26,13 +28,8 @@ CREATE TABLE workspaces (
 );
 CREATE INDEX workspaces_by_region ON workspaces (region, id);
 
--- The change feed: one ready-to-send line per version, compacted past the retained window.
-CREATE TABLE changes (
-    version BIGINT  PRIMARY KEY,
-    line    TEXT    NOT NULL
-);
-
--- Every change ever made, never compacted: what audits read.
+-- Every change ever made, in version order: the change feed (within its retained window)
+-- and the history audits read (all of it).
 CREATE TABLE history (
     version BIGINT  PRIMARY KEY,
     kind    TEXT    NOT NULL CHECK (kind IN ('workspace', 'region')),
@@ -41,6 +38,8 @@ CREATE TABLE history (
     region  TEXT,
     state   TEXT,
     epoch   BIGINT ,
+    name    TEXT,
+    jurisdiction TEXT,
     actor   TEXT    NOT NULL,
     reason  TEXT,
     at      BIGINT  NOT NULL
