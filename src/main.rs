@@ -158,11 +158,11 @@ fn main() -> ExitCode {
                     } else {
                         "s"
                     },
-                    config
-                        .map
-                        .file
-                        .as_ref()
-                        .map_or_else(|| "none".to_owned(), |p| p.display().to_string()),
+                    match (&config.control_plane, &config.map.file) {
+                        (Some(cp), _) => format!("from the control plane at {}", cp.url),
+                        (None, Some(path)) => path.display().to_string(),
+                        (None, None) => "none".to_owned(),
+                    },
                 );
                 ExitCode::SUCCESS
             }

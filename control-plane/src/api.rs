@@ -716,9 +716,15 @@ async fn feed(
         text.push(b'\n');
         Ok(Bytes::from(text))
     };
+    // The head from the store itself: this replica's watch may not have caught up with a
+    // commit made through another replica, and a proxy reads a head below its own version as
+    // the map going backwards.
+    let fresh = s.store.head().await.map(|h| h.version).unwrap_or(0);
     let hello = domicile_wire::FeedLine::Hello {
         epoch: epoch.clone(),
-        head: (*head.borrow_and_update()).max(batch.last().map_or(0, |c| c.0)),
+        head: fresh
+            .max(*head.borrow_and_update())
+            .max(batch.last().map_or(0, |c| c.0)),
     };
     if tx.send(line(&hello)).await.is_err() {
         return;
@@ -764,7 +770,7 @@ async fn feed(
                 () = tokio::time::sleep(s.config.feed_heartbeat) => {
                     let beat = domicile_wire::FeedLine::Heartbeat {
                         epoch: epoch.clone(),
-                        head: *head.borrow(),
+                        head: (*head.borrow()).max(cursor),
                     };
                     if tx.send(line(&beat)).await.is_err() {
                         return;
@@ -781,6 +787,10 @@ async fn feed(
                 return;
             }
         };
+        if batch.is_empty() {
+            // The head said there was more but the read found none: do not spin on it.
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
     }
 }
 
@@ -839,11 +849,11 @@ async fn heartbeat(
 ) -> ApiResult<Response> {
     authorize(&s, &headers, &[Role::Proxy]).await?;
     let hb: Heartbeat = json_body(&body)?;
-    if !is_valid_token_name(&hb.proxy_id) {
+    if !domicile_wire::is_valid_proxy_id(&hb.proxy_id) {
         return Err(ApiError::bad_request(
             "invalid_body",
             format!(
-                "proxy_id {:?} is not valid ([A-Za-z0-9][A-Za-z0-9._-]{{0,63}})",
+                "proxy_id {:?} is not valid (1 to 128 printable characters without spaces)",
                 hb.proxy_id
             ),
         ));

@@ -619,8 +619,7 @@ impl ProxyConfig {
                 );
             }
             if let Some(id) = &proxy.id {
-                if id.is_empty() || id.len() > 128 || id.chars().any(|c| c.is_control() || c == ' ')
-                {
+                if !domicile_wire::is_valid_proxy_id(id) {
                     errors.push(
                         "proxy.id",
                         "must be 1-128 printable characters without spaces",

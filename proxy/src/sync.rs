@@ -545,6 +545,11 @@ impl Syncer {
                     self.pipeline.metrics.resyncs[reason as usize].fetch_add(1, Ordering::Relaxed);
                     tracing::info!(reason = reason.as_str(), "fetching a new map snapshot");
                     need_snapshot = true;
+                    // A 410 is routine; anything else resyncing again and again should not
+                    // hammer the control plane with snapshots.
+                    if reason != Resync::Gone && self.pause(backoff.next()).await {
+                        return;
+                    }
                 }
                 Err(SyncError::Stopped) => return,
                 Err(e) => {
@@ -914,11 +919,17 @@ async fn heartbeats(
                         .store(now_ms(), Ordering::Relaxed);
                 }
                 Err(e) => {
-                    pipeline
+                    let failed = pipeline
                         .metrics
                         .heartbeats_failed
                         .fetch_add(1, Ordering::Relaxed);
-                    tracing::debug!("heartbeat failed: {e}");
+                    // The first failure and then one in a hundred: a control plane that is
+                    // down is not news on every beat.
+                    if failed.is_multiple_of(100) {
+                        tracing::warn!("heartbeat failed: {e}");
+                    } else {
+                        tracing::debug!("heartbeat failed: {e}");
+                    }
                 }
             }
         }

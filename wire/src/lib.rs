@@ -45,6 +45,11 @@ pub fn normalize_workspace_id(raw: &str) -> Result<String, &'static str> {
     Ok(raw.to_ascii_lowercase())
 }
 
+/// A proxy id: 1 to 128 printable characters without spaces (a proxy's `proxy.id`).
+pub fn is_valid_proxy_id(id: &str) -> bool {
+    !id.is_empty() && id.len() <= 128 && !id.chars().any(|c| c.is_control() || c.is_whitespace())
+}
+
 /// Whether an ISO 3166-1 alpha-2 code is well formed (two ASCII letters; any case).
 pub fn is_country_code(code: &str) -> bool {
     code.len() == 2 && code.bytes().all(|b| b.is_ascii_alphabetic())
