@@ -1039,60 +1039,63 @@ async fn metrics(State(s): State<AppState>) -> Response {
     let m = &s.metrics;
     let mut out = String::new();
     let head = *s.store.subscribe().borrow();
-    let mut counter = |name: &str, help: &str, kind: &str, value: u64| {
+    let load = |c: &AtomicU64| c.load(Ordering::Relaxed);
+    let series = [
+        (
+            "domicile_cp_head_version",
+            "Newest committed map version.",
+            "gauge",
+            head,
+        ),
+        (
+            "domicile_cp_requests_total",
+            "API requests.",
+            "counter",
+            load(&m.requests),
+        ),
+        (
+            "domicile_cp_unauthenticated_total",
+            "Requests refused with 401.",
+            "counter",
+            load(&m.unauthenticated),
+        ),
+        (
+            "domicile_cp_forbidden_total",
+            "Requests refused with 403.",
+            "counter",
+            load(&m.forbidden),
+        ),
+        (
+            "domicile_cp_feed_streams",
+            "Open change streams.",
+            "gauge",
+            load(&m.feed_streams_open),
+        ),
+        (
+            "domicile_cp_feed_changes_sent_total",
+            "Changes sent on change streams.",
+            "counter",
+            load(&m.feed_lines_sent),
+        ),
+        (
+            "domicile_cp_heartbeats_total",
+            "Fleet heartbeats received.",
+            "counter",
+            load(&m.heartbeats),
+        ),
+        (
+            "domicile_cp_snapshots_total",
+            "Snapshots served.",
+            "counter",
+            load(&m.snapshots),
+        ),
+    ];
+    for (name, help, kind, value) in series {
         let _ = writeln!(
             out,
             "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {value}"
         );
-    };
-    counter(
-        "domicile_cp_head_version",
-        "Newest committed map version.",
-        "gauge",
-        head,
-    );
-    counter(
-        "domicile_cp_requests_total",
-        "API requests.",
-        "counter",
-        m.requests.load(Ordering::Relaxed),
-    );
-    counter(
-        "domicile_cp_unauthenticated_total",
-        "Requests refused with 401.",
-        "counter",
-        m.unauthenticated.load(Ordering::Relaxed),
-    );
-    counter(
-        "domicile_cp_forbidden_total",
-        "Requests refused with 403.",
-        "counter",
-        m.forbidden.load(Ordering::Relaxed),
-    );
-    counter(
-        "domicile_cp_feed_streams",
-        "Open change streams.",
-        "gauge",
-        m.feed_streams_open.load(Ordering::Relaxed),
-    );
-    counter(
-        "domicile_cp_feed_changes_sent_total",
-        "Changes sent on change streams.",
-        "counter",
-        m.feed_lines_sent.load(Ordering::Relaxed),
-    );
-    counter(
-        "domicile_cp_heartbeats_total",
-        "Fleet heartbeats received.",
-        "counter",
-        m.heartbeats.load(Ordering::Relaxed),
-    );
-    counter(
-        "domicile_cp_snapshots_total",
-        "Snapshots served.",
-        "counter",
-        m.snapshots.load(Ordering::Relaxed),
-    );
+    }
     if let Ok(fleet) = fleet_status(&s.store, s.config.stale_after).await {
         let _ = writeln!(
             out,

@@ -8,7 +8,7 @@ use std::fmt;
 /// Longest workspace id accepted, in bytes.
 pub const MAX_WORKSPACE_ID_LEN: usize = 64;
 /// Longest region id accepted, in bytes.
-pub const MAX_REGION_ID_LEN: usize = 32;
+pub use domicile_wire::MAX_REGION_ID_LEN;
 
 /// Class bit: the byte may start an id (letters and digits).
 const ANY_POSITION: u8 = 0x80;
@@ -109,15 +109,8 @@ impl fmt::Display for WorkspaceId {
     }
 }
 
-/// Checks a region id: `[a-z][a-z0-9-]{0,31}`.
-pub fn is_valid_region_id(id: &str) -> bool {
-    let b = id.as_bytes();
-    !b.is_empty()
-        && b.len() <= MAX_REGION_ID_LEN
-        && b[0].is_ascii_lowercase()
-        && b.iter()
-            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || *c == b'-')
-}
+/// Checks a region id: `[a-z][a-z0-9-]{0,31}` (the rule the control plane applies too).
+pub use domicile_wire::is_valid_region_id;
 
 #[cfg(test)]
 mod tests {
