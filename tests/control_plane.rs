@@ -657,6 +657,12 @@ async fn bad_requests_get_clear_json_errors_and_change_nothing() {
         "invalid_query",
     );
     expect(
+        a.get_json("/v1/map/changes?after=18446744073709551615")
+            .await,
+        StatusCode::BAD_REQUEST,
+        "invalid_query",
+    );
+    expect(
         a.send(Method::PATCH, "/v1/regions/us", None)
             .await
             .map(|_| Value::Null),
@@ -839,4 +845,26 @@ async fn change_streams_carry_every_version_once_in_order_and_heartbeat_when_idl
         assert!(heartbeats >= 1, "an idle stream heartbeats");
     }
     cp.running.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stopping_the_control_plane_ends_open_streams_at_once_and_the_proxy_keeps_routing() {
+    let cp = control_plane(None, LOOPBACK, |_| {}).await;
+    seed(&cp.admin).await;
+    let proxy_token = token(&cp.admin, "edge-1", "proxy").await;
+    let (us, eu) = (origin("us").await, origin("eu").await);
+    let proxy = following(&cp.url(), &proxy_token, &us, &eu).start().await;
+    synced(&proxy, head(&cp).await).await;
+    let mut state = proxy.running.sync.as_ref().unwrap().state.clone();
+    tokio::time::timeout(Duration::from_secs(5), state.wait_for(|s| s.streaming))
+        .await
+        .expect("the proxy opens a change stream")
+        .unwrap();
+    let started = Instant::now();
+    tokio::time::timeout(Duration::from_secs(5), cp.running.shutdown())
+        .await
+        .expect("an open change stream does not hold the control plane up");
+    eprintln!("stopped in {:?}", started.elapsed());
+    assert_eq!(routed_to(&proxy, "acme").await.as_deref(), Some("us"));
+    proxy.running.shutdown().await;
 }

@@ -72,6 +72,8 @@ pub struct AppState {
     pub store: Store,
     pub config: Arc<ControlPlaneConfig>,
     pub metrics: Arc<Metrics>,
+    /// Becomes true when the replica stops: open change streams end.
+    pub stopping: tokio::sync::watch::Receiver<bool>,
 }
 
 /// An API error: status, stable code, message.
@@ -690,6 +692,12 @@ async fn changes(
             format!("`after` must be a map version: {}", e.body_text()),
         )
     })?;
+    if q.after > i64::MAX as u64 {
+        return Err(ApiError::bad_request(
+            "invalid_query",
+            format!("`after` {} is larger than any map version", q.after),
+        ));
+    }
     // Checked before the stream starts, so a position past the window is a plain 410.
     let first = s.store.changes(q.after, FEED_BATCH).await?;
     let (tx, rx) = mpsc::channel(16);
@@ -719,19 +727,21 @@ async fn feed(
     // The head from the store itself: this replica's watch may not have caught up with a
     // commit made through another replica, and a proxy reads a head below its own version as
     // the map going backwards.
-    let fresh = s.store.head().await.map(|h| h.version).unwrap_or(0);
+    let Ok(fresh) = s.store.head().await else {
+        return;
+    };
+    head.borrow_and_update();
     let hello = domicile_wire::FeedLine::Hello {
         epoch: epoch.clone(),
-        head: fresh
-            .max(*head.borrow_and_update())
-            .max(batch.last().map_or(0, |c| c.0)),
+        head: fresh.version.max(batch.last().map_or(0, |c| c.0)),
     };
+    let mut stopping = s.stopping.clone();
     if tx.send(line(&hello)).await.is_err() {
         return;
     }
     loop {
         if !batch.is_empty() {
-            if batch[0].0 != cursor + 1 {
+            if Some(batch[0].0) != cursor.checked_add(1) {
                 // Cannot happen with versions committed in order; end the stream rather than
                 // send a gap, and let the client resync.
                 return;
@@ -745,8 +755,9 @@ async fn feed(
             s.metrics
                 .feed_lines_sent
                 .fetch_add(batch.len() as u64, Ordering::Relaxed);
-            if tx.send(Ok(Bytes::from(out))).await.is_err() {
-                return;
+            tokio::select! {
+                sent = tx.send(Ok(Bytes::from(out))) => if sent.is_err() { return },
+                () = stopped(&mut stopping) => return,
             }
             if batch.len() == FEED_BATCH as usize {
                 batch = match s.store.changes(cursor, FEED_BATCH).await {
@@ -777,6 +788,7 @@ async fn feed(
                     }
                 }
                 () = tx.closed() => return,
+                () = stopped(&mut stopping) => return,
             }
         }
         batch = match s.store.changes(cursor, FEED_BATCH).await {
@@ -792,6 +804,11 @@ async fn feed(
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
     }
+}
+
+/// Resolves once the replica is stopping.
+async fn stopped(stopping: &mut tokio::sync::watch::Receiver<bool>) {
+    let _ = stopping.wait_for(|s| *s).await;
 }
 
 /// Runs `f` when dropped.
@@ -847,7 +864,7 @@ async fn heartbeat(
     headers: HeaderMap,
     body: Bytes,
 ) -> ApiResult<Response> {
-    authorize(&s, &headers, &[Role::Proxy]).await?;
+    let caller = authorize(&s, &headers, &[Role::Proxy]).await?;
     let hb: Heartbeat = json_body(&body)?;
     if !domicile_wire::is_valid_proxy_id(&hb.proxy_id) {
         return Err(ApiError::bad_request(
@@ -864,7 +881,7 @@ async fn heartbeat(
             format!("edge_region {:?} is not a region id", hb.edge_region),
         ));
     }
-    s.store.heartbeat(&hb).await?;
+    s.store.heartbeat(&hb, &caller.name).await?;
     s.metrics.heartbeats.fetch_add(1, Ordering::Relaxed);
     Ok(Json(HeartbeatReply {
         epoch: s.store.epoch().to_owned(),
@@ -1025,12 +1042,15 @@ async fn readyz(State(s): State<AppState>) -> Response {
             "epoch": head.epoch,
         }))
         .into_response(),
-        Err(e) => ApiError::new(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "store_unavailable",
-            format!("the store is unreachable: {e}"),
-        )
-        .into_response(),
+        Err(e) => {
+            tracing::warn!("readiness: the store is unreachable: {e}");
+            ApiError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "store_unavailable",
+                "the store is unreachable (the control plane's log has the details)",
+            )
+            .into_response()
+        }
     }
 }
 

@@ -25,10 +25,19 @@ pub struct RunningControlPlane {
 }
 
 impl RunningControlPlane {
-    /// Stops accepting, ends open change streams, and closes the store.
+    /// Stops accepting, ends open change streams and snapshots, and closes the store.
     pub async fn shutdown(self) {
         let _ = self.stop.send(true);
-        let _ = self.task.await;
+        let mut task = self.task;
+        // Open streams end at once; a client that keeps a plain request open cannot hold the
+        // replica up for long.
+        if tokio::time::timeout(std::time::Duration::from_secs(10), &mut task)
+            .await
+            .is_err()
+        {
+            tracing::warn!("connections still open 10 s after stopping; closing them");
+            task.abort();
+        }
         self.store.close().await;
     }
 }
@@ -89,6 +98,7 @@ pub async fn start(config: ControlPlaneConfig) -> anyhow::Result<RunningControlP
         store: store.clone(),
         config: config.clone(),
         metrics,
+        stopping: stopped.clone(),
     };
     let app = api::router(state);
     tracing::info!(%addr, store = store.backend_name(), epoch = store.epoch(), "control plane listening");

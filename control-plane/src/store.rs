@@ -29,6 +29,10 @@ use crate::auth::{hash_token, new_token, Role};
 
 /// Most rows one bulk statement carries.
 const BATCH: usize = 20_000;
+/// Snapshots served at once by one replica (each holds a read connection).
+const SNAPSHOTS_AT_ONCE: usize = 4;
+/// A snapshot whose client reads nothing for this long is abandoned.
+const SNAPSHOT_STALL: Duration = Duration::from_secs(30);
 /// How many bad lines an import reports before summarising.
 pub const MAX_LINE_ERRORS: usize = 1000;
 /// The PostgreSQL channel a commit notifies on (a wake-up hint only).
@@ -271,6 +275,11 @@ struct Inner {
     change_retention: std::sync::atomic::AtomicU64,
     /// The newest committed version this replica knows of.
     head: watch::Sender<u64>,
+    /// Set when the store closes: long reads (snapshots) stop.
+    closing: watch::Sender<bool>,
+    /// Snapshots hold a read connection for as long as the client reads: at most this many
+    /// at once, so they never take every connection the API needs.
+    snapshots: Arc<tokio::sync::Semaphore>,
 }
 
 impl std::fmt::Debug for Store {
@@ -751,7 +760,7 @@ impl Store {
                 .await?;
             sqlx::migrate!("./migrations/sqlite").run(&write).await?;
             let read = SqlitePoolOptions::new()
-                .max_connections(4)
+                .max_connections(8)
                 .connect_with(connect.read_only(true))
                 .await?;
             Backend::Sqlite { write, read }
@@ -773,6 +782,8 @@ impl Store {
                 epoch: String::new(),
                 change_retention: options.change_retention.into(),
                 head: watch::channel(0).0,
+                closing: watch::channel(false).0,
+                snapshots: Arc::new(tokio::sync::Semaphore::new(SNAPSHOTS_AT_ONCE)),
             }),
         };
         on_backend!(store.inner, |pool, _read, _d| {
@@ -878,12 +889,26 @@ impl Store {
         tokio::spawn(async move {
             let mut tick = tokio::time::interval(poll_interval);
             tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            let mut lower = None;
             loop {
                 tick.tick().await;
                 let Some(inner) = weak.upgrade() else { return };
                 let store = Store { inner };
                 if let Ok(head) = store.head().await {
-                    store.committed(head.version);
+                    let known = *store.inner.head.borrow();
+                    if head.version < known {
+                        // Lower than what this replica saw: a store restored from a backup
+                        // (or a read that raced a commit). Believe it when it holds twice.
+                        if lower == Some(head.version) {
+                            store.inner.head.send_replace(head.version);
+                            lower = None;
+                        } else {
+                            lower = Some(head.version);
+                        }
+                    } else {
+                        lower = None;
+                        store.committed(head.version);
+                    }
                 }
             }
         });
@@ -891,6 +916,7 @@ impl Store {
 
     /// Closes the connection pools.
     pub async fn close(&self) {
+        self.inner.closing.send_replace(true);
         match &self.inner.backend {
             Backend::Sqlite { write, read } => {
                 read.close().await;
@@ -1098,7 +1124,7 @@ impl Store {
         actor: &Actor,
     ) -> Result<Written<Workspace>, StoreError> {
         let outcome = self
-            .import(
+            .import_returning_last(
                 vec![ImportLine {
                     line: 1,
                     id: id.to_owned(),
@@ -1134,7 +1160,11 @@ impl Store {
             }
             Err(e) => return Err(e),
         };
-        let value = self.workspace(id).await?;
+        let (outcome, value) = outcome;
+        let value = value.ok_or_else(|| StoreError::NotFound {
+            what: "workspace",
+            id: id.to_owned(),
+        })?;
         Ok(Written {
             created: outcome.created == 1,
             version: (outcome.unchanged == 0).then_some(value.version),
@@ -1194,7 +1224,19 @@ impl Store {
         force: bool,
         actor: &Actor,
     ) -> Result<ImportOutcome, StoreError> {
-        let outcome = on_backend!(self.inner, |pool, _read, d| {
+        self.import_returning_last(lines, force, actor)
+            .await
+            .map(|(outcome, _)| outcome)
+    }
+
+    /// [`Store::import`], also returning the last line's entry as the transaction left it.
+    async fn import_returning_last(
+        &self,
+        lines: Vec<ImportLine>,
+        force: bool,
+        actor: &Actor,
+    ) -> Result<(ImportOutcome, Option<Workspace>), StoreError> {
+        let (outcome, last) = on_backend!(self.inner, |pool, _read, d| {
             let mut tx = pool.begin_with(d.begin_write).await?;
             let head = head_from_row(&sqlx::query(d.lock_meta).fetch_one(&mut *tx).await?)?;
             let regions: HashSet<String> = sqlx::query("SELECT id FROM regions")
@@ -1292,8 +1334,16 @@ impl Store {
                 });
             }
             outcome.version = version;
+            let last = lines.last().and_then(|l| {
+                writes
+                    .iter()
+                    .rev()
+                    .find(|w| w.id == l.id)
+                    .or_else(|| existing.get(&l.id))
+                    .cloned()
+            });
             if writes.is_empty() {
-                return Ok(outcome);
+                return Ok((outcome, last));
             }
             let at = now_ms();
             let (new, updated): (Vec<Workspace>, Vec<Workspace>) = writes
@@ -1306,10 +1356,10 @@ impl Store {
             append_changes!(tx, d, pending, actor, at);
             set_head!(tx, d, version, checksum);
             tx.commit().await?;
-            outcome
+            (outcome, last)
         });
         self.committed(outcome.version);
-        Ok(outcome)
+        Ok((outcome, last))
     }
 
     /// Sets a workspace's state (and, when given, its region) as one change; the building
@@ -1430,11 +1480,25 @@ impl Store {
         let (tx, rx) = mpsc::channel(8);
         let store = self.clone();
         tokio::spawn(async move {
+            let Ok(_permit) = store.inner.snapshots.clone().acquire_owned().await else {
+                return;
+            };
             if let Err(e) = store.snapshot_into(&tx).await {
                 let _ = tx.send(Err(e)).await;
             }
         });
         rx
+    }
+
+    /// Hands a snapshot chunk on; false when the reader is gone, stalled, or the store closes.
+    async fn hand_on(&self, out: &mpsc::Sender<Result<Bytes, StoreError>>, chunk: Bytes) -> bool {
+        let mut closing = self.inner.closing.subscribe();
+        tokio::select! {
+            sent = tokio::time::timeout(SNAPSHOT_STALL, out.send(Ok(chunk))) => {
+                matches!(sent, Ok(Ok(())))
+            }
+            _ = closing.wait_for(|c| *c) => false,
+        }
     }
 
     async fn snapshot_into(
@@ -1502,7 +1566,7 @@ impl Store {
                         &mut buf,
                         String::with_capacity(CHUNK + 256),
                     ));
-                    if out.send(Ok(chunk)).await.is_err() {
+                    if !self.hand_on(out, chunk).await {
                         return Ok(());
                     }
                 }
@@ -1512,7 +1576,7 @@ impl Store {
             }
             tx.commit().await?;
             if !buf.is_empty() {
-                let _ = out.send(Ok(Bytes::from(buf))).await;
+                self.hand_on(out, Bytes::from(buf)).await;
             }
             Ok(())
         })
@@ -1549,16 +1613,21 @@ impl Store {
 
     // ---- fleet ----
 
-    pub async fn heartbeat(&self, hb: &Heartbeat) -> Result<(), StoreError> {
-        on_backend!(self.inner, |pool, _read, _d| {
+    /// Records a heartbeat sent with the token `token`. A proxy id belongs to the token that
+    /// first reported it, so one proxy's token cannot speak for another proxy; `Conflict`
+    /// when it tries (remove the proxy from the fleet to hand its id over).
+    pub async fn heartbeat(&self, hb: &Heartbeat, token: &str) -> Result<(), StoreError> {
+        let written = on_backend!(self.inner, |pool, _read, _d| {
             let now = now_ms();
             sqlx::query(
                 "INSERT INTO fleet (proxy_id, edge_region, applied_version, drained_version, \
-                 checksum, epoch, first_seen, last_seen) VALUES ($1, $2, $3, $4, $5, $6, $7, $7) \
+                 checksum, epoch, first_seen, last_seen, token) \
+                 VALUES ($1, $2, $3, $4, $5, $6, $7, $7, $8) \
                  ON CONFLICT (proxy_id) DO UPDATE SET edge_region = excluded.edge_region, \
                  applied_version = excluded.applied_version, \
                  drained_version = excluded.drained_version, checksum = excluded.checksum, \
-                 epoch = excluded.epoch, last_seen = excluded.last_seen",
+                 epoch = excluded.epoch, last_seen = excluded.last_seen \
+                 WHERE fleet.token = excluded.token",
             )
             .bind(&hb.proxy_id)
             .bind(&hb.edge_region)
@@ -1567,10 +1636,22 @@ impl Store {
             .bind(&hb.checksum)
             .bind(&hb.epoch)
             .bind(now)
+            .bind(token)
             .execute(pool)
-            .await?;
-            Ok(())
-        })
+            .await?
+            .rows_affected()
+        });
+        if written == 0 {
+            return Err(StoreError::Conflict {
+                code: "proxy_id_taken",
+                message: format!(
+                    "proxy id {:?} is reported by another token; remove it from the fleet \
+                     (DELETE /v1/fleet/{}) to hand the id over",
+                    hb.proxy_id, hb.proxy_id
+                ),
+            });
+        }
+        Ok(())
     }
 
     pub async fn fleet(&self) -> Result<Vec<FleetRow>, StoreError> {

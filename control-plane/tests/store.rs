@@ -557,10 +557,15 @@ async fn the_fleet_keeps_one_row_per_proxy(store: &Store) {
         checksum: Checksum::default().to_hex(),
         epoch: store.epoch().into(),
     };
-    store.heartbeat(&hb).await.unwrap();
+    store.heartbeat(&hb, "edge-1-token").await.unwrap();
     hb.applied_version = 5;
     hb.drained_version = Some(4);
-    store.heartbeat(&hb).await.unwrap();
+    store.heartbeat(&hb, "edge-1-token").await.unwrap();
+    // Another proxy's token cannot speak for edge-1.
+    match store.heartbeat(&hb, "edge-2-token").await {
+        Err(StoreError::Conflict { code, .. }) => assert_eq!(code, "proxy_id_taken"),
+        other => panic!("{other:?}"),
+    }
     let fleet = store.fleet().await.unwrap();
     assert_eq!(fleet.len(), 1);
     assert_eq!(
@@ -570,4 +575,6 @@ async fn the_fleet_keeps_one_row_per_proxy(store: &Store) {
     assert!(fleet[0].last_seen_ms >= fleet[0].first_seen_ms);
     assert!(store.forget_proxy("edge-1").await.unwrap());
     assert!(store.fleet().await.unwrap().is_empty());
+    // Once removed, the id can be reported by another token.
+    store.heartbeat(&hb, "edge-2-token").await.unwrap();
 }

@@ -115,7 +115,7 @@ pub struct ControlPlaneSection {
     /// Timeout for connecting and for each plain request. Default: 5 s.
     #[serde(default = "defaults::request_timeout", with = "humantime_serde")]
     pub request_timeout: Duration,
-    /// First reconnect delay; doubles up to `backoff_max`, with full jitter. Default: 100 ms.
+    /// First reconnect delay; doubles up to `backoff_max`; each delay is drawn between half that and all of it. Default: 100 ms.
     #[serde(default = "defaults::backoff_initial", with = "humantime_serde")]
     pub backoff_initial: Duration,
     /// Longest reconnect delay. Default: 10 s.

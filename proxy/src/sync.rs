@@ -13,7 +13,7 @@
 //! The last-known-good map is two files: a base map in map-file format (written to a
 //! temporary file, fsynced, renamed) and a journal of the changes applied since, appended
 //! and fsynced before the version they reach is heartbeated. The journal is folded into a
-//! new base when it grows past half the base's size. A torn last journal line (a crash in
+//! new base when it grows past half the base (and 4 MiB). A torn last journal line (a crash in
 //! the middle of an append) is ignored: it was never acknowledged. A base that does not hold
 //! what its header promises is refused whole, and the proxy waits for the control plane
 //! rather than serve part of a map.
@@ -170,13 +170,8 @@ fn apply_change(
         } => {
             let ws = WorkspaceId::parse(id.as_bytes())
                 .map_err(|e| format!("workspace id {id:?}: {e}"))?;
-            if let Some(old) = table.get(ws.as_bytes()) {
-                let region = regions
-                    .id(old.home_region)
-                    .ok_or("an entry names a region that was never interned")?;
-                pos.checksum.remove(entry_hash(ws.as_str(), &region, &old));
-            }
-            match (op, entry) {
+            // Everything that can fail is checked before anything changes.
+            let new = match (op, entry) {
                 (Op::Put, Some(body)) => {
                     if !pos.catalogue.iter().any(|r| r.id == body.region) {
                         return Err(format!(
@@ -185,7 +180,7 @@ fn apply_change(
                         ));
                     }
                     let home_region = regions.intern(&body.region).map_err(|e| e.to_string())?;
-                    let entry = MapEntry {
+                    Some(MapEntry {
                         home_region,
                         state: match body.state {
                             domicile_wire::State::Active => WorkspaceState::Active,
@@ -193,23 +188,38 @@ fn apply_change(
                         },
                         epoch: body.epoch,
                         version: *version,
-                    };
-                    pos.checksum
-                        .add(entry_hash(ws.as_str(), &body.region, &entry));
-                    table.insert(&ws, entry);
+                    })
                 }
-                (Op::Delete, _) => {
+                (Op::Delete, _) => None,
+                (Op::Put, None) => return Err(format!("a put of {id:?} without an entry")),
+            };
+            let old = match table.get(ws.as_bytes()) {
+                Some(old) => Some((
+                    old,
+                    regions
+                        .id(old.home_region)
+                        .ok_or("an entry names a region that was never interned")?,
+                )),
+                None => None,
+            };
+            if let Some((old, region)) = old {
+                pos.checksum.remove(entry_hash(ws.as_str(), &region, &old));
+            }
+            match (new, entry) {
+                (Some(new), Some(body)) => {
+                    pos.checksum
+                        .add(entry_hash(ws.as_str(), &body.region, &new));
+                    table.insert(&ws, new);
+                }
+                _ => {
                     table.remove(ws.as_bytes());
                 }
-                (Op::Put, None) => return Err(format!("a put of {id:?} without an entry")),
             }
             Ok(false)
         }
         FeedLine::Region { id, op, entry, .. } => {
-            pos.catalogue.retain(|r| r.id != *id);
-            match (op, entry) {
+            let region = match (op, entry) {
                 (Op::Put, Some(body)) => {
-                    regions.intern(id).map_err(|e| e.to_string())?;
                     let mut jurisdiction = Vec::new();
                     for code in &body.jurisdiction {
                         let b = code.as_bytes();
@@ -218,15 +228,18 @@ fn apply_change(
                         }
                         jurisdiction.push([b[0].to_ascii_uppercase(), b[1].to_ascii_uppercase()]);
                     }
-                    pos.catalogue.push(CatalogueRegion {
+                    regions.intern(id).map_err(|e| e.to_string())?;
+                    Some(CatalogueRegion {
                         id: id.clone(),
                         name: body.name.clone(),
                         jurisdiction,
-                    });
+                    })
                 }
-                (Op::Delete, _) => {}
+                (Op::Delete, _) => None,
                 (Op::Put, None) => return Err(format!("a put of region {id:?} without a body")),
-            }
+            };
+            pos.catalogue.retain(|r| r.id != *id);
+            pos.catalogue.extend(region);
             Ok(true)
         }
         FeedLine::Hello { .. } | FeedLine::Heartbeat { .. } => Ok(false),
@@ -376,7 +389,8 @@ fn sync_dir(path: &Path) -> std::io::Result<()> {
     }
 }
 
-/// Jittered exponential backoff ("full jitter": a uniform delay up to the doubling cap).
+/// Jittered exponential backoff ("equal jitter": uniform between half the doubling cap and the
+/// cap, so a fleet does not reconnect in step and no delay collapses to nothing).
 struct Backoff {
     initial: Duration,
     max: Duration,
@@ -701,11 +715,23 @@ impl Syncer {
             .fetch_add(1, Ordering::Relaxed);
         self.state.send_modify(|s| {
             s.applied = Some(version);
-            s.epoch = self.pos.as_ref().map(|p| p.epoch.clone());
             s.snapshots += 1;
         });
         tracing::info!(version, entries, elapsed = ?started.elapsed(), "map snapshot applied");
-        self.persist_base().await
+        // The map routes now whatever happens to the disk; until it is persisted, heartbeats
+        // go on reporting the last version that is, and the base is written again later.
+        if let Err(e) = self.persist_base().await {
+            self.persist_failed(&e);
+        }
+        Ok(())
+    }
+
+    fn persist_failed(&self, e: &SyncError) {
+        self.pipeline
+            .metrics
+            .sync_errors
+            .fetch_add(1, Ordering::Relaxed);
+        tracing::error!("{e}; heartbeats report the last version on disk until a write succeeds");
     }
 
     /// Writes a new last-known-good base and reports the version as persisted.
@@ -721,16 +747,19 @@ impl Syncer {
         .await
         .expect("the last-known-good writer does not panic");
         self.lkg = Some(lkg);
-        let (version, checksum) = (pos.version, pos.checksum);
+        let (version, checksum, epoch) = (pos.version, pos.checksum, pos.epoch.clone());
         self.pos = Some(pos);
         written.map_err(SyncError::Persist)?;
         self.pipeline
             .metrics
             .lkg_writes
             .fetch_add(1, Ordering::Relaxed);
+        // Version, checksum and epoch change together: a heartbeat never pairs one map's
+        // version with another's epoch.
         self.state.send_modify(|s| {
             s.persisted = Some(version);
             s.checksum = Some(checksum);
+            s.epoch = Some(epoch);
         });
         Ok(())
     }
@@ -867,7 +896,14 @@ impl Syncer {
                     .map_applied_version
                     .store(version, Ordering::Relaxed);
                 self.state.send_modify(|s| s.applied = Some(version));
-                self.persist_changes(journal).await?;
+                if let Err(e) = self.persist_changes(journal).await {
+                    self.persist_failed(&e);
+                }
+            } else if self.lkg.as_ref().is_some_and(|l| l.file.is_none()) {
+                // The last base write failed and nothing has changed since: try again now.
+                if let Err(e) = self.persist_base().await {
+                    self.persist_failed(&e);
+                }
             }
             if let Some(reason) = outcome {
                 return Ok(reason);

@@ -61,5 +61,7 @@ CREATE TABLE fleet (
     checksum        TEXT    NOT NULL,
     epoch           TEXT    NOT NULL,
     first_seen      BIGINT  NOT NULL,
-    last_seen       BIGINT  NOT NULL
+    last_seen       BIGINT  NOT NULL,
+    -- The token that reports for this proxy id.
+    token           TEXT    NOT NULL
 );

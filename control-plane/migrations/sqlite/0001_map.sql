@@ -61,5 +61,7 @@ CREATE TABLE fleet (
     checksum        TEXT    NOT NULL,
     epoch           TEXT    NOT NULL,
     first_seen      INTEGER NOT NULL,
-    last_seen       INTEGER NOT NULL
+    last_seen       INTEGER NOT NULL,
+    -- The token that reports for this proxy id.
+    token           TEXT    NOT NULL
 );
