@@ -113,6 +113,7 @@ pub fn what_to_try(
     admin: SocketAddr,
     control_plane: SocketAddr,
     config_path: &Path,
+    secret: &str,
 ) -> String {
     let port = http.port();
     let token = options.data_dir.join("admin.token");
@@ -122,7 +123,7 @@ pub fn what_to_try(
   proxy         http://{http}   (HTTP/1.1 and HTTP/2 cleartext)
   admin         http://{admin}  (/healthz, /readyz, /metrics)
   control plane http://{control_plane}  (admin API; SQLite in {data})
-  admin token   {token}
+  admin token   {secret}  (also in {token})
   config        {config}
   workspaces    acme, initech -> us;  globex, umbrella -> eu
 
@@ -157,7 +158,7 @@ Stop with Ctrl-C."#,
 /// Starts the control plane on SQLite in the data directory and seeds it through the API.
 async fn start_control_plane(
     options: &DemoOptions,
-) -> anyhow::Result<(domicile_control_plane::RunningControlPlane, String)> {
+) -> anyhow::Result<(domicile_control_plane::RunningControlPlane, String, String)> {
     let token_path = options.data_dir.join("admin.token");
     let config = domicile_control_plane::ControlPlaneConfig {
         listen: options.control_plane,
@@ -182,7 +183,10 @@ async fn start_control_plane(
         })?
         .trim()
         .to_owned();
-    let client = AdminClient::new(&format!("http://{}", running.addr), Some(admin_token));
+    let client = AdminClient::new(
+        &format!("http://{}", running.addr),
+        Some(admin_token.clone()),
+    );
     for (id, name, jurisdiction) in DEMO_REGIONS {
         client
             .send_json(
@@ -226,7 +230,7 @@ async fn start_control_plane(
         .as_str()
         .context("the control plane returned no token")?
         .to_owned();
-    Ok((running, proxy_token))
+    Ok((running, proxy_token, admin_token))
 }
 
 /// Runs the demo until Ctrl-C or SIGTERM.
@@ -248,7 +252,7 @@ pub async fn run(
         .await
         .context("cannot start the eu origin")?;
 
-    let (control_plane, proxy_token) = start_control_plane(&options).await?;
+    let (control_plane, proxy_token, admin_token) = start_control_plane(&options).await?;
     domicile_control_plane::server::write_secret(
         &options.data_dir.join("proxy.token"),
         &proxy_token,
@@ -281,7 +285,8 @@ pub async fn run(
             proxy.addr,
             admin,
             control_plane.addr,
-            &config_path
+            &config_path,
+            &admin_token,
         )
     );
     shutdown.await;

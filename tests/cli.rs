@@ -152,6 +152,11 @@ async fn demo_runs_routes_and_stops_on_sigterm() {
         "http://",
     );
     let token_file = dir.path().join("admin.token");
+    let secret = std::fs::read_to_string(&token_file).unwrap();
+    assert!(
+        banner.contains(secret.trim()),
+        "the banner prints the admin token: {banner}"
+    );
     let admin = |args: &[&str]| {
         let out = Command::new(BIN)
             .args(args)
