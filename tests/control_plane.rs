@@ -868,3 +868,114 @@ async fn stopping_the_control_plane_ends_open_streams_at_once_and_the_proxy_keep
     assert_eq!(routed_to(&proxy, "acme").await.as_deref(), Some("us"));
     proxy.running.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn oversized_imports_self_deleting_tokens_and_bad_heartbeats_are_refused() {
+    let cp = control_plane(None, LOOPBACK, |c| c.max_import_bytes = 64).await;
+    seed(&cp.admin).await;
+    let before = head(&cp).await;
+    let big = "{\"id\":\"w\",\"region\":\"us\"}\n".repeat(10);
+    let err = cp
+        .admin
+        .send(
+            Method::POST,
+            "/v1/workspaces:import",
+            Some((Bytes::from(big), "application/x-ndjson")),
+        )
+        .await
+        .unwrap_err();
+    let err = err.downcast_ref::<ApiError>().unwrap();
+    assert_eq!(
+        (err.status, err.code.as_str()),
+        (StatusCode::PAYLOAD_TOO_LARGE, "import_too_large")
+    );
+    assert_eq!(head(&cp).await, before);
+
+    // The bootstrap token is named "admin": it cannot delete itself.
+    let err = cp
+        .admin
+        .send(Method::DELETE, "/v1/tokens/admin", None)
+        .await
+        .unwrap_err();
+    let err = err.downcast_ref::<ApiError>().unwrap();
+    assert_eq!(
+        (err.status, err.code.as_str()),
+        (StatusCode::CONFLICT, "token_in_use")
+    );
+
+    let proxy = AdminClient::new(&cp.url(), Some(token(&cp.admin, "edge-1", "proxy").await));
+    for (body, what) in [
+        (
+            json!({"proxy_id": "edge 1", "edge_region": "us", "applied_version": 1, "checksum": "0", "epoch": "e"}),
+            "a proxy id with a space",
+        ),
+        (
+            json!({"proxy_id": "edge-1", "edge_region": "US", "applied_version": 1, "checksum": "0", "epoch": "e"}),
+            "an edge region that is not a region id",
+        ),
+        (json!({"proxy_id": "edge-1"}), "missing fields"),
+    ] {
+        let err = proxy
+            .send_json(Method::POST, "/v1/fleet/heartbeat", &body)
+            .await
+            .expect_err(what);
+        let err = err.downcast_ref::<ApiError>().unwrap();
+        assert_eq!(
+            (err.status, err.code.as_str()),
+            (StatusCode::BAD_REQUEST, "invalid_body"),
+            "{what}"
+        );
+    }
+    assert!(cp.running.store.fleet().await.unwrap().is_empty());
+    cp.running.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_proxy_that_cannot_persist_keeps_routing_and_never_reports_an_unpersisted_version() {
+    let cp = control_plane(None, LOOPBACK, |_| {}).await;
+    seed(&cp.admin).await;
+    let proxy_token = token(&cp.admin, "edge-1", "proxy").await;
+    let (us, eu) = (origin("us").await, origin("eu").await);
+    let builder = following(&cp.url(), &proxy_token, &us, &eu);
+    // The last-known-good path lies under a regular file: every write fails.
+    std::fs::write(builder.dir().join("not-a-dir"), b"").unwrap();
+    let (path, dir) = builder.write();
+    let text = std::fs::read_to_string(&path).unwrap().replace(
+        "last_known_good = \"lkg.map\"",
+        "last_known_good = \"not-a-dir/lkg.map\"",
+    );
+    std::fs::write(&path, text).unwrap();
+    let config = domicile_proxy::ProxyConfig::from_file(&path).unwrap();
+    let proxy = TestProxy {
+        running: domicile_proxy::start(config).await.unwrap(),
+        dir,
+    };
+    synced(&proxy, head(&cp).await).await;
+    assert_eq!(routed_to(&proxy, "acme").await.as_deref(), Some("us"));
+    put(&cp.admin, "/v1/workspaces/later", json!({"region": "eu"})).await;
+    synced(&proxy, head(&cp).await).await;
+    assert_eq!(routed_to(&proxy, "later").await.as_deref(), Some("eu"));
+    let metrics = &proxy.running.pipeline.metrics;
+    assert!(
+        metrics
+            .sync_errors
+            .load(std::sync::atomic::Ordering::Relaxed)
+            >= 1
+    );
+    assert_eq!(
+        metrics
+            .lkg_writes
+            .load(std::sync::atomic::Ordering::Relaxed),
+        0
+    );
+    // Nothing to wait for when nothing should happen: let two heartbeat periods pass.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let state = proxy.running.sync.as_ref().unwrap().state.borrow().clone();
+    assert_eq!(state.persisted, None, "nothing on disk, nothing reported");
+    assert!(
+        cp.running.store.fleet().await.unwrap().is_empty(),
+        "no heartbeat claims a version that is not on disk"
+    );
+    proxy.running.shutdown().await;
+    cp.running.shutdown().await;
+}
