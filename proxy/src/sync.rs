@@ -848,7 +848,7 @@ impl Syncer {
                     }
                     change => {
                         let version = change.version().unwrap_or_default();
-                        if version != pos.version + 1 {
+                        if Some(version) != pos.version.checked_add(1) {
                             outcome = Some(if version <= pos.version {
                                 Resync::Backwards
                             } else {
