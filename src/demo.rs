@@ -93,16 +93,17 @@ health = {{ path = "/healthz", interval = "1s" }}
     )
 }
 
-/// How to run this binary, for the printed commands: through cargo when it was built in a
-/// cargo target directory.
+/// How to run this binary, for the printed commands: through cargo (with the profile it was
+/// built with, so nothing is built twice) when it runs from a cargo target directory.
 fn command_prefix() -> &'static str {
-    let in_target = std::env::current_exe()
-        .ok()
-        .is_some_and(|p| p.components().any(|c| c.as_os_str() == "target"));
-    if in_target {
-        "cargo run -q --"
-    } else {
-        "domicile"
+    let exe = std::env::current_exe().unwrap_or_default();
+    let dirs: Vec<_> = exe.components().map(|c| c.as_os_str().to_owned()).collect();
+    let in_target = dirs.iter().any(|c| c == "target");
+    let release = dirs.iter().any(|c| c == "release");
+    match (in_target, release) {
+        (true, true) => "cargo run -q --release --",
+        (true, false) => "cargo run -q --",
+        (false, _) => "domicile",
     }
 }
 

@@ -979,3 +979,61 @@ async fn a_proxy_that_cannot_persist_keeps_routing_and_never_reports_an_unpersis
     proxy.running.shutdown().await;
     cp.running.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_fleet_view_tells_synced_behind_and_stale_apart() {
+    let cp = control_plane(None, LOOPBACK, |c| {
+        c.stale_after = Duration::from_millis(300)
+    })
+    .await;
+    seed(&cp.admin).await;
+    let store = &cp.running.store;
+    let head = store.head().await.unwrap();
+    let beat = |id: &str, version: u64, checksum: String| domicile_wire::Heartbeat {
+        proxy_id: id.into(),
+        edge_region: "us".into(),
+        applied_version: version,
+        drained_version: None,
+        checksum,
+        epoch: head.epoch.clone(),
+    };
+    store
+        .heartbeat(&beat("old", head.version, head.checksum.to_hex()), "t")
+        .await
+        .unwrap();
+    // Past the stale interval for "old"; the others report now.
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    store
+        .heartbeat(&beat("synced", head.version, head.checksum.to_hex()), "t")
+        .await
+        .unwrap();
+    store
+        .heartbeat(&beat("behind", head.version - 1, "0".repeat(16)), "t")
+        .await
+        .unwrap();
+    store
+        .heartbeat(&beat("diverged", head.version, "f".repeat(16)), "t")
+        .await
+        .unwrap();
+    let fleet: domicile_wire::Fleet =
+        serde_json::from_value(cp.admin.get_json("/v1/fleet").await.unwrap()).unwrap();
+    let by_id = |id: &str| fleet.members.iter().find(|m| m.proxy_id == id).unwrap();
+    use domicile_wire::SyncStatus::*;
+    assert_eq!(by_id("old").status, Stale);
+    assert_eq!(
+        (by_id("synced").status, by_id("synced").checksum_ok),
+        (Synced, Some(true))
+    );
+    assert_eq!(
+        (by_id("behind").status, by_id("behind").checksum_ok),
+        (Behind, None)
+    );
+    assert_eq!(by_id("diverged").checksum_ok, Some(false));
+    let metrics = get(&format!("{}/metrics", cp.url()), &[]).await;
+    let text = String::from_utf8_lossy(&metrics.body);
+    assert!(
+        text.contains("domicile_cp_fleet_members{status=\"STALE\"} 1"),
+        "{text}"
+    );
+    cp.running.shutdown().await;
+}
