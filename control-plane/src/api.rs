@@ -49,6 +49,12 @@ pub const ROUTES: &[(&str, &str)] = &[
     ("get", "/v1/tokens"),
     ("post", "/v1/tokens"),
     ("delete", "/v1/tokens/{name}"),
+    ("post", "/v1/moves"),
+    ("get", "/v1/moves"),
+    ("get", "/v1/moves/{id}"),
+    ("post", "/v1/moves/{id}/complete"),
+    ("post", "/v1/moves/{id}/abort"),
+    ("get", "/v1/audit/admin"),
     ("get", "/v1/openapi.json"),
     ("get", "/healthz"),
     ("get", "/readyz"),
@@ -74,6 +80,8 @@ pub struct AppState {
     pub metrics: Arc<Metrics>,
     /// Becomes true when the replica stops: open change streams end.
     pub stopping: tokio::sync::watch::Receiver<bool>,
+    /// The move driver (woken by heartbeats and move requests).
+    pub moves: crate::moves::Driver,
 }
 
 /// An API error: status, stable code, message.
@@ -274,6 +282,11 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/fleet/{proxy_id}", axum::routing::delete(forget_proxy))
         .route("/v1/tokens", get(list_tokens).post(create_token))
         .route("/v1/tokens/{name}", axum::routing::delete(delete_token))
+        .route("/v1/moves", post(start_move).get(list_moves))
+        .route("/v1/moves/{id}", get(get_move))
+        .route("/v1/moves/{id}/complete", post(complete_move))
+        .route("/v1/moves/{id}/abort", post(abort_move))
+        .route("/v1/audit/admin", get(admin_audit))
         .route("/v1/openapi.json", get(openapi))
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
@@ -883,6 +896,7 @@ async fn heartbeat(
     }
     s.store.heartbeat(&hb, &caller.name).await?;
     s.metrics.heartbeats.fetch_add(1, Ordering::Relaxed);
+    s.moves.wake();
     Ok(Json(HeartbeatReply {
         epoch: s.store.epoch().to_owned(),
         head: *s.store.subscribe().borrow(),
@@ -940,8 +954,13 @@ async fn forget_proxy(
     headers: HeaderMap,
     Path(proxy_id): Path<String>,
 ) -> ApiResult<Response> {
-    authorize(&s, &headers, OPERATORS).await?;
+    let caller = authorize(&s, &headers, OPERATORS).await?;
     if s.store.forget_proxy(&proxy_id).await? {
+        s.store
+            .record_event(&caller.name, "fleet.remove", &proxy_id, None)
+            .await?;
+        // A move waiting for this proxy may go on now.
+        s.moves.wake();
         Ok(Json(serde_json::json!({ "removed": proxy_id })).into_response())
     } else {
         Err(StoreError::NotFound {
@@ -971,7 +990,7 @@ async fn create_token(
     headers: HeaderMap,
     body: Bytes,
 ) -> ApiResult<Response> {
-    authorize(&s, &headers, ADMIN).await?;
+    let caller = authorize(&s, &headers, ADMIN).await?;
     let req: TokenCreate = json_body(&body)?;
     if !is_valid_token_name(&req.name) {
         return Err(ApiError::bad_request(
@@ -992,6 +1011,14 @@ async fn create_token(
         )
     })?;
     let token = s.store.create_token(&req.name, role).await?;
+    s.store
+        .record_event(
+            &caller.name,
+            "token.create",
+            &req.name,
+            Some(format!("role {role}")),
+        )
+        .await?;
     Ok((
         StatusCode::CREATED,
         Json(serde_json::json!({ "name": req.name, "role": role, "token": token })),
@@ -1013,6 +1040,9 @@ async fn delete_token(
         ));
     }
     if s.store.delete_token(&name).await? {
+        s.store
+            .record_event(&caller.name, "token.delete", &name, None)
+            .await?;
         Ok(Json(serde_json::json!({ "deleted": name })).into_response())
     } else {
         Err(StoreError::NotFound {
@@ -1021,6 +1051,267 @@ async fn delete_token(
         }
         .into())
     }
+}
+
+// ---- moves ----
+
+/// Default time a convergence phase may take before a move reports itself stalled.
+const MOVE_TIMEOUT_DEFAULT_SECS: f64 = 120.0;
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct MoveStart {
+    workspace: String,
+    to: String,
+    #[serde(default)]
+    reason: Option<String>,
+    #[serde(default)]
+    webhook: Option<String>,
+    /// Seconds a convergence phase may take before the move reports itself stalled.
+    #[serde(default)]
+    timeout_seconds: Option<f64>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct MoveAction {
+    #[serde(default)]
+    reason: Option<String>,
+}
+
+fn move_id(id: &str) -> ApiResult<u64> {
+    id.parse::<u64>()
+        .ok()
+        .filter(|&n| n > 0 && n <= i64::MAX as u64)
+        .ok_or_else(|| {
+            ApiError::bad_request(
+                "invalid_move_id",
+                format!("move id {id:?} is not a move number"),
+            )
+        })
+}
+
+fn reason(reason: Option<String>) -> ApiResult<Option<String>> {
+    match reason {
+        Some(r) if r.len() > 1024 => Err(ApiError::bad_request(
+            "invalid_body",
+            "reason is longer than 1024 bytes",
+        )),
+        Some(r) if r.trim().is_empty() => Ok(None),
+        r => Ok(r),
+    }
+}
+
+async fn start_move(
+    State(s): State<AppState>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> ApiResult<Response> {
+    let caller = authorize(&s, &headers, OPERATORS).await?;
+    let req: MoveStart = json_body(&body)?;
+    let workspace = workspace_id(&req.workspace)?;
+    let to = region_id(&req.to)?.to_owned();
+    if let Some(url) = &req.webhook {
+        crate::moves::check_webhook(url)
+            .map_err(|m| ApiError::bad_request("invalid_webhook", m))?;
+    }
+    let timeout = req.timeout_seconds.unwrap_or(MOVE_TIMEOUT_DEFAULT_SECS);
+    if !(0.1..=604_800.0).contains(&timeout) {
+        return Err(ApiError::bad_request(
+            "invalid_body",
+            format!("timeout_seconds {timeout} is out of range (0.1 to 604800)"),
+        ));
+    }
+    let request = crate::store::MoveRequest {
+        workspace,
+        to,
+        webhook: req.webhook,
+        timeout_ms: (timeout * 1000.0) as u64,
+    };
+    let m = s
+        .store
+        .create_move(&request, &caller.actor(reason(req.reason)?))
+        .await?;
+    s.moves.announce(&m, None);
+    s.moves.wake();
+    Ok((
+        StatusCode::CREATED,
+        [(header::LOCATION, format!("/v1/moves/{}", m.id))],
+        Json(crate::moves::view(&m, None)),
+    )
+        .into_response())
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct MoveList {
+    workspace: Option<String>,
+    #[serde(default)]
+    open: bool,
+    limit: Option<u32>,
+}
+
+async fn list_moves(
+    State(s): State<AppState>,
+    headers: HeaderMap,
+    query: Result<Query<MoveList>, axum::extract::rejection::QueryRejection>,
+) -> ApiResult<Response> {
+    authorize(&s, &headers, READERS).await?;
+    let Query(q) = query.map_err(|e| ApiError::bad_request("invalid_query", e.body_text()))?;
+    let workspace = q.workspace.as_deref().map(workspace_id).transpose()?;
+    let limit = q.limit.unwrap_or(100).clamp(1, 1000);
+    let moves = s.store.moves(workspace.as_deref(), q.open, limit).await?;
+    let mut views = Vec::with_capacity(moves.len());
+    for m in &moves {
+        views.push(crate::moves::current_view(&s.store, m).await?);
+    }
+    Ok(Json(serde_json::json!({ "moves": views })).into_response())
+}
+
+async fn get_move(
+    State(s): State<AppState>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+) -> ApiResult<Response> {
+    authorize(&s, &headers, READERS).await?;
+    let m = s.store.get_move(move_id(&id)?).await?;
+    Ok(Json(crate::moves::current_view(&s.store, &m).await?).into_response())
+}
+
+fn action_body(body: &Bytes) -> ApiResult<MoveAction> {
+    if body.iter().all(u8::is_ascii_whitespace) {
+        Ok(MoveAction::default())
+    } else {
+        json_body(body)
+    }
+}
+
+async fn complete_move(
+    State(s): State<AppState>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+    body: Bytes,
+) -> ApiResult<Response> {
+    let caller = authorize(&s, &headers, OPERATORS).await?;
+    let id = move_id(&id)?;
+    let action = action_body(&body)?;
+    let before = s.store.get_move(id).await?.phase;
+    let m = s
+        .store
+        .move_complete(id, &caller.actor(reason(action.reason)?))
+        .await?;
+    if m.phase != before {
+        s.moves.announce(&m, None);
+    }
+    s.moves.wake();
+    Ok(Json(crate::moves::current_view(&s.store, &m).await?).into_response())
+}
+
+async fn abort_move(
+    State(s): State<AppState>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+    body: Bytes,
+) -> ApiResult<Response> {
+    let caller = authorize(&s, &headers, OPERATORS).await?;
+    let id = move_id(&id)?;
+    let action = action_body(&body)?;
+    let before = s.store.get_move(id).await?.phase;
+    let m = s
+        .store
+        .move_abort(id, &caller.actor(reason(action.reason)?))
+        .await?;
+    if m.phase != before {
+        s.moves.announce(&m, None);
+    }
+    Ok(Json(crate::moves::current_view(&s.store, &m).await?).into_response())
+}
+
+// ---- the admin audit trail ----
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct AuditParams {
+    since: Option<String>,
+    until: Option<String>,
+    workspace: Option<String>,
+    after: Option<String>,
+    limit: Option<u32>,
+}
+
+/// A time given as RFC 3339 or as milliseconds since the Unix epoch.
+fn parse_time(name: &str, value: &str) -> ApiResult<i64> {
+    if let Ok(ms) = value.parse::<i64>() {
+        return Ok(ms);
+    }
+    humantime::parse_rfc3339_weak(value)
+        .ok()
+        .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+        .map(|d| d.as_millis() as i64)
+        .ok_or_else(|| {
+            ApiError::bad_request(
+                "invalid_query",
+                format!("{name}={value:?} is not an RFC 3339 time or milliseconds since 1970"),
+            )
+        })
+}
+
+async fn admin_audit(
+    State(s): State<AppState>,
+    headers: HeaderMap,
+    query: Result<Query<AuditParams>, axum::extract::rejection::QueryRejection>,
+) -> ApiResult<Response> {
+    authorize(&s, &headers, READERS).await?;
+    let Query(p) = query.map_err(|e| ApiError::bad_request("invalid_query", e.body_text()))?;
+    let after = p
+        .after
+        .as_deref()
+        .map(|a| {
+            crate::store::AuditCursor::parse(a).ok_or_else(|| {
+                ApiError::bad_request(
+                    "invalid_query",
+                    format!("after={a:?} is not a cursor from an earlier page's `next`"),
+                )
+            })
+        })
+        .transpose()?;
+    let limit = p.limit.unwrap_or(1000).clamp(1, 10_000);
+    let q = crate::store::AuditQuery {
+        since_ms: p
+            .since
+            .as_deref()
+            .map(|v| parse_time("since", v))
+            .transpose()?,
+        until_ms: p
+            .until
+            .as_deref()
+            .map(|v| parse_time("until", v))
+            .transpose()?,
+        workspace: p.workspace.as_deref().map(workspace_id).transpose()?,
+        after,
+        limit,
+    };
+    let entries = s.store.admin_audit(&q).await?;
+    let next = (entries.len() == limit as usize)
+        .then(|| entries.last().map(|e| e.cursor.to_string()))
+        .flatten();
+    let entries: Vec<_> = entries
+        .iter()
+        .map(|e| {
+            serde_json::json!({
+                "id": e.cursor.to_string(),
+                "at": rfc3339(e.cursor.at_ms),
+                "actor": e.actor,
+                "action": e.action,
+                "subject": e.subject,
+                "version": e.version,
+                "move": e.move_id,
+                "reason": e.reason,
+                "detail": e.detail,
+            })
+        })
+        .collect();
+    Ok(Json(serde_json::json!({ "entries": entries, "next": next })).into_response())
 }
 
 // ---- operations ----
@@ -1108,6 +1399,42 @@ async fn metrics(State(s): State<AppState>) -> Response {
             "Snapshots served.",
             "counter",
             load(&m.snapshots),
+        ),
+        (
+            "domicile_cp_moves_started_total",
+            "Moves whose freeze this replica wrote.",
+            "counter",
+            load(&s.moves.metrics.started),
+        ),
+        (
+            "domicile_cp_moves_done_total",
+            "Moves this replica finished.",
+            "counter",
+            load(&s.moves.metrics.done),
+        ),
+        (
+            "domicile_cp_moves_aborted_total",
+            "Moves aborted through this replica.",
+            "counter",
+            load(&s.moves.metrics.aborted),
+        ),
+        (
+            "domicile_cp_moves_stalled_total",
+            "Move phases that outlived their timeout.",
+            "counter",
+            load(&s.moves.metrics.stalled),
+        ),
+        (
+            "domicile_cp_move_webhooks_sent_total",
+            "Move webhook calls answered with 2xx.",
+            "counter",
+            load(&s.moves.metrics.webhooks_sent),
+        ),
+        (
+            "domicile_cp_move_webhooks_failed_total",
+            "Move webhook calls that failed after their retries, or were dropped.",
+            "counter",
+            load(&s.moves.metrics.webhooks_failed),
         ),
     ];
     for (name, help, kind, value) in series {

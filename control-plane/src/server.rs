@@ -94,11 +94,13 @@ pub async fn start(config: ControlPlaneConfig) -> anyhow::Result<RunningControlP
     let config = Arc::new(config);
     let (stop, mut stopped) = watch::channel(false);
 
+    let moves = crate::moves::Driver::spawn(store.clone(), stopped.clone());
     let state = AppState {
         store: store.clone(),
         config: config.clone(),
         metrics,
         stopping: stopped.clone(),
+        moves,
     };
     let app = api::router(state);
     tracing::info!(%addr, store = store.backend_name(), epoch = store.epoch(), "control plane listening");

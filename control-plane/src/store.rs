@@ -742,6 +742,47 @@ macro_rules! set_head {
     }};
 }
 
+/// Writes one workspace entry change inside a write transaction holding the meta lock:
+/// `$old` becomes `$state` at `$region` (or its own region when `None`) at version
+/// `$head.version + 1`, with its history row and the new head. Evaluates to the new entry.
+macro_rules! write_entry {
+    ($tx:expr, $d:expr, $head:expr, $old:expr, $region:expr, $state:expr, $actor:expr) => {{
+        let old: &Workspace = &$old;
+        let version = $head.version + 1;
+        let new = Workspace {
+            id: old.id.clone(),
+            region: $region.map_or_else(|| old.region.clone(), |r: &str| r.to_owned()),
+            state: $state,
+            epoch: old.epoch.wrapping_add(1),
+            version,
+        };
+        let mut checksum = $head.checksum;
+        checksum.remove(entry_hash(old));
+        checksum.add(entry_hash(&new));
+        let at = now_ms();
+        sqlx::query(
+            "UPDATE workspaces SET region = $2, state = $3, epoch = $4, version = $5, \
+             updated_at = $6 WHERE id = $1",
+        )
+        .bind(&old.id)
+        .bind(&new.region)
+        .bind(new.state.as_str())
+        .bind(i64::from(new.epoch))
+        .bind(i(version))
+        .bind(at)
+        .execute(&mut *$tx)
+        .await?;
+        let pending = [Pending::workspace_put(&new)];
+        append_changes!($tx, $d, pending, $actor, at);
+        set_head!($tx, $d, version, checksum);
+        new
+    }};
+}
+
+// After the macros above: the module uses them.
+mod moves;
+pub use moves::{AuditCursor, AuditEntry, AuditQuery, Move, MoveRequest, Phase};
+
 impl Store {
     /// Opens (creating if needed) the store at `url` and brings its schema up to date.
     pub async fn open(url: &str, options: StoreOptions) -> Result<Self, StoreError> {
@@ -1401,33 +1442,7 @@ impl Store {
                     });
                 }
             }
-            let version = head.version + 1;
-            let new = Workspace {
-                id: old.id.clone(),
-                region: region.map_or_else(|| old.region.clone(), str::to_owned),
-                state,
-                epoch: old.epoch.wrapping_add(1),
-                version,
-            };
-            let mut checksum = head.checksum;
-            checksum.remove(entry_hash(&old));
-            checksum.add(entry_hash(&new));
-            let at = now_ms();
-            sqlx::query(
-                "UPDATE workspaces SET region = $2, state = $3, epoch = $4, version = $5, \
-                 updated_at = $6 WHERE id = $1",
-            )
-            .bind(id)
-            .bind(&new.region)
-            .bind(new.state.as_str())
-            .bind(i64::from(new.epoch))
-            .bind(i(version))
-            .bind(at)
-            .execute(&mut *tx)
-            .await?;
-            let pending = [Pending::workspace_put(&new)];
-            append_changes!(tx, d, pending, actor, at);
-            set_head!(tx, d, version, checksum);
+            let new = write_entry!(tx, d, head, old, region, state, actor);
             tx.commit().await?;
             new
         });

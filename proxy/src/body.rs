@@ -16,6 +16,7 @@ use http_body::{Body, Frame, SizeHint};
 use pin_project_lite::pin_project;
 use tokio::time::{Instant, Sleep};
 
+use crate::inflight::InFlightGuard;
 use crate::refusal::BoxError;
 
 /// Why a body stopped early, shared with whoever must answer for it.
@@ -77,6 +78,8 @@ pin_project! {
         timer: Sleep,
         fate: Option<Arc<BodyFate>>,
         drop_trailers: bool,
+        // The request this body answers, in flight until the body ends or is dropped.
+        in_flight: Option<InFlightGuard>,
     }
 }
 
@@ -93,7 +96,14 @@ impl<B> Guarded<B> {
             timer: tokio::time::sleep_until(now + idle),
             fate,
             drop_trailers: false,
+            in_flight: None,
         }
+    }
+
+    /// Holds a request's in-flight registration until the body ends (or is dropped).
+    pub fn holding(mut self, in_flight: Option<InFlightGuard>) -> Self {
+        self.in_flight = in_flight;
+        self
     }
 
     /// Drops trailer frames: a client's trailers could carry `x-domicile-*` or hop-by-hop
@@ -148,6 +158,7 @@ where
                 if let Some(fate) = this.fate {
                     fate.set(Fate::Done);
                 }
+                this.in_flight.take();
                 Poll::Ready(None)
             }
             Poll::Pending => loop {

@@ -37,6 +37,7 @@ use crate::connpool::{EndpointKey, SendError, IDLE_TIMEOUT, MAX_IDLE_PER_ENDPOIN
 use crate::decide::Decision;
 use crate::headers::{self, Peer};
 use crate::identify::Headers;
+use crate::inflight::InFlightGuard;
 use crate::pipeline::{host_without_port, RouteInput};
 use crate::pipeline::{is_idempotent_method, is_safe_method, Pipeline};
 use crate::refusal::{Refusal, RefusalCode};
@@ -212,6 +213,8 @@ struct Plan<'p> {
     idempotent: bool,
     client_close: bool,
     started: std::time::Instant,
+    /// Held until the exchange is over (the plan lives until then).
+    _in_flight: Option<InFlightGuard>,
 }
 
 // The plan is moved once per request; boxing it would allocate per request instead.
@@ -402,7 +405,7 @@ fn prepare<'p>(buf: &[u8], pipeline: &'p Pipeline, peer: &Peer, out: &mut Vec<u8
         headers: Headers::Raw(fields),
         safe_method: is_safe_method(method),
     };
-    let (decision, _, _) = pipeline.route(&input, peer);
+    let (decision, _, _, in_flight) = pipeline.route(&input, peer);
     let Decision::Forward(forward) = decision else {
         // Refusals are rare; the pipeline answers them through hyper.
         return Prep::Fallback;
@@ -495,6 +498,7 @@ fn prepare<'p>(buf: &[u8], pipeline: &'p Pipeline, peer: &Peer, out: &mut Vec<u8
         idempotent: is_idempotent_method(method),
         client_close,
         started: std::time::Instant::now(),
+        _in_flight: in_flight,
     })
 }
 

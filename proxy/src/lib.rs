@@ -3,7 +3,8 @@
 //! Read in the order a request travels: [`listener`] -> [`identify`] -> [`map`] -> [`decide`]
 //! -> [`upstream`] (via [`pipeline`], over each worker's [`connpool`]); plain HTTP/1.1 requests
 //! take the fast path, which routes through the same pipeline and forwards raw heads. [`config`] turns TOML into a validated configuration,
-//! [`mapfile`] feeds the map replica from a file, [`admin`] serves health and metrics.
+//! [`mapfile`] feeds the map replica from a file, [`sync`] from the control plane,
+//! [`inflight`] counts requests per map version for moves, [`admin`] serves health and metrics.
 
 pub mod admin;
 pub mod body;
@@ -14,6 +15,7 @@ mod fastpath;
 pub mod geoip;
 pub mod headers;
 pub mod identify;
+pub mod inflight;
 pub mod listener;
 pub mod map;
 pub mod mapfile;

@@ -20,6 +20,7 @@ use arc_swap::{ArcSwap, ArcSwapOption};
 use http::HeaderValue;
 use parking_lot::{Mutex, RwLock};
 
+use crate::inflight::{InFlight, InFlightGuard};
 use crate::workspace_id::{is_valid_region_id, WorkspaceId};
 
 /// A region id interned for the lifetime of the process.
@@ -569,6 +570,7 @@ impl MapTable {
 pub struct Replica {
     table: ArcSwapOption<MapTable>,
     regions: Regions,
+    in_flight: InFlight,
 }
 
 /// A consistent view for one routing decision.
@@ -606,6 +608,32 @@ impl Replica {
             Some(entry) => Lookup::Found { entry, version },
             None => Lookup::Unknown { version },
         }
+    }
+
+    /// [`Replica::lookup`] for a request that will be forwarded: the request is registered as
+    /// in flight at the map version it reads (see [`crate::inflight`]) until the guard drops.
+    pub fn lookup_tracked(&self, id: &WorkspaceId) -> (Lookup, Option<InFlightGuard>) {
+        // The table is loaded under the registration's lock: a table swapped in before the
+        // heartbeat side looked is the one this request reads.
+        let (table, guard) = self.in_flight.enter(|| {
+            let table = self.table.load_full();
+            let version = table.as_ref().map(|t| t.version());
+            (table, version)
+        });
+        let Some(table) = table else {
+            return (Lookup::NoMap, guard);
+        };
+        let version = table.version();
+        let lookup = match table.get(id.as_bytes()) {
+            Some(entry) => Lookup::Found { entry, version },
+            None => Lookup::Unknown { version },
+        };
+        (lookup, guard)
+    }
+
+    /// Requests in flight by map version.
+    pub fn in_flight(&self) -> &InFlight {
+        &self.in_flight
     }
 
     /// The loaded map's version, if any map was loaded.

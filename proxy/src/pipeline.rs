@@ -27,6 +27,7 @@ use crate::headers::{
     X_REQUEST_ID,
 };
 use crate::identify::{normalized_path, Headers, Identifier, Identity, RequestView};
+use crate::inflight::InFlightGuard;
 use crate::map::{Lookup, RegionIdx, Replica};
 use crate::metrics::Metrics;
 use crate::refusal::{ProxyBody, Refusal, RefusalCode};
@@ -190,10 +191,11 @@ impl Pipeline {
             headers: Headers::Map(req.headers()),
             safe_method: is_safe(req.method()),
         };
-        let (decision, identity, lookup) = self.route(&request, peer);
+        let (decision, identity, lookup, in_flight) = self.route(&request, peer);
         match decision {
             Decision::Forward(forward) => {
-                self.forward(req, forward, peer, request_id, started).await
+                self.forward(req, forward, peer, request_id, started, in_flight)
+                    .await
             }
             Decision::Refuse {
                 code,
@@ -211,12 +213,14 @@ impl Pipeline {
         }
     }
 
-    /// Identify, look up, decide: where a request goes, or why it may not go anywhere.
+    /// Identify, look up, decide: where a request goes, or why it may not go anywhere. A
+    /// request routed by a workspace's entry comes with its in-flight registration, to be held
+    /// until the origin's answer is complete (moves wait for it; see [`crate::inflight`]).
     pub(crate) fn route(
         &self,
         request: &RouteInput<'_>,
         peer: &Peer,
-    ) -> (Decision, Identity, Lookup) {
+    ) -> (Decision, Identity, Lookup, Option<InFlightGuard>) {
         let path = normalized_path(request.raw_path);
         let mut view = RequestView {
             host: request.host,
@@ -231,11 +235,11 @@ impl Pipeline {
             view.path = request.raw_path;
             identity = Identity::agree(identity, self.identifier.identify(&view));
         }
-        let lookup = match identity {
-            Identity::Workspace(id) => self.replica.lookup(&id),
+        let (lookup, in_flight) = match identity {
+            Identity::Workspace(id) => self.replica.lookup_tracked(&id),
             _ => match self.replica.version() {
-                Some(version) => Lookup::Unknown { version },
-                None => Lookup::NoMap,
+                Some(version) => (Lookup::Unknown { version }, None),
+                None => (Lookup::NoMap, None),
             },
         };
         let arrived_on = match (self.policy.strict_regional_hosts, request.host) {
@@ -263,11 +267,10 @@ impl Pipeline {
             upstreams: &self.upstreams,
             regions: self.replica.regions(),
         };
-        (
-            decide(&facts, &self.policy, lookup, &routes),
-            identity,
-            lookup,
-        )
+        let decision = decide(&facts, &self.policy, lookup, &routes);
+        // Only a forwarded request has anything in flight.
+        let in_flight = in_flight.filter(|_| matches!(decision, Decision::Forward(_)));
+        (decision, identity, lookup, in_flight)
     }
 
     /// Limits hyper does not enforce with a JSON answer.
@@ -391,6 +394,7 @@ impl Pipeline {
         peer: &Peer,
         request_id: HeaderValue,
         started: Instant,
+        in_flight: Option<InFlightGuard>,
     ) -> Response<ProxyBody>
     where
         B: Body<Data = Bytes> + Send + Unpin + 'static,
@@ -532,7 +536,10 @@ impl Pipeline {
         if response.status() == StatusCode::SWITCHING_PROTOCOLS {
             if let Some(client_upgrade) = client_upgrade {
                 let upstream_upgrade = hyper::upgrade::on(&mut response);
+                // The tunnel is the request going on: it stays in flight until it closes.
+                let tunnel_in_flight = in_flight.as_ref().map(InFlightGuard::duplicate);
                 tokio::spawn(async move {
+                    let _in_flight = tunnel_in_flight;
                     match tokio::try_join!(client_upgrade, upstream_upgrade) {
                         Ok((client, upstream)) => {
                             let mut client = TokioIo::new(client);
@@ -552,8 +559,11 @@ impl Pipeline {
             parts.status == StatusCode::SWITCHING_PROTOCOLS,
         );
         parts.headers.insert(X_REQUEST_ID.clone(), request_id);
-        let body =
-            Guarded::new(body, u64::MAX, self.config.limits.idle_timeout, None).boxed_unsync();
+        // The request stays in flight until the origin's answer has been relayed whole (or the
+        // client went away): the response body holds the registration.
+        let body = Guarded::new(body, u64::MAX, self.config.limits.idle_timeout, None)
+            .holding(in_flight)
+            .boxed_unsync();
         Response::from_parts(parts, body)
     }
 

@@ -918,7 +918,11 @@ fn now_ms() -> u64 {
         .map_or(0, |d| d.as_millis() as u64)
 }
 
-/// Sends a heartbeat whenever a new version is persisted, and every `heartbeat_interval`.
+/// How often a proxy with older requests in flight checks whether they finished.
+const DRAIN_POLL: std::time::Duration = std::time::Duration::from_millis(5);
+
+/// Sends a heartbeat whenever a new version is persisted, as soon as the requests routed with
+/// older versions have finished, and every `heartbeat_interval`.
 #[allow(clippy::too_many_arguments)]
 async fn heartbeats(
     cfg: ControlPlaneSection,
@@ -930,16 +934,21 @@ async fn heartbeats(
     mut state: watch::Receiver<SyncState>,
     mut stop: watch::Receiver<bool>,
 ) {
+    let in_flight = || pipeline.replica.in_flight();
     loop {
         let current = state.borrow_and_update().clone();
+        // What this beat says has drained: checked when it is built, after the version was
+        // persisted and published.
+        let mut drained = None;
         if let (Some(version), Some(epoch), Some(checksum)) =
             (current.persisted, current.epoch.clone(), current.checksum)
         {
+            drained = Some(in_flight().drained(version));
             let hb = Heartbeat {
                 proxy_id: proxy_id.clone(),
                 edge_region: edge_region.clone(),
                 applied_version: version,
-                drained_version: None,
+                drained_version: drained,
                 checksum: checksum.to_hex(),
                 epoch,
             };
@@ -969,14 +978,27 @@ async fn heartbeats(
                 }
             }
         }
-        tokio::select! {
-            changed = state.changed() => {
-                if changed.is_err() {
-                    return;
+        let next_beat = tokio::time::Instant::now() + cfg.heartbeat_interval;
+        loop {
+            // Requests older than the persisted version still in flight: look again soon, and
+            // beat as soon as they finished (a move waits for exactly that).
+            let draining = matches!((drained, current.persisted), (Some(d), Some(p)) if d < p);
+            tokio::select! {
+                changed = state.changed() => {
+                    if changed.is_err() {
+                        return;
+                    }
+                    break;
                 }
+                () = tokio::time::sleep_until(next_beat) => break,
+                () = tokio::time::sleep(DRAIN_POLL), if draining => {
+                    let now = current.persisted.map(|p| in_flight().drained(p));
+                    if now != drained {
+                        break;
+                    }
+                }
+                _ = stop.wait_for(|s| *s) => return,
             }
-            () = tokio::time::sleep(cfg.heartbeat_interval) => {}
-            _ = stop.wait_for(|s| *s) => return,
         }
     }
 }
