@@ -522,3 +522,425 @@ pub async fn token(conn: &Connection, command: TokenCommand) -> anyhow::Result<(
     print_json(&out);
     Ok(())
 }
+
+#[derive(Debug, Subcommand)]
+pub enum FleetCommand {
+    /// Remove a proxy that is gone for good (moves stop waiting for it).
+    Remove { proxy_id: String },
+}
+
+pub async fn fleet_remove(conn: &Connection, proxy_id: &str) -> anyhow::Result<()> {
+    let client = conn.client()?;
+    let bytes = client
+        .send(Method::DELETE, &format!("/v1/fleet/{}", q(proxy_id)), None)
+        .await?;
+    if conn.json {
+        print_json(&serde_json::from_slice(&bytes)?);
+    } else {
+        println!("proxy {proxy_id} removed from the fleet");
+    }
+    Ok(())
+}
+
+#[derive(Debug, Subcommand)]
+pub enum MoveCommand {
+    /// Move a workspace to another region: freeze writes, wait for the fleet to drain them,
+    /// then wait for the data mover's `complete`.
+    Start {
+        workspace: String,
+        /// The target region.
+        #[arg(long)]
+        to: String,
+        /// Why (kept in the admin audit trail).
+        #[arg(long)]
+        reason: Option<String>,
+        /// http:// URL called with the move on every phase change.
+        #[arg(long)]
+        webhook: Option<String>,
+        /// How long a phase may wait for the fleet before the move reports itself stalled
+        /// (for example 30s or 5m; default 2m).
+        #[arg(long, value_parser = humantime::parse_duration)]
+        timeout: Option<std::time::Duration>,
+        /// Follow the move until it is frozen (ready for the data copy) or over.
+        #[arg(long)]
+        wait: bool,
+    },
+    /// Show a move: phase, timestamps, the proxies it waits for.
+    Status {
+        id: u64,
+        /// Follow it until it needs someone else (frozen) or is over.
+        #[arg(long)]
+        wait: bool,
+    },
+    /// The data copy is done: switch the workspace's home to the new region.
+    Complete {
+        id: u64,
+        #[arg(long)]
+        reason: Option<String>,
+        /// Follow the move until it is done.
+        #[arg(long)]
+        wait: bool,
+    },
+    /// Abort a move before its switch: the workspace is active at its old home again.
+    Abort {
+        id: u64,
+        #[arg(long)]
+        reason: Option<String>,
+    },
+    /// List moves, newest first.
+    List {
+        #[arg(long)]
+        workspace: Option<String>,
+        /// Only moves that are not over.
+        #[arg(long)]
+        open: bool,
+        #[arg(long, default_value_t = 50)]
+        limit: u32,
+    },
+}
+
+fn move_rows(moves: &[Value]) -> Vec<Vec<String>> {
+    moves
+        .iter()
+        .map(|m| {
+            vec![
+                s(&m["id"]),
+                s(&m["workspace"]),
+                format!("{} -> {}", s(&m["from"]), s(&m["to"])),
+                s(&m["phase"]),
+                if m["stalled"].as_bool() == Some(true) {
+                    "STALLED".into()
+                } else {
+                    "-".into()
+                },
+                s(&m["at"]["requested"]),
+                s(&m["actor"]),
+                s(&m["reason"]),
+            ]
+        })
+        .collect()
+}
+
+const MOVE_HEADERS: [&str; 8] = [
+    "MOVE",
+    "WORKSPACE",
+    "FROM -> TO",
+    "PHASE",
+    "STALLED",
+    "REQUESTED",
+    "ACTOR",
+    "REASON",
+];
+
+fn print_move(m: &Value) {
+    println!(
+        "move {}: {} {} -> {}  phase {}{}",
+        s(&m["id"]),
+        s(&m["workspace"]),
+        s(&m["from"]),
+        s(&m["to"]),
+        s(&m["phase"]),
+        if m["stalled"].as_bool() == Some(true) {
+            "  (STALLED: past its timeout)"
+        } else {
+            ""
+        }
+    );
+    for phase in [
+        "requested",
+        "freezing",
+        "frozen",
+        "switching",
+        "done",
+        "aborted",
+    ] {
+        if let Some(at) = m["at"][phase].as_str() {
+            let version = match phase {
+                "freezing" => &m["versions"]["freeze"],
+                "switching" => &m["versions"]["switch"],
+                "done" => &m["versions"]["done"],
+                "aborted" => &m["versions"]["abort"],
+                _ => &Value::Null,
+            };
+            let version = match version {
+                Value::Null => String::new(),
+                v => format!("  (map version {v})"),
+            };
+            println!("  {phase:<10} {at}{version}");
+        }
+    }
+    if let Some(pause) = m["write_pause_ms"].as_i64() {
+        println!("  writes paused for {:.3} s", pause as f64 / 1000.0);
+    }
+    print_waiting(m);
+    if let Some(why) = m["abort_reason"].as_str() {
+        println!("  aborted: {why}");
+    }
+    println!("  next: {}", s(&m["next"]));
+}
+
+fn print_waiting(m: &Value) {
+    if let Some(waiting) = m["waiting_for"].as_array().filter(|w| !w.is_empty()) {
+        println!(
+            "  waiting for {} proxy(ies) to drain version {}:",
+            waiting.len(),
+            s(&m["awaiting_version"])
+        );
+        for p in waiting {
+            println!(
+                "    {} ({}): {}",
+                s(&p["proxy_id"]),
+                s(&p["edge_region"]),
+                s(&p["why"])
+            );
+        }
+    }
+}
+
+/// Follows a move, printing each change, until `until` says stop. Errors when the move ends
+/// aborted.
+async fn follow(
+    client: &AdminClient,
+    conn: &Connection,
+    id: u64,
+    until: fn(&str) -> bool,
+) -> anyhow::Result<()> {
+    let mut last = (String::new(), String::new(), false);
+    let started = std::time::Instant::now();
+    loop {
+        let m = client.get_json(&format!("/v1/moves/{id}")).await?;
+        let phase = s(&m["phase"]);
+        let seen = (
+            phase.clone(),
+            m["waiting_for"].to_string(),
+            m["stalled"].as_bool() == Some(true),
+        );
+        if seen != last && !conn.json {
+            let waiting = m["waiting_for"].as_array().map_or(0, Vec::len);
+            println!(
+                "{:>8.3}s  move {id}  {phase}{}{}",
+                started.elapsed().as_secs_f64(),
+                if waiting > 0 {
+                    format!(
+                        "  waiting for {waiting} proxy(ies) to drain version {}",
+                        s(&m["awaiting_version"])
+                    )
+                } else {
+                    String::new()
+                },
+                if seen.2 { "  STALLED" } else { "" }
+            );
+            if seen.2 && !last.2 {
+                print_waiting(&m);
+            }
+            last = seen;
+        }
+        if until(&phase) {
+            if conn.json {
+                print_json(&m);
+            } else {
+                print_move(&m);
+            }
+            if phase == "aborted" {
+                anyhow::bail!(
+                    "move {id} was aborted: {}",
+                    m["abort_reason"].as_str().unwrap_or("no reason given")
+                );
+            }
+            return Ok(());
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+}
+
+fn over_or_frozen(phase: &str) -> bool {
+    matches!(phase, "frozen" | "done" | "aborted")
+}
+
+fn over(phase: &str) -> bool {
+    matches!(phase, "done" | "aborted")
+}
+
+pub async fn moves(conn: &Connection, command: MoveCommand) -> anyhow::Result<()> {
+    let client = conn.client()?;
+    let out = match command {
+        MoveCommand::Start {
+            workspace,
+            to,
+            reason,
+            webhook,
+            timeout,
+            wait,
+        } => {
+            let mut body = json!({ "workspace": workspace, "to": to });
+            if let Some(reason) = reason {
+                body["reason"] = json!(reason);
+            }
+            if let Some(webhook) = webhook {
+                body["webhook"] = json!(webhook);
+            }
+            if let Some(timeout) = timeout {
+                body["timeout_seconds"] = json!(timeout.as_secs_f64());
+            }
+            let m = client.send_json(Method::POST, "/v1/moves", &body).await?;
+            let id = m["id"].as_u64().context("the control plane sent no move id")?;
+            if wait {
+                if !conn.json {
+                    println!("move {id} started: {workspace} -> {to}");
+                }
+                follow(&client, conn, id, over_or_frozen).await?;
+                return Ok(());
+            }
+            if !conn.json {
+                println!("move {id} started: {workspace} -> {to}");
+                println!("follow it with: domicile move status {id} --wait");
+                return Ok(());
+            }
+            m
+        }
+        MoveCommand::Status { id, wait } => {
+            if wait {
+                return follow(&client, conn, id, over_or_frozen).await;
+            }
+            let m = client.get_json(&format!("/v1/moves/{id}")).await?;
+            if !conn.json {
+                print_move(&m);
+                return Ok(());
+            }
+            m
+        }
+        MoveCommand::Complete { id, reason, wait } => {
+            let body = match reason {
+                Some(reason) => json!({ "reason": reason }),
+                None => json!({}),
+            };
+            let m = client
+                .send_json(Method::POST, &format!("/v1/moves/{id}/complete"), &body)
+                .await?;
+            if wait {
+                return follow(&client, conn, id, over).await;
+            }
+            if !conn.json {
+                print_move(&m);
+                return Ok(());
+            }
+            m
+        }
+        MoveCommand::Abort { id, reason } => {
+            let body = match reason {
+                Some(reason) => json!({ "reason": reason }),
+                None => json!({}),
+            };
+            let m = client
+                .send_json(Method::POST, &format!("/v1/moves/{id}/abort"), &body)
+                .await?;
+            if !conn.json {
+                print_move(&m);
+                return Ok(());
+            }
+            m
+        }
+        MoveCommand::List {
+            workspace,
+            open,
+            limit,
+        } => {
+            let mut path = format!("/v1/moves?limit={limit}&open={open}");
+            if let Some(w) = workspace {
+                path.push_str(&format!("&workspace={}", q(&w)));
+            }
+            let v = client.get_json(&path).await?;
+            if !conn.json {
+                let moves = v["moves"].as_array().cloned().unwrap_or_default();
+                print_table(&MOVE_HEADERS, move_rows(&moves));
+                return Ok(());
+            }
+            v
+        }
+    };
+    print_json(&out);
+    Ok(())
+}
+
+#[derive(Debug, Subcommand)]
+pub enum AuditCommand {
+    /// The admin audit trail: every map change and every admin event (moves, tokens, fleet
+    /// removals) with actor, time and reason.
+    Admin {
+        /// Only entries about this workspace.
+        #[arg(long)]
+        workspace: Option<String>,
+        /// From this time on (RFC 3339, for example 2026-11-23T10:00:00Z).
+        #[arg(long)]
+        since: Option<String>,
+        /// Before this time.
+        #[arg(long)]
+        until: Option<String>,
+        /// Entries per page.
+        #[arg(long, default_value_t = 1000)]
+        limit: u32,
+        /// Follow the pages to the end.
+        #[arg(long)]
+        all: bool,
+    },
+}
+
+pub async fn audit(conn: &Connection, command: AuditCommand) -> anyhow::Result<()> {
+    let client = conn.client()?;
+    let AuditCommand::Admin {
+        workspace,
+        since,
+        until,
+        limit,
+        all,
+    } = command;
+    let mut base = format!("/v1/audit/admin?limit={limit}");
+    for (key, value) in [("workspace", workspace), ("since", since), ("until", until)] {
+        if let Some(value) = value {
+            base.push_str(&format!("&{key}={}", q(&value)));
+        }
+    }
+    let mut after: Option<String> = None;
+    let mut entries: Vec<Value> = Vec::new();
+    let next = loop {
+        let path = match &after {
+            Some(a) => format!("{base}&after={}", q(a)),
+            None => base.clone(),
+        };
+        let v = client.get_json(&path).await?;
+        entries.extend(v["entries"].as_array().cloned().unwrap_or_default());
+        match v["next"].as_str() {
+            Some(next) if all => after = Some(next.to_owned()),
+            next => break next.map(str::to_owned),
+        }
+    };
+    if conn.json {
+        print_json(&json!({ "entries": entries, "next": next }));
+        return Ok(());
+    }
+    let rows = entries
+        .iter()
+        .map(|e| {
+            vec![
+                s(&e["at"]),
+                s(&e["actor"]),
+                s(&e["action"]),
+                s(&e["subject"]),
+                s(&e["version"]),
+                s(&e["move"]),
+                s(&e["detail"]),
+                s(&e["reason"]),
+            ]
+        })
+        .collect();
+    print_table(
+        &[
+            "AT", "ACTOR", "ACTION", "SUBJECT", "VERSION", "MOVE", "DETAIL", "REASON",
+        ],
+        rows,
+    );
+    if let Some(next) = next {
+        eprintln!("more entries: add --all, or ask the API with after={next}");
+    }
+    Ok(())
+}

@@ -149,6 +149,15 @@ The map lives in the control plane:
   {d} fleet                                              # demo-edge: SYNCED
   curl -s -H "Authorization: Bearer $(cat {token})" http://{control_plane}/v1/map/snapshot
 
+Move acme to eu with zero misrouted requests (writes pause only until the copy is done):
+  {d} move start acme --to eu --reason 'customer asked for EU hosting' --wait  # -> frozen
+  curl -si -X POST http://acme.localhost:{port}/orders    # 503 workspace_moving + Retry-After
+  curl -s http://acme.localhost:{port}/                   # reads still served by us
+  {d} move complete ID --wait      # ID as printed above: the data copy is done -> done
+  curl -s http://acme.localhost:{port}/                   # served by region eu
+  {d} move list
+  {d} audit admin --workspace acme                      # every phase, actor and reason
+
 Stop with Ctrl-C."#,
         config = config_path.display(),
         data = options.data_dir.display(),

@@ -5,7 +5,10 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand, ValueEnum};
-use domicile::admin::{self, Connection, RegionCommand, TokenCommand, WorkspaceCommand};
+use domicile::admin::{
+    self, AuditCommand, Connection, FleetCommand, MoveCommand, RegionCommand, TokenCommand,
+    WorkspaceCommand,
+};
 use domicile::demo::{self, DemoOptions};
 use domicile_control_plane::ControlPlaneConfig;
 use domicile_proxy::ProxyConfig;
@@ -80,6 +83,22 @@ enum Command {
     Fleet {
         #[command(flatten)]
         conn: Connection,
+        #[command(subcommand)]
+        command: Option<FleetCommand>,
+    },
+    /// Move a workspace to another region with zero misrouted requests (control-plane API).
+    Move {
+        #[command(flatten)]
+        conn: Connection,
+        #[command(subcommand)]
+        command: MoveCommand,
+    },
+    /// Audit trails: the control plane's admin trail.
+    Audit {
+        #[command(flatten)]
+        conn: Connection,
+        #[command(subcommand)]
+        command: AuditCommand,
     },
     /// API tokens (admin only).
     Token {
@@ -244,7 +263,16 @@ async fn run(command: Command) -> anyhow::Result<()> {
         }
         Command::Region { conn, command } => admin::region(&conn, command).await,
         Command::Workspace { conn, command } => admin::workspace(&conn, command).await,
-        Command::Fleet { conn } => admin::fleet(&conn).await,
+        Command::Fleet {
+            conn,
+            command: None,
+        } => admin::fleet(&conn).await,
+        Command::Fleet {
+            conn,
+            command: Some(FleetCommand::Remove { proxy_id }),
+        } => admin::fleet_remove(&conn, &proxy_id).await,
+        Command::Move { conn, command } => admin::moves(&conn, command).await,
+        Command::Audit { conn, command } => admin::audit(&conn, command).await,
         Command::Token { conn, command } => admin::token(&conn, command).await,
         Command::CheckConfig { .. } => unreachable!("handled before the runtime starts"),
     }

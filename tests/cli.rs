@@ -202,6 +202,39 @@ async fn demo_runs_routes_and_stops_on_sigterm() {
     assert!(ok, "{err}");
     let fleet: serde_json::Value = serde_json::from_str(&json).unwrap();
     assert!(fleet["members"][0]["proxy_id"] == "demo-edge", "{fleet}");
+    // The move the banner suggests: acme to eu, driven by the CLI.
+    assert!(banner.contains("move start acme --to eu"), "{banner}");
+    let (ok, json, err) = admin(&["move", "start", "acme", "--to", "eu", "--wait", "--json"]);
+    assert!(ok, "{err}");
+    let started: serde_json::Value = serde_json::from_str(&json).unwrap();
+    assert_eq!(started["phase"], "frozen", "{started}");
+    let id = started["id"].to_string();
+    let acme = format!("http://{proxy}/w/acme/orders");
+    let write = request("POST", &acme, &[], b"{}").await;
+    assert_eq!(write.status, 503);
+    assert_eq!(write.refusal(), Some("workspace_moving"));
+    assert!(write.headers.contains_key("retry-after"));
+    assert_eq!(get(&acme, &[]).await.region(), "us", "reads go on at the old home");
+    let (ok, json, err) = admin(&["move", "complete", &id, "--wait", "--json"]);
+    assert!(ok, "{err}");
+    let done: serde_json::Value = serde_json::from_str(&json).unwrap();
+    assert_eq!(done["phase"], "done", "{done}");
+    let mut moved = false;
+    for _ in 0..250 {
+        let reply = request("POST", &acme, &[], b"{}").await;
+        if reply.status == 200 && reply.region() == "eu" {
+            moved = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(moved, "writes resume at the new home");
+    let (ok, table, err) = admin(&["audit", "admin", "--workspace", "acme"]);
+    assert!(ok, "{err}");
+    for action in ["move.requested", "move.freezing", "move.frozen", "move.switching", "move.done"] {
+        assert!(table.contains(action), "{action} missing from the trail:\n{table}");
+    }
+
     let (ok, _, err) = Command::new(BIN)
         .args([
             "workspace",
