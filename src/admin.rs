@@ -783,7 +783,9 @@ pub async fn moves(conn: &Connection, command: MoveCommand) -> anyhow::Result<()
                 body["timeout_seconds"] = json!(timeout.as_secs_f64());
             }
             let m = client.send_json(Method::POST, "/v1/moves", &body).await?;
-            let id = m["id"].as_u64().context("the control plane sent no move id")?;
+            let id = m["id"]
+                .as_u64()
+                .context("the control plane sent no move id")?;
             if wait {
                 if !conn.json {
                     println!("move {id} started: {workspace} -> {to}");

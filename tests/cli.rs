@@ -214,7 +214,11 @@ async fn demo_runs_routes_and_stops_on_sigterm() {
     assert_eq!(write.status, 503);
     assert_eq!(write.refusal(), Some("workspace_moving"));
     assert!(write.headers.contains_key("retry-after"));
-    assert_eq!(get(&acme, &[]).await.region(), "us", "reads go on at the old home");
+    assert_eq!(
+        get(&acme, &[]).await.region(),
+        "us",
+        "reads go on at the old home"
+    );
     let (ok, json, err) = admin(&["move", "complete", &id, "--wait", "--json"]);
     assert!(ok, "{err}");
     let done: serde_json::Value = serde_json::from_str(&json).unwrap();
@@ -231,8 +235,17 @@ async fn demo_runs_routes_and_stops_on_sigterm() {
     assert!(moved, "writes resume at the new home");
     let (ok, table, err) = admin(&["audit", "admin", "--workspace", "acme"]);
     assert!(ok, "{err}");
-    for action in ["move.requested", "move.freezing", "move.frozen", "move.switching", "move.done"] {
-        assert!(table.contains(action), "{action} missing from the trail:\n{table}");
+    for action in [
+        "move.requested",
+        "move.freezing",
+        "move.frozen",
+        "move.switching",
+        "move.done",
+    ] {
+        assert!(
+            table.contains(action),
+            "{action} missing from the trail:\n{table}"
+        );
     }
 
     let (ok, _, err) = Command::new(BIN)

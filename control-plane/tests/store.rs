@@ -5,7 +5,9 @@ mod common;
 use std::collections::BTreeSet;
 
 use domicile_control_plane::auth::Role;
-use domicile_control_plane::store::{Actor, ImportLine, StoreError};
+use domicile_control_plane::store::{
+    Actor, AuditQuery, ImportLine, MoveRequest, Phase, StoreError,
+};
 use domicile_control_plane::Store;
 use domicile_wire::{Checksum, FeedLine, Heartbeat, Op, Region, State};
 
@@ -43,6 +45,7 @@ both!(
     concurrent_writers_give_every_watcher_every_version_once_in_order,
     tokens_are_stored_hashed_and_checked,
     the_fleet_keeps_one_row_per_proxy,
+    moves_write_their_phases_and_map_changes_together,
 );
 
 fn actor() -> Actor {
@@ -577,4 +580,207 @@ async fn the_fleet_keeps_one_row_per_proxy(store: &Store) {
     assert!(store.fleet().await.unwrap().is_empty());
     // Once removed, the id can be reported by another token.
     store.heartbeat(&hb, "edge-2-token").await.unwrap();
+}
+
+fn move_to(workspace: &str, to: &str) -> MoveRequest {
+    MoveRequest {
+        workspace: workspace.into(),
+        to: to.into(),
+        webhook: None,
+        timeout_ms: 60_000,
+    }
+}
+
+fn conflict_code(e: StoreError) -> &'static str {
+    match e {
+        StoreError::Conflict { code, .. } | StoreError::Invalid { code, .. } => code,
+        other => panic!("expected a refusal, got {other:?}"),
+    }
+}
+
+async fn moves_write_their_phases_and_map_changes_together(store: &Store) {
+    seed(store).await;
+    store
+        .put_workspace("acme", "us", false, &actor())
+        .await
+        .unwrap();
+    let by = |name: &str, reason: &str| Actor {
+        name: name.into(),
+        reason: Some(reason.into()),
+    };
+
+    // Refusals: unknown workspace, unknown region, the same region.
+    assert!(matches!(
+        store.create_move(&move_to("nobody", "eu"), &actor()).await,
+        Err(StoreError::NotFound { .. })
+    ));
+    let e = store.create_move(&move_to("acme", "mars"), &actor()).await;
+    assert_eq!(conflict_code(e.unwrap_err()), "unknown_region");
+    let e = store.create_move(&move_to("acme", "us"), &actor()).await;
+    assert_eq!(conflict_code(e.unwrap_err()), "same_region");
+
+    // Abort while requested: nothing was written to the map.
+    let head = store.head().await.unwrap().version;
+    let m = store
+        .create_move(&move_to("acme", "eu"), &by("ops", "try"))
+        .await
+        .unwrap();
+    assert_eq!(m.phase, Phase::Requested);
+    assert_eq!((m.from.as_str(), m.to.as_str()), ("us", "eu"));
+    let e = store.create_move(&move_to("acme", "eu"), &actor()).await;
+    assert_eq!(conflict_code(e.unwrap_err()), "move_in_progress");
+    let aborted = store
+        .move_abort(m.id, &by("ops", "changed my mind"))
+        .await
+        .unwrap();
+    assert_eq!(aborted.phase, Phase::Aborted);
+    assert_eq!(aborted.abort_version, None);
+    assert_eq!(aborted.abort_reason.as_deref(), Some("changed my mind"));
+    assert_eq!(store.head().await.unwrap().version, head, "no map write");
+    // A second abort is harmless; a complete is refused.
+    assert_eq!(
+        store.move_abort(m.id, &actor()).await.unwrap().phase,
+        Phase::Aborted
+    );
+    let e = store.move_complete(m.id, &actor()).await.unwrap_err();
+    assert_eq!(conflict_code(e), "move_aborted");
+
+    // Abort while freezing: the freeze is undone at the old home.
+    let m = store
+        .create_move(&move_to("acme", "eu"), &actor())
+        .await
+        .unwrap();
+    let m = store.move_freeze(m.id).await.unwrap().unwrap();
+    assert_eq!(m.phase, Phase::Freezing);
+    let vf = m.freeze_version.unwrap();
+    let ws = store.workspace("acme").await.unwrap();
+    assert_eq!(
+        (ws.region.as_str(), ws.state, ws.version),
+        ("us", State::Frozen, vf)
+    );
+    assert!(
+        store.move_freeze(m.id).await.unwrap().is_none(),
+        "freezes once"
+    );
+    let e = store.move_complete(m.id, &actor()).await.unwrap_err();
+    assert_eq!(conflict_code(e), "move_not_frozen");
+    let e = store
+        .put_workspace("acme", "eu", true, &actor())
+        .await
+        .unwrap_err();
+    assert_eq!(conflict_code(e), "workspace_moving");
+    let aborted = store.move_abort(m.id, &actor()).await.unwrap();
+    let ws = store.workspace("acme").await.unwrap();
+    assert_eq!((ws.region.as_str(), ws.state), ("us", State::Active));
+    assert_eq!(aborted.abort_version, Some(ws.version));
+
+    // The whole way: freezing, frozen, switching, done.
+    let m = store
+        .create_move(&move_to("acme", "eu"), &by("ops", "customer asked"))
+        .await
+        .unwrap();
+    let m = store.move_freeze(m.id).await.unwrap().unwrap();
+    let m = store.move_frozen(m.id, "drained").await.unwrap().unwrap();
+    assert_eq!(m.phase, Phase::Frozen);
+    assert!(store.move_frozen(m.id, "again").await.unwrap().is_none());
+    let m = store
+        .move_complete(m.id, &by("mover", "copied"))
+        .await
+        .unwrap();
+    assert_eq!(m.phase, Phase::Switching);
+    let vs = m.switch_version.unwrap();
+    let ws = store.workspace("acme").await.unwrap();
+    assert_eq!(
+        (ws.region.as_str(), ws.state, ws.version),
+        ("eu", State::Frozen, vs)
+    );
+    assert_eq!(
+        store.move_complete(m.id, &actor()).await.unwrap().phase,
+        Phase::Switching
+    );
+    let e = store.move_abort(m.id, &actor()).await.unwrap_err();
+    assert_eq!(conflict_code(e), "move_past_switch");
+    let m = store.move_finish(m.id, "drained").await.unwrap().unwrap();
+    assert_eq!(m.phase, Phase::Done);
+    let ws = store.workspace("acme").await.unwrap();
+    assert_eq!((ws.region.as_str(), ws.state), ("eu", State::Active));
+    assert_eq!(m.done_version, Some(ws.version));
+    assert!(m.requested_at_ms <= m.freezing_at_ms.unwrap());
+    assert!(m.freezing_at_ms <= m.frozen_at_ms && m.frozen_at_ms <= m.switching_at_ms);
+    assert!(m.switching_at_ms <= m.done_at_ms);
+
+    // The map history names the move and its actor.
+    let history = store.history("acme").await.unwrap();
+    let last = history.last().unwrap();
+    assert_eq!(last.actor, "ops");
+    assert!(last
+        .reason
+        .as_deref()
+        .unwrap()
+        .starts_with(&format!("move {}:", m.id)));
+
+    // A workspace deleted before its freeze: the driver's freeze aborts the move instead.
+    store
+        .put_workspace("gone", "us", false, &actor())
+        .await
+        .unwrap();
+    let doomed = store
+        .create_move(&move_to("gone", "eu"), &actor())
+        .await
+        .unwrap();
+    store.delete_workspace("gone", &actor()).await.unwrap();
+    let doomed = store.move_freeze(doomed.id).await.unwrap().unwrap();
+    assert_eq!(doomed.phase, Phase::Aborted);
+    assert!(doomed.abort_reason.unwrap().contains("deleted"));
+
+    // Listing.
+    let listed = store.moves(Some("acme"), false, 10).await.unwrap();
+    assert_eq!(listed.len(), 3);
+    assert!(listed.windows(2).all(|w| w[0].id > w[1].id), "newest first");
+    assert!(store.moves(None, true, 10).await.unwrap().is_empty());
+
+    // The admin trail: every phase and map change of acme, in order, and pages that join up.
+    let all = store
+        .admin_audit(&AuditQuery {
+            workspace: Some("acme".into()),
+            limit: 1000,
+            ..AuditQuery::default()
+        })
+        .await
+        .unwrap();
+    let actions: Vec<&str> = all.iter().map(|e| e.action.as_str()).collect();
+    for action in [
+        "move.requested",
+        "move.aborted",
+        "move.freezing",
+        "move.frozen",
+        "move.switching",
+        "move.done",
+        "map.workspace.put",
+    ] {
+        assert!(actions.contains(&action), "{action} missing: {actions:?}");
+    }
+    assert!(all.windows(2).all(|w| w[0].cursor < w[1].cursor));
+    let switching = all.iter().find(|e| e.action == "move.switching").unwrap();
+    assert_eq!(switching.actor, "mover");
+    assert_eq!(switching.reason.as_deref(), Some("copied"));
+    let mut paged = Vec::new();
+    let mut after = None;
+    loop {
+        let page = store
+            .admin_audit(&AuditQuery {
+                workspace: Some("acme".into()),
+                after,
+                limit: 2,
+                ..AuditQuery::default()
+            })
+            .await
+            .unwrap();
+        if page.is_empty() {
+            break;
+        }
+        after = Some(page.last().unwrap().cursor);
+        paged.extend(page);
+    }
+    assert_eq!(paged, all, "pages of 2 give the same trail");
 }

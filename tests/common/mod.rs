@@ -1,6 +1,8 @@
 //! Test harness: real origins and a real proxy on loopback, port 0, owned by the test.
 #![allow(dead_code)]
 
+pub mod cp;
+
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
