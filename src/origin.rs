@@ -5,7 +5,8 @@
 //! (`authority` is the request target's authority: HTTP/2's `:authority`, else null).
 //!
 //! Request bodies are read as a stream and counted, never held. WebSocket upgrades are accepted
-//! and echoed. Every request is also kept in a log that tests can read.
+//! and echoed. Every request is also kept in a log that tests can read, with the time it was
+//! processed; `x-origin-delay-ms: N` makes processing take N ms.
 
 use std::collections::BTreeMap;
 use std::convert::Infallible;
@@ -32,6 +33,9 @@ pub struct Seen {
     pub path: String,
     pub headers: BTreeMap<String, String>,
     pub body_bytes: u64,
+    /// When the origin had the whole request, in microseconds since the Unix epoch (always
+    /// before its answer left).
+    pub at_us: i64,
 }
 
 /// A running origin.
@@ -184,6 +188,14 @@ async fn handle(
             Err(_) => break,
         }
     }
+    // `x-origin-delay-ms: N` makes the origin take N ms (at most 10 s) to process the request
+    // before it logs and answers it: a slow write, for tests of what is in flight.
+    if let Some(ms) = headers
+        .get("x-origin-delay-ms")
+        .and_then(|v| v.parse::<u64>().ok())
+    {
+        tokio::time::sleep(std::time::Duration::from_millis(ms.min(10_000))).await;
+    }
     log_seen(&log, &method, &path, &headers, body_bytes);
 
     // `/bytes/N` streams N bytes back (for download tests and demos of large bodies).
@@ -217,6 +229,9 @@ fn log_seen(
             path: path.to_owned(),
             headers: headers.clone(),
             body_bytes,
+            at_us: std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_micros() as i64),
         });
     }
 }

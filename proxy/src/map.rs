@@ -597,7 +597,11 @@ impl Replica {
         &self.regions
     }
 
-    /// Looks up `id`, returning the entry with the map version it is valid at.
+    /// Looks up `id`, returning the entry with the map version it is valid at: the published
+    /// version, or the entry's own when a change was applied between reading the version and
+    /// the entry (the version is published after its entries). The map at the returned version
+    /// holds exactly this entry, so a request's `x-domicile-map-version` always explains where
+    /// it went.
     pub fn lookup(&self, id: &WorkspaceId) -> Lookup {
         let guard = self.table.load();
         let Some(table) = guard.as_ref() else {
@@ -605,7 +609,10 @@ impl Replica {
         };
         let version = table.version();
         match table.get(id.as_bytes()) {
-            Some(entry) => Lookup::Found { entry, version },
+            Some(entry) => Lookup::Found {
+                version: version.max(entry.version),
+                entry,
+            },
             None => Lookup::Unknown { version },
         }
     }
@@ -625,7 +632,10 @@ impl Replica {
         };
         let version = table.version();
         let lookup = match table.get(id.as_bytes()) {
-            Some(entry) => Lookup::Found { entry, version },
+            Some(entry) => Lookup::Found {
+                version: version.max(entry.version),
+                entry,
+            },
             None => Lookup::Unknown { version },
         };
         (lookup, guard)

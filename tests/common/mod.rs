@@ -49,6 +49,7 @@ pub struct ProxyBuilder {
     limits: String,
     proxy_extra: String,
     map: Option<String>,
+    id: String,
 }
 
 pub fn proxy() -> ProxyBuilder {
@@ -60,6 +61,7 @@ pub fn proxy() -> ProxyBuilder {
         limits: String::new(),
         proxy_extra: String::new(),
         map: Some(MAP.to_owned()),
+        id: "test-edge".to_owned(),
     }
 }
 
@@ -91,6 +93,12 @@ impl ProxyBuilder {
         self
     }
 
+    /// The proxy's id in the fleet (default `test-edge`).
+    pub fn id(mut self, id: &str) -> Self {
+        self.id = id.to_owned();
+        self
+    }
+
     pub fn proxy_section(mut self, extra: &str) -> Self {
         self.proxy_extra.push_str(extra);
         self.proxy_extra.push('\n');
@@ -113,8 +121,8 @@ impl ProxyBuilder {
 
     pub fn toml(&self) -> String {
         let mut text = format!(
-            "[proxy]\nid = \"test-edge\"\nedge_region = \"us\"\nlisten = \"127.0.0.1:0\"\nadmin_listen = \"127.0.0.1:0\"\nshutdown_grace = \"5s\"\n{}\n",
-            self.proxy_extra
+            "[proxy]\nid = \"{}\"\nedge_region = \"us\"\nlisten = \"127.0.0.1:0\"\nadmin_listen = \"127.0.0.1:0\"\nshutdown_grace = \"5s\"\n{}\n",
+            self.id, self.proxy_extra
         );
         if self.map.is_some() {
             text.push_str("[map]\nfile = \"map.jsonl\"\n\n");
