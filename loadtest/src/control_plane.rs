@@ -57,7 +57,7 @@ pub struct Percentiles {
     pub max: f64,
 }
 
-fn percentiles(mut samples: Vec<Duration>) -> Percentiles {
+pub(crate) fn percentiles(mut samples: Vec<Duration>) -> Percentiles {
     samples.sort();
     let at = |q: f64| {
         let i = ((samples.len() as f64 - 1.0) * q).round() as usize;
@@ -80,7 +80,7 @@ pub struct Report {
     pub skipped: Vec<String>,
 }
 
-async fn start_proxy(
+pub(crate) async fn start_proxy(
     dir: &Path,
     cp: &str,
     token: &str,
@@ -102,7 +102,7 @@ async fn start_proxy(
     Ok(domicile_proxy::start(config).await?)
 }
 
-async fn wait_applied(proxy: &RunningProxy, version: u64) -> Result<()> {
+pub(crate) async fn wait_applied(proxy: &RunningProxy, version: u64) -> Result<()> {
     let sync = proxy
         .sync
         .as_ref()
@@ -342,21 +342,9 @@ pub async fn run(options: Options) -> Result<PathBuf> {
     let now = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)?
         .as_secs();
-    let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
-        .unwrap_or_default()
-        .trim()
-        .chars()
-        .map(|c| {
-            if c.is_ascii_alphanumeric() || c == '-' {
-                c
-            } else {
-                '_'
-            }
-        })
-        .collect::<String>();
     let report = Report {
         date: crate::compare::utc_date(now),
-        host,
+        host: host_name(),
         cpus: std::thread::available_parallelism().map_or(1, |n| n.get()),
         results,
         skipped,
@@ -372,4 +360,20 @@ pub async fn run(options: Options) -> Result<PathBuf> {
     std::fs::write(&md_path, &md)?;
     print!("{md}");
     Ok(md_path)
+}
+
+/// This machine's name, safe for a file name.
+pub(crate) fn host_name() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .unwrap_or_default()
+        .trim()
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || c == '-' {
+                c
+            } else {
+                '_'
+            }
+        })
+        .collect()
 }

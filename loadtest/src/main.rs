@@ -33,6 +33,36 @@ enum Command {
     /// The control plane at scale: import, snapshot, change propagation, on SQLite and
     /// PostgreSQL. Writes loadtest/results/<date>-<host>-control-plane.json and .md.
     ControlPlane(ControlPlaneArgs),
+    /// What a move costs its workspace's users: write pause and read availability during
+    /// moves with an instant data copy. Writes loadtest/results/<date>-<host>-moves.json and .md.
+    Moves(MovesArgs),
+}
+
+#[derive(Debug, Args)]
+struct MovesArgs {
+    /// Moves, one after another.
+    #[arg(long, default_value_t = 40)]
+    moves: usize,
+    /// Proxies in the fleet.
+    #[arg(long, default_value_t = 3)]
+    proxies: usize,
+    /// Concurrent readers (all through the run).
+    #[arg(long, default_value_t = 4)]
+    readers: usize,
+}
+
+fn moves(args: MovesArgs) -> Result<ExitCode> {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    let results_dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("results");
+    runtime.block_on(loadtest::moves::run(loadtest::moves::Options {
+        moves: args.moves.max(1),
+        proxies: args.proxies.max(1),
+        readers: args.readers,
+        results_dir,
+    }))?;
+    Ok(ExitCode::SUCCESS)
 }
 
 #[derive(Debug, Args)]
@@ -75,6 +105,7 @@ fn main() -> ExitCode {
         Command::MapMemory(args) => map_memory(&args),
         Command::Origin(args) => loadtest::origin::run(&args.pools).map(|()| ExitCode::SUCCESS),
         Command::ControlPlane(args) => control_plane(args),
+        Command::Moves(args) => moves(args),
     };
     match outcome {
         Ok(code) => code,

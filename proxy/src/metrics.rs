@@ -208,6 +208,16 @@ impl Metrics {
                 "gauge",
                 replica.version().unwrap_or(0),
             ),
+            (
+                "domicile_requests_in_flight",
+                "gauge",
+                replica.in_flight().count(),
+            ),
+            (
+                "domicile_in_flight_oldest_map_version",
+                "gauge",
+                replica.in_flight().oldest().unwrap_or(0),
+            ),
         ];
         for (name, kind, value) in counters {
             let _ = writeln!(out, "# TYPE {name} {kind}\n{name} {value}");
