@@ -698,3 +698,60 @@ async fn a_real_proxy_holds_the_freeze_until_its_slow_write_finishes() {
     .await;
     assert_eq!((write.status, write.region()), (200, "eu".to_owned()));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replicas_on_one_postgres_advance_a_move_exactly_once() {
+    let Some(schema) = domicile_control_plane::testing::postgres_schema().await else {
+        return;
+    };
+    let a = control_plane(Some(&schema.url), LOOPBACK, |_| {}).await;
+    let b = control_plane(Some(&schema.url), LOOPBACK, |_| {}).await;
+    seed(&a.admin).await;
+    // The proxy reports to replica B; the move is started through A and completed through B.
+    let edge = FakeProxy::new(&b, "edge-a").await;
+    let head = head_version(&a).await;
+    edge.beat(head, head).await;
+    let id = start_move(&a.admin, json!({"workspace": "acme", "to": "eu"})).await["id"]
+        .as_u64()
+        .unwrap();
+    let vf = wait_phase(&b.admin, id, "freezing").await["versions"]["freeze"]
+        .as_u64()
+        .unwrap();
+    edge.beat(vf, vf).await;
+    wait_phase(&a.admin, id, "frozen").await;
+    let vs = post(&b.admin, &format!("/v1/moves/{id}/complete"))
+        .await
+        .unwrap()["versions"]["switch"]
+        .as_u64()
+        .unwrap();
+    edge.beat(vs, vs).await;
+    wait_phase(&a.admin, id, "done").await;
+    // Both drivers ran all along; each phase happened once.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let trail = a
+        .admin
+        .get_json("/v1/audit/admin?workspace=acme")
+        .await
+        .unwrap();
+    let entries = trail["entries"].as_array().unwrap();
+    for action in [
+        "move.requested",
+        "move.freezing",
+        "move.frozen",
+        "move.switching",
+        "move.done",
+    ] {
+        let n = entries.iter().filter(|e| e["action"] == action).count();
+        assert_eq!(n, 1, "{action} recorded {n} times: {trail}");
+    }
+    let writes = entries
+        .iter()
+        .filter(|e| e["action"] == "map.workspace.put" && e["version"].as_u64() >= Some(vf))
+        .count();
+    assert_eq!(
+        writes, 3,
+        "freeze, switch and unfreeze written once each: {trail}"
+    );
+    a.running.shutdown().await;
+    b.running.shutdown().await;
+}

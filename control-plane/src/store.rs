@@ -1094,6 +1094,22 @@ impl Store {
                     ),
                 });
             }
+            let moving_in = sqlx::query(
+                "SELECT id FROM moves WHERE to_region = $1 AND phase NOT IN ('done', 'aborted') \
+                 LIMIT 1",
+            )
+            .bind(id)
+            .fetch_optional(&mut *tx)
+            .await?;
+            if let Some(m) = moving_in {
+                let move_id: i64 = m.try_get("id")?;
+                return Err(StoreError::Conflict {
+                    code: "region_in_use",
+                    message: format!(
+                        "region {id:?} is the target of move {move_id}; let it finish or abort it first"
+                    ),
+                });
+            }
             let version = head.version + 1;
             let at = now_ms();
             sqlx::query("DELETE FROM regions WHERE id = $1")

@@ -682,6 +682,9 @@ async fn moves_write_their_phases_and_map_changes_together(store: &Store) {
     let m = store.move_freeze(m.id).await.unwrap().unwrap();
     let m = store.move_frozen(m.id, "drained").await.unwrap().unwrap();
     assert_eq!(m.phase, Phase::Frozen);
+    // The target region cannot go away under an open move.
+    let e = store.delete_region("eu", &actor()).await.unwrap_err();
+    assert_eq!(conflict_code(e), "region_in_use");
     assert!(store.move_frozen(m.id, "again").await.unwrap().is_none());
     let m = store
         .move_complete(m.id, &by("mover", "copied"))

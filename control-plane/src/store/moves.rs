@@ -415,9 +415,10 @@ impl Store {
     }
 
     pub async fn get_move(&self, id: u64) -> Result<Move, StoreError> {
-        on_backend!(self.inner, |pool, _read, _d| {
-            // From the writer pool: a client that just wrote reads its own write.
-            let mut conn = pool.acquire().await?;
+        on_backend!(self.inner, |_pool, read, _d| {
+            // Read connections see every committed write (WAL), and never wait behind a long
+            // write such as an import.
+            let mut conn = read.acquire().await?;
             Ok(load_move!(conn, id))
         })
     }
@@ -429,7 +430,7 @@ impl Store {
         open_only: bool,
         limit: u32,
     ) -> Result<Vec<Move>, StoreError> {
-        on_backend!(self.inner, |pool, _read, _d| {
+        on_backend!(self.inner, |_pool, read, _d| {
             let rows = sqlx::query(&format!(
                 "SELECT {MOVE_COLUMNS} FROM moves WHERE ($1 IS NULL OR workspace = $1) \
                  AND (NOT $2 OR phase NOT IN ('done', 'aborted')) ORDER BY id DESC LIMIT $3"
@@ -437,7 +438,7 @@ impl Store {
             .bind(workspace)
             .bind(open_only)
             .bind(i64::from(limit))
-            .fetch_all(pool)
+            .fetch_all(read)
             .await?;
             rows.iter()
                 .map(|r| move_from_row(r).map_err(StoreError::from))
@@ -594,6 +595,18 @@ impl Store {
                     message: format!("workspace {:?} no longer exists", m.workspace),
                 });
             };
+            // Deleting a region that an open move targets is refused; checked again here, under
+            // the same lock, because a switch to a region proxies do not know would stall them.
+            let target = sqlx::query("SELECT id FROM regions WHERE id = $1")
+                .bind(&m.to)
+                .fetch_optional(&mut *tx)
+                .await?;
+            if target.is_none() {
+                return Err(StoreError::Invalid {
+                    code: "unknown_region",
+                    message: format!("region {:?} no longer exists; abort the move", m.to),
+                });
+            }
             let at = now_ms();
             let map_actor = move_actor(&m, "switch");
             let new = write_entry!(
