@@ -1,5 +1,6 @@
 //! The per-request hot path at scale: identify + map lookup + decide, with 10 thousand, 1 million
-//! and 10 million workspaces in the replica, plus `Replica::lookup` alone at 10 million.
+//! and 10 million workspaces in the replica, plus `Replica::lookup` alone at 10 million, with and
+//! without its in-flight registration.
 //!
 //! Run: `cargo bench -p loadtest --bench decide` (see docs/benchmarks.md).
 //!
@@ -149,7 +150,8 @@ impl Fixture {
         fixture
     }
 
-    /// The request path as `pipeline` runs it, minus I/O and headers.
+    /// The request path as `pipeline` runs it, minus I/O and headers (the in-flight
+    /// registration is taken and, the request being over at once, released).
     fn route(&self, n: usize) -> Decision {
         let view = RequestView {
             host: Some(self.requests.host(n)),
@@ -158,11 +160,11 @@ impl Fixture {
             headers: Headers::Map(&self.headers),
         };
         let identity = self.identifier.identify(black_box(&view));
-        let lookup = match identity {
-            Identity::Workspace(id) => self.replica.lookup(&id),
+        let (lookup, _in_flight) = match identity {
+            Identity::Workspace(id) => self.replica.lookup_tracked(&id),
             _ => match self.replica.version() {
-                Some(version) => Lookup::Unknown { version },
-                None => Lookup::NoMap,
+                Some(version) => (Lookup::Unknown { version }, None),
+                None => (Lookup::NoMap, None),
             },
         };
         let facts = RequestFacts {
@@ -226,6 +228,17 @@ fn bench(c: &mut Criterion) {
         b.iter(|| {
             let lookup = fixture.replica.lookup(black_box(&ids[n]));
             n = (n + 1) & (REQUESTS - 1);
+            black_box(lookup)
+        })
+    });
+    // The same lookup registered as in flight and released (what a forwarded request pays for
+    // moves: `proxy/src/inflight.rs`).
+    group.bench_function(BenchmarkId::new("tracked", label), |b| {
+        let mut n = 0usize;
+        b.iter(|| {
+            let (lookup, guard) = fixture.replica.lookup_tracked(black_box(&ids[n]));
+            n = (n + 1) & (REQUESTS - 1);
+            drop(black_box(guard));
             black_box(lookup)
         })
     });
