@@ -458,7 +458,34 @@ async fn bad_move_requests_are_refused_with_their_reason() {
             400,
             "invalid_body",
         ),
+        (
+            json!({"workspace": "acme", "to": "eu", "reason": "x".repeat(1025)}),
+            400,
+            "invalid_body",
+        ),
+        (
+            json!({"workspace": "hooli-frozen", "to": "eu"}),
+            409,
+            "workspace_moving",
+        ),
     ];
+    // A workspace frozen outside any move (by hand, in the store) is not moved on top of that.
+    put(
+        &cp.admin,
+        "/v1/workspaces/hooli-frozen",
+        json!({"region": "us"}),
+    )
+    .await;
+    cp.running
+        .store
+        .set_workspace_state(
+            "hooli-frozen",
+            domicile_wire::State::Frozen,
+            None,
+            &domicile_control_plane::store::Actor::new("test"),
+        )
+        .await
+        .unwrap();
     for (body, status, code) in cases {
         assert_eq!(
             refused(body.clone()).await,
@@ -487,14 +514,37 @@ async fn bad_move_requests_are_refused_with_their_reason() {
             .unwrap();
         assert_eq!(e.code, code, "{path}");
     }
+    for path in [
+        "/v1/audit/admin?since=yesterday",
+        "/v1/audit/admin?after=not-a-cursor",
+        "/v1/audit/admin?colour=red",
+        "/v1/moves?limit=many",
+    ] {
+        let e = cp
+            .admin
+            .get_json(path)
+            .await
+            .unwrap_err()
+            .downcast::<ApiError>()
+            .unwrap();
+        assert_eq!(
+            (e.status, e.code.as_str()),
+            (StatusCode::BAD_REQUEST, "invalid_query"),
+            "{path}"
+        );
+    }
     let e = cp
         .admin
-        .get_json("/v1/audit/admin?since=yesterday")
+        .send(
+            Method::POST,
+            "/v1/moves/1/abort",
+            Some((Bytes::from_static(b"{\"why\": 1}"), "application/json")),
+        )
         .await
         .unwrap_err()
         .downcast::<ApiError>()
         .unwrap();
-    assert_eq!(e.code, "invalid_query");
+    assert_eq!(e.code, "invalid_body", "an unknown field in an abort body");
 
     // Roles: an auditor reads moves and the trail but cannot start one; an operator can.
     let auditor = AdminClient::new(
