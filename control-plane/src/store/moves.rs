@@ -275,6 +275,52 @@ macro_rules! insert_event {
     }};
 }
 
+/// The columns a phase sets: when it began, and the map version it wrote.
+fn phase_columns(phase: Phase) -> (&'static str, &'static str) {
+    match phase {
+        Phase::Requested => ("requested_at", "freeze_version"),
+        Phase::Freezing => ("freezing_at", "freeze_version"),
+        Phase::Frozen => ("frozen_at", "freeze_version"),
+        Phase::Switching => ("switching_at", "switch_version"),
+        Phase::Done => ("done_at", "done_version"),
+        Phase::Aborted => ("aborted_at", "abort_version"),
+    }
+}
+
+/// Puts the move `$m` in `$phase` at `$at` (with the map version it wrote, if any, and why it
+/// was aborted, for an abort), clears its stall mark, and records the phase's audit event.
+macro_rules! enter_phase {
+    ($tx:expr, $m:expr, $phase:expr, $version:expr, $at:expr, $abort_reason:expr, $actor:expr,
+     $reason:expr, $detail:expr) => {{
+        let phase: Phase = $phase;
+        let version: Option<u64> = $version;
+        let (at_column, version_column) = phase_columns(phase);
+        sqlx::query(&format!(
+            "UPDATE moves SET phase = $2, {at_column} = $3, \
+             {version_column} = COALESCE($4, {version_column}), \
+             abort_reason = COALESCE($5, abort_reason), stalled_at = NULL WHERE id = $1"
+        ))
+        .bind(i($m.id))
+        .bind(phase.as_str())
+        .bind($at)
+        .bind(version.map(i))
+        .bind($abort_reason)
+        .execute(&mut *$tx)
+        .await?;
+        insert_event!(
+            $tx,
+            $at,
+            $actor,
+            format!("move.{phase}"),
+            &$m.workspace,
+            Some($m.id),
+            version,
+            $reason,
+            $detail
+        );
+    }};
+}
+
 /// The workspace `$id` as the transaction sees it, if it exists.
 macro_rules! load_workspace {
     ($tx:expr, $id:expr) => {{
@@ -468,23 +514,14 @@ impl Store {
                 Some(_) => None,
             };
             let version = if let Some(problem) = problem {
-                sqlx::query(
-                    "UPDATE moves SET phase = 'aborted', aborted_at = $2, abort_reason = $3 \
-                     WHERE id = $1",
-                )
-                .bind(i(id))
-                .bind(at)
-                .bind(&problem)
-                .execute(&mut *tx)
-                .await?;
-                insert_event!(
+                enter_phase!(
                     tx,
-                    at,
-                    &m.actor,
-                    "move.aborted",
-                    &m.workspace,
-                    Some(id),
+                    m,
+                    Phase::Aborted,
                     None::<u64>,
+                    at,
+                    Some(&problem),
+                    &m.actor,
                     &m.reason,
                     Some(problem)
                 );
@@ -493,23 +530,14 @@ impl Store {
                 let ws = ws.expect("checked above");
                 let actor = move_actor(&m, "freeze");
                 let new = write_entry!(tx, d, head, ws, None::<&str>, State::Frozen, &actor);
-                sqlx::query(
-                    "UPDATE moves SET phase = 'freezing', freeze_version = $2, freezing_at = $3, \
-                     stalled_at = NULL WHERE id = $1",
-                )
-                .bind(i(id))
-                .bind(i(new.version))
-                .bind(at)
-                .execute(&mut *tx)
-                .await?;
-                insert_event!(
+                enter_phase!(
                     tx,
-                    at,
-                    &m.actor,
-                    "move.freezing",
-                    &m.workspace,
-                    Some(id),
+                    m,
+                    Phase::Freezing,
                     Some(new.version),
+                    at,
+                    None::<&str>,
+                    &m.actor,
                     &m.reason,
                     Some(format!("frozen at {} (version {})", m.from, new.version))
                 );
@@ -536,22 +564,14 @@ impl Store {
                 return Ok(None);
             }
             let at = now_ms();
-            sqlx::query(
-                "UPDATE moves SET phase = 'frozen', frozen_at = $2, stalled_at = NULL \
-                 WHERE id = $1",
-            )
-            .bind(i(id))
-            .bind(at)
-            .execute(&mut *tx)
-            .await?;
-            insert_event!(
+            enter_phase!(
                 tx,
-                at,
-                &m.actor,
-                "move.frozen",
-                &m.workspace,
-                Some(id),
+                m,
+                Phase::Frozen,
                 m.freeze_version,
+                at,
+                None::<&str>,
+                &m.actor,
                 &m.reason,
                 Some(detail.to_owned())
             );
@@ -618,23 +638,14 @@ impl Store {
                 State::Frozen,
                 &map_actor
             );
-            sqlx::query(
-                "UPDATE moves SET phase = 'switching', switch_version = $2, switching_at = $3, \
-                 stalled_at = NULL WHERE id = $1",
-            )
-            .bind(i(id))
-            .bind(i(new.version))
-            .bind(at)
-            .execute(&mut *tx)
-            .await?;
-            insert_event!(
+            enter_phase!(
                 tx,
-                at,
-                &actor.name,
-                "move.switching",
-                &m.workspace,
-                Some(id),
+                m,
+                Phase::Switching,
                 Some(new.version),
+                at,
+                None::<&str>,
+                &actor.name,
                 &actor.reason,
                 Some(format!(
                     "data copy complete; home is {} (still frozen, version {})",
@@ -672,23 +683,14 @@ impl Store {
                 // Frozen workspaces cannot be deleted; keep going rather than wedge the move.
                 None => None,
             };
-            sqlx::query(
-                "UPDATE moves SET phase = 'done', done_version = $2, done_at = $3, \
-                 stalled_at = NULL WHERE id = $1",
-            )
-            .bind(i(id))
-            .bind(version.map(i))
-            .bind(at)
-            .execute(&mut *tx)
-            .await?;
-            insert_event!(
+            enter_phase!(
                 tx,
-                at,
-                &m.actor,
-                "move.done",
-                &m.workspace,
-                Some(id),
+                m,
+                Phase::Done,
                 version,
+                at,
+                None::<&str>,
+                &m.actor,
                 &m.reason,
                 Some(format!("{detail}; active at {}", m.to))
             );
@@ -752,24 +754,14 @@ impl Store {
                 .reason
                 .clone()
                 .unwrap_or_else(|| format!("aborted by {}", actor.name));
-            sqlx::query(
-                "UPDATE moves SET phase = 'aborted', abort_version = $2, aborted_at = $3, \
-                 abort_reason = $4, stalled_at = NULL WHERE id = $1",
-            )
-            .bind(i(id))
-            .bind(version.map(i))
-            .bind(at)
-            .bind(&why)
-            .execute(&mut *tx)
-            .await?;
-            insert_event!(
+            enter_phase!(
                 tx,
-                at,
-                &actor.name,
-                "move.aborted",
-                &m.workspace,
-                Some(id),
+                m,
+                Phase::Aborted,
                 version,
+                at,
+                Some(&why),
+                &actor.name,
                 &actor.reason,
                 Some(format!("was {}; active at {} again", m.phase, m.from))
             );
