@@ -495,6 +495,18 @@ where
     ))
 }
 
+/// The workspace `$id` as the transaction sees it, if it exists.
+macro_rules! load_workspace {
+    ($tx:expr, $id:expr) => {{
+        sqlx::query("SELECT id, region, state, epoch, version FROM workspaces WHERE id = $1")
+            .bind($id)
+            .fetch_optional(&mut *$tx)
+            .await?
+            .map(|r| workspace_from_row(&r))
+            .transpose()?
+    }};
+}
+
 /// Appends changes to the history (which is also the feed).
 macro_rules! append_changes {
     ($tx:expr, $d:expr, $pending:expr, $actor:expr, $at:expr) => {{
@@ -1233,15 +1245,7 @@ impl Store {
         let version = on_backend!(self.inner, |pool, _read, d| {
             let mut tx = pool.begin_with(d.begin_write).await?;
             let head = head_from_row(&sqlx::query(d.lock_meta).fetch_one(&mut *tx).await?)?;
-            let existing = sqlx::query(
-                "SELECT id, region, state, epoch, version FROM workspaces WHERE id = $1",
-            )
-            .bind(id)
-            .fetch_optional(&mut *tx)
-            .await?
-            .map(|r| workspace_from_row(&r))
-            .transpose()?;
-            let Some(existing) = existing else {
+            let Some(existing) = load_workspace!(tx, id) else {
                 return Err(StoreError::NotFound {
                     what: "workspace",
                     id: id.to_owned(),
@@ -1431,15 +1435,7 @@ impl Store {
         let new = on_backend!(self.inner, |pool, _read, d| {
             let mut tx = pool.begin_with(d.begin_write).await?;
             let head = head_from_row(&sqlx::query(d.lock_meta).fetch_one(&mut *tx).await?)?;
-            let Some(old) = sqlx::query(
-                "SELECT id, region, state, epoch, version FROM workspaces WHERE id = $1",
-            )
-            .bind(id)
-            .fetch_optional(&mut *tx)
-            .await?
-            .map(|r| workspace_from_row(&r))
-            .transpose()?
-            else {
+            let Some(old) = load_workspace!(tx, id) else {
                 return Err(StoreError::NotFound {
                     what: "workspace",
                     id: id.to_owned(),

@@ -181,18 +181,8 @@ async fn run_store(store: &str, url: &str, options: &Options) -> Result<StoreRes
     eprintln!("[{store}] import: {import_seconds:.1} s");
 
     // Snapshot: a proxy with no map starts and fetches it.
-    let proxy_token = admin
-        .send_json(
-            Method::POST,
-            "/v1/tokens",
-            &json!({ "name": "bench-proxy", "role": "proxy" }),
-        )
-        .await?["token"]
-        .as_str()
-        .context("token")?
-        .to_owned();
-    let us = Origin::start("us", ([127, 0, 0, 1], 0).into()).await?;
-    let eu = Origin::start("eu", ([127, 0, 0, 1], 0).into()).await?;
+    let proxy_token = proxy_token(&admin).await?;
+    let (us, eu) = origins().await?;
     let head = cp.store.head().await?.version;
     let snapshot_bytes = {
         let bytes = admin.send(Method::GET, "/v1/map/snapshot", None).await?;
@@ -360,6 +350,28 @@ pub async fn run(options: Options) -> Result<PathBuf> {
     std::fs::write(&md_path, &md)?;
     print!("{md}");
     Ok(md_path)
+}
+
+/// A token of role `proxy` for the bench's proxies.
+pub(crate) async fn proxy_token(admin: &AdminClient) -> Result<String> {
+    Ok(admin
+        .send_json(
+            Method::POST,
+            "/v1/tokens",
+            &json!({ "name": "bench-proxy", "role": "proxy" }),
+        )
+        .await?["token"]
+        .as_str()
+        .context("token")?
+        .to_owned())
+}
+
+/// Origins for regions `us` and `eu` on loopback.
+pub(crate) async fn origins() -> Result<(Origin, Origin)> {
+    Ok((
+        Origin::start("us", ([127, 0, 0, 1], 0).into()).await?,
+        Origin::start("eu", ([127, 0, 0, 1], 0).into()).await?,
+    ))
 }
 
 /// This machine's name, safe for a file name.

@@ -21,7 +21,6 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result};
 use bytes::Bytes;
 use domicile::client::AdminClient;
-use domicile::origin::Origin;
 use domicile_control_plane::ControlPlaneConfig;
 use http::Method;
 use http_body_util::{BodyExt, Full};
@@ -30,7 +29,9 @@ use hyper_util::rt::TokioExecutor;
 use serde::Serialize;
 use serde_json::json;
 
-use crate::control_plane::{host_name, percentiles, start_proxy, wait_applied, Percentiles};
+use crate::control_plane::{
+    host_name, origins, percentiles, proxy_token, start_proxy, wait_applied, Percentiles,
+};
 
 #[derive(Debug, Clone)]
 pub struct Options {
@@ -124,18 +125,8 @@ pub async fn run(options: Options) -> Result<PathBuf> {
             )
             .await?;
     }
-    let token = admin
-        .send_json(
-            Method::POST,
-            "/v1/tokens",
-            &json!({ "name": "bench-proxy", "role": "proxy" }),
-        )
-        .await?["token"]
-        .as_str()
-        .context("token")?
-        .to_owned();
-    let us = Origin::start("us", ([127, 0, 0, 1], 0).into()).await?;
-    let eu = Origin::start("eu", ([127, 0, 0, 1], 0).into()).await?;
+    let token = proxy_token(&admin).await?;
+    let (us, eu) = origins().await?;
     let mut proxies = Vec::new();
     for i in 0..options.proxies {
         proxies.push(start_proxy(dir.path(), &base, &token, &us, &eu, &format!("edge-{i}")).await?);

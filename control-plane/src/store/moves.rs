@@ -321,18 +321,6 @@ macro_rules! enter_phase {
     }};
 }
 
-/// The workspace `$id` as the transaction sees it, if it exists.
-macro_rules! load_workspace {
-    ($tx:expr, $id:expr) => {{
-        sqlx::query("SELECT id, region, state, epoch, version FROM workspaces WHERE id = $1")
-            .bind($id)
-            .fetch_optional(&mut *$tx)
-            .await?
-            .map(|r| workspace_from_row(&r))
-            .transpose()?
-    }};
-}
-
 /// The actor of a map write a move makes: the move's own actor, with the move named in the
 /// reason.
 fn move_actor(m: &Move, step: &str) -> Actor {
