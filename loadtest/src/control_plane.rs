@@ -339,15 +339,24 @@ pub async fn run(options: Options) -> Result<PathBuf> {
         results,
         skipped,
     };
-    std::fs::create_dir_all(&options.results_dir)?;
     let stem = format!("{}-{}-control-plane", report.date, report.host);
-    let md = markdown(&report);
+    write_report(&options.results_dir, &stem, &report, &markdown(&report))
+}
+
+/// Writes `<dir>/<stem>.json` and `<dir>/<stem>.md`, prints the Markdown and returns its path.
+pub(crate) fn write_report<T: Serialize>(
+    dir: &Path,
+    stem: &str,
+    report: &T,
+    md: &str,
+) -> Result<PathBuf> {
+    std::fs::create_dir_all(dir)?;
     std::fs::write(
-        options.results_dir.join(format!("{stem}.json")),
-        serde_json::to_string_pretty(&report)? + "\n",
+        dir.join(format!("{stem}.json")),
+        serde_json::to_string_pretty(report)? + "\n",
     )?;
-    let md_path = options.results_dir.join(format!("{stem}.md"));
-    std::fs::write(&md_path, &md)?;
+    let md_path = dir.join(format!("{stem}.md"));
+    std::fs::write(&md_path, md)?;
     print!("{md}");
     Ok(md_path)
 }

@@ -30,7 +30,8 @@ use serde::Serialize;
 use serde_json::json;
 
 use crate::control_plane::{
-    host_name, origins, percentiles, proxy_token, start_proxy, wait_applied, Percentiles,
+    host_name, origins, percentiles, proxy_token, start_proxy, wait_applied, write_report,
+    Percentiles,
 };
 
 #[derive(Debug, Clone)]
@@ -310,17 +311,8 @@ pub async fn run(options: Options) -> Result<PathBuf> {
         writes_refused_moving: moving,
         writes_failed_otherwise: failed,
     };
-    std::fs::create_dir_all(&options.results_dir)?;
     let stem = format!("{}-{}-moves", report.date, report.host);
-    let md = markdown(&report);
-    std::fs::write(
-        options.results_dir.join(format!("{stem}.json")),
-        serde_json::to_string_pretty(&report)? + "\n",
-    )?;
-    let md_path = options.results_dir.join(format!("{stem}.md"));
-    std::fs::write(&md_path, &md)?;
-    print!("{md}");
-    Ok(md_path)
+    write_report(&options.results_dir, &stem, &report, &markdown(&report))
 }
 
 fn markdown(r: &Report) -> String {
