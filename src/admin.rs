@@ -132,13 +132,19 @@ pub enum TokenCommand {
 }
 
 fn print_table(headers: &[&str], rows: Vec<Vec<String>>) {
+    print!("{}", table(headers, rows));
+}
+
+/// A table with aligned columns, a header line first.
+pub(crate) fn table(headers: &[&str], rows: Vec<Vec<String>>) -> String {
     let mut widths: Vec<usize> = headers.iter().map(|h| h.len()).collect();
     for row in &rows {
         for (i, cell) in row.iter().enumerate() {
             widths[i] = widths[i].max(cell.chars().count());
         }
     }
-    let line = |cells: Vec<String>| {
+    let mut text = String::new();
+    let mut line = |cells: Vec<String>| {
         let mut out = String::new();
         for (i, cell) in cells.iter().enumerate() {
             if i + 1 == cells.len() {
@@ -147,12 +153,14 @@ fn print_table(headers: &[&str], rows: Vec<Vec<String>>) {
                 out.push_str(&format!("{cell:<w$}  ", w = widths[i]));
             }
         }
-        println!("{}", out.trim_end());
+        text.push_str(out.trim_end());
+        text.push('\n');
     };
     line(headers.iter().map(|h| h.to_string()).collect());
     for row in rows {
         line(row);
     }
+    text
 }
 
 fn s(v: &Value) -> String {
@@ -866,6 +874,51 @@ pub async fn moves(conn: &Connection, command: MoveCommand) -> anyhow::Result<()
 
 #[derive(Debug, Subcommand)]
 pub enum AuditCommand {
+    /// Make the key pair that signs a proxy's audit checkpoints (Ed25519, PEM).
+    Keygen {
+        /// The private key, for the proxy's `audit.signing_key` (written with mode 0600).
+        #[arg(long, default_value = "audit.key")]
+        key: PathBuf,
+        /// The public key, for auditors (`audit verify --key`).
+        #[arg(long, default_value = "audit.pub")]
+        public: PathBuf,
+        /// Replace existing files.
+        #[arg(long)]
+        force: bool,
+    },
+    /// Check a proxy's routing audit log with its public key: chains, signatures, sequences.
+    /// Exit 0: intact and closed; 3: intact, newest records not yet signed (open tail);
+    /// 1: damaged (each finding names file, line and kind).
+    Verify {
+        /// The proxy's audit directory.
+        dir: PathBuf,
+        /// The public key (PEM), from `audit keygen` or the proxy's `/audit/public-key`.
+        #[arg(long)]
+        key: PathBuf,
+        /// A checkpoint obtained from the proxy earlier (a file, or the URL of its
+        /// `/audit/checkpoint`): the log must still hold it, so a cut tail is found.
+        #[arg(long)]
+        checkpoint: Option<String>,
+    },
+    /// Report on a routing audit log: per workspace and region, forwarded and refused counts,
+    /// and every forward checked against the control plane's map history (home region at the
+    /// record's map version). Exit 1 when any forward left its home region.
+    Report {
+        /// The proxy's audit directory.
+        dir: PathBuf,
+        /// Only records from this time on (RFC 3339, or a date: 2026-12-01).
+        #[arg(long)]
+        from: Option<String>,
+        /// Only records before this time.
+        #[arg(long)]
+        to: Option<String>,
+        /// Verify the log first with this public key, and include the result.
+        #[arg(long)]
+        key: Option<PathBuf>,
+        /// Write a self-contained HTML page here (`-` for standard output).
+        #[arg(long)]
+        html: Option<PathBuf>,
+    },
     /// The admin audit trail: every map change and every admin event (moves, tokens, fleet
     /// removals) with actor, time and reason.
     Admin {
@@ -887,15 +940,16 @@ pub enum AuditCommand {
     },
 }
 
-pub async fn audit(conn: &Connection, command: AuditCommand) -> anyhow::Result<()> {
+/// `domicile audit admin`: the control plane's admin trail.
+pub async fn audit_admin(
+    conn: &Connection,
+    workspace: Option<String>,
+    since: Option<String>,
+    until: Option<String>,
+    limit: u32,
+    all: bool,
+) -> anyhow::Result<()> {
     let client = conn.client()?;
-    let AuditCommand::Admin {
-        workspace,
-        since,
-        until,
-        limit,
-        all,
-    } = command;
     let mut base = format!("/v1/audit/admin?limit={limit}");
     for (key, value) in [("workspace", workspace), ("since", since), ("until", until)] {
         if let Some(value) = value {

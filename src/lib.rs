@@ -1,7 +1,8 @@
 //! The `domicile` command's building blocks: the admin commands and their API client, the
-//! demo and its origins.
+//! audit log's commands (keygen, verify, report), the demo and its origins.
 
 pub mod admin;
+pub mod audit;
 pub mod client;
 pub mod demo;
 pub mod origin;

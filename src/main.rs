@@ -9,6 +9,7 @@ use domicile::admin::{
     self, AuditCommand, Connection, FleetCommand, MoveCommand, RegionCommand, TokenCommand,
     WorkspaceCommand,
 };
+use domicile::audit;
 use domicile::demo::{self, DemoOptions};
 use domicile_control_plane::ControlPlaneConfig;
 use domicile_proxy::ProxyConfig;
@@ -93,7 +94,8 @@ enum Command {
         #[command(subcommand)]
         command: MoveCommand,
     },
-    /// Audit trails: the control plane's admin trail.
+    /// Audit: the proxy's routing audit log (keygen, verify, report) and the control plane's
+    /// admin trail.
     Audit {
         #[command(flatten)]
         conn: Connection,
@@ -210,7 +212,7 @@ fn main() -> ExitCode {
                 }
             };
             match runtime.block_on(run(command)) {
-                Ok(()) => ExitCode::SUCCESS,
+                Ok(code) => code,
                 Err(e) => {
                     eprintln!("error: {e:#}");
                     ExitCode::FAILURE
@@ -220,14 +222,15 @@ fn main() -> ExitCode {
     }
 }
 
-async fn run(command: Command) -> anyhow::Result<()> {
+async fn run(command: Command) -> anyhow::Result<ExitCode> {
+    let done = |result: anyhow::Result<()>| result.map(|()| ExitCode::SUCCESS);
     match command {
         Command::Demo {
             data_dir,
             http,
             admin,
             control_plane,
-        } => {
+        } => done(
             demo::run(
                 DemoOptions {
                     data_dir,
@@ -237,9 +240,9 @@ async fn run(command: Command) -> anyhow::Result<()> {
                 },
                 shutdown_signal(),
             )
-            .await
-        }
-        Command::Proxy { config } => run_proxy(ProxyConfig::from_file(&config)?).await,
+            .await,
+        ),
+        Command::Proxy { config } => done(run_proxy(ProxyConfig::from_file(&config)?).await),
         Command::ControlPlane {
             config,
             listen,
@@ -259,21 +262,52 @@ async fn run(command: Command) -> anyhow::Result<()> {
             if let Some(path) = admin_token_file {
                 config.admin_token_file = Some(path);
             }
-            run_control_plane(config).await
+            done(run_control_plane(config).await)
         }
-        Command::Region { conn, command } => admin::region(&conn, command).await,
-        Command::Workspace { conn, command } => admin::workspace(&conn, command).await,
+        Command::Region { conn, command } => done(admin::region(&conn, command).await),
+        Command::Workspace { conn, command } => done(admin::workspace(&conn, command).await),
         Command::Fleet {
             conn,
             command: None,
-        } => admin::fleet(&conn).await,
+        } => done(admin::fleet(&conn).await),
         Command::Fleet {
             conn,
             command: Some(FleetCommand::Remove { proxy_id }),
-        } => admin::fleet_remove(&conn, &proxy_id).await,
-        Command::Move { conn, command } => admin::moves(&conn, command).await,
-        Command::Audit { conn, command } => admin::audit(&conn, command).await,
-        Command::Token { conn, command } => admin::token(&conn, command).await,
+        } => done(admin::fleet_remove(&conn, &proxy_id).await),
+        Command::Move { conn, command } => done(admin::moves(&conn, command).await),
+        Command::Audit { conn, command } => match command {
+            AuditCommand::Keygen { key, public, force } => audit::keygen(&key, &public, force),
+            AuditCommand::Verify {
+                dir,
+                key,
+                checkpoint,
+            } => audit::verify(&dir, &key, checkpoint.as_deref(), conn.json).await,
+            AuditCommand::Report {
+                dir,
+                from,
+                to,
+                key,
+                html,
+            } => {
+                audit::report(
+                    &conn,
+                    &dir,
+                    from.as_deref(),
+                    to.as_deref(),
+                    key.as_deref(),
+                    html.as_deref(),
+                )
+                .await
+            }
+            AuditCommand::Admin {
+                workspace,
+                since,
+                until,
+                limit,
+                all,
+            } => done(admin::audit_admin(&conn, workspace, since, until, limit, all).await),
+        },
+        Command::Token { conn, command } => done(admin::token(&conn, command).await),
         Command::CheckConfig { .. } => unreachable!("handled before the runtime starts"),
     }
 }

@@ -1,6 +1,8 @@
-//! Admin listener: `/healthz` (the process is up), `/readyz` (it can route: a map is loaded
-//! and every region the map lists has a route here) and `/metrics` (Prometheus text format).
-//! It never touches customer traffic.
+//! Admin listener: `/healthz` (the process is up), `/readyz` (it can route: a map is loaded,
+//! every region the map lists has a route here, and the audit log takes records),
+//! `/metrics` (Prometheus text format), and for auditors `/audit/public-key` (the key
+//! checkpoints verify with) and `/audit/checkpoint` (the latest signed checkpoint, a witness
+//! for `domicile audit verify --checkpoint`). It never touches customer traffic.
 
 use std::convert::Infallible;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -27,6 +29,9 @@ pub struct Readiness {
     pub map_entries: usize,
     /// Regions the map lists that this edge has no route for.
     pub unroutable_regions: Vec<String>,
+    /// Whether the audit log takes records (absent when there is no audit log).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub audit_writable: Option<bool>,
     pub draining: bool,
 }
 
@@ -41,12 +46,17 @@ pub fn readiness(pipeline: &Pipeline, draining: bool) -> Readiness {
         .map(|(_, r)| r.id.to_string())
         .collect();
     let map_loaded = replica.is_loaded();
+    let audit_writable = pipeline.audit.as_ref().map(|a| a.is_healthy());
     Readiness {
-        ready: map_loaded && unroutable_regions.is_empty() && !draining,
+        ready: map_loaded
+            && unroutable_regions.is_empty()
+            && audit_writable != Some(false)
+            && !draining,
         map_loaded,
         map_version: replica.version(),
         map_entries: replica.len(),
         unroutable_regions,
+        audit_writable,
         draining,
     }
 }
@@ -90,17 +100,36 @@ async fn handle(
             body.push(b'\n');
             respond(status, "application/json", body)
         }
-        "/metrics" => respond(
-            StatusCode::OK,
-            "text/plain; version=0.0.4",
-            pipeline
+        "/metrics" => {
+            let mut text = pipeline
                 .metrics
-                .render(&pipeline.replica, &pipeline.upstreams),
-        ),
+                .render(&pipeline.replica, &pipeline.upstreams);
+            if let Some(audit) = &pipeline.audit {
+                audit.render_metrics(&mut text);
+            }
+            respond(StatusCode::OK, "text/plain; version=0.0.4", text)
+        }
+        "/audit/public-key" | "/audit/checkpoint" => match &pipeline.audit {
+            None => respond(
+                StatusCode::NOT_FOUND,
+                "text/plain",
+                "this proxy keeps no audit log ([audit] is not configured)\n",
+            ),
+            Some(audit) if req.uri().path() == "/audit/public-key" => respond(
+                StatusCode::OK,
+                "application/x-pem-file",
+                audit.public_key_pem().to_owned(),
+            ),
+            Some(audit) => respond(
+                StatusCode::OK,
+                "application/json",
+                format!("{}\n", audit.latest_checkpoint()),
+            ),
+        },
         _ => respond(
             StatusCode::NOT_FOUND,
             "text/plain",
-            "not found: try /healthz, /readyz or /metrics\n",
+            "not found: try /healthz, /readyz, /metrics, /audit/public-key or /audit/checkpoint\n",
         ),
     }
 }

@@ -6,7 +6,7 @@
 
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicU8, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicU8, Ordering};
 use std::sync::Arc;
 use std::task::{ready, Context, Poll};
 use std::time::Duration;
@@ -16,12 +16,14 @@ use http_body::{Body, Frame, SizeHint};
 use pin_project_lite::pin_project;
 use tokio::time::{Instant, Sleep};
 
+use crate::audit::Entry;
 use crate::inflight::InFlightGuard;
 use crate::refusal::BoxError;
 
-/// Why a body stopped early, shared with whoever must answer for it.
+/// Why a body stopped early, and how many bytes it carried, shared with whoever must answer
+/// for it (the pipeline's error mapping, the audit record).
 #[derive(Debug, Default)]
-pub struct BodyFate(AtomicU8);
+pub struct BodyFate(AtomicU8, AtomicU64);
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Fate {
@@ -43,6 +45,11 @@ impl BodyFate {
             4 => Fate::Done,
             _ => Fate::Running,
         }
+    }
+
+    /// Body bytes that went through so far.
+    pub fn bytes(&self) -> u64 {
+        self.1.load(Ordering::Relaxed)
     }
 
     fn set(&self, fate: Fate) {
@@ -80,6 +87,9 @@ pin_project! {
         drop_trailers: bool,
         // The request this body answers, in flight until the body ends or is dropped.
         in_flight: Option<InFlightGuard>,
+        // The request's audit record, queued when the body ends (complete) or is dropped
+        // (cut off).
+        audit: Option<Entry>,
     }
 }
 
@@ -97,7 +107,22 @@ impl<B> Guarded<B> {
             fate,
             drop_trailers: false,
             in_flight: None,
+            audit: None,
         }
+    }
+
+    /// Counts the body's bytes into `entry` and queues it when the body ends: complete when the
+    /// last frame is handed on (before the client can have it), cut off when dropped earlier.
+    pub fn recording(mut self, entry: Option<Entry>) -> Self
+    where
+        B: Body,
+    {
+        match entry {
+            // No body at all (HEAD, 204, 304): the response is whole once its head goes.
+            Some(entry) if self.inner.is_end_stream() => entry.complete(),
+            entry => self.audit = entry,
+        }
+        self
     }
 
     /// Holds a request's in-flight registration until the body ends (or is dropped).
@@ -127,7 +152,7 @@ where
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         let mut this = self.project();
-        match this.inner.poll_frame(cx) {
+        match this.inner.as_mut().poll_frame(cx) {
             Poll::Ready(Some(Ok(frame))) if *this.drop_trailers && frame.is_trailers() => {
                 // Trailers end the body; nothing follows them.
                 if let Some(fate) = this.fate {
@@ -144,8 +169,21 @@ where
                         }
                         return Poll::Ready(Some(Err(BodyError::TooLarge(*this.limit).into())));
                     }
+                    if let Some(fate) = this.fate {
+                        fate.1.store(*this.seen, Ordering::Relaxed);
+                    }
+                    if let Some(entry) = this.audit.as_mut() {
+                        entry.add_bytes_out(data.len() as u64);
+                    }
                 }
                 *this.last_progress = Instant::now();
+                // A body of known length can end with its last data frame, without a final
+                // poll: its record goes now, before the frame is written.
+                if this.inner.is_end_stream() {
+                    if let Some(entry) = this.audit.take() {
+                        entry.complete();
+                    }
+                }
                 Poll::Ready(Some(Ok(frame)))
             }
             Poll::Ready(Some(Err(e))) => {
@@ -157,6 +195,9 @@ where
             Poll::Ready(None) => {
                 if let Some(fate) = this.fate {
                     fate.set(Fate::Done);
+                }
+                if let Some(entry) = this.audit.take() {
+                    entry.complete();
                 }
                 this.in_flight.take();
                 Poll::Ready(None)

@@ -29,6 +29,8 @@ pub struct ProxyConfig {
     pub limits: Limits,
     /// How this edge reaches each region, by region id.
     pub regions: BTreeMap<String, RegionRoute>,
+    /// The routing audit log; off when the section is absent.
+    pub audit: Option<AuditSection>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -182,6 +184,68 @@ pub enum Unidentified {
     NearestRegion,
 }
 
+/// The routing audit log (docs/audit.md): one record per routing decision, chained and signed.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AuditSection {
+    /// Directory of the segment files, created if missing. One proxy per directory (a lock
+    /// file keeps a second one out).
+    pub dir: PathBuf,
+    /// The Ed25519 private key that signs checkpoints (PKCS#8 PEM, from `domicile audit
+    /// keygen`). The public key is served at the admin listener's `/audit/public-key`.
+    pub signing_key: PathBuf,
+    /// Group commit: queued records are written and fsynced at most this long after the
+    /// previous commit. Default: 10 ms.
+    #[serde(default = "defaults::commit_interval", with = "humantime_serde")]
+    pub commit_interval: Duration,
+    /// A signed checkpoint at least this often, also when no request comes. Default: 10 s
+    /// (at most 10 s).
+    #[serde(default = "defaults::checkpoint_interval", with = "humantime_serde")]
+    pub checkpoint_interval: Duration,
+    /// A segment is closed and a new one begun at this size, in bytes. Default: 64 MiB.
+    #[serde(
+        default = "defaults::segment_max_bytes",
+        deserialize_with = "size::deserialize"
+    )]
+    pub segment_max_bytes: u64,
+    /// ... or this long after it was begun. Default: 1 h.
+    #[serde(default = "defaults::segment_max_age", with = "humantime_serde")]
+    pub segment_max_age: Duration,
+    /// Most records reserved at once: requests in flight plus records not yet on disk. Past
+    /// it, requests get `audit_unavailable`. Default: 65536.
+    #[serde(default = "defaults::queue_capacity")]
+    pub queue_capacity: usize,
+    /// Client addresses in records: `full` (default), `truncated` (/24 for IPv4, /48 for
+    /// IPv6) or `none`.
+    #[serde(default)]
+    pub client_ip: ClientIpMode,
+    /// When a decision cannot be recorded (queue full, disk failing): `refuse` answers 503
+    /// `audit_unavailable` (default); `serve` forwards it unrecorded. Either way it is counted
+    /// and the next checkpoint states it.
+    #[serde(default)]
+    pub on_failure: OnFailure,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ClientIpMode {
+    #[default]
+    Full,
+    Truncated,
+    None,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum OnFailure {
+    #[default]
+    Refuse,
+    Serve,
+}
+
+/// Longest `audit.checkpoint_interval`: a silent period longer than this would not be provable.
+pub const MAX_CHECKPOINT_INTERVAL: Duration = Duration::from_secs(10);
+
 /// Limits, each with a safe default.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -327,6 +391,21 @@ impl Default for Ejection {
 
 mod defaults {
     use std::time::Duration;
+    pub fn commit_interval() -> Duration {
+        Duration::from_millis(10)
+    }
+    pub fn checkpoint_interval() -> Duration {
+        Duration::from_secs(10)
+    }
+    pub fn segment_max_bytes() -> u64 {
+        64 << 20
+    }
+    pub fn segment_max_age() -> Duration {
+        Duration::from_secs(3600)
+    }
+    pub fn queue_capacity() -> usize {
+        65536
+    }
     pub fn last_known_good() -> std::path::PathBuf {
         "last-known-good.map".into()
     }
@@ -560,6 +639,13 @@ impl ProxyConfig {
             }
         }
         let limits: Option<Limits> = errors.section("limits", take(&mut doc, "limits"));
+        let audit: Option<AuditSection> = match doc.remove("audit") {
+            Some(v) => errors.section("audit", v),
+            None => None,
+        };
+        if let Some(audit) = &audit {
+            validate_audit(audit, base, &mut errors);
+        }
 
         let mut identify_value = take(&mut doc, "identify");
         let rules_value = identify_value
@@ -607,7 +693,7 @@ impl ProxyConfig {
         for key in doc.keys() {
             errors.push(
                 key.as_str(),
-                "unknown section (expected proxy, map, control_plane, identify, limits, regions)",
+                "unknown section (expected proxy, map, control_plane, identify, limits, regions, audit)",
             );
         }
 
@@ -705,6 +791,11 @@ impl ProxyConfig {
                 if proxy.id.is_none() {
                     proxy.id = Some(default_proxy_id());
                 }
+                let audit = audit.map(|mut audit| {
+                    audit.dir = base.join(&audit.dir);
+                    audit.signing_key = base.join(&audit.signing_key);
+                    audit
+                });
                 Ok(ProxyConfig {
                     proxy,
                     map,
@@ -712,6 +803,7 @@ impl ProxyConfig {
                     identify,
                     limits,
                     regions,
+                    audit,
                 })
             }
             _ => Err(ConfigErrors(errors.0)),
@@ -757,6 +849,38 @@ fn validate_control_plane(cp: &ControlPlaneSection, errors: &mut Collector) {
             "control_plane.backoff_initial",
             "must not be longer than backoff_max",
         );
+    }
+}
+
+fn validate_audit(audit: &AuditSection, base: &Path, errors: &mut Collector) {
+    if audit.commit_interval.is_zero() || audit.commit_interval > Duration::from_secs(1) {
+        errors.push(
+            "audit.commit_interval",
+            "must be greater than zero and at most 1 s",
+        );
+    }
+    if audit.checkpoint_interval < Duration::from_millis(10)
+        || audit.checkpoint_interval > MAX_CHECKPOINT_INTERVAL
+    {
+        errors.push(
+            "audit.checkpoint_interval",
+            "must be between 10 ms and 10 s (idle periods are proven by checkpoints)",
+        );
+    }
+    if audit.segment_max_bytes < 64 * 1024 {
+        errors.push("audit.segment_max_bytes", "must be at least 64 KiB");
+    }
+    if audit.segment_max_age < Duration::from_secs(1) || audit.segment_max_age > MAX_TIMEOUT {
+        errors.push("audit.segment_max_age", "must be between 1 s and 7 days");
+    }
+    if audit.queue_capacity == 0 || audit.queue_capacity > 16 << 20 {
+        errors.push(
+            "audit.queue_capacity",
+            "must be between 1 and 16777216 records",
+        );
+    }
+    if let Err(e) = crate::audit::keys::load_signing_key(&base.join(&audit.signing_key)) {
+        errors.push("audit.signing_key", e.to_string());
     }
 }
 

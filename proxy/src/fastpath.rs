@@ -32,6 +32,7 @@ use tokio::net::TcpStream;
 use tokio::sync::watch;
 use tokio::time::{Instant, Sleep};
 
+use crate::audit::Entry;
 use crate::config::UpstreamProtocol;
 use crate::connpool::{EndpointKey, SendError, IDLE_TIMEOUT, MAX_IDLE_PER_ENDPOINT};
 use crate::decide::Decision;
@@ -93,7 +94,7 @@ pub(crate) async fn serve(
         // with a line feed, so bytes without one need no new parse (a head sent a byte at a
         // time is not parsed once per byte).
         let mut incomplete = 0;
-        let plan = loop {
+        let mut plan = loop {
             if conn.buf.len() > incomplete && conn.buf[incomplete..].contains(&b'\n') {
                 if conn.out.capacity() == 0 {
                     conn.out = take_buffer();
@@ -150,7 +151,7 @@ pub(crate) async fn serve(
             }
         };
         let head_len = plan.head_len;
-        let next = conn.exchange(&plan).await;
+        let next = conn.exchange(&mut plan).await;
         if matches!(next, Next::Close) {
             return Outcome::Closed { linger: true };
         }
@@ -215,6 +216,28 @@ struct Plan<'p> {
     started: std::time::Instant,
     /// Held until the exchange is over (the plan lives until then).
     _in_flight: Option<InFlightGuard>,
+    /// The request's audit record: taken and queued just before the response's last bytes
+    /// are written; if the exchange ends otherwise, dropping the plan queues it as cut off.
+    audit: Option<Entry>,
+    /// The endpoint (index in the pool) of the current attempt.
+    endpoint: usize,
+}
+
+impl Plan<'_> {
+    /// Updates the audit record, if there is one.
+    fn record(&mut self, update: impl FnOnce(&mut Entry)) {
+        if let Some(entry) = self.audit.as_mut() {
+            update(entry);
+        }
+    }
+
+    /// Queues the audit record as complete (before the last bytes go to the client).
+    fn complete(&mut self, update: impl FnOnce(&mut Entry)) {
+        if let Some(mut entry) = self.audit.take() {
+            update(&mut entry);
+            entry.complete();
+        }
+    }
 }
 
 // The plan is moved once per request; boxing it would allocate per request instead.
@@ -403,9 +426,10 @@ fn prepare<'p>(buf: &[u8], pipeline: &'p Pipeline, peer: &Peer, out: &mut Vec<u8
         raw_path,
         query,
         headers: Headers::Raw(fields),
+        method,
         safe_method: is_safe_method(method),
     };
-    let (decision, _, _, in_flight) = pipeline.route(&input, peer);
+    let (decision, _, lookup, in_flight) = pipeline.route(&input, peer);
     let Decision::Forward(forward) = decision else {
         // Refusals are rare; the pipeline answers them through hyper.
         return Prep::Fallback;
@@ -420,6 +444,21 @@ fn prepare<'p>(buf: &[u8], pipeline: &'p Pipeline, peer: &Peer, out: &mut Vec<u8
         Some(id) if headers::valid_request_id(id) => RequestId::from_client(id),
         _ => RequestId::new(),
     };
+    // A decision the audit log cannot take is hyper's to refuse.
+    let Ok(mut audit) = pipeline.audit_begin() else {
+        return Prep::Fallback;
+    };
+    if let Some(entry) = audit.as_mut() {
+        pipeline.audit_describe(
+            entry,
+            &input,
+            request_id.as_bytes(),
+            peer,
+            &decision,
+            lookup,
+        );
+    }
+    // No fallback past this point: the record is begun, and hyper would begin another.
 
     // The origin's head.
     out.clear();
@@ -499,6 +538,8 @@ fn prepare<'p>(buf: &[u8], pipeline: &'p Pipeline, peer: &Peer, out: &mut Vec<u8
         client_close,
         started: std::time::Instant::now(),
         _in_flight: in_flight,
+        audit,
+        endpoint: 0,
     })
 }
 
@@ -582,6 +623,7 @@ struct ResponseHead {
     /// Whether the origin connection may serve another request afterwards.
     reusable: bool,
     client_close: bool,
+    status: u16,
 }
 
 enum Parsed {
@@ -749,6 +791,7 @@ fn parse_response(
     out.extend_from_slice(b"\r\n");
     Ok(Parsed::Final(ResponseHead {
         body_start: start + len,
+        status: code,
         framing,
         reusable: !origin_close && framing != Framing::UntilClose,
         client_close,
@@ -758,7 +801,7 @@ fn parse_response(
 impl Conn<'_> {
     /// Sends the planned request to the home region's endpoints (retrying within the region
     /// when allowed) and relays the response, or answers with a refusal.
-    async fn exchange(&mut self, plan: &Plan<'_>) -> Next {
+    async fn exchange(&mut self, plan: &mut Plan<'_>) -> Next {
         let limits = &self.pipeline.config.limits;
         let pool = plan.pool;
         let retries = if plan.idempotent {
@@ -776,6 +819,7 @@ impl Conn<'_> {
                 return self.refuse(plan, served_error).await;
             };
             tried |= 1u64.checked_shl(index as u32).unwrap_or(0);
+            plan.endpoint = index;
             match self.attempt(plan, endpoint).await {
                 Attempt::Done(next) => return next,
                 Attempt::Failed(failure) => {
@@ -803,7 +847,7 @@ impl Conn<'_> {
 
     /// Answers a request no endpoint served: `error` is the most telling failure, `None` when
     /// no endpoint could be reached at all.
-    async fn refuse(&mut self, plan: &Plan<'_>, error: Option<Failure>) -> Next {
+    async fn refuse(&mut self, plan: &mut Plan<'_>, error: Option<Failure>) -> Next {
         let pool = plan.pool;
         let refusal = match error {
             None | Some(Failure::Connect(_)) => Refusal::new(RefusalCode::RegionUnavailable)
@@ -820,6 +864,16 @@ impl Conn<'_> {
         self.pipeline
             .metrics
             .record(Some(code), Some(pool.region), plan.started.elapsed());
+        // Something reached the region unless every attempt failed to connect.
+        let reached = code != RefusalCode::RegionUnavailable;
+        let endpoint = plan.endpoint;
+        plan.complete(|entry| {
+            entry.decide(Some(code));
+            entry.status(code.status().as_u16());
+            if reached {
+                entry.upstream(pool.region, endpoint);
+            }
+        });
         let refusal = refusal
             .workspace(plan.workspace.as_ref().map(|w| w.as_str()))
             .request_id(Some(plan.request_id.as_str()));
@@ -841,7 +895,7 @@ impl Conn<'_> {
     }
 
     /// One endpoint: a pooled or new connection, the request, the response.
-    async fn attempt(&mut self, plan: &Plan<'_>, endpoint: &Endpoint) -> Attempt {
+    async fn attempt(&mut self, plan: &mut Plan<'_>, endpoint: &Endpoint) -> Attempt {
         let limits = &self.pipeline.config.limits;
         let key = endpoint.target.key;
         // A pooled connection can turn out closed by the origin (many close idle connections
@@ -902,7 +956,7 @@ impl Conn<'_> {
                 Err(HeadError::Bad(detail)) => return Attempt::Failed(Failure::Upstream(detail)),
             };
             let elapsed = plan.started.elapsed();
-            return match self.relay_body(upstream, key, head).await {
+            return match self.relay_body(plan, upstream, key, head).await {
                 Ok(next) => {
                     plan.pool.record_success(endpoint);
                     self.pipeline
@@ -959,6 +1013,7 @@ impl Conn<'_> {
     /// connection, as its response has begun.
     async fn relay_body(
         &mut self,
+        plan: &mut Plan<'_>,
         upstream: TcpStream,
         key: EndpointKey,
         head: ResponseHead,
@@ -979,6 +1034,20 @@ impl Conn<'_> {
         let mut reusable = head.reusable && take == buffered.len();
         let end = head.body_start + take;
         let client = self.client;
+        // The response is the origin's from here on: its record says so, and goes to the queue
+        // before the last bytes go to the client.
+        let region = plan.pool.region;
+        let endpoint = plan.endpoint;
+        let update = |entry: &mut Entry| {
+            entry.status(head.status);
+            entry.upstream(region, endpoint);
+            entry.add_bytes_out(take as u64);
+        };
+        if done {
+            plan.complete(update);
+        } else {
+            plan.record(update);
+        }
         if write_all(
             client,
             &self.out,
@@ -1003,9 +1072,13 @@ impl Conn<'_> {
             let Ok((take, end)) = body.take(&self.rbuf[..n]) else {
                 return Ok(Next::Close);
             };
+            let count = |entry: &mut Entry| entry.add_bytes_out(take as u64);
             if end {
                 reusable &= take == n;
                 done = true;
+                plan.complete(count);
+            } else {
+                plan.record(count);
             }
             let sent = write_all(
                 client,
@@ -1019,6 +1092,8 @@ impl Conn<'_> {
                 return Ok(Next::Close);
             }
         }
+        // A body delimited by close ends here; the client learns so when its connection closes.
+        plan.complete(|_| {});
         if reusable {
             give_back(key, upstream);
         }

@@ -1,12 +1,14 @@
 //! Domicile's data plane: accept, identify, decide, forward only to the home region.
 //!
 //! Read in the order a request travels: [`listener`] -> [`identify`] -> [`map`] -> [`decide`]
-//! -> [`upstream`] (via [`pipeline`], over each worker's [`connpool`]); plain HTTP/1.1 requests
-//! take the fast path, which routes through the same pipeline and forwards raw heads. [`config`] turns TOML into a validated configuration,
+//! -> [`upstream`] (via [`pipeline`], over each worker's [`connpool`]) -> [`audit`] (one record
+//! per decision); plain HTTP/1.1 requests take the fast path, which routes through the same
+//! pipeline and forwards raw heads. [`config`] turns TOML into a validated configuration,
 //! [`mapfile`] feeds the map replica from a file, [`sync`] from the control plane,
 //! [`inflight`] counts requests per map version for moves, [`admin`] serves health and metrics.
 
 pub mod admin;
+pub mod audit;
 pub mod body;
 pub mod config;
 pub mod connpool;

@@ -17,6 +17,7 @@ use http_body_util::{BodyExt, Empty};
 use hyper::body::Incoming;
 use hyper_util::rt::TokioIo;
 
+use crate::audit::{Audit, Begin, Description, Entry, Identity as AuditIdentity};
 use crate::body::{BodyFate, Fate, Guarded};
 use crate::config::{ProxyConfig, Unidentified, UpstreamProtocol};
 use crate::connpool::{PooledBody, SendError};
@@ -39,9 +40,11 @@ pub struct Pipeline {
     pub identifier: Identifier,
     pub replica: Arc<Replica>,
     pub upstreams: Upstreams,
-    pub geoip: Option<GeoIp>,
+    pub geoip: Option<Arc<GeoIp>>,
     pub policy: Policy,
     pub metrics: Metrics,
+    /// The routing audit log, when `[audit]` is configured.
+    pub audit: Option<Audit>,
 }
 
 impl std::fmt::Debug for Pipeline {
@@ -77,6 +80,7 @@ pub(crate) struct RouteInput<'a> {
     pub raw_path: &'a str,
     pub query: Option<&'a str>,
     pub headers: Headers<'a>,
+    pub method: &'a str,
     pub safe_method: bool,
 }
 
@@ -144,7 +148,33 @@ impl Pipeline {
             .map_err(|e| e.to_string())?;
         let upstreams = Upstreams::start(&config.regions, &config.limits, replica.regions())?;
         let geoip = match &config.proxy.geoip_database {
-            Some(path) => Some(GeoIp::open(path).map_err(|e| e.to_string())?),
+            Some(path) => Some(Arc::new(GeoIp::open(path).map_err(|e| e.to_string())?)),
+            None => None,
+        };
+        let audit = match &config.audit {
+            Some(section) => {
+                // Endpoint names by region index, as records name them.
+                let mut endpoints: Vec<Vec<Arc<str>>> = Vec::new();
+                for pool in upstreams.pools() {
+                    let slot = usize::from(pool.region);
+                    if endpoints.len() <= slot {
+                        endpoints.resize(slot + 1, Vec::new());
+                    }
+                    endpoints[slot] = pool
+                        .endpoints
+                        .iter()
+                        .map(|e| Arc::from(e.authority.as_str()))
+                        .collect();
+                }
+                let identity = AuditIdentity {
+                    proxy_id: config.proxy_id(),
+                    edge_region: &config.proxy.edge_region,
+                };
+                Some(
+                    Audit::start(section, identity, replica.clone(), endpoints, geoip.clone())
+                        .map_err(|e| e.to_string())?,
+                )
+            }
             None => None,
         };
         let policy = Policy {
@@ -160,7 +190,83 @@ impl Pipeline {
             geoip,
             policy,
             metrics: Metrics::default(),
+            audit,
         })
+    }
+
+    /// Reserves the request's audit record. `Err` when the log cannot take it and the request
+    /// must be refused (`audit_unavailable`); `Ok(None)` when there is no log, or it cannot take
+    /// the record and `on_failure = "serve"`.
+    pub(crate) fn audit_begin(&self) -> Result<Option<Entry>, ()> {
+        match self.audit.as_ref().map(Audit::begin) {
+            None | Some(Begin::Unrecorded) => Ok(None),
+            Some(Begin::Record(entry)) => Ok(Some(entry)),
+            Some(Begin::Refuse) => Err(()),
+        }
+    }
+
+    /// The refusal for a request the audit log cannot record; counted for the next checkpoint.
+    fn audit_unavailable(&self, request_id: &HeaderValue, started: Instant) -> Response<ProxyBody> {
+        if let Some(audit) = &self.audit {
+            audit.count_refusal();
+        }
+        let refusal = Refusal::new(RefusalCode::AuditUnavailable).message(
+            "the routing decision cannot be recorded in the audit log; nothing was forwarded",
+        );
+        self.refuse(refusal, None, None, request_id, started, None)
+    }
+
+    /// Fills in a routed request's record: what it is and what was decided.
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn audit_describe(
+        &self,
+        entry: &mut Entry,
+        input: &RouteInput<'_>,
+        request_id: &[u8],
+        peer: &Peer,
+        decision: &Decision,
+        lookup: Lookup,
+    ) {
+        let found = match lookup {
+            Lookup::Found { entry, version } => Some((entry, version)),
+            _ => None,
+        };
+        let (workspace, home_region, map_version, epoch, refusal) = match decision {
+            Decision::Forward(forward) => (
+                forward.workspace.as_ref(),
+                forward.workspace.as_ref().map(|_| forward.region),
+                forward.map_version,
+                forward.epoch,
+                None,
+            ),
+            Decision::Refuse {
+                code,
+                workspace,
+                home_region,
+            } => (
+                workspace.as_ref(),
+                *home_region,
+                found.map(|(_, version)| version),
+                found.map(|(entry, _)| entry.epoch),
+                Some(*code),
+            ),
+        };
+        entry.describe(&Description {
+            request_id,
+            method: input.method,
+            host: input.host,
+            path: input.raw_path,
+            client_ip: headers::client_ip(
+                peer.addr.ip(),
+                input.headers,
+                &self.config.proxy.trusted_proxies,
+            ),
+            workspace,
+            home_region,
+            map_version,
+            epoch,
+            refusal,
+        });
     }
 
     /// Handles one request from `peer`.
@@ -179,22 +285,39 @@ impl Pipeline {
             Some(v) if headers::valid_request_id(v.as_bytes()) => v.clone(),
             _ => headers::new_request_id(),
         };
-        if let Some(refusal) = self.check_request(&req) {
-            return self.refuse(refusal, None, None, &request_id, started);
-        }
-
+        let Ok(mut audit) = self.audit_begin() else {
+            return self.audit_unavailable(&request_id, started);
+        };
         let host = host_of(&req);
         let request = RouteInput {
             host,
             raw_path: req.uri().path(),
             query: req.uri().query(),
             headers: Headers::Map(req.headers()),
+            method: req.method().as_str(),
             safe_method: is_safe(req.method()),
         };
+        if let Some(refusal) = self.check_request(&req) {
+            if let Some(entry) = audit.as_mut() {
+                let decision = Decision::Refuse {
+                    code: refusal.code,
+                    workspace: None,
+                    home_region: None,
+                };
+                let id = request_id.as_bytes();
+                self.audit_describe(entry, &request, id, peer, &decision, Lookup::NoMap);
+            }
+            return self.refuse(refusal, None, None, &request_id, started, audit);
+        }
+
         let (decision, identity, lookup, in_flight) = self.route(&request, peer);
+        if let Some(entry) = audit.as_mut() {
+            let id = request_id.as_bytes();
+            self.audit_describe(entry, &request, id, peer, &decision, lookup);
+        }
         match decision {
             Decision::Forward(forward) => {
-                self.forward(req, forward, peer, request_id, started, in_flight)
+                self.forward(req, forward, peer, request_id, started, in_flight, audit)
                     .await
             }
             Decision::Refuse {
@@ -208,7 +331,7 @@ impl Pipeline {
                         .then_some(self.config.proxy.moving_retry_after),
                 );
                 let ws = workspace.as_ref().map(|w| w.as_str());
-                self.refuse(refusal, ws, home_region, &request_id, started)
+                self.refuse(refusal, ws, home_region, &request_id, started, audit)
             }
         }
     }
@@ -364,6 +487,7 @@ impl Pipeline {
         }
     }
 
+    /// Answers with `refusal`; its record (if any) goes to the audit queue first.
     fn refuse(
         &self,
         refusal: Refusal<'_>,
@@ -371,10 +495,16 @@ impl Pipeline {
         region: Option<RegionIdx>,
         request_id: &HeaderValue,
         started: Instant,
+        audit: Option<Entry>,
     ) -> Response<ProxyBody> {
         self.metrics
             .record(Some(refusal.code), region, started.elapsed());
         let code = refusal.code;
+        if let Some(mut entry) = audit {
+            entry.decide(Some(code));
+            entry.status(code.status().as_u16());
+            entry.complete();
+        }
         let mut response = refusal
             .workspace(workspace)
             .request_id(request_id.to_str().ok())
@@ -387,6 +517,7 @@ impl Pipeline {
         response
     }
 
+    #[allow(clippy::too_many_arguments)]
     async fn forward<B>(
         &self,
         mut req: Request<B>,
@@ -395,6 +526,7 @@ impl Pipeline {
         request_id: HeaderValue,
         started: Instant,
         in_flight: Option<InFlightGuard>,
+        mut audit: Option<Entry>,
     ) -> Response<ProxyBody>
     where
         B: Body<Data = Bytes> + Send + Unpin + 'static,
@@ -410,6 +542,7 @@ impl Pipeline {
                 Some(forward.region),
                 &request_id,
                 started,
+                audit,
             );
         };
         if let Some(len) = content_length(req.headers()) {
@@ -418,7 +551,14 @@ impl Pipeline {
                     "the request body is {len} bytes; the limit for region {} is {}",
                     pool.region_id, pool.max_body_bytes
                 ));
-                return self.refuse(refusal, ws_str, Some(forward.region), &request_id, started);
+                return self.refuse(
+                    refusal,
+                    ws_str,
+                    Some(forward.region),
+                    &request_id,
+                    started,
+                    audit,
+                );
             }
         }
         // hyper hands over upgraded connections for HTTP/1.1 only, and an HTTP/2 origin cannot
@@ -476,6 +616,9 @@ impl Pipeline {
         let body_is_empty = body.is_end_stream();
         // Only a body that can fail needs somewhere to say why.
         let fate = (!body_is_empty).then(|| Arc::new(BodyFate::default()));
+        if let (Some(entry), Some(fate)) = (audit.as_mut(), &fate) {
+            entry.request_body(fate.clone());
+        }
         let upstream_body: ProxyBody = if body_is_empty {
             Empty::new().map_err(|never| match never {}).boxed_unsync()
         } else {
@@ -499,6 +642,7 @@ impl Pipeline {
         let retry_template =
             (retries > 0).then(|| (parts.method.clone(), parts.version, parts.headers.clone()));
 
+        let mut endpoint = None;
         let result = self
             .send(
                 pool,
@@ -509,8 +653,15 @@ impl Pipeline {
                 retries,
                 retry_template,
                 fate.as_deref(),
+                &mut endpoint,
             )
             .await;
+        // Where the request went: the endpoint of the last attempt, unless no attempt reached
+        // any origin (region_unavailable: nothing was sent anywhere).
+        let reached = !matches!(result, Err(ForwardError::RegionUnavailable));
+        if let (Some(entry), Some(index), true) = (audit.as_mut(), endpoint, reached) {
+            entry.upstream(forward.region, index);
+        }
         let mut response = match result {
             Ok(response) => response,
             Err(error) => {
@@ -529,9 +680,19 @@ impl Pipeline {
                         pool.region_id
                     ));
                 }
-                return self.refuse(refusal, ws_str, Some(forward.region), &request_id, started);
+                return self.refuse(
+                    refusal,
+                    ws_str,
+                    Some(forward.region),
+                    &request_id,
+                    started,
+                    audit,
+                );
             }
         };
+        if let Some(entry) = audit.as_mut() {
+            entry.status(response.status().as_u16());
+        }
 
         if response.status() == StatusCode::SWITCHING_PROTOCOLS {
             if let Some(client_upgrade) = client_upgrade {
@@ -563,6 +724,7 @@ impl Pipeline {
         // client went away): the response body holds the registration.
         let body = Guarded::new(body, u64::MAX, self.config.limits.idle_timeout, None)
             .holding(in_flight)
+            .recording(audit)
             .boxed_unsync();
         Response::from_parts(parts, body)
     }
@@ -636,6 +798,7 @@ impl Pipeline {
         retries: u32,
         template: Option<(Method, Version, HeaderMap)>,
         fate: Option<&BodyFate>,
+        endpoint_used: &mut Option<usize>,
     ) -> Result<Response<PooledBody>, ForwardError> {
         let mut tried: u64 = 0;
         let mut next = Some(Request::from_parts(parts, body));
@@ -647,6 +810,7 @@ impl Pipeline {
                 return Err(served_error.unwrap_or(ForwardError::RegionUnavailable));
             };
             tried |= 1u64.checked_shl(index as u32).unwrap_or(0);
+            *endpoint_used = Some(index);
             let mut request = match next.take() {
                 Some(request) => request,
                 None => {

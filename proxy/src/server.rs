@@ -274,9 +274,14 @@ impl RunningProxy {
         // Also tells the workers to drop what is still open.
         let _ = self.admin_shutdown.send(true);
         let threads = self.threads;
+        let pipeline = self.pipeline.clone();
         let _ = tokio::task::spawn_blocking(move || {
             for thread in threads {
                 let _ = thread.join();
+            }
+            // No request can begin now: the audit log drains, closes with a signed checkpoint.
+            if let Some(audit) = &pipeline.audit {
+                audit.stop();
             }
         })
         .await;
