@@ -1,5 +1,6 @@
 //! `domicile demo`: demo origins for regions `us` and `eu` and a proxy in front of them, all on
-//! loopback, with the configuration written into the data directory for a reader to see.
+//! loopback, with the configuration written into the data directory for a reader to see, and
+//! the proxy's routing audit log in `DIR/audit/` (public key `DIR/audit.pub`).
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -87,6 +88,13 @@ health = {{ path = "/healthz", interval = "1s" }}
 [regions.eu]
 endpoints = ["{eu}"]
 health = {{ path = "/healthz", interval = "1s" }}
+
+[audit]
+# One record per routing decision, chained and signed (docs/audit.md). Auditors verify it
+# with audit.pub alone: `domicile audit verify audit --key audit.pub`.
+dir = "audit"
+signing_key = "audit.key"
+checkpoint_interval = "10s"
 "#,
         http = options.http,
         admin = options.admin,
@@ -158,10 +166,19 @@ Move acme to eu with zero misrouted requests (writes pause only until the copy i
   {d} move list
   {d} audit admin --workspace acme                      # every phase, actor and reason
 
+Every routing decision above is in the audit log ({audit}), signed with {key}:
+  {d} audit verify {audit} --key {public} --checkpoint http://{admin}/audit/checkpoint
+  {d} audit report {audit} --key {public}              # per workspace and region; cross-region forwards: 0
+  {d} audit report {audit} --key {public} --html audit-report.html
+  curl -s http://{admin}/audit/public-key
+
 Stop with Ctrl-C."#,
         config = config_path.display(),
         data = options.data_dir.display(),
         token = token.display(),
+        audit = options.data_dir.join("audit").display(),
+        key = options.data_dir.join("audit.key").display(),
+        public = options.data_dir.join("audit.pub").display(),
     )
 }
 
@@ -269,6 +286,17 @@ pub async fn run(
     )
     .context("cannot write the proxy's token")?;
     let head = control_plane.store.head().await?.version;
+
+    // The key pair that signs the audit log's checkpoints, made once and kept.
+    let audit_key = options.data_dir.join("audit.key");
+    if !audit_key.exists() {
+        domicile_proxy::audit::keys::generate(
+            &audit_key,
+            &options.data_dir.join("audit.pub"),
+            true,
+        )
+        .context("cannot make the audit signing key")?;
+    }
 
     let config_path = options.data_dir.join("proxy.toml");
     std::fs::write(

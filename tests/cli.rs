@@ -3,9 +3,7 @@
 
 mod common;
 
-use std::io::{BufRead, BufReader};
-use std::net::SocketAddr;
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -15,78 +13,6 @@ use http_body_util::{BodyExt, Full, StreamBody};
 use hyper::body::Frame;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
-
-const BIN: &str = env!("CARGO_BIN_EXE_domicile");
-
-/// A child process killed when the test ends, however it ends.
-struct Owned(Child);
-
-impl Drop for Owned {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-impl Owned {
-    fn pid(&self) -> u32 {
-        self.0.id()
-    }
-
-    /// Sends SIGTERM and waits for the exit status.
-    fn terminate(&mut self) -> std::process::ExitStatus {
-        if let Some(pid) = rustix::process::Pid::from_raw(self.pid() as i32) {
-            let _ = rustix::process::kill_process(pid, rustix::process::Signal::TERM);
-        }
-        for _ in 0..200 {
-            if let Ok(Some(status)) = self.0.try_wait() {
-                return status;
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        panic!("process did not exit after SIGTERM");
-    }
-}
-
-/// Reads the child's stdout until a line containing `marker`; returns that line.
-fn wait_for_line(child: &mut Child, marker: &str) -> (String, Vec<String>) {
-    let stdout = child.stdout.take().expect("piped stdout");
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-            if tx.send(line).is_err() {
-                return;
-            }
-        }
-    });
-    let mut lines = Vec::new();
-    loop {
-        let line = rx
-            .recv_timeout(Duration::from_secs(30))
-            .unwrap_or_else(|_| panic!("no line with {marker:?}; got {lines:#?}"));
-        lines.push(line.clone());
-        if line.contains(marker) {
-            // Drain the rest of a multi-line banner without blocking.
-            std::thread::sleep(Duration::from_millis(50));
-            lines.extend(rx.try_iter());
-            return (line, lines);
-        }
-    }
-}
-
-fn addr_after(line: &str, prefix: &str) -> SocketAddr {
-    let start = line
-        .find(prefix)
-        .unwrap_or_else(|| panic!("{prefix} in {line}"))
-        + prefix.len();
-    let rest = &line[start..];
-    let end = rest
-        .find(|c: char| c.is_whitespace() || c == ')')
-        .unwrap_or(rest.len());
-    rest[..end]
-        .parse()
-        .unwrap_or_else(|e| panic!("{e}: {line}"))
-}
 
 #[tokio::test]
 async fn demo_runs_routes_and_stops_on_sigterm() {
@@ -248,6 +174,42 @@ async fn demo_runs_routes_and_stops_on_sigterm() {
         );
     }
 
+    // Every decision above is in the audit log, and the report checks each forward against
+    // the map history: none left its home region, through the move too.
+    assert!(banner.contains("audit verify"), "{banner}");
+    let audit_dir = dir.path().join("audit");
+    let audit_dir = audit_dir.to_str().unwrap();
+    let public = dir.path().join("audit.pub");
+    let public = public.to_str().unwrap();
+    let html = dir.path().join("report.html");
+    let (ok, json, err) = admin(&[
+        "audit",
+        "report",
+        audit_dir,
+        "--key",
+        public,
+        "--json",
+        "--html",
+        html.to_str().unwrap(),
+    ]);
+    assert!(ok, "{err}\n{json}");
+    let report: serde_json::Value = serde_json::from_str(&json).unwrap();
+    assert_eq!(report["cross_region_forwards"], 0, "{report}");
+    assert!(report["checked"].as_u64().unwrap() >= 8, "{report}");
+    assert_eq!(report["verification"]["verdict"], "open", "{report}");
+    let acme = &report["by_workspace"]["acme"];
+    assert!(acme["forwarded"].as_u64().unwrap() >= 3, "{report}");
+    assert!(
+        acme["refused"]["workspace_moving"].as_u64().unwrap() >= 1,
+        "{report}"
+    );
+    assert!(
+        report["by_region"]["eu"]["forwarded"].as_u64().unwrap() >= 4,
+        "{report}"
+    );
+    let page = std::fs::read_to_string(&html).unwrap();
+    assert!(page.starts_with("<!doctype html>") && page.contains("0 cross-region forwards"));
+
     let (ok, _, err) = Command::new(BIN)
         .args([
             "workspace",
@@ -287,6 +249,14 @@ async fn demo_runs_routes_and_stops_on_sigterm() {
         status.success(),
         "demo exits cleanly on SIGTERM: {status:?}"
     );
+    // Stopped cleanly, the log is closed: intact, every record under a signature.
+    let verified = Command::new(BIN)
+        .args(["audit", "verify", audit_dir, "--key", public])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&verified.stdout);
+    assert!(verified.status.success(), "{text}");
+    assert!(text.contains("INTACT"), "{text}");
 }
 
 #[test]

@@ -4,8 +4,10 @@
 pub mod cp;
 
 use std::collections::BTreeMap;
+use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
+use std::process::Child;
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -113,6 +115,20 @@ impl ProxyBuilder {
     pub fn section(mut self, text: &str) -> Self {
         self.sections.push(text.to_owned());
         self
+    }
+
+    /// An audit log in `DIR/audit`, signed with a key made for the test (`DIR/audit.key`,
+    /// public key `DIR/audit.pub`); `extra` adds lines to the `[audit]` section.
+    pub fn audit(self, extra: &str) -> Self {
+        domicile_proxy::audit::keys::generate(
+            &self.dir.path().join("audit.key"),
+            &self.dir.path().join("audit.pub"),
+            false,
+        )
+        .expect("audit key");
+        self.section(&format!(
+            "[audit]\ndir = \"audit\"\nsigning_key = \"audit.key\"\n{extra}\n"
+        ))
     }
 
     pub fn dir(&self) -> &Path {
@@ -337,4 +353,77 @@ pub async fn eventually(within: Duration, mut check: impl FnMut() -> bool) -> bo
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
+}
+
+/// The `domicile` binary under test.
+pub const BIN: &str = env!("CARGO_BIN_EXE_domicile");
+
+/// A child process killed when the test ends, however it ends.
+pub struct Owned(pub Child);
+
+impl Drop for Owned {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+impl Owned {
+    pub fn pid(&self) -> u32 {
+        self.0.id()
+    }
+
+    /// Sends SIGTERM and waits for the exit status.
+    pub fn terminate(&mut self) -> std::process::ExitStatus {
+        if let Some(pid) = rustix::process::Pid::from_raw(self.pid() as i32) {
+            let _ = rustix::process::kill_process(pid, rustix::process::Signal::TERM);
+        }
+        for _ in 0..200 {
+            if let Ok(Some(status)) = self.0.try_wait() {
+                return status;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        panic!("process did not exit after SIGTERM");
+    }
+}
+
+/// Reads the child's stdout until a line containing `marker`; returns that line.
+pub fn wait_for_line(child: &mut Child, marker: &str) -> (String, Vec<String>) {
+    let stdout = child.stdout.take().expect("piped stdout");
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+            if tx.send(line).is_err() {
+                return;
+            }
+        }
+    });
+    let mut lines = Vec::new();
+    loop {
+        let line = rx
+            .recv_timeout(Duration::from_secs(30))
+            .unwrap_or_else(|_| panic!("no line with {marker:?}; got {lines:#?}"));
+        lines.push(line.clone());
+        if line.contains(marker) {
+            // Drain the rest of a multi-line banner without blocking.
+            std::thread::sleep(Duration::from_millis(50));
+            lines.extend(rx.try_iter());
+            return (line, lines);
+        }
+    }
+}
+
+pub fn addr_after(line: &str, prefix: &str) -> SocketAddr {
+    let start = line
+        .find(prefix)
+        .unwrap_or_else(|| panic!("{prefix} in {line}"))
+        + prefix.len();
+    let rest = &line[start..];
+    let end = rest
+        .find(|c: char| c.is_whitespace() || c == ')')
+        .unwrap_or(rest.len());
+    rest[..end]
+        .parse()
+        .unwrap_or_else(|e| panic!("{e}: {line}"))
 }
