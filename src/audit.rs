@@ -6,16 +6,21 @@ use std::io::BufRead;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
+use std::time::Duration;
+
 use anyhow::Context;
+use bytes::Bytes;
 use domicile_proxy::audit::format::{self, Line, Outage, Record};
 use domicile_proxy::audit::keys;
 use domicile_proxy::audit::verify::{self, Verdict};
 use futures_util::StreamExt;
-use http::Method;
+use http_body_util::{BodyExt, Empty};
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::TokioExecutor;
 use serde::Serialize;
 
 use crate::admin::{table, Connection};
-use crate::client::{q, AdminClient};
+use crate::client::q;
 
 /// `audit keygen`.
 pub fn keygen(key: &Path, public: &Path, force: bool) -> anyhow::Result<ExitCode> {
@@ -63,25 +68,36 @@ pub async fn verify(
     Ok(verdict_code(report.verdict))
 }
 
-/// A file's text, or a URL's body (`http://...`).
+/// A file's text, or a URL's body (`http://...`, for example a proxy's `/audit/checkpoint`).
 async fn read_source(source: &str) -> anyhow::Result<String> {
-    if source.starts_with("http://") || source.starts_with("https://") {
-        let uri: http::Uri = source
-            .parse()
-            .with_context(|| format!("{source} is not a URL"))?;
-        let authority = uri
-            .authority()
-            .with_context(|| format!("{source} has no host"))?;
-        let base = format!("{}://{authority}", uri.scheme_str().unwrap_or("http"));
-        let path = uri.path_and_query().map_or("/", |p| p.as_str());
-        let bytes = AdminClient::new(&base, None)
-            .send(Method::GET, path, None)
-            .await
-            .with_context(|| format!("cannot fetch {source}"))?;
-        Ok(String::from_utf8_lossy(&bytes).into_owned())
-    } else {
-        std::fs::read_to_string(source).with_context(|| format!("cannot read {source}"))
+    if !source.starts_with("http://") {
+        return std::fs::read_to_string(source).with_context(|| format!("cannot read {source}"));
     }
+    let uri: http::Uri = source
+        .parse()
+        .with_context(|| format!("{source} is not a URL"))?;
+    let client: Client<_, Empty<Bytes>> = Client::builder(TokioExecutor::new()).build_http();
+    let request = http::Request::get(uri)
+        .body(Empty::new())
+        .with_context(|| format!("{source} is not a URL"))?;
+    let response = tokio::time::timeout(Duration::from_secs(10), client.request(request))
+        .await
+        .with_context(|| format!("{source} did not answer within 10 s"))?
+        .with_context(|| format!("cannot fetch {source}"))?;
+    let status = response.status();
+    let body = response
+        .into_body()
+        .collect()
+        .await
+        .with_context(|| format!("{source}: the answer was cut off"))?
+        .to_bytes();
+    if !status.is_success() {
+        anyhow::bail!(
+            "{source} answered {status}: {}",
+            String::from_utf8_lossy(&body).trim()
+        );
+    }
+    Ok(String::from_utf8_lossy(&body).into_owned())
 }
 
 /// One workspace's history entry, as `GET /v1/map/history` gives it.

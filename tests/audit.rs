@@ -522,6 +522,103 @@ async fn a_failing_disk_refuses_requests_and_loses_nothing_it_acknowledged() {
 
 // The report runs as a child process against this test's control plane: a second runtime
 // thread keeps the control plane answering while this one waits for the child.
+/// The proxy process with its file-size limit (RLIMIT_FSIZE) set to `bytes` (`None`: none).
+fn limit_file_size(child: &Owned, bytes: Option<u64>) {
+    use rustix::process::{prlimit, Pid, Resource, Rlimit};
+    let pid = Pid::from_raw(child.pid() as i32).unwrap();
+    prlimit(
+        Some(pid),
+        Resource::Fsize,
+        Rlimit {
+            current: bytes,
+            maximum: None,
+        },
+    )
+    .expect("set the proxy's file-size limit");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_file_size_limit_fails_real_writes_and_the_log_goes_on_in_a_new_segment() {
+    let us = origin("us").await;
+    let eu = origin("eu").await;
+    let (config, dir) = proxy()
+        .route("us", &[&us])
+        .route("eu", &[&eu])
+        .audit("commit_interval = \"2ms\"")
+        .write();
+    let child = Command::new(BIN)
+        .args(["proxy", "--config"])
+        .arg(&config)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut child = Owned(child);
+    let (line, _) = wait_for_line(&mut child.0, "proxy listening on");
+    let url = format!("http://{}/w/acme/x", addr_after(&line, "http://"));
+    let mut answered: Vec<(String, u16, Option<String>)> = Vec::new();
+    for _ in 0..50 {
+        assert_eq!(ask(&url, &mut answered).await.status, 200);
+    }
+    // The kernel now refuses to let the segment grow much further (EFBIG): the writer must
+    // refuse requests, then carry on in a new segment, which starts small again.
+    let audit_dir = dir.path().join("audit");
+    let segment = audit_dir.join(format::segment_name(1));
+    let size = std::fs::metadata(&segment).unwrap().len();
+    limit_file_size(&child, Some(size + 20_000));
+    let mut refused = 0;
+    let mut recovered = false;
+    for _ in 0..3000 {
+        let r = ask(&url, &mut answered).await;
+        match r.refusal() {
+            Some("audit_unavailable") => refused += 1,
+            None if refused > 0 && r.status == 200 => {
+                recovered = true;
+                break;
+            }
+            _ => assert_eq!(r.status, 200, "{:?}", r.refusal()),
+        }
+    }
+    assert!(refused > 0, "a file-size limit never refused a request");
+    assert!(recovered, "the log never took records again");
+    limit_file_size(&child, None);
+    for _ in 0..20 {
+        assert_eq!(ask(&url, &mut answered).await.status, 200);
+    }
+    assert!(
+        child.terminate().success(),
+        "the proxy survived SIGXFSZ and stopped cleanly"
+    );
+
+    let report = verify(&audit_dir, &public_key(dir.path()), None).unwrap();
+    assert_eq!(report.verdict, Verdict::Intact, "{}", report.to_text());
+    assert!(report.segments.len() >= 2, "{}", report.to_text());
+    assert!(
+        report.notes.iter().any(|n| n.detail.contains("left open")),
+        "{}",
+        report.to_text()
+    );
+    assert!(
+        report.outages.iter().any(|(_, o)| o.kind == "disk"
+            && o.error
+                .as_deref()
+                .is_some_and(|e| e.contains("File too large"))),
+        "{}",
+        report.to_text()
+    );
+    let stated: u64 = report.outages.iter().map(|(_, o)| o.refused).sum();
+    assert_eq!(stated, refused);
+    let logged: Vec<String> = records(&audit_dir)
+        .into_iter()
+        .map(|r| r.request_id)
+        .collect();
+    let unique: HashSet<&String> = logged.iter().collect();
+    assert_eq!(unique.len(), logged.len(), "a record written twice");
+    for (id, status, _) in &answered {
+        assert_eq!(unique.contains(id), *status == 200, "{id} ({status})");
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_report_checks_every_forward_against_the_map_history_and_flags_a_forged_one() {
     let us = origin("us").await;

@@ -728,7 +728,9 @@ pub fn run(options: &Options) -> Result<(PathBuf, PathBuf, bool)> {
     if cpus < 2 {
         eprintln!("compare: only one CPU: proxies, origin and load generators share it");
     }
-    let domicile = if options.kinds.contains(&Kind::Domicile) {
+    let domicile = if options.kinds.contains(&Kind::Domicile)
+        || options.kinds.contains(&Kind::DomicileAudit)
+    {
         peers::domicile_binary(options.domicile.clone())?
     } else {
         PathBuf::from("domicile")
@@ -1045,6 +1047,41 @@ fn markdown(report: &Report) -> String {
                 md.push_str(&format!(" {rps} | {cpu} | {p99} |"));
             }
             md.push('\n');
+        }
+        md.push('\n');
+    }
+
+    // The audit log's cost: Domicile with it on, over Domicile without, measured in the same
+    // run (interleaved), so the ratio holds on a noisy machine.
+    if report.versions.contains_key("domicile") && report.versions.contains_key("domicile-audit") {
+        md.push_str("## Audit log on versus off\n\n");
+        md.push_str("Domicile with `[audit]` (every decision recorded, group commit every 10 ms, signed checkpoints) ÷ Domicile without, same run. req/s above 0.9 meets the target; CPU and p99 above 1 are the log's cost.\n\n");
+        md.push_str(
+            "| workload | req/s audit on ÷ off | CPU per request on ÷ off | p99 on ÷ off |\n",
+        );
+        md.push_str("| --- | --- | --- | --- |\n");
+        for w in &report.workloads {
+            let row = |k: Kind| w.rows.iter().find(|r| r.proxy == k && r.valid);
+            let (Some(off), Some(on)) = (row(Kind::Domicile), row(Kind::DomicileAudit)) else {
+                continue;
+            };
+            let ratio = |a: Option<f64>, b: Option<f64>| match (a, b) {
+                (Some(a), Some(b)) if b > 0.0 => format!("{:.2}", a / b),
+                _ => "–".to_owned(),
+            };
+            md.push_str(&format!(
+                "| {} | {} | {} | {} |\n",
+                w.workload.name,
+                ratio(
+                    on.requests_per_second.map(|s| s.median),
+                    off.requests_per_second.map(|s| s.median)
+                ),
+                ratio(
+                    on.cpu_seconds_per_million.map(|s| s.median),
+                    off.cpu_seconds_per_million.map(|s| s.median)
+                ),
+                ratio(on.latency_us.map(|l| l.p99), off.latency_us.map(|l| l.p99)),
+            ));
         }
         md.push('\n');
     }

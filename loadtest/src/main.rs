@@ -130,11 +130,12 @@ struct CompareArgs {
     /// Seconds per run (default 5; 2 with --quick).
     #[arg(long, value_parser = clap::value_parser!(u64).range(1..=600))]
     seconds: Option<u64>,
-    /// Proxies to run, comma-separated, from direct, domicile, nginx, haproxy, caddy.
+    /// Proxies to run, comma-separated, from direct, domicile, domicile-audit (the audit log
+    /// on), nginx, haproxy, caddy.
     #[arg(
         long,
         value_delimiter = ',',
-        default_value = "direct,domicile,nginx,haproxy,caddy"
+        default_value = "direct,domicile,domicile-audit,nginx,haproxy,caddy"
     )]
     proxies: Vec<String>,
     /// Only these workloads (comma-separated names; get-small always runs: it finds the knee).

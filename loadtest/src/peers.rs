@@ -27,15 +27,19 @@ pub enum Kind {
     /// No proxy: the client talks to the origin directly.
     Direct,
     Domicile,
+    /// Domicile with its routing audit log on (the same configuration plus `[audit]`).
+    #[serde(rename = "domicile-audit")]
+    DomicileAudit,
     Nginx,
     Haproxy,
     Caddy,
 }
 
 impl Kind {
-    pub const ALL: [Kind; 5] = [
+    pub const ALL: [Kind; 6] = [
         Kind::Direct,
         Kind::Domicile,
+        Kind::DomicileAudit,
         Kind::Nginx,
         Kind::Haproxy,
         Kind::Caddy,
@@ -45,6 +49,7 @@ impl Kind {
         match self {
             Kind::Direct => "direct",
             Kind::Domicile => "domicile",
+            Kind::DomicileAudit => "domicile-audit",
             Kind::Nginx => "nginx",
             Kind::Haproxy => "haproxy",
             Kind::Caddy => "caddy",
@@ -56,7 +61,7 @@ impl Kind {
             .into_iter()
             .find(|k| k.name() == text)
             .with_context(|| {
-                format!("unknown proxy {text:?} (known: direct, domicile, nginx, haproxy, caddy)")
+                format!("unknown proxy {text:?} (known: direct, domicile, domicile-audit, nginx, haproxy, caddy)")
             })
     }
 }
@@ -208,10 +213,10 @@ pub fn start(kind: Kind, setup: &Setup<'_>) -> Result<Running> {
             child: None,
             version: "origin only".into(),
         }),
-        Kind::Domicile => {
+        Kind::Domicile | Kind::DomicileAudit => {
             let port = free_port()?;
             write_domicile_map(&dir.join("map.jsonl"))?;
-            let config = format!(
+            let mut config = format!(
                 r#"[proxy]
 edge_region = "eu"
 listen = "127.0.0.1:{port}"
@@ -237,6 +242,22 @@ endpoints = ["{us}"]
                 eu = ups.eu,
                 us = ups.us,
             );
+            if kind == Kind::DomicileAudit {
+                // Every decision recorded, chained, fsynced by group commit (default 10 ms),
+                // checkpoints signed every 10 s: the defaults, on the run's own disk.
+                let status = Command::new(setup.domicile)
+                    .args(["audit", "keygen", "--force", "--key"])
+                    .arg(dir.join("audit.key"))
+                    .arg("--public")
+                    .arg(dir.join("audit.pub"))
+                    .stdout(Stdio::null())
+                    .status()
+                    .context("domicile audit keygen")?;
+                if !status.success() {
+                    bail!("domicile audit keygen failed: {status}");
+                }
+                config.push_str("\n[audit]\ndir = \"audit\"\nsigning_key = \"audit.key\"\n");
+            }
             let version = version_of(&setup.domicile.display().to_string(), &["--version"]);
             launch(
                 kind,

@@ -49,6 +49,16 @@ pub struct RunningProxy {
 /// Binds the listeners, loads the map file (if any), starts health checks and serves.
 pub async fn start(config: ProxyConfig) -> Result<RunningProxy, StartError> {
     let config = Arc::new(config);
+    // A file-size limit (RLIMIT_FSIZE, `ulimit -f`) must make the audit writer's writes fail
+    // with EFBIG, which it handles as a failing disk, rather than kill the process with
+    // SIGXFSZ. The handler stays installed once registered.
+    #[cfg(unix)]
+    if config.audit.is_some() {
+        use tokio::signal::unix::{signal, SignalKind};
+        if let Err(e) = signal(SignalKind::from_raw(libc::SIGXFSZ)) {
+            tracing::warn!("cannot catch SIGXFSZ: {e}");
+        }
+    }
     let replica = Arc::new(Replica::new());
     let pipeline =
         Arc::new(Pipeline::new(config.clone(), replica.clone()).map_err(StartError::Setup)?);

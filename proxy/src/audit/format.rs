@@ -198,36 +198,56 @@ pub struct Recovered {
 
 /// Appends `s` as a JSON string (quoted and escaped). Bytes that are not UTF-8 are replaced.
 pub fn put_json_str(out: &mut Vec<u8>, s: &[u8]) {
+    // Printable ASCII without quotes or backslashes (ids, hosts, paths, methods): valid UTF-8
+    // that needs no escaping, found in one branch-free pass.
+    let plain = s.iter().fold(true, |ok, &b| {
+        ok & (0x20..0x7f).contains(&b) & (b != b'"') & (b != b'\\')
+    });
+    if plain {
+        out.push(b'"');
+        out.extend_from_slice(s);
+        out.push(b'"');
+        return;
+    }
     match std::str::from_utf8(s) {
         Ok(text) => put_json_text(out, text),
         Err(_) => put_json_text(out, &String::from_utf8_lossy(s)),
     }
 }
 
+/// Bytes a JSON string cannot hold as they are.
+const fn needs_escape(b: u8) -> bool {
+    b < 0x20 || b == b'"' || b == b'\\' || b == 0x7f
+}
+
 fn put_json_text(out: &mut Vec<u8>, text: &str) {
     const HEX: &[u8; 16] = b"0123456789abcdef";
     out.push(b'"');
     let bytes = text.as_bytes();
+    // Most strings (ids, hosts, paths) need no escaping: one copy.
+    if !bytes.iter().any(|&b| needs_escape(b)) {
+        out.extend_from_slice(bytes);
+        out.push(b'"');
+        return;
+    }
     let mut start = 0;
     for (i, &b) in bytes.iter().enumerate() {
-        let escape: &[u8] = match b {
-            b'"' => b"\\\"",
-            b'\\' => b"\\\\",
-            b'\n' => b"\\n",
-            b'\r' => b"\\r",
-            b'\t' => b"\\t",
-            0..=0x1f | 0x7f => {
-                out.extend_from_slice(&bytes[start..i]);
+        if !needs_escape(b) {
+            continue;
+        }
+        out.extend_from_slice(&bytes[start..i]);
+        match b {
+            b'"' => out.extend_from_slice(b"\\\""),
+            b'\\' => out.extend_from_slice(b"\\\\"),
+            b'\n' => out.extend_from_slice(b"\\n"),
+            b'\r' => out.extend_from_slice(b"\\r"),
+            b'\t' => out.extend_from_slice(b"\\t"),
+            _ => {
                 out.extend_from_slice(b"\\u00");
                 out.push(HEX[(b >> 4) as usize]);
                 out.push(HEX[(b & 0xf) as usize]);
-                start = i + 1;
-                continue;
             }
-            _ => continue,
-        };
-        out.extend_from_slice(&bytes[start..i]);
-        out.extend_from_slice(escape);
+        }
         start = i + 1;
     }
     out.extend_from_slice(&bytes[start..]);
@@ -237,10 +257,12 @@ fn put_json_text(out: &mut Vec<u8>, text: &str) {
 /// Appends `hash` as 64 lower-case hex digits.
 pub fn put_hex(out: &mut Vec<u8>, hash: &[u8; 32]) {
     const HEX: &[u8; 16] = b"0123456789abcdef";
-    for b in hash {
-        out.push(HEX[(b >> 4) as usize]);
-        out.push(HEX[(b & 0xf) as usize]);
+    let mut text = [0u8; 64];
+    for (pair, b) in text.chunks_exact_mut(2).zip(hash) {
+        pair[0] = HEX[(b >> 4) as usize];
+        pair[1] = HEX[(b & 0xf) as usize];
     }
+    out.extend_from_slice(&text);
 }
 
 /// Appends a decimal.
@@ -248,21 +270,67 @@ pub fn put_u64(out: &mut Vec<u8>, n: u64) {
     out.extend_from_slice(itoa::Buffer::new().format(n).as_bytes());
 }
 
-/// Appends `"name":` to a JSON object being written.
-pub fn put_key(out: &mut Vec<u8>, name: &str) {
-    out.push(b',');
-    out.push(b'"');
-    out.extend_from_slice(name.as_bytes());
-    out.extend_from_slice(b"\":");
+/// `,"name":`, to follow a member of a JSON object being written (one copy of a constant).
+macro_rules! key {
+    ($name:literal) => {
+        concat!(",\"", $name, "\":").as_bytes()
+    };
+}
+pub(crate) use key;
+
+thread_local! {
+    /// The last second formatted (`"2026-12-01T20:42:47.`), so a batch of records from the
+    /// same second formats its date once.
+    static SECOND: std::cell::RefCell<(u64, [u8; 21])> = const { std::cell::RefCell::new((u64::MAX, [0; 21])) };
 }
 
-/// Appends a time as RFC 3339 with microseconds, in UTC.
+/// Appends a time as an RFC 3339 JSON string with microseconds, in UTC
+/// (`"2026-12-01T20:42:47.025637Z"`).
 pub fn put_time(out: &mut Vec<u8>, micros: u64) {
-    let t = std::time::UNIX_EPOCH + std::time::Duration::from_micros(micros);
-    out.push(b'"');
-    use std::io::Write;
-    let _ = write!(out, "{}", humantime::format_rfc3339_micros(t));
-    out.push(b'"');
+    let second = micros / 1_000_000;
+    let fraction = micros % 1_000_000;
+    SECOND.with(|cached| {
+        let mut cached = cached.borrow_mut();
+        if cached.0 != second {
+            let t = std::time::UNIX_EPOCH + std::time::Duration::from_secs(second);
+            let text = humantime::format_rfc3339_seconds(t).to_string();
+            // "2026-12-01T20:42:47Z": the prefix up to the seconds, then the fraction's dot.
+            let mut prefix = [0u8; 21];
+            prefix[0] = b'"';
+            prefix[1..20].copy_from_slice(&text.as_bytes()[..19]);
+            prefix[20] = b'.';
+            *cached = (second, prefix);
+        }
+        out.extend_from_slice(&cached.1);
+    });
+    let mut digits = [b'0'; 6];
+    let mut n = fraction;
+    for d in digits.iter_mut().rev() {
+        *d = b'0' + (n % 10) as u8;
+        n /= 10;
+    }
+    out.extend_from_slice(&digits);
+    out.extend_from_slice(b"Z\"");
+}
+
+/// Appends an address as a JSON string.
+pub fn put_ip(out: &mut Vec<u8>, ip: std::net::IpAddr) {
+    match ip {
+        std::net::IpAddr::V4(v4) => {
+            out.push(b'"');
+            for (i, octet) in v4.octets().iter().enumerate() {
+                if i > 0 {
+                    out.push(b'.');
+                }
+                out.extend_from_slice(itoa::Buffer::new().format(*octet).as_bytes());
+            }
+            out.push(b'"');
+        }
+        std::net::IpAddr::V6(v6) => {
+            use std::io::Write;
+            let _ = write!(out, "\"{v6}\"");
+        }
+    }
 }
 
 /// Microseconds since the Unix epoch, now.

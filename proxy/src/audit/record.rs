@@ -12,7 +12,7 @@ use std::sync::Arc;
 
 use bytemuck::{Pod, Zeroable};
 
-use super::format::{put_hex, put_json_str, put_key, put_time, put_u64};
+use super::format::{key, put_hex, put_ip, put_json_str, put_time, put_u64};
 use crate::config::ClientIpMode;
 use crate::geoip::GeoIp;
 use crate::map::RegionMeta;
@@ -141,14 +141,51 @@ pub(super) fn put_strings(
     buf.extend_from_slice(path);
 }
 
-/// What the writer needs to turn queued records into lines.
+/// What the writer needs to turn queued records into lines. Names are kept as JSON strings,
+/// quoted once rather than once per record.
 pub(super) struct LineContext {
-    /// `"proxy_id":"...","edge_region":"..."`, escaped once.
+    /// `"proxy_id":"...","edge_region":"..."`.
     pub identity: Vec<u8>,
     /// Endpoint names by region index, then endpoint index.
-    pub endpoints: Vec<Vec<Arc<str>>>,
+    endpoints: Vec<Vec<Vec<u8>>>,
+    /// Region ids by region index (interned ids never change, so this only grows).
+    regions: Vec<Vec<u8>>,
     pub geoip: Option<Arc<GeoIp>>,
     pub client_ip: ClientIpMode,
+}
+
+fn quoted(text: &[u8]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(text.len() + 2);
+    put_json_str(&mut out, text);
+    out
+}
+
+impl LineContext {
+    pub fn new(
+        identity: Vec<u8>,
+        endpoints: Vec<Vec<Arc<str>>>,
+        geoip: Option<Arc<GeoIp>>,
+        client_ip: ClientIpMode,
+    ) -> Self {
+        let endpoints = endpoints
+            .iter()
+            .map(|list| list.iter().map(|e| quoted(e.as_bytes())).collect())
+            .collect();
+        Self {
+            identity,
+            endpoints,
+            regions: Vec::new(),
+            geoip,
+            client_ip,
+        }
+    }
+
+    /// Learns the regions interned since the last batch.
+    pub fn regions(&mut self, regions: &[RegionMeta]) {
+        for region in regions.iter().skip(self.regions.len()) {
+            self.regions.push(quoted(region.id.as_bytes()));
+        }
+    }
 }
 
 /// One queued record, read back from the queue's bytes.
@@ -172,16 +209,8 @@ impl<'a> Queued<'a> {
         ))
     }
 
-    /// Appends the record's JSON line (with its newline) to `out`; returns where the line
-    /// started, for hashing.
-    pub fn write_line(
-        &self,
-        seq: u64,
-        prev: &[u8; 32],
-        ctx: &LineContext,
-        regions: &[RegionMeta],
-        out: &mut Vec<u8>,
-    ) {
+    /// Appends the record's JSON line (without its newline) to `out`.
+    pub fn write_line(&self, seq: u64, prev: &[u8; 32], ctx: &LineContext, out: &mut Vec<u8>) {
         let f = &self.fixed;
         let mut at = 0;
         let mut take = |n: usize| {
@@ -194,67 +223,77 @@ impl<'a> Queued<'a> {
         let method = take(f.method_len as usize);
         let host = take(f.host_len as usize);
         let path = take(f.path_len as usize);
-        let region = |idx: u16| regions.get(idx as usize).map(|r| r.id.as_bytes());
+        let region = |out: &mut Vec<u8>, idx: u16| match ctx.regions.get(idx as usize) {
+            Some(quoted) => out.extend_from_slice(quoted),
+            None => out.extend_from_slice(b"null"),
+        };
+        out.reserve(640 + self.strings.len());
 
         out.extend_from_slice(b"{\"type\":\"record\",\"seq\":");
         put_u64(out, seq);
-        put_key(out, "ts");
+        out.extend_from_slice(key!("ts"));
         put_time(out, f.ts_micros);
         out.push(b',');
         out.extend_from_slice(&ctx.identity);
-        put_key(out, "request_id");
+        out.extend_from_slice(key!("request_id"));
         put_json_str(out, request_id);
-        put_key(out, "workspace");
+        out.extend_from_slice(key!("workspace"));
         put_opt_str(out, (f.workspace_len > 0).then_some(workspace));
-        put_key(out, "home_region");
-        put_opt_str(out, region(f.home_region));
-        put_key(out, "decision");
+        out.extend_from_slice(key!("home_region"));
+        region(out, f.home_region);
+        out.extend_from_slice(key!("decision"));
         match f.decision {
             0 => out.extend_from_slice(b"\"forwarded\""),
             d => {
+                // Codes are fixed lower-case words: quoted, never escaped.
                 let code = RefusalCode::ALL
                     .get(d as usize - 1)
                     .map_or("unknown", |c| c.as_str());
-                put_json_str(out, code.as_bytes());
+                out.push(b'"');
+                out.extend_from_slice(code.as_bytes());
+                out.push(b'"');
             }
         }
-        put_key(out, "upstream_region");
-        put_opt_str(out, region(f.upstream_region));
-        put_key(out, "upstream");
+        out.extend_from_slice(key!("upstream_region"));
+        region(out, f.upstream_region);
+        out.extend_from_slice(key!("upstream"));
         let endpoint = ctx
             .endpoints
             .get(f.upstream_region as usize)
             .and_then(|list| list.get(f.upstream_endpoint as usize));
-        put_opt_str(out, endpoint.map(|e| e.as_bytes()));
-        put_key(out, "map_version");
+        match endpoint {
+            Some(quoted) => out.extend_from_slice(quoted),
+            None => out.extend_from_slice(b"null"),
+        }
+        out.extend_from_slice(key!("map_version"));
         put_opt_u64(
             out,
             (f.flags & HAS_MAP_VERSION != 0).then_some(f.map_version),
         );
-        put_key(out, "epoch");
+        out.extend_from_slice(key!("epoch"));
         put_opt_u64(
             out,
             (f.flags & HAS_EPOCH != 0).then_some(u64::from(f.epoch)),
         );
-        put_key(out, "method");
+        out.extend_from_slice(key!("method"));
         put_json_str(out, method);
-        put_key(out, "host");
+        out.extend_from_slice(key!("host"));
         put_opt_str(out, (f.flags & HAS_HOST != 0).then_some(host));
-        put_key(out, "path");
+        out.extend_from_slice(key!("path"));
         put_json_str(out, path);
         if f.flags & (PATH_TRUNCATED | HOST_TRUNCATED) != 0 {
-            put_key(out, "truncated");
+            out.extend_from_slice(key!("truncated"));
             out.extend_from_slice(b"true");
         }
-        put_key(out, "status");
+        out.extend_from_slice(key!("status"));
         put_opt_u64(out, (f.status != 0).then_some(u64::from(f.status)));
-        put_key(out, "bytes_in");
+        out.extend_from_slice(key!("bytes_in"));
         put_u64(out, f.bytes_in);
-        put_key(out, "bytes_out");
+        out.extend_from_slice(key!("bytes_out"));
         put_u64(out, f.bytes_out);
-        put_key(out, "duration_us");
+        out.extend_from_slice(key!("duration_us"));
         put_u64(out, f.duration_us);
-        put_key(out, "complete");
+        out.extend_from_slice(key!("complete"));
         out.extend_from_slice(if f.flags & COMPLETE != 0 {
             b"true"
         } else {
@@ -264,25 +303,24 @@ impl<'a> Queued<'a> {
             ClientIpMode::None => None,
             _ => f.ip(),
         };
-        put_key(out, "client_country");
+        out.extend_from_slice(key!("client_country"));
         let country = match (&ctx.geoip, f.ip()) {
             (Some(geoip), Some(ip)) => geoip.country(ip),
             _ => None,
         };
         put_opt_str(out, country.as_ref().map(|c| &c[..]));
-        put_key(out, "client_ip");
+        out.extend_from_slice(key!("client_ip"));
         match ip {
             Some(ip) => {
                 let ip = match ctx.client_ip {
                     ClientIpMode::Truncated => truncate_ip(ip),
                     _ => ip,
                 };
-                use std::io::Write;
-                let _ = write!(out, "\"{ip}\"");
+                put_ip(out, ip);
             }
             None => out.extend_from_slice(b"null"),
         }
-        put_key(out, "prev");
+        out.extend_from_slice(key!("prev"));
         out.push(b'"');
         put_hex(out, prev);
         out.extend_from_slice(b"\"}");

@@ -25,7 +25,7 @@ use base64::Engine;
 use ed25519_dalek::{Signer, SigningKey};
 
 use super::format::{
-    self, line_hash, put_hex, put_json_str, put_key, put_time, put_u64, Outage, Reason, Recovered,
+    self, key, line_hash, put_hex, put_json_str, put_time, put_u64, Outage, Reason, Recovered,
 };
 use super::record::{LineContext, Queued};
 use super::{AuditError, Identity, Shared};
@@ -85,6 +85,8 @@ pub(super) struct Writer {
     last_checkpoint: Instant,
     outage: Option<DiskOutage>,
     last_refusal_report: Option<Instant>,
+    /// After a failed rotation, when to try again.
+    rotation_retry_at: Option<Instant>,
 }
 
 /// What a directory holds of an earlier run.
@@ -144,12 +146,7 @@ impl Writer {
         let now = Instant::now();
         let mut writer = Self {
             shared,
-            ctx: LineContext {
-                identity: identity_json,
-                endpoints,
-                geoip,
-                client_ip: section.client_ip,
-            },
+            ctx: LineContext::new(identity_json, endpoints, geoip, section.client_ip),
             replica,
             key,
             key_id,
@@ -176,6 +173,7 @@ impl Writer {
             last_checkpoint: now,
             outage: None,
             last_refusal_report: None,
+            rotation_retry_at: None,
         };
         if let Some(recovered) = &found.recovered {
             tracing::warn!(
@@ -261,12 +259,13 @@ impl Writer {
     fn wait(&self) {
         let now = Instant::now();
         let queued = self.shared.queue.lock().records > 0;
-        let mut until = self.last_checkpoint + self.checkpoint_interval;
-        if let Some(outage) = &self.outage {
-            until = until.min(outage.retry_at);
-        } else if queued {
-            until = until.min(self.last_commit + self.commit_interval);
-        }
+        let checkpoint = self.last_checkpoint + self.checkpoint_interval;
+        // While the disk fails nothing is written, checkpoints included: the retry is all.
+        let until = match &self.outage {
+            Some(outage) => outage.retry_at,
+            None if queued => checkpoint.min(self.last_commit + self.commit_interval),
+            None => checkpoint,
+        };
         if until > now {
             std::thread::park_timeout(until - now);
             // Woken by the first record after an empty queue: still batch for the rest of the
@@ -291,19 +290,13 @@ impl Writer {
             std::mem::swap(&mut queue.bytes, &mut self.batch);
             std::mem::take(&mut queue.records)
         };
-        let regions = self.replica.regions().snapshot();
+        self.ctx.regions(&self.replica.regions().snapshot());
         let mut rest = &self.batch[..];
         let mut formed = 0;
         while let Some((record, after)) = Queued::split(rest) {
             self.seq += 1;
             let start = self.unsynced.len();
-            record.write_line(
-                self.seq,
-                &self.head,
-                &self.ctx,
-                &regions,
-                &mut self.unsynced,
-            );
+            record.write_line(self.seq, &self.head, &self.ctx, &mut self.unsynced);
             self.head = line_hash(&self.unsynced[start..]);
             self.unsynced.push(b'\n');
             formed += 1;
@@ -402,12 +395,26 @@ impl Writer {
             if let Err(e) = io_truncate(&self.shared, &self.segment.file, self.segment.synced_len) {
                 return self.fail(e);
             }
-            if let Err(e) = self.open_next_segment() {
-                return self.fail(e);
-            }
+            // A new segment is kept only if the records get onto disk there; otherwise it is
+            // removed again, so a disk that stays full does not fill up with empty segments.
+            let old = match self.open_next_segment() {
+                Ok(old) => old,
+                Err(e) => return self.fail(e),
+            };
             if !self.commit() {
+                let new = std::mem::replace(&mut self.segment, old);
+                let _ = std::fs::remove_file(self.dir.join(format::segment_name(new.number)));
+                self.shared
+                    .segment
+                    .store(self.segment.number, Ordering::Relaxed);
+                self.written = 0;
                 return;
             }
+            tracing::warn!(
+                abandoned = old.number,
+                segment = self.segment.number,
+                "the audit log goes on in a new segment"
+            );
         }
         let Some(outage) = self.outage.take() else {
             return;
@@ -486,25 +493,25 @@ impl Writer {
         out.extend_from_slice(b"{\"type\":\"checkpoint\",\"reason\":\"");
         out.extend_from_slice(reason.as_str().as_bytes());
         out.push(b'"');
-        put_key(out, "ts");
+        out.extend_from_slice(key!("ts"));
         put_time(out, format::now_micros());
         out.push(b',');
         out.extend_from_slice(&self.ctx.identity);
-        put_key(out, "run");
+        out.extend_from_slice(key!("run"));
         put_json_str(out, self.run.as_bytes());
-        put_key(out, "segment");
+        out.extend_from_slice(key!("segment"));
         put_u64(out, self.segment.number);
-        put_key(out, "seq");
+        out.extend_from_slice(key!("seq"));
         put_u64(out, self.seq);
-        put_key(out, "interval_ms");
+        out.extend_from_slice(key!("interval_ms"));
         put_u64(out, self.checkpoint_interval.as_millis() as u64);
-        put_key(out, "key");
+        out.extend_from_slice(key!("key"));
         put_json_str(out, self.key_id.as_bytes());
-        put_key(out, "outage");
+        out.extend_from_slice(key!("outage"));
         let _ = serde_json::to_writer(&mut *out, &outage);
-        put_key(out, "recovered");
+        out.extend_from_slice(key!("recovered"));
         let _ = serde_json::to_writer(&mut *out, &recovered);
-        put_key(out, "prev");
+        out.extend_from_slice(key!("prev"));
         out.push(b'"');
         put_hex(out, &self.head);
         out.extend_from_slice(b"\"}");
@@ -529,35 +536,43 @@ impl Writer {
         if size < self.segment_max_bytes && self.segment.opened.elapsed() < self.segment_max_age {
             return;
         }
+        if self.rotation_retry_at.is_some_and(|at| Instant::now() < at) {
+            return;
+        }
         self.checkpoint(Reason::Rotate, None);
         if self.outage.is_some() {
             return;
         }
         if let Err(e) = self.open_next_segment() {
-            // The closed segment stays current; rotation is tried again next turn.
+            // The closed segment stays current; rotation is tried again in a second.
             tracing::error!(
                 segment = self.segment.number + 1,
-                "cannot begin a new audit segment: {e}"
+                "cannot begin a new audit segment, trying again in a second: {e}"
             );
             self.shared.write_errors.fetch_add(1, Ordering::Relaxed);
-            self.segment.opened = Instant::now();
+            self.rotation_retry_at = Some(Instant::now() + Duration::from_secs(1));
+        } else {
+            self.rotation_retry_at = None;
         }
     }
 
-    /// Creates the next segment and makes it the current one.
-    fn open_next_segment(&mut self) -> io::Result<()> {
+    /// Creates the next segment and makes it the current one; returns the one it replaces.
+    fn open_next_segment(&mut self) -> io::Result<Segment> {
         let number = self.segment.number + 1;
         let file =
             create_segment(&self.dir, number).map_err(|e| io::Error::other(e.to_string()))?;
-        self.segment = Segment {
-            number,
-            file,
-            synced_len: 0,
-            opened: Instant::now(),
-        };
+        let old = std::mem::replace(
+            &mut self.segment,
+            Segment {
+                number,
+                file,
+                synced_len: 0,
+                opened: Instant::now(),
+            },
+        );
         self.written = 0;
         self.shared.segment.store(number, Ordering::Relaxed);
-        Ok(())
+        Ok(old)
     }
 }
 
