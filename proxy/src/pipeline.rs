@@ -217,7 +217,6 @@ impl Pipeline {
     }
 
     /// Fills in a routed request's record: what it is and what was decided.
-    #[allow(clippy::too_many_arguments)]
     pub(crate) fn audit_describe(
         &self,
         entry: &mut Entry,
