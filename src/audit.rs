@@ -461,6 +461,53 @@ fn counts_rows(map: &BTreeMap<String, Counts>) -> Vec<Vec<String>> {
         .collect()
 }
 
+const OUTAGE_HEADERS: [&str; 6] = ["KIND", "SINCE", "UNTIL", "REFUSED", "UNRECORDED", "ERROR"];
+
+fn outage_rows(r: &RoutingReport) -> Vec<Vec<String>> {
+    r.outages
+        .iter()
+        .map(|o| {
+            vec![
+                o.kind.clone(),
+                o.since.clone(),
+                o.until.clone(),
+                o.refused.to_string(),
+                o.unrecorded.to_string(),
+                o.error.clone().unwrap_or_else(|| "-".into()),
+            ]
+        })
+        .collect()
+}
+
+const CROSS_REGION_HEADERS: [&str; 8] = [
+    "AT",
+    "SEQ",
+    "TS",
+    "WORKSPACE",
+    "SENT TO",
+    "HOME",
+    "REQUEST",
+    "WHY",
+];
+
+fn cross_region_rows(r: &RoutingReport) -> Vec<Vec<String>> {
+    r.cross_region
+        .iter()
+        .map(|c| {
+            vec![
+                format!("{}:{}", c.file, c.line),
+                c.seq.to_string(),
+                c.ts.clone(),
+                c.workspace.clone(),
+                c.upstream_region.clone(),
+                c.home_at_version.clone().unwrap_or_else(|| "-".into()),
+                c.request_id.clone(),
+                c.reason.clone(),
+            ]
+        })
+        .collect()
+}
+
 /// The report as readable text.
 pub fn report_text(r: &RoutingReport) -> String {
     let mut out = String::new();
@@ -511,55 +558,14 @@ pub fn report_text(r: &RoutingReport) -> String {
     ));
     if !r.outages.is_empty() {
         out.push_str("\nOutages the log states\n");
-        out.push_str(&table(
-            &["KIND", "SINCE", "UNTIL", "REFUSED", "UNRECORDED", "ERROR"],
-            r.outages
-                .iter()
-                .map(|o| {
-                    vec![
-                        o.kind.clone(),
-                        o.since.clone(),
-                        o.until.clone(),
-                        o.refused.to_string(),
-                        o.unrecorded.to_string(),
-                        o.error.clone().unwrap_or_else(|| "-".into()),
-                    ]
-                })
-                .collect(),
-        ));
+        out.push_str(&table(&OUTAGE_HEADERS, outage_rows(r)));
     }
     out.push_str(&format!(
         "\nCross-region forwards: {}\n",
         r.cross_region_forwards
     ));
     if !r.cross_region.is_empty() {
-        out.push_str(&table(
-            &[
-                "AT",
-                "SEQ",
-                "TS",
-                "WORKSPACE",
-                "TO",
-                "HOME",
-                "REQUEST",
-                "WHY",
-            ],
-            r.cross_region
-                .iter()
-                .map(|c| {
-                    vec![
-                        format!("{}:{}", c.file, c.line),
-                        c.seq.to_string(),
-                        c.ts.clone(),
-                        c.workspace.clone(),
-                        c.upstream_region.clone(),
-                        c.home_at_version.clone().unwrap_or_else(|| "-".into()),
-                        c.request_id.clone(),
-                        c.reason.clone(),
-                    ]
-                })
-                .collect(),
-        ));
+        out.push_str(&table(&CROSS_REGION_HEADERS, cross_region_rows(r)));
     }
     out
 }
@@ -668,54 +674,13 @@ pub fn report_html(r: &RoutingReport) -> String {
     body.push_str(&counts("By region", "REGION", &r.by_region));
     if !r.outages.is_empty() {
         body.push_str("<h2>Outages the log states</h2>");
-        body.push_str(&html_table(
-            &["KIND", "SINCE", "UNTIL", "REFUSED", "UNRECORDED", "ERROR"],
-            r.outages
-                .iter()
-                .map(|o| {
-                    vec![
-                        o.kind.clone(),
-                        o.since.clone(),
-                        o.until.clone(),
-                        o.refused.to_string(),
-                        o.unrecorded.to_string(),
-                        o.error.clone().unwrap_or_else(|| "-".into()),
-                    ]
-                })
-                .collect(),
-        ));
+        body.push_str(&html_table(&OUTAGE_HEADERS, outage_rows(r)));
     }
     body.push_str("<h2>Cross-region forwards</h2>");
     if r.cross_region.is_empty() {
         body.push_str("<p class=ok>None: every checked forward went to the workspace's home region at its map version.</p>");
     } else {
-        body.push_str(&html_table(
-            &[
-                "AT",
-                "SEQ",
-                "TS",
-                "WORKSPACE",
-                "SENT TO",
-                "HOME",
-                "REQUEST",
-                "WHY",
-            ],
-            r.cross_region
-                .iter()
-                .map(|c| {
-                    vec![
-                        format!("{}:{}", c.file, c.line),
-                        c.seq.to_string(),
-                        c.ts.clone(),
-                        c.workspace.clone(),
-                        c.upstream_region.clone(),
-                        c.home_at_version.clone().unwrap_or_else(|| "-".into()),
-                        c.request_id.clone(),
-                        c.reason.clone(),
-                    ]
-                })
-                .collect(),
-        ));
+        body.push_str(&html_table(&CROSS_REGION_HEADERS, cross_region_rows(r)));
     }
     format!(
         "<!doctype html>\n<html lang=en><head><meta charset=utf-8><title>Routing audit report</title>\

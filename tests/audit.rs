@@ -256,6 +256,21 @@ async fn a_download_cut_off_by_the_client_is_recorded_as_incomplete() {
     assert_eq!(us.seen_requests().len(), 1);
 }
 
+/// `domicile proxy --config CONFIG` as a child process, and the address it serves on.
+fn spawn_proxy(config: &Path) -> (Owned, std::net::SocketAddr) {
+    let child = Command::new(BIN)
+        .args(["proxy", "--config"])
+        .arg(config)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut child = Owned(child);
+    let (line, _) = wait_for_line(&mut child.0, "proxy listening on");
+    let addr = addr_after(&line, "http://");
+    (child, addr)
+}
+
 /// One client request as the client saw it, with global event numbers for when it was sent
 /// and when its whole response had arrived.
 struct Seen {
@@ -273,16 +288,7 @@ async fn sigkill_under_load_leaves_an_open_tail_and_every_answered_request_befor
         .route("eu", &[&eu])
         .audit("commit_interval = \"5ms\"\ncheckpoint_interval = \"200ms\"")
         .write();
-    let child = Command::new(BIN)
-        .args(["proxy", "--config"])
-        .arg(&config)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let mut child = Owned(child);
-    let (line, _) = wait_for_line(&mut child.0, "proxy listening on");
-    let addr = addr_after(&line, "http://");
+    let (mut child, addr) = spawn_proxy(&config);
 
     let events = Arc::new(AtomicU64::new(0));
     let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
@@ -546,16 +552,8 @@ async fn a_file_size_limit_fails_real_writes_and_the_log_goes_on_in_a_new_segmen
         .route("eu", &[&eu])
         .audit("commit_interval = \"2ms\"")
         .write();
-    let child = Command::new(BIN)
-        .args(["proxy", "--config"])
-        .arg(&config)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let mut child = Owned(child);
-    let (line, _) = wait_for_line(&mut child.0, "proxy listening on");
-    let url = format!("http://{}/w/acme/x", addr_after(&line, "http://"));
+    let (mut child, addr) = spawn_proxy(&config);
+    let url = format!("http://{addr}/w/acme/x");
     let mut answered: Vec<(String, u16, Option<String>)> = Vec::new();
     for _ in 0..50 {
         assert_eq!(ask(&url, &mut answered).await.status, 200);
