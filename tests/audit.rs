@@ -23,6 +23,18 @@ use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
 use serde_json::Value;
 
+/// Origins for `us` and `eu` and a proxy configuration routing to both (add `.audit(..)`).
+async fn audited() -> (
+    domicile::origin::Origin,
+    domicile::origin::Origin,
+    ProxyBuilder,
+) {
+    let us = origin("us").await;
+    let eu = origin("eu").await;
+    let builder = proxy().route("us", &[&us]).route("eu", &[&eu]);
+    (us, eu, builder)
+}
+
 /// Every record in an audit directory, in log order.
 fn records(dir: &Path) -> Vec<Record> {
     let mut out = Vec::new();
@@ -51,11 +63,8 @@ fn domicile(args: &[&str]) -> (i32, String, String) {
 
 #[tokio::test]
 async fn every_decision_is_recorded_with_what_happened() {
-    let us = origin("us").await;
-    let eu = origin("eu").await;
-    let proxy = proxy()
-        .route("us", &[&us])
-        .route("eu", &[&eu])
+    let (us, eu, builder) = audited().await;
+    let proxy = builder
         .proxy_section(&format!(
             "trusted_proxies = [\"127.0.0.1/32\"]\ngeoip_database = \"{}\"",
             geoip_db("GeoIP2-Country-Test.mmdb").display()
@@ -213,17 +222,8 @@ async fn every_decision_is_recorded_with_what_happened() {
 
 #[tokio::test]
 async fn a_download_cut_off_by_the_client_is_recorded_as_incomplete() {
-    let (us, _eu, proxy) = {
-        let us = origin("us").await;
-        let eu = origin("eu").await;
-        let proxy = proxy()
-            .route("us", &[&us])
-            .route("eu", &[&eu])
-            .audit("")
-            .start()
-            .await;
-        (us, eu, proxy)
-    };
+    let (us, _eu, builder) = audited().await;
+    let proxy = builder.audit("").start().await;
     let client: Client<_, Full<Bytes>> = Client::builder(TokioExecutor::new()).build_http();
     let response = client
         .request(
@@ -281,11 +281,8 @@ struct Seen {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigkill_under_load_leaves_an_open_tail_and_every_answered_request_before_it() {
-    let us = origin("us").await;
-    let eu = origin("eu").await;
-    let (config, dir) = proxy()
-        .route("us", &[&us])
-        .route("eu", &[&eu])
+    let (_us, _eu, builder) = audited().await;
+    let (config, dir) = builder
         .audit("commit_interval = \"5ms\"\ncheckpoint_interval = \"200ms\"")
         .write();
     let (mut child, addr) = spawn_proxy(&config);
@@ -428,14 +425,8 @@ async fn ask(url: &str, answered: &mut Vec<(String, u16, Option<String>)>) -> Re
 
 #[tokio::test]
 async fn a_failing_disk_refuses_requests_and_loses_nothing_it_acknowledged() {
-    let us = origin("us").await;
-    let eu = origin("eu").await;
-    let proxy = proxy()
-        .route("us", &[&us])
-        .route("eu", &[&eu])
-        .audit("")
-        .start()
-        .await;
+    let (us, _eu, builder) = audited().await;
+    let proxy = builder.audit("").start().await;
     let audit = || proxy.running.pipeline.audit.as_ref().unwrap();
     let url = proxy.url("/w/acme/x");
     let mut answered: Vec<(String, u16, Option<String>)> = Vec::new();
@@ -545,13 +536,8 @@ fn limit_file_size(child: &Owned, bytes: Option<u64>) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_file_size_limit_fails_real_writes_and_the_log_goes_on_in_a_new_segment() {
-    let us = origin("us").await;
-    let eu = origin("eu").await;
-    let (config, dir) = proxy()
-        .route("us", &[&us])
-        .route("eu", &[&eu])
-        .audit("commit_interval = \"2ms\"")
-        .write();
+    let (_us, _eu, builder) = audited().await;
+    let (config, dir) = builder.audit("commit_interval = \"2ms\"").write();
     let (mut child, addr) = spawn_proxy(&config);
     let url = format!("http://{addr}/w/acme/x");
     let mut answered: Vec<(String, u16, Option<String>)> = Vec::new();

@@ -26,7 +26,7 @@ mod writer;
 
 use std::cell::RefCell;
 use std::net::IpAddr;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::Instant;
@@ -40,7 +40,6 @@ use crate::map::{RegionIdx, Replica};
 use crate::refusal::RefusalCode;
 use crate::workspace_id::WorkspaceId;
 
-pub use record::{truncate_ip, MAX_HOST, MAX_PATH};
 use record::{Fixed, COMPLETE, FIXED, HAS_EPOCH, HAS_MAP_VERSION, NONE16};
 
 #[derive(Debug, thiserror::Error)]
@@ -260,15 +259,6 @@ impl Audit {
     /// The public key checkpoints verify with, in PEM.
     pub fn public_key_pem(&self) -> &str {
         &self.public_pem
-    }
-
-    /// The signing key's id, as checkpoints name it.
-    pub fn key_id(&self) -> &str {
-        &self.key_id
-    }
-
-    pub fn dir(&self) -> &Path {
-        &self.dir
     }
 
     /// The latest checkpoint on disk, as its line (a witness for `audit verify --checkpoint`).
@@ -503,11 +493,6 @@ impl Entry {
     /// Request body bytes, counted by the body's guard.
     pub fn request_body(&mut self, fate: Arc<BodyFate>) {
         self.request_body = Some(fate);
-    }
-
-    /// Request body bytes, when the caller counted them itself.
-    pub fn bytes_in(&mut self, n: u64) {
-        self.fixed.bytes_in = n;
     }
 
     /// The response was relayed whole: queue the record now, before its last bytes are

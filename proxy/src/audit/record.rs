@@ -29,9 +29,9 @@ pub(super) const HOST_TRUNCATED: u32 = 1 << 4;
 pub(super) const HAS_HOST: u32 = 1 << 5;
 
 /// Longest path kept in a record; longer ones are cut here and flagged.
-pub const MAX_PATH: usize = 1024;
+pub(super) const MAX_PATH: usize = 1024;
 /// Longest host kept in a record.
-pub const MAX_HOST: usize = 255;
+pub(super) const MAX_HOST: usize = 255;
 
 /// The fixed part of a queued record. `len` counts it and the strings after it.
 #[derive(Debug, Clone, Copy, Pod, Zeroable)]
@@ -342,7 +342,7 @@ fn put_opt_u64(out: &mut Vec<u8>, n: Option<u64>) {
 }
 
 /// The network of `ip`: /24 for IPv4, /48 for IPv6.
-pub fn truncate_ip(ip: IpAddr) -> IpAddr {
+pub(super) fn truncate_ip(ip: IpAddr) -> IpAddr {
     match ip {
         IpAddr::V4(v4) => {
             let [a, b, c, _] = v4.octets();
