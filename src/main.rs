@@ -115,10 +115,45 @@ enum Command {
         #[arg(long, short)]
         config: PathBuf,
     },
+    /// TLS certificates: `certs dev` writes a development CA and every certificate a deployment
+    /// uses.
+    Certs {
+        #[command(subcommand)]
+        command: CertsCommand,
+    },
     /// Check a proxy configuration and report every problem in it.
     CheckConfig {
         /// Proxy configuration (TOML).
         file: PathBuf,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum CertsCommand {
+    /// Write a development CA and, signed by it, the edge certificate, each region's origin
+    /// certificate, each proxy's client certificate and the control plane's certificate.
+    Dev {
+        /// Directory to write into (created if missing).
+        dir: PathBuf,
+        /// DNS domain of the names: edge `*.DOMAIN`, origins `REGION.region.DOMAIN`.
+        #[arg(long, default_value = "example.test")]
+        domain: String,
+        /// Regions to issue origin certificates for (comma-separated).
+        #[arg(long, value_delimiter = ',', default_value = "us,eu")]
+        regions: Vec<String>,
+        /// Proxy ids to issue client certificates for (comma-separated).
+        #[arg(long, value_delimiter = ',', default_value = "edge-1")]
+        proxies: Vec<String>,
+        /// More names for the edge certificate (comma-separated), such as `acme.localhost`:
+        /// clients do not accept `*.localhost` for it.
+        #[arg(long, value_delimiter = ',')]
+        edge_names: Vec<String>,
+        /// Days the certificates are valid.
+        #[arg(long, default_value_t = 365)]
+        days: u64,
+        /// Replace existing files.
+        #[arg(long)]
+        force: bool,
     },
 }
 
@@ -166,6 +201,39 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     init_logging(cli.log_format);
     match cli.command {
+        Command::Certs {
+            command:
+                CertsCommand::Dev {
+                    dir,
+                    domain,
+                    regions,
+                    proxies,
+                    edge_names,
+                    days,
+                    force,
+                },
+        } => {
+            let options = domicile_certs::dev::DevOptions {
+                domain,
+                regions,
+                proxies,
+                edge_names,
+                days,
+                force,
+            };
+            match domicile_certs::dev::generate(&dir, &options) {
+                Ok(files) => {
+                    for file in files {
+                        println!("wrote {}", file.display());
+                    }
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("error: {e}");
+                    ExitCode::from(2)
+                }
+            }
+        }
         Command::CheckConfig { file } => match ProxyConfig::from_file(&file) {
             Ok(config) => {
                 println!(
@@ -308,7 +376,9 @@ async fn run(command: Command) -> anyhow::Result<ExitCode> {
             } => done(admin::audit_admin(&conn, workspace, since, until, limit, all).await),
         },
         Command::Token { conn, command } => done(admin::token(&conn, command).await),
-        Command::CheckConfig { .. } => unreachable!("handled before the runtime starts"),
+        Command::CheckConfig { .. } | Command::Certs { .. } => {
+            unreachable!("handled before the runtime starts")
+        }
     }
 }
 
@@ -334,11 +404,14 @@ async fn run_proxy(config: ProxyConfig) -> anyhow::Result<()> {
     let proxy = domicile_proxy::start(config).await?;
     // One machine-readable line for scripts and tests that bind port 0.
     println!(
-        "domicile proxy listening on http://{} admin {}",
+        "domicile proxy listening on http://{} admin {} https {}",
         proxy.addr,
         proxy
             .admin_addr
-            .map_or_else(|| "none".to_owned(), |a| format!("http://{a}"))
+            .map_or_else(|| "none".to_owned(), |a| format!("http://{a}")),
+        proxy
+            .tls_addr
+            .map_or_else(|| "none".to_owned(), |a| format!("https://{a}"))
     );
     shutdown_signal().await;
     tracing::info!("signal received: draining");

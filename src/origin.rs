@@ -7,6 +7,10 @@
 //! Request bodies are read as a stream and counted, never held. WebSocket upgrades are accepted
 //! and echoed. Every request is also kept in a log that tests can read, with the time it was
 //! processed; `x-origin-delay-ms: N` makes processing take N ms.
+//!
+//! An origin can serve TLS ([`Origin::start_tls`]) with its region's certificate, requiring a
+//! client certificate from the CA it is given (mTLS); its JSON then also says
+//! `"tls": {"client": "<identity of the client certificate>"}`.
 
 use std::collections::BTreeMap;
 use std::convert::Infallible;
@@ -50,6 +54,29 @@ pub struct Origin {
 impl Origin {
     /// Starts an origin for `region` on `addr` (port 0 for any free port).
     pub async fn start(region: &str, addr: SocketAddr) -> std::io::Result<Self> {
+        Self::start_with(region, addr, None).await
+    }
+
+    /// Starts an origin serving TLS with `cert`/`key`; with `client_ca`, it requires a client
+    /// certificate signed by that CA (mTLS) and refuses the handshake without one.
+    pub async fn start_tls(
+        region: &str,
+        addr: SocketAddr,
+        cert: &std::path::Path,
+        key: &std::path::Path,
+        client_ca: Option<&std::path::Path>,
+    ) -> Result<Self, domicile_certs::CertError> {
+        let config = origin_tls_config(cert, key, client_ca)?;
+        Self::start_with(region, addr, Some(tokio_rustls::TlsAcceptor::from(config)))
+            .await
+            .map_err(|e| domicile_certs::CertError::Setup(format!("origin {region}: {e}")))
+    }
+
+    async fn start_with(
+        region: &str,
+        addr: SocketAddr,
+        tls: Option<tokio_rustls::TlsAcceptor>,
+    ) -> std::io::Result<Self> {
         let listener = TcpListener::bind(addr).await?;
         let addr = listener.local_addr()?;
         let seen = Arc::new(std::sync::Mutex::new(Vec::new()));
@@ -68,16 +95,31 @@ impl Origin {
                 let _ = stream.set_nodelay(true);
                 let region = region_name.clone();
                 let log = log.clone();
-                let mut conn_stop = stop_rx.clone();
+                let conn_stop = stop_rx.clone();
+                let tls = tls.clone();
                 tokio::spawn(async move {
-                    let service = service_fn(move |req| handle(req, region.clone(), log.clone()));
-                    let builder = auto::Builder::new(TokioExecutor::new());
-                    let conn =
-                        builder.serve_connection_with_upgrades(TokioIo::new(stream), service);
-                    tokio::select! {
-                        _ = conn => {}
-                        // Stopping drops every connection: the region is gone.
-                        _ = conn_stop.wait_for(|s| *s) => {}
+                    match tls {
+                        None => serve_conn(stream, None, region, log, conn_stop).await,
+                        Some(acceptor) => {
+                            let Ok(Ok(stream)) = tokio::time::timeout(
+                                std::time::Duration::from_secs(10),
+                                acceptor.accept(stream),
+                            )
+                            .await
+                            else {
+                                return;
+                            };
+                            let client = stream
+                                .get_ref()
+                                .1
+                                .peer_certificates()
+                                .and_then(|certs| certs.first())
+                                .map(|leaf| {
+                                    domicile_certs::identity::of_certificate(leaf)
+                                        .map_or_else(|| "(no identity)".to_owned(), |id| id.uri())
+                                });
+                            serve_conn(stream, Some(client), region, log, conn_stop).await
+                        }
                     }
                 });
             }
@@ -117,6 +159,58 @@ impl Drop for Origin {
     }
 }
 
+/// The rustls configuration of a TLS origin.
+fn origin_tls_config(
+    cert: &std::path::Path,
+    key: &std::path::Path,
+    client_ca: Option<&std::path::Path>,
+) -> Result<Arc<rustls::ServerConfig>, domicile_certs::CertError> {
+    use domicile_certs::{pem, CertError};
+    let provider = pem::provider();
+    let loaded = pem::load_pair(cert, key, &provider)?;
+    let builder = rustls::ServerConfig::builder_with_provider(provider.clone())
+        .with_protocol_versions(pem::VERSIONS)
+        .map_err(|e| CertError::Setup(e.to_string()))?;
+    let builder = match client_ca {
+        Some(ca) => {
+            let roots = Arc::new(pem::load_roots(ca)?);
+            let verifier =
+                rustls::server::WebPkiClientVerifier::builder_with_provider(roots, provider)
+                    .build()
+                    .map_err(|e| CertError::Setup(e.to_string()))?;
+            builder.with_client_cert_verifier(verifier)
+        }
+        None => builder.with_no_client_auth(),
+    };
+    let mut config = builder.with_cert_resolver(Arc::new(rustls::sign::SingleCertAndKey::from(
+        loaded.key.as_ref().clone(),
+    )));
+    config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    Ok(Arc::new(config))
+}
+
+/// Serves one connection until it ends or the origin stops. `tls`: the identity of the client
+/// certificate of a TLS connection (`None` inside: no certificate).
+async fn serve_conn<I>(
+    io: I,
+    tls: Option<Option<String>>,
+    region: Arc<str>,
+    log: Arc<std::sync::Mutex<Vec<Seen>>>,
+    mut stop: watch::Receiver<bool>,
+) where
+    I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let tls: Option<Arc<Option<String>>> = tls.map(Arc::new);
+    let service = service_fn(move |req| handle(req, region.clone(), log.clone(), tls.clone()));
+    let builder = auto::Builder::new(TokioExecutor::new());
+    let conn = builder.serve_connection_with_upgrades(TokioIo::new(io), service);
+    tokio::select! {
+        _ = conn => {}
+        // Stopping drops every connection: the region is gone.
+        _ = stop.wait_for(|s| *s) => {}
+    }
+}
+
 fn json_response(status: StatusCode, value: &serde_json::Value) -> Response<Body> {
     let mut bytes = serde_json::to_vec_pretty(value).unwrap_or_default();
     bytes.push(b'\n');
@@ -133,6 +227,7 @@ async fn handle(
     mut req: Request<Incoming>,
     region: Arc<str>,
     log: Arc<std::sync::Mutex<Vec<Seen>>>,
+    tls: Option<Arc<Option<String>>>,
 ) -> Result<Response<Body>, Infallible> {
     let authority = req.uri().authority().map(|a| a.as_str().to_owned());
     let headers: BTreeMap<String, String> = req
@@ -205,7 +300,7 @@ async fn handle(
     {
         return Ok(stream_bytes(n));
     }
-    let value = serde_json::json!({
+    let mut value = serde_json::json!({
         "region": &*region,
         "method": method,
         "path": path,
@@ -213,6 +308,9 @@ async fn handle(
         "headers": headers,
         "body_bytes": body_bytes,
     });
+    if let Some(tls) = tls {
+        value["tls"] = serde_json::json!({ "client": tls.as_deref() });
+    }
     Ok(json_response(StatusCode::OK, &value))
 }
 

@@ -95,25 +95,59 @@ pub fn classify(error: &io::Error, expected: &str) -> HandshakeFailure {
     let tls = error
         .get_ref()
         .and_then(|inner| inner.downcast_ref::<rustls::Error>());
-    match tls {
-        Some(rustls::Error::InvalidCertificate(CertificateError::NotValidForName)) => {
+    classify_tls(tls, expected).unwrap_or_else(|| HandshakeFailure::Other(error.to_string()))
+}
+
+/// The TLS failure somewhere in an error's source chain (a client library's error wrapping
+/// the handshake's), if there is one.
+pub fn find_in_chain(
+    error: &(dyn std::error::Error + 'static),
+    expected: &str,
+) -> Option<HandshakeFailure> {
+    let mut next = Some(error);
+    while let Some(e) = next {
+        if let Some(tls) = e.downcast_ref::<rustls::Error>() {
+            return classify_tls(Some(tls), expected);
+        }
+        if let Some(io) = e.downcast_ref::<io::Error>() {
+            let tls = io
+                .get_ref()
+                .and_then(|inner| inner.downcast_ref::<rustls::Error>());
+            if tls.is_some() {
+                return classify_tls(tls, expected);
+            }
+        }
+        next = e.source();
+    }
+    None
+}
+
+/// `DnsName("eu.region.example.test")` (rustls's rendering of a presented name) ->
+/// `eu.region.example.test`.
+fn presented_name(rendered: &str) -> String {
+    let inner = rendered
+        .split_once('(')
+        .and_then(|(_, rest)| rest.strip_suffix(')'))
+        .unwrap_or(rendered);
+    inner.trim_matches('"').to_owned()
+}
+
+fn classify_tls(tls: Option<&rustls::Error>, expected: &str) -> Option<HandshakeFailure> {
+    Some(match tls? {
+        rustls::Error::InvalidCertificate(CertificateError::NotValidForName) => {
             HandshakeFailure::WrongIdentity {
                 expected: expected.to_owned(),
                 presented: Vec::new(),
             }
         }
-        Some(rustls::Error::InvalidCertificate(CertificateError::NotValidForNameContext {
+        rustls::Error::InvalidCertificate(CertificateError::NotValidForNameContext {
             presented,
             ..
-        })) => HandshakeFailure::WrongIdentity {
+        }) => HandshakeFailure::WrongIdentity {
             expected: expected.to_owned(),
-            presented: presented
-                .iter()
-                .map(|p| p.trim_matches('"').to_owned())
-                .collect(),
+            presented: presented.iter().map(|p| presented_name(p)).collect(),
         },
-        Some(rustls::Error::InvalidCertificate(e)) => HandshakeFailure::Certificate(e.to_string()),
-        Some(e) => HandshakeFailure::Other(e.to_string()),
-        None => HandshakeFailure::Other(error.to_string()),
-    }
+        rustls::Error::InvalidCertificate(e) => HandshakeFailure::Certificate(e.to_string()),
+        e => HandshakeFailure::Other(e.to_string()),
+    })
 }

@@ -5,7 +5,7 @@
 //! | file | for | names |
 //! | --- | --- | --- |
 //! | `ca.pem`, `ca-key.pem` | the CA every other file is signed by | |
-//! | `edge.pem`, `edge-key.pem` | the edge listener | `DOMAIN`, `*.DOMAIN`, `localhost`, `*.localhost`, 127.0.0.1, ::1 |
+//! | `edge.pem`, `edge-key.pem` | the edge listener | `DOMAIN`, `*.DOMAIN`, `localhost`, `*.localhost`, 127.0.0.1, ::1, and `--edge-names` |
 //! | `origin-REGION.pem`, `-key.pem` | each region's origins | `REGION.region.DOMAIN` |
 //! | `proxy-ID.pem`, `-key.pem` | each proxy, as a client of origins and control plane | `urn:domicile:proxy:ID` |
 //! | `control-plane.pem`, `-key.pem` | the control plane's HTTPS listener | `control-plane.DOMAIN`, `localhost`, 127.0.0.1, ::1 |
@@ -188,6 +188,10 @@ pub struct DevOptions {
     pub domain: String,
     pub regions: Vec<String>,
     pub proxies: Vec<String>,
+    /// More names for the edge certificate (hosts clients will use). `*.localhost` is in it,
+    /// but TLS clients (webpki, OpenSSL, browsers) do not honour a wildcard directly under a
+    /// single-label name, so `acme.localhost` needs to be named.
+    pub edge_names: Vec<String>,
     /// Days the leaf certificates are valid.
     pub days: u64,
     /// Replace files that exist (otherwise existing files are an error).
@@ -267,6 +271,15 @@ pub fn check(options: &DevOptions) -> Result<(), CertError> {
             )));
         }
     }
+    for name in &options.edge_names {
+        let bare = name.strip_prefix("*.").unwrap_or(name);
+        if name.parse::<IpAddr>().is_err() && (bare.is_empty() || !bare.split('.').all(valid_label))
+        {
+            return Err(CertError::Generate(format!(
+                "edge name {name:?} is not a lowercase DNS name or IP address"
+            )));
+        }
+    }
     if options.days == 0 {
         return Err(CertError::Generate("--days must be at least 1".into()));
     }
@@ -293,7 +306,8 @@ pub fn generate(dir: &Path, options: &DevOptions) -> Result<Vec<PathBuf>, CertEr
             "*.localhost".into(),
         ]
         .into_iter()
-        .chain(local.iter().map(|s| s.to_string())),
+        .chain(local.iter().map(|s| s.to_string()))
+        .chain(options.edge_names.iter().cloned()),
     );
     let (c, k) = layout.edge();
     planned.push((c, k, ca.issue(&edge)?));

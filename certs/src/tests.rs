@@ -200,6 +200,7 @@ fn dev_pki_files_and_permissions() {
         domain: "example.test".into(),
         regions: vec!["us".into(), "eu".into()],
         proxies: vec!["edge-1".into()],
+        edge_names: vec!["acme.localhost".into()],
         days: 30,
         force: false,
     };
@@ -229,6 +230,7 @@ fn dev_pki_files_and_permissions() {
     let (c, k) = layout.edge();
     let edge = pem::load_pair(&c, &k, &provider).unwrap();
     assert!(edge.info.dns_names.contains(&"*.localhost".to_string()));
+    assert!(edge.info.dns_names.contains(&"acme.localhost".to_string()));
 
     // A second run does not overwrite without --force.
     let err = dev::generate(dir.path(), &options).unwrap_err();

@@ -107,6 +107,9 @@ async fn handle(
             if let Some(audit) = &pipeline.audit {
                 audit.render_metrics(&mut text);
             }
+            if let Some(tls) = &pipeline.edge_tls {
+                crate::metrics::render_edge_tls(&mut text, tls);
+            }
             respond(StatusCode::OK, "text/plain; version=0.0.4", text)
         }
         "/audit/public-key" | "/audit/checkpoint" => match &pipeline.audit {

@@ -31,6 +31,68 @@ pub struct ProxyConfig {
     pub regions: BTreeMap<String, RegionRoute>,
     /// The routing audit log; off when the section is absent.
     pub audit: Option<AuditSection>,
+    /// The HTTPS listener; off when the section is absent.
+    pub tls: Option<TlsSection>,
+}
+
+/// The HTTPS listener for client traffic (beside `proxy.listen`, which stays cleartext).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TlsSection {
+    /// Address for HTTPS client traffic (HTTP/1.1 and HTTP/2 by ALPN).
+    pub listen: SocketAddr,
+    /// Certificates, chosen by SNI from their DNS names (wildcards included). The first one
+    /// is the default certificate.
+    pub certificates: Vec<CertificateFiles>,
+    /// A name no certificate covers, or no SNI: `default` (the first certificate, the
+    /// default) or `refuse` (the handshake fails with an alert).
+    #[serde(default)]
+    pub unknown_name: UnknownNamePolicy,
+    /// Backstop re-read of the files for filesystems without change events. Default: 10 s.
+    #[serde(default = "defaults::tls_reload_interval", with = "humantime_serde")]
+    pub reload_interval: Duration,
+    /// Time allowed for a TLS handshake. Default: 10 s.
+    #[serde(default = "defaults::header_read_timeout", with = "humantime_serde")]
+    pub handshake_timeout: Duration,
+    /// Stateless session tickets for resumption. Default: true.
+    #[serde(default = "defaults::yes")]
+    pub session_tickets: bool,
+    /// Sessions kept in memory for resumption by session id. Default: 16384.
+    #[serde(default = "defaults::session_cache")]
+    pub session_cache: usize,
+}
+
+/// A PEM certificate chain (leaf first) and its private key.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CertificateFiles {
+    pub cert: PathBuf,
+    pub key: PathBuf,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum UnknownNamePolicy {
+    #[default]
+    Default,
+    Refuse,
+}
+
+/// TLS to one region's origins.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct OriginTlsSection {
+    /// CA certificates (PEM) the region's origins are signed by; no other CA is trusted.
+    pub ca: PathBuf,
+    /// The name every origin of the region must prove in its certificate (a DNS SAN), for
+    /// example `eu.region.example.com`. It is also sent as SNI. An origin whose certificate
+    /// does not carry it is refused with 502 `upstream_wrong_region` and nothing is sent.
+    pub identity: String,
+    /// Client certificate presented to the origins (mTLS), with `key`.
+    #[serde(default)]
+    pub cert: Option<PathBuf>,
+    #[serde(default)]
+    pub key: Option<PathBuf>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -330,6 +392,9 @@ pub struct RegionRoute {
     pub health: HealthCheck,
     #[serde(default)]
     pub ejection: Ejection,
+    /// TLS to the origins; cleartext when absent.
+    #[serde(default)]
+    pub tls: Option<OriginTlsSection>,
 }
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
@@ -433,6 +498,12 @@ mod defaults {
 
     pub fn moving_retry_after() -> u32 {
         5
+    }
+    pub fn tls_reload_interval() -> Duration {
+        Duration::from_secs(10)
+    }
+    pub fn session_cache() -> usize {
+        16 * 1024
     }
     pub fn yes() -> bool {
         true
@@ -646,6 +717,13 @@ impl ProxyConfig {
         if let Some(audit) = &audit {
             validate_audit(audit, base, &mut errors);
         }
+        let tls: Option<TlsSection> = match doc.remove("tls") {
+            Some(v) => errors.section("tls", v),
+            None => None,
+        };
+        if let Some(tls) = &tls {
+            validate_tls(tls, base, &mut errors);
+        }
 
         let mut identify_value = take(&mut doc, "identify");
         let rules_value = identify_value
@@ -683,7 +761,7 @@ impl ProxyConfig {
                         errors.push(&key, "region id must match [a-z][a-z0-9-]{0,31}");
                     }
                     if let Some(route) = errors.section::<RegionRoute>(&key, value) {
-                        validate_route(&key, &route, &mut errors);
+                        validate_route(&key, &route, base, &mut errors);
                         regions.insert(id, route);
                     }
                 }
@@ -693,7 +771,7 @@ impl ProxyConfig {
         for key in doc.keys() {
             errors.push(
                 key.as_str(),
-                "unknown section (expected proxy, map, control_plane, identify, limits, regions, audit)",
+                "unknown section (expected proxy, map, control_plane, identify, limits, regions, audit, tls)",
             );
         }
 
@@ -796,6 +874,20 @@ impl ProxyConfig {
                     audit.signing_key = base.join(&audit.signing_key);
                     audit
                 });
+                let tls = tls.map(|mut tls| {
+                    for files in &mut tls.certificates {
+                        files.cert = base.join(&files.cert);
+                        files.key = base.join(&files.key);
+                    }
+                    tls
+                });
+                for route in regions.values_mut() {
+                    if let Some(origin) = route.tls.as_mut() {
+                        origin.ca = base.join(&origin.ca);
+                        origin.cert = origin.cert.as_ref().map(|p| base.join(p));
+                        origin.key = origin.key.as_ref().map(|p| base.join(p));
+                    }
+                }
                 Ok(ProxyConfig {
                     proxy,
                     map,
@@ -804,6 +896,7 @@ impl ProxyConfig {
                     limits,
                     regions,
                     audit,
+                    tls,
                 })
             }
             _ => Err(ConfigErrors(errors.0)),
@@ -884,7 +977,70 @@ fn validate_audit(audit: &AuditSection, base: &Path, errors: &mut Collector) {
     }
 }
 
-fn validate_route(key: &str, route: &RegionRoute, errors: &mut Collector) {
+fn validate_tls(tls: &TlsSection, base: &Path, errors: &mut Collector) {
+    if tls.certificates.is_empty() {
+        errors.push(
+            "tls.certificates",
+            "at least one certificate is needed ([[tls.certificates]] with cert and key)",
+        );
+    }
+    let provider = domicile_certs::pem::provider();
+    let mut loaded = Vec::new();
+    for (i, files) in tls.certificates.iter().enumerate() {
+        match domicile_certs::pem::load_pair(
+            &base.join(&files.cert),
+            &base.join(&files.key),
+            &provider,
+        ) {
+            Ok(cert) => loaded.push(cert),
+            Err(e) => errors.push(format!("tls.certificates[{i}]"), e.to_string()),
+        }
+    }
+    if loaded.len() == tls.certificates.len() && !loaded.is_empty() {
+        if let Err(e) = domicile_certs::CertSet::new(loaded, domicile_certs::UnknownName::Default) {
+            errors.push("tls.certificates", e.to_string());
+        }
+    }
+    if tls.reload_interval < Duration::from_millis(10) || tls.reload_interval > MAX_TIMEOUT {
+        errors.push("tls.reload_interval", "must be between 10 ms and 7 days");
+    }
+    if tls.handshake_timeout.is_zero() || tls.handshake_timeout > MAX_TIMEOUT {
+        errors.push(
+            "tls.handshake_timeout",
+            "must be greater than zero and at most 7 days",
+        );
+    }
+}
+
+fn validate_origin_tls(key: &str, tls: &OriginTlsSection, base: &Path, errors: &mut Collector) {
+    if let Err(e) = domicile_certs::client::server_name(&tls.identity) {
+        errors.push(format!("{key}.tls.identity"), e);
+    }
+    let client = match (&tls.cert, &tls.key) {
+        (Some(cert), Some(key)) => Some(domicile_certs::CertSource {
+            cert: base.join(cert),
+            key: base.join(key),
+        }),
+        (None, None) => None,
+        _ => {
+            errors.push(
+                format!("{key}.tls"),
+                "a client certificate needs both cert and key",
+            );
+            return;
+        }
+    };
+    if let Err(e) =
+        domicile_certs::client::client_config(&base.join(&tls.ca), client.as_ref(), Vec::new())
+    {
+        errors.push(format!("{key}.tls"), e.to_string());
+    }
+}
+
+fn validate_route(key: &str, route: &RegionRoute, base: &Path, errors: &mut Collector) {
+    if let Some(tls) = &route.tls {
+        validate_origin_tls(key, tls, base, errors);
+    }
     if route.endpoints.is_empty() {
         errors.push(
             format!("{key}.endpoints"),

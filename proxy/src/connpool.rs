@@ -18,15 +18,19 @@ use std::io;
 use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
+use domicile_certs::client::HandshakeFailure;
 use http::{Request, Response};
 use http_body::{Body, Frame, SizeHint};
 use hyper::body::Incoming;
 use hyper::client::conn::{http1, http2};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use rustls::pki_types::ServerName;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 
 use crate::config::UpstreamProtocol;
@@ -74,14 +78,99 @@ thread_local! {
 pub enum SendError {
     /// No connection could be made: nothing reached the origin.
     Connect(io::Error),
+    /// The TLS handshake failed (the origin did not prove the region's identity, or its
+    /// certificate was refused): nothing of the request reached it.
+    Tls(HandshakeFailure),
     /// The connection failed during the exchange.
     Http(hyper::Error),
+}
+
+/// TLS to a region's origins: the region's client configuration and the identity every origin
+/// of the region must prove.
+pub struct OriginTls {
+    pub connector: tokio_rustls::TlsConnector,
+    /// Sent as SNI and verified in the origin's certificate.
+    pub identity: ServerName<'static>,
+    pub identity_text: Arc<str>,
+}
+
+impl std::fmt::Debug for OriginTls {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("OriginTls")
+            .field("identity", &self.identity_text)
+            .finish()
+    }
+}
+
+/// A connection to an origin, cleartext or TLS.
+pub(crate) enum UpstreamIo {
+    Plain(TcpStream),
+    Tls(Box<tokio_rustls::client::TlsStream<TcpStream>>),
+}
+
+impl AsyncRead for UpstreamIo {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            UpstreamIo::Plain(s) => Pin::new(s).poll_read(cx, buf),
+            UpstreamIo::Tls(s) => Pin::new(s.as_mut()).poll_read(cx, buf),
+        }
+    }
+}
+
+impl AsyncWrite for UpstreamIo {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        data: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        match self.get_mut() {
+            UpstreamIo::Plain(s) => Pin::new(s).poll_write(cx, data),
+            UpstreamIo::Tls(s) => Pin::new(s.as_mut()).poll_write(cx, data),
+        }
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        match self.get_mut() {
+            UpstreamIo::Plain(s) => Pin::new(s).poll_write_vectored(cx, bufs),
+            UpstreamIo::Tls(s) => Pin::new(s.as_mut()).poll_write_vectored(cx, bufs),
+        }
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        match self {
+            UpstreamIo::Plain(s) => s.is_write_vectored(),
+            UpstreamIo::Tls(s) => s.is_write_vectored(),
+        }
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            UpstreamIo::Plain(s) => Pin::new(s).poll_flush(cx),
+            UpstreamIo::Tls(s) => Pin::new(s.as_mut()).poll_flush(cx),
+        }
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            UpstreamIo::Plain(s) => Pin::new(s).poll_shutdown(cx),
+            UpstreamIo::Tls(s) => Pin::new(s.as_mut()).poll_shutdown(cx),
+        }
+    }
 }
 
 impl std::fmt::Display for SendError {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             SendError::Connect(e) => write!(f, "connect: {e}"),
+            SendError::Tls(e) => write!(f, "{e}"),
             SendError::Http(e) => {
                 write!(f, "{e}")?;
                 let mut source = std::error::Error::source(e);
@@ -104,6 +193,8 @@ pub struct Target {
     pub addr: Option<SocketAddr>,
     pub protocol: UpstreamProtocol,
     pub connect_timeout: Duration,
+    /// TLS to the origin; cleartext when `None`.
+    pub tls: Option<Arc<OriginTls>>,
 }
 
 impl Target {
@@ -124,6 +215,29 @@ impl Target {
             Err(_) => Err(SendError::Connect(io::Error::new(
                 io::ErrorKind::TimedOut,
                 format!("no connection within {:?}", self.connect_timeout),
+            ))),
+        }
+    }
+
+    /// A new connection, with the TLS handshake done for a TLS route. The connect timeout
+    /// covers both.
+    pub(crate) async fn connect_io(&self) -> Result<UpstreamIo, SendError> {
+        let Some(tls) = &self.tls else {
+            return self.connect().await.map(UpstreamIo::Plain);
+        };
+        let started = Instant::now();
+        let stream = self.connect().await?;
+        let left = self.connect_timeout.saturating_sub(started.elapsed());
+        let handshake = tls.connector.connect(tls.identity.clone(), stream);
+        match tokio::time::timeout(left, handshake).await {
+            Ok(Ok(stream)) => Ok(UpstreamIo::Tls(Box::new(stream))),
+            Ok(Err(e)) => Err(SendError::Tls(domicile_certs::client::classify(
+                &e,
+                &tls.identity_text,
+            ))),
+            Err(_) => Err(SendError::Connect(io::Error::new(
+                io::ErrorKind::TimedOut,
+                format!("no TLS handshake within {:?}", self.connect_timeout),
             ))),
         }
     }
@@ -155,7 +269,7 @@ impl Target {
     }
 
     async fn new_http1(&self) -> Result<http1::SendRequest<ProxyBody>, SendError> {
-        let stream = self.connect().await?;
+        let stream = self.connect_io().await?;
         let (sender, connection) = http1::Builder::new()
             .handshake(TokioIo::new(stream))
             .await
@@ -169,7 +283,7 @@ impl Target {
     }
 
     async fn new_h2(&self) -> Result<http2::SendRequest<ProxyBody>, SendError> {
-        let stream = self.connect().await?;
+        let stream = self.connect_io().await?;
         let (sender, connection) = http2::Builder::new(TokioExecutor::new())
             .timer(TokioTimer::new())
             .handshake(TokioIo::new(stream))

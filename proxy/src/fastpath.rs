@@ -14,7 +14,7 @@
 //! a request with a body, `Transfer-Encoding`, `Expect`, `Upgrade`, `TE`, a `Connection` option
 //! other than `keep-alive`/`close`, HTTP/1.0, a target that is not a plain origin-form path, a
 //! head that does not parse or is over the limits, a request the pipeline refuses, and a region
-//! whose origins speak h2c. Responses cannot be handed over (the request has gone out), so every
+//! whose origins speak h2c or TLS. Responses cannot be handed over (the request has gone out), so every
 //! response framing is handled here: length, chunked (checked chunk by chunk), none (HEAD, 204,
 //! 304), delimited by close, and interim 1xx responses (skipped); a response whose framing is
 //! ambiguous is answered with 502 and its connection is closed.
@@ -437,7 +437,8 @@ fn prepare<'p>(buf: &[u8], pipeline: &'p Pipeline, peer: &Peer, out: &mut Vec<u8
     let Some(pool) = pipeline.upstreams.pool(forward.region) else {
         return Prep::Fallback;
     };
-    if pool.protocol != UpstreamProtocol::Http1 {
+    // h2c and TLS origins are hyper's: the fast path relays bytes between two plain sockets.
+    if pool.protocol != UpstreamProtocol::Http1 || pool.tls.is_some() {
         return Prep::Fallback;
     }
     let request_id = match request_id {

@@ -151,17 +151,25 @@ pub struct Peer {
     pub trusted: bool,
     /// `X-Forwarded-For` for an untrusted peer: its address alone.
     xff: HeaderValue,
-    /// `for=<node>;proto=http`
+    /// `http`, or `https` for a client connected over TLS.
+    proto: HeaderValue,
+    /// `for=<node>;proto=http` (or `https`)
     forwarded: String,
     forwarded_value: HeaderValue,
 }
 
 impl Peer {
     pub fn new(addr: SocketAddr, trusted: &[IpNet]) -> Self {
+        Self::with_scheme(addr, trusted, false)
+    }
+
+    /// A peer connected over TLS (`tls`) or in cleartext.
+    pub fn with_scheme(addr: SocketAddr, trusted: &[IpNet], tls: bool) -> Self {
         let ip = addr.ip();
+        let scheme = if tls { "https" } else { "http" };
         let forwarded = match ip {
-            IpAddr::V4(v4) => format!("for={v4};proto=http"),
-            IpAddr::V6(v6) => format!("for=\"[{v6}]\";proto=http"),
+            IpAddr::V4(v4) => format!("for={v4};proto={scheme}"),
+            IpAddr::V6(v6) => format!("for=\"[{v6}]\";proto={scheme}"),
         };
         let text = ip.to_string();
         Self {
@@ -169,6 +177,7 @@ impl Peer {
             trusted: is_trusted(ip, trusted),
             xff: HeaderValue::from_str(&text)
                 .unwrap_or_else(|_| HeaderValue::from_static("unknown")),
+            proto: HeaderValue::from_static(scheme),
             forwarded_value: HeaderValue::from_str(&forwarded)
                 .unwrap_or_else(|_| HeaderValue::from_static("for=unknown")),
             forwarded,
@@ -215,7 +224,7 @@ pub fn set_forwarded(headers: &mut HeaderMap, peer: &Peer, host: Option<&str>) {
             append_list(headers, X_FORWARDED_FOR.clone(), item);
         }
         if !headers.contains_key(&X_FORWARDED_PROTO) {
-            headers.insert(X_FORWARDED_PROTO.clone(), HeaderValue::from_static("http"));
+            headers.insert(X_FORWARDED_PROTO.clone(), peer.proto.clone());
         }
     } else {
         // Other forwarding headers an untrusted client could use to steer a framework that
@@ -228,7 +237,7 @@ pub fn set_forwarded(headers: &mut HeaderMap, peer: &Peer, host: Option<&str>) {
         }
         headers.insert(header::FORWARDED, forwarded);
         headers.insert(X_FORWARDED_FOR.clone(), peer.xff.clone());
-        headers.insert(X_FORWARDED_PROTO.clone(), HeaderValue::from_static("http"));
+        headers.insert(X_FORWARDED_PROTO.clone(), peer.proto.clone());
     }
 }
 

@@ -1,8 +1,9 @@
 //! Listener: accepts TCP connections and serves HTTP/1.1 and HTTP/2 (prior knowledge) on one
-//! port, with the connection-level limits (header read timeout, idle timeout, write stalls) and
-//! graceful shutdown.
+//! port, and HTTPS (HTTP/1.1 and HTTP/2 by ALPN, certificates by SNI) on another, with the
+//! connection-level limits (header read timeout, idle timeout, write stalls) and graceful
+//! shutdown.
 //!
-//! The protocol is chosen by sniffing the HTTP/2 connection preface. HTTP/1.1 connections run
+//! On the cleartext port the protocol is chosen by sniffing the HTTP/2 connection preface. HTTP/1.1 connections run
 //! with upgrades enabled (WebSocket). Requests go to the [`Pipeline`]; nothing here looks at a
 //! request's workspace.
 
@@ -68,12 +69,13 @@ impl Drop for TrackerGuard {
     }
 }
 
-/// Accepts connections until `shutdown` turns true.
+/// Accepts connections until `shutdown` turns true; over TLS when `tls` is given.
 pub async fn serve(
     listener: TcpListener,
     pipeline: Arc<Pipeline>,
     mut shutdown: watch::Receiver<bool>,
     tracker: Arc<ConnectionTracker>,
+    tls: Option<tokio_rustls::TlsAcceptor>,
 ) {
     loop {
         let accepted = tokio::select! {
@@ -92,6 +94,7 @@ pub async fn serve(
         let guard = tracker.enter();
         let pipeline = pipeline.clone();
         let shutdown = shutdown.clone();
+        let tls = tls.clone();
         tokio::spawn(async move {
             pipeline
                 .metrics
@@ -101,7 +104,15 @@ pub async fn serve(
                 .metrics
                 .connections_active
                 .fetch_add(1, Ordering::Relaxed);
-            serve_connection(stream, peer, &pipeline, shutdown).await;
+            match tls {
+                Some(acceptor) => {
+                    Box::pin(serve_tls_connection(
+                        stream, peer, acceptor, &pipeline, shutdown,
+                    ))
+                    .await
+                }
+                None => serve_connection(stream, peer, &pipeline, shutdown).await,
+            }
             pipeline
                 .metrics
                 .connections_active
@@ -124,6 +135,16 @@ struct Activity {
 }
 
 impl Activity {
+    fn new() -> Arc<Self> {
+        Arc::new(Activity {
+            started: Instant::now(),
+            last_read_us: AtomicU64::new(u64::MAX),
+            last_response_us: AtomicU64::new(u64::MAX),
+            requests_started: AtomicU64::new(0),
+            requests_finished: AtomicU64::new(0),
+        })
+    }
+
     fn now_us(&self) -> u64 {
         self.started.elapsed().as_micros() as u64
     }
@@ -223,17 +244,9 @@ async fn serve_hyper(
     is_h2: bool,
     peer_info: Arc<crate::headers::Peer>,
     pipeline: &Arc<Pipeline>,
-    mut shutdown: watch::Receiver<bool>,
+    shutdown: watch::Receiver<bool>,
 ) {
-    let limits = &pipeline.config.limits;
-    let peer = peer_info.addr;
-    let activity = Arc::new(Activity {
-        started: Instant::now(),
-        last_read_us: AtomicU64::new(u64::MAX),
-        last_response_us: AtomicU64::new(u64::MAX),
-        requests_started: AtomicU64::new(0),
-        requests_finished: AtomicU64::new(0),
-    });
+    let activity = Activity::new();
     if !prefix.is_empty() {
         activity.mark_read();
     }
@@ -242,10 +255,99 @@ async fn serve_hyper(
         prefix,
         prefix_pos: 0,
         activity: activity.clone(),
-        write_stall: limits.idle_timeout,
+        write_stall: pipeline.config.limits.idle_timeout,
         write_timer: None,
     };
+    let peer = peer_info.addr;
+    let result = drive_hyper(io, is_h2, &activity, peer_info, pipeline, shutdown).await;
+    if let Err(e) = result {
+        if e.is_timeout() && activity.has_partial_head() {
+            // A head was started and not finished in time.
+            answer_timeout(&stream).await;
+        } else {
+            tracing::debug!(%peer, "http1 connection ended: {e}");
+        }
+    }
+    // hyper has let go of the connection, unless it was upgraded (a WebSocket tunnel holds
+    // it now and closes it itself).
+    if !is_h2 && Arc::strong_count(&stream) == 1 {
+        linger(&stream).await;
+    }
+}
 
+/// A TLS connection: the handshake (within `tls.handshake_timeout`), then hyper with the
+/// protocol ALPN chose. TLS connections do not take the fast path, which relays between plain
+/// sockets.
+async fn serve_tls_connection(
+    stream: TcpStream,
+    peer: SocketAddr,
+    acceptor: tokio_rustls::TlsAcceptor,
+    pipeline: &Arc<Pipeline>,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    let _ = stream.set_nodelay(true);
+    let (Some(edge), Some(section)) = (&pipeline.edge_tls, &pipeline.config.tls) else {
+        return;
+    };
+    let stats = edge.stats();
+    let handshake = tokio::time::timeout(section.handshake_timeout, acceptor.accept(stream));
+    let accepted = tokio::select! {
+        accepted = handshake => accepted,
+        _ = stopped(&mut shutdown) => return,
+    };
+    let stream = match accepted {
+        Ok(Ok(stream)) => stream,
+        Ok(Err(e)) => {
+            stats.handshake_failures.fetch_add(1, Ordering::Relaxed);
+            tracing::debug!(%peer, "TLS handshake failed: {e}");
+            return;
+        }
+        Err(_elapsed) => {
+            stats.handshake_failures.fetch_add(1, Ordering::Relaxed);
+            tracing::debug!(%peer, "TLS handshake timed out");
+            return;
+        }
+    };
+    let (_, session) = stream.get_ref();
+    match session.handshake_kind() {
+        Some(rustls::HandshakeKind::Resumed) => &stats.handshakes_resumed,
+        _ => &stats.handshakes_full,
+    }
+    .fetch_add(1, Ordering::Relaxed);
+    let is_h2 = session.alpn_protocol() == Some(b"h2");
+    let peer_info = Arc::new(crate::headers::Peer::with_scheme(
+        peer,
+        &pipeline.config.proxy.trusted_proxies,
+        true,
+    ));
+    let activity = Activity::new();
+    let io = WatchedIo {
+        inner: stream,
+        activity: activity.clone(),
+        write_stall: pipeline.config.limits.idle_timeout,
+        write_timer: None,
+    };
+    let result = drive_hyper(io, is_h2, &activity, peer_info, pipeline, shutdown).await;
+    if let Err(e) = result {
+        tracing::debug!(%peer, "https connection ended: {e}");
+    }
+}
+
+/// Runs hyper on a connection until it ends, drains on shutdown and closes it when idle.
+/// Returns how an HTTP/1.1 connection ended (HTTP/2 errors are logged here).
+async fn drive_hyper<I>(
+    io: I,
+    is_h2: bool,
+    activity: &Arc<Activity>,
+    peer_info: Arc<crate::headers::Peer>,
+    pipeline: &Arc<Pipeline>,
+    mut shutdown: watch::Receiver<bool>,
+) -> Result<(), hyper::Error>
+where
+    I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let limits = &pipeline.config.limits;
+    let peer = peer_info.addr;
     let service_activity = activity.clone();
     let service_pipeline = pipeline.clone();
     let service = service_fn(move |req| {
@@ -285,7 +387,7 @@ async fn serve_hyper(
                     if let Err(e) = result {
                         tracing::debug!(%peer, "http2 connection ended: {e}");
                     }
-                    return;
+                    return Ok(());
                 }
                 _ = stopped(&mut shutdown), if !draining => {
                     draining = true;
@@ -297,52 +399,36 @@ async fn serve_hyper(
                 }
             }
         }
-    } else {
-        let mut builder = http1::Builder::new();
-        builder
-            .timer(TokioTimer::new())
-            .header_read_timeout(limits.header_read_timeout)
-            // hyper's own cap is a backstop above ours, so that our 431 (with its JSON body)
-            // answers heads between the two.
-            .max_buf_size(limits.head_buffer_cap())
-            .keep_alive(true);
-        if limits.max_headers > 100 {
-            // hyper parses up to 100 fields on the stack; past that it needs to be told (and
-            // parses on the heap). Up to 100 its default stays, for speed.
-            builder.max_headers(limits.max_headers + 1);
-        }
-        let result = {
-            let conn = builder
-                .serve_connection(TokioIo::new(io), service)
-                .with_upgrades();
-            tokio::pin!(conn);
-            let mut draining = false;
-            loop {
-                tokio::select! {
-                    result = conn.as_mut() => break result,
-                    _ = stopped(&mut shutdown), if !draining => {
-                        draining = true;
-                        conn.as_mut().graceful_shutdown();
-                    }
-                    _ = &mut idle, if !draining => {
-                        draining = true;
-                        conn.as_mut().graceful_shutdown();
-                    }
-                }
+    }
+    let mut builder = http1::Builder::new();
+    builder
+        .timer(TokioTimer::new())
+        .header_read_timeout(limits.header_read_timeout)
+        // hyper's own cap is a backstop above ours, so that our 431 (with its JSON body)
+        // answers heads between the two.
+        .max_buf_size(limits.head_buffer_cap())
+        .keep_alive(true);
+    if limits.max_headers > 100 {
+        // hyper parses up to 100 fields on the stack; past that it needs to be told (and
+        // parses on the heap). Up to 100 its default stays, for speed.
+        builder.max_headers(limits.max_headers + 1);
+    }
+    let conn = builder
+        .serve_connection(TokioIo::new(io), service)
+        .with_upgrades();
+    tokio::pin!(conn);
+    let mut draining = false;
+    loop {
+        tokio::select! {
+            result = conn.as_mut() => return result,
+            _ = stopped(&mut shutdown), if !draining => {
+                draining = true;
+                conn.as_mut().graceful_shutdown();
             }
-        };
-        if let Err(e) = result {
-            if e.is_timeout() && activity.has_partial_head() {
-                // A head was started and not finished in time.
-                answer_timeout(&stream).await;
-            } else {
-                tracing::debug!(%peer, "http1 connection ended: {e}");
+            _ = &mut idle, if !draining => {
+                draining = true;
+                conn.as_mut().graceful_shutdown();
             }
-        }
-        // hyper has let go of the connection, unless it was upgraded (a WebSocket tunnel holds
-        // it now and closes it itself).
-        if Arc::strong_count(&stream) == 1 {
-            linger(&stream).await;
         }
     }
 }
@@ -585,5 +671,95 @@ impl AsyncWrite for ConnIo {
             Err(e) if e.kind() != io::ErrorKind::NotConnected => Poll::Ready(Err(e)),
             _ => Poll::Ready(Ok(())),
         }
+    }
+}
+
+/// A stream other than a plain socket (a TLS session) as hyper sees it: records read activity
+/// and fails a write that makes no progress for the idle timeout, as [`ConnIo`] does.
+struct WatchedIo<S> {
+    inner: S,
+    activity: Arc<Activity>,
+    write_stall: Duration,
+    write_timer: Option<Pin<Box<Sleep>>>,
+}
+
+impl<S> WatchedIo<S> {
+    fn stalled(&mut self, cx: &mut Context<'_>) -> Poll<io::Error> {
+        let stall = self.write_stall;
+        let timer = self
+            .write_timer
+            .get_or_insert_with(|| Box::pin(tokio::time::sleep(stall)));
+        match timer.as_mut().poll(cx) {
+            Poll::Ready(()) => Poll::Ready(io::Error::new(
+                io::ErrorKind::TimedOut,
+                "client stopped reading",
+            )),
+            Poll::Pending => Poll::Pending,
+        }
+    }
+
+    fn written<T>(
+        &mut self,
+        result: Poll<io::Result<T>>,
+        cx: &mut Context<'_>,
+    ) -> Poll<io::Result<T>> {
+        match result {
+            Poll::Ready(result) => {
+                self.write_timer = None;
+                Poll::Ready(result)
+            }
+            Poll::Pending => match self.stalled(cx) {
+                Poll::Ready(e) => Poll::Ready(Err(e)),
+                Poll::Pending => Poll::Pending,
+            },
+        }
+    }
+}
+
+impl<S: AsyncRead + Unpin> AsyncRead for WatchedIo<S> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let before = buf.filled().len();
+        let result = ready!(Pin::new(&mut self.inner).poll_read(cx, buf));
+        if buf.filled().len() > before {
+            self.activity.mark_read();
+        }
+        Poll::Ready(result)
+    }
+}
+
+impl<S: AsyncWrite + Unpin> AsyncWrite for WatchedIo<S> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        data: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        let result = Pin::new(&mut self.inner).poll_write(cx, data);
+        self.written(result, cx)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        let result = Pin::new(&mut self.inner).poll_write_vectored(cx, bufs);
+        self.written(result, cx)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        let result = Pin::new(&mut self.inner).poll_flush(cx);
+        self.written(result, cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
     }
 }

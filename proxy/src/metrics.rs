@@ -302,6 +302,80 @@ impl Metrics {
             load(&self.heartbeats_ok),
             load(&self.heartbeats_failed)
         );
+        render_origin_tls(&mut out, upstreams);
         out
+    }
+}
+
+/// Per-region counts of refused origin handshakes.
+fn render_origin_tls(out: &mut String, upstreams: &Upstreams) {
+    if upstreams.pools().all(|pool| pool.tls.is_none()) {
+        return;
+    }
+    out.push_str("# HELP domicile_upstream_tls_refused_total Origin TLS handshakes refused: wrong_region (the certificate lacks the region identity) or certificate/handshake failures.
+");
+    out.push_str(
+        "# TYPE domicile_upstream_tls_refused_total counter
+",
+    );
+    for pool in upstreams.pools().filter(|pool| pool.tls.is_some()) {
+        let _ = writeln!(
+            out,
+            "domicile_upstream_tls_refused_total{{region=\"{}\",reason=\"wrong_region\"}} {}\n\
+             domicile_upstream_tls_refused_total{{region=\"{}\",reason=\"tls\"}} {}",
+            pool.region_id,
+            pool.wrong_identity.load(Ordering::Relaxed),
+            pool.region_id,
+            pool.tls_failures.load(Ordering::Relaxed),
+        );
+    }
+}
+
+/// The edge's TLS listener: handshakes, refusals, reloads and certificate expiry.
+pub fn render_edge_tls(out: &mut String, tls: &domicile_certs::ServerTls) {
+    let stats = tls.stats();
+    let load = |c: &AtomicU64| c.load(Ordering::Relaxed);
+    let _ = writeln!(
+        out,
+        "# HELP domicile_tls_handshakes_total Completed TLS handshakes on the HTTPS listener, full or resumed.\n\
+         # TYPE domicile_tls_handshakes_total counter\n\
+         domicile_tls_handshakes_total{{kind=\"full\"}} {}\n\
+         domicile_tls_handshakes_total{{kind=\"resumed\"}} {}\n\
+         # HELP domicile_tls_handshake_failures_total TLS handshakes that failed or timed out.\n\
+         # TYPE domicile_tls_handshake_failures_total counter\n\
+         domicile_tls_handshake_failures_total {}\n\
+         # HELP domicile_tls_unknown_name_total Handshakes for a name no certificate covers, by what they got.\n\
+         # TYPE domicile_tls_unknown_name_total counter\n\
+         domicile_tls_unknown_name_total{{result=\"default\"}} {}\n\
+         domicile_tls_unknown_name_total{{result=\"refused\"}} {}\n\
+         # HELP domicile_tls_reloads_total Certificate reloads after the files changed.\n\
+         # TYPE domicile_tls_reloads_total counter\n\
+         domicile_tls_reloads_total{{result=\"ok\"}} {}\n\
+         domicile_tls_reloads_total{{result=\"failed\"}} {}\n\
+         # HELP domicile_tls_reload_error 1 while the last reload failed (the previous certificates are served).\n\
+         # TYPE domicile_tls_reload_error gauge\n\
+         domicile_tls_reload_error {}",
+        load(&stats.handshakes_full),
+        load(&stats.handshakes_resumed),
+        load(&stats.handshake_failures),
+        load(&stats.unknown_name_default),
+        load(&stats.unknown_name_refused),
+        load(&stats.reloads_ok),
+        load(&stats.reloads_failed),
+        tls.last_error().is_some() as u8,
+    );
+    let now = std::time::SystemTime::now();
+    out.push_str("# HELP domicile_tls_certificate_expiry_seconds Seconds until each served certificate expires (negative: expired).\n");
+    out.push_str("# TYPE domicile_tls_certificate_expiry_seconds gauge\n");
+    for cert in tls.certs().certs() {
+        let _ = writeln!(
+            out,
+            "domicile_tls_certificate_expiry_seconds{{cert=\"{}\"}} {}",
+            cert.cert_path
+                .display()
+                .to_string()
+                .replace(['"', '\\'], "_"),
+            cert.info.seconds_left(now)
+        );
     }
 }

@@ -45,6 +45,8 @@ pub struct Pipeline {
     pub metrics: Metrics,
     /// The routing audit log, when `[audit]` is configured.
     pub audit: Option<Audit>,
+    /// The HTTPS listener's certificates and rustls configuration, when `[tls]` is configured.
+    pub edge_tls: Option<Arc<domicile_certs::ServerTls>>,
 }
 
 impl std::fmt::Debug for Pipeline {
@@ -123,6 +125,8 @@ enum ForwardError {
     ClientStalled,
     /// The client's request body was malformed or cut off.
     ClientBody,
+    /// The TLS handshake with the origin failed: nothing of the request reached it.
+    OriginTls(domicile_certs::client::HandshakeFailure),
 }
 
 impl ForwardError {
@@ -134,6 +138,10 @@ impl ForwardError {
             ForwardError::BodyTooLarge => RefusalCode::BodyTooLarge,
             ForwardError::ClientStalled => RefusalCode::RequestTimeout,
             ForwardError::ClientBody => RefusalCode::BadRequest,
+            ForwardError::OriginTls(domicile_certs::client::HandshakeFailure::WrongIdentity {
+                ..
+            }) => RefusalCode::UpstreamWrongRegion,
+            ForwardError::OriginTls(_) => RefusalCode::UpstreamTls,
         }
     }
 }
@@ -177,6 +185,34 @@ impl Pipeline {
             }
             None => None,
         };
+        let edge_tls = match &config.tls {
+            Some(tls) => {
+                let sources = tls
+                    .certificates
+                    .iter()
+                    .map(|files| domicile_certs::CertSource {
+                        cert: files.cert.clone(),
+                        key: files.key.clone(),
+                    })
+                    .collect();
+                let unknown = match tls.unknown_name {
+                    crate::config::UnknownNamePolicy::Default => {
+                        domicile_certs::UnknownName::Default
+                    }
+                    crate::config::UnknownNamePolicy::Refuse => domicile_certs::UnknownName::Refuse,
+                };
+                let options = domicile_certs::ServerOptions {
+                    session_cache: tls.session_cache,
+                    tickets: tls.session_tickets,
+                    ..Default::default()
+                };
+                Some(
+                    domicile_certs::ServerTls::load(sources, unknown, &options)
+                        .map_err(|e| format!("tls: {e}"))?,
+                )
+            }
+            None => None,
+        };
         let policy = Policy {
             unidentified: config.identify.unidentified,
             edge_region,
@@ -191,6 +227,7 @@ impl Pipeline {
             policy,
             metrics: Metrics::default(),
             audit,
+            edge_tls,
         })
     }
 
@@ -657,7 +694,10 @@ impl Pipeline {
             .await;
         // Where the request went: the endpoint of the last attempt, unless no attempt reached
         // any origin (region_unavailable: nothing was sent anywhere).
-        let reached = !matches!(result, Err(ForwardError::RegionUnavailable));
+        let reached = !matches!(
+            result,
+            Err(ForwardError::RegionUnavailable | ForwardError::OriginTls(_))
+        );
         if let (Some(entry), Some(index), true) = (audit.as_mut(), endpoint, reached) {
             entry.upstream(forward.region, index);
         }
@@ -669,6 +709,11 @@ impl Pipeline {
                 if let ForwardError::Upstream(detail) = &error {
                     refusal = refusal.message(format!(
                         "home region {} failed to answer: {detail}",
+                        pool.region_id
+                    ));
+                } else if let ForwardError::OriginTls(failure) = &error {
+                    refusal = refusal.message(format!(
+                        "an origin of home region {} was refused, nothing was sent to it: {failure}",
                         pool.region_id
                     ));
                 } else if code == RefusalCode::BadRequest {
@@ -858,6 +903,10 @@ impl Pipeline {
                     pool.record_failure(endpoint);
                     match e {
                         SendError::Connect(_) => None,
+                        SendError::Tls(failure) => {
+                            pool.count_tls_failure(endpoint, &failure);
+                            Some(ForwardError::OriginTls(failure))
+                        }
                         SendError::Http(_) => Some(ForwardError::Upstream(e.to_string())),
                     }
                 }

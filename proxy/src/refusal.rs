@@ -51,6 +51,8 @@ refusal_codes! {
     AuditUnavailable => "audit_unavailable", StatusCode::SERVICE_UNAVAILABLE;
     UpstreamError => "upstream_error", StatusCode::BAD_GATEWAY;
     UpstreamTimeout => "upstream_timeout", StatusCode::GATEWAY_TIMEOUT;
+    UpstreamWrongRegion => "upstream_wrong_region", StatusCode::BAD_GATEWAY;
+    UpstreamTls => "upstream_tls", StatusCode::BAD_GATEWAY;
     // Protocol-level refusals: the request itself breaks a limit or the HTTP rules.
     BadRequest => "bad_request", StatusCode::BAD_REQUEST;
     RequestTimeout => "request_timeout", StatusCode::REQUEST_TIMEOUT;
@@ -89,6 +91,12 @@ impl RefusalCode {
             RefusalCode::AuditUnavailable => "the routing decision cannot be audited",
             RefusalCode::UpstreamError => "the home region failed to answer",
             RefusalCode::UpstreamTimeout => "the home region did not answer in time",
+            RefusalCode::UpstreamWrongRegion => {
+                "the origin could not prove it is in the workspace's home region; nothing was sent to it"
+            }
+            RefusalCode::UpstreamTls => {
+                "the TLS handshake with the home region's origin failed; nothing was sent to it"
+            }
             RefusalCode::BadRequest => "the request is malformed",
             RefusalCode::RequestTimeout => "the request was not received in time",
             RefusalCode::BodyTooLarge => "the request body is larger than this route allows",

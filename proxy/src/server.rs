@@ -34,6 +34,8 @@ pub struct RunningProxy {
     pub addr: SocketAddr,
     /// The admin address actually bound, if configured.
     pub admin_addr: Option<SocketAddr>,
+    /// The HTTPS address actually bound, if `[tls]` is configured.
+    pub tls_addr: Option<SocketAddr>,
     pub pipeline: Arc<Pipeline>,
     shutdown: watch::Sender<bool>,
     admin_shutdown: watch::Sender<bool>,
@@ -42,6 +44,8 @@ pub struct RunningProxy {
     grace: std::time::Duration,
     threads: Vec<std::thread::JoinHandle<()>>,
     _watcher: Option<notify::RecommendedWatcher>,
+    /// Reloads the edge certificates when their files change.
+    _tls_watcher: Option<domicile_certs::Watcher>,
     /// Following the control plane, when the map comes from it.
     pub sync: Option<SyncHandle>,
 }
@@ -118,6 +122,30 @@ pub async fn start(config: ProxyConfig) -> Result<RunningProxy, StartError> {
     for _ in 1..workers {
         sockets.push(bind_std(addr, true)?);
     }
+    // The HTTPS port, likewise one socket per worker.
+    let mut tls_sockets: Vec<Option<std::net::TcpListener>> = (0..workers).map(|_| None).collect();
+    let mut tls_addr = None;
+    let mut tls_watcher = None;
+    if let (Some(section), Some(edge)) = (&config.tls, &pipeline.edge_tls) {
+        let first = bind_std(section.listen, workers > 1)?;
+        let bound = first.local_addr().map_err(|source| StartError::Bind {
+            addr: section.listen,
+            source,
+        })?;
+        tls_sockets[0] = Some(first);
+        for slot in tls_sockets.iter_mut().skip(1) {
+            *slot = Some(bind_std(bound, true)?);
+        }
+        tls_addr = Some(bound);
+        tls_watcher = Some(
+            edge.watch(section.reload_interval)
+                .map_err(|e| StartError::Setup(format!("tls: {e}")))?,
+        );
+    }
+    let acceptor = pipeline
+        .edge_tls
+        .as_ref()
+        .map(|edge| tokio_rustls::TlsAcceptor::from(edge.config()));
     let (shutdown, shutdown_rx) = watch::channel(false);
     // The admin listener outlives the drain, so probes see `/readyz` fail rather than vanish.
     let (admin_shutdown, admin_shutdown_rx) = watch::channel(false);
@@ -145,10 +173,11 @@ pub async fn start(config: ProxyConfig) -> Result<RunningProxy, StartError> {
     };
     let mut threads = Vec::with_capacity(workers);
     let mut started = Vec::with_capacity(workers);
-    for (index, socket) in sockets.into_iter().enumerate() {
+    for (index, (socket, tls_socket)) in sockets.into_iter().zip(tls_sockets).enumerate() {
         let (ready, ready_rx) = tokio::sync::oneshot::channel();
         let worker = Worker {
             socket,
+            tls: tls_socket.zip(acceptor.clone()),
             pipeline: pipeline.clone(),
             shutdown: shutdown_rx.clone(),
             stop: admin_shutdown.subscribe(),
@@ -174,10 +203,12 @@ pub async fn start(config: ProxyConfig) -> Result<RunningProxy, StartError> {
             }
         }
     }
-    tracing::info!(%addr, ?admin_addr, workers, proxy_id = config.proxy_id(), "proxy listening");
+    tracing::info!(%addr, ?tls_addr, ?admin_addr, workers, proxy_id = config.proxy_id(), "proxy listening");
     Ok(RunningProxy {
         addr,
         admin_addr,
+        tls_addr,
+        _tls_watcher: tls_watcher,
         pipeline,
         shutdown,
         admin_shutdown,
@@ -194,6 +225,8 @@ pub async fn start(config: ProxyConfig) -> Result<RunningProxy, StartError> {
 /// accepts, their requests and their upstream exchanges all stay on this thread.
 struct Worker {
     socket: std::net::TcpListener,
+    /// The HTTPS socket and its acceptor, when `[tls]` is configured.
+    tls: Option<(std::net::TcpListener, tokio_rustls::TlsAcceptor)>,
     pipeline: Arc<Pipeline>,
     /// Stop accepting and drain.
     shutdown: watch::Receiver<bool>,
@@ -208,6 +241,7 @@ impl Worker {
     fn run(self) {
         let Worker {
             socket,
+            tls,
             pipeline,
             shutdown,
             mut stop,
@@ -232,8 +266,36 @@ impl Worker {
                     return;
                 }
             };
+            let tls = match tls.map(|(socket, acceptor)| (TcpListener::from_std(socket), acceptor))
+            {
+                None => None,
+                Some((Ok(listener), acceptor)) => Some((listener, acceptor)),
+                Some((Err(e), _)) => {
+                    let _ = ready.send(Err(format!("cannot register its HTTPS listener: {e}")));
+                    return;
+                }
+            };
             let _ = ready.send(Ok(()));
-            listener::serve(listener, pipeline, shutdown, tracker.clone()).await;
+            let plain = listener::serve(
+                listener,
+                pipeline.clone(),
+                shutdown.clone(),
+                tracker.clone(),
+                None,
+            );
+            match tls {
+                Some((tls_listener, acceptor)) => {
+                    let secure = listener::serve(
+                        tls_listener,
+                        pipeline,
+                        shutdown,
+                        tracker.clone(),
+                        Some(acceptor),
+                    );
+                    tokio::join!(plain, secure);
+                }
+                None => plain.await,
+            }
             // Accepting has stopped; the connections this worker owns finish on its runtime.
             tokio::select! {
                 () = tracker.drained() => {}

@@ -12,19 +12,23 @@ use std::time::{Duration, Instant};
 use http::uri::{Authority, Scheme};
 use http::{Request, Uri};
 use http_body_util::{BodyExt, Empty};
+use hyper_rustls::{FixedServerNameResolver, HttpsConnector, HttpsConnectorBuilder};
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::{TokioExecutor, TokioTimer};
 
-use crate::config::{Ejection, HealthCheck, Limits, RegionRoute, UpstreamProtocol};
-use crate::connpool::{EndpointKey, Target};
+use crate::config::{
+    Ejection, HealthCheck, Limits, OriginTlsSection, RegionRoute, UpstreamProtocol,
+};
+use crate::connpool::{EndpointKey, OriginTls, Target};
 use crate::decide::{RouteStatus, Routes};
 use crate::map::{RegionIdx, Regions, MAX_REGIONS};
 use crate::refusal::ProxyBody;
 
 /// The HTTP client of one region's active health checks (client traffic goes through each
-/// worker's own pool, [`crate::connpool`]).
-pub type UpstreamClient = Client<HttpConnector, ProxyBody>;
+/// worker's own pool, [`crate::connpool`]). For a TLS route it checks the region's identity as
+/// client traffic does: an origin that cannot prove it is in the region is not healthy.
+pub type UpstreamClient = Client<HttpsConnector<HttpConnector>, ProxyBody>;
 
 /// Parses `host:port` or `http://host:port` into an authority.
 pub fn parse_endpoint(text: &str) -> Result<Authority, String> {
@@ -67,13 +71,19 @@ pub struct Endpoint {
 }
 
 impl Endpoint {
-    fn new(authority: Authority, protocol: UpstreamProtocol, limits: &Limits) -> Self {
+    fn new(
+        authority: Authority,
+        protocol: UpstreamProtocol,
+        limits: &Limits,
+        tls: Option<Arc<OriginTls>>,
+    ) -> Self {
         let target = Target {
             key: EndpointKey::new(),
             authority: authority.as_str().to_owned(),
             addr: authority.as_str().parse().ok(),
             protocol,
             connect_timeout: limits.upstream_connect_timeout,
+            tls,
         };
         Self {
             authority,
@@ -103,6 +113,12 @@ pub struct RegionPool {
     pub client: UpstreamClient,
     pub protocol: UpstreamProtocol,
     pub max_body_bytes: u64,
+    /// TLS to the origins, when the route has it.
+    pub tls: Option<Arc<OriginTls>>,
+    /// Handshakes refused because the origin's certificate did not carry the region identity.
+    pub wrong_identity: AtomicU64,
+    /// Handshakes that failed otherwise (an expired or unknown certificate, an alert).
+    pub tls_failures: AtomicU64,
     next: AtomicUsize,
     ejection: Ejection,
     health: HealthCheck,
@@ -147,6 +163,22 @@ impl RegionPool {
         }
     }
 
+    /// Counts and logs a refused TLS handshake with `endpoint`.
+    pub fn count_tls_failure(
+        &self,
+        endpoint: &Endpoint,
+        failure: &domicile_certs::client::HandshakeFailure,
+    ) {
+        use domicile_certs::client::HandshakeFailure;
+        if matches!(failure, HandshakeFailure::WrongIdentity { .. }) {
+            self.wrong_identity.fetch_add(1, Ordering::Relaxed);
+            tracing::error!(region = %self.region_id, endpoint = %endpoint.authority, "origin refused: it did not prove the region's identity: {failure}");
+        } else {
+            self.tls_failures.fetch_add(1, Ordering::Relaxed);
+            tracing::warn!(region = %self.region_id, endpoint = %endpoint.authority, "origin TLS handshake failed: {failure}");
+        }
+    }
+
     pub fn record_success(&self, endpoint: &Endpoint) {
         if endpoint.consecutive_failures.load(Ordering::Relaxed) != 0 {
             endpoint.consecutive_failures.store(0, Ordering::Relaxed);
@@ -162,8 +194,13 @@ impl RegionPool {
             let pool = Arc::downgrade(self);
             let endpoint = endpoint.clone();
             let health = self.health.clone();
+            let scheme = if self.tls.is_some() {
+                Scheme::HTTPS
+            } else {
+                Scheme::HTTP
+            };
             let uri = Uri::builder()
-                .scheme(Scheme::HTTP)
+                .scheme(scheme)
                 .authority(endpoint.authority.clone())
                 .path_and_query(health.path.as_str())
                 .build();
@@ -179,8 +216,17 @@ impl RegionPool {
                         .header("user-agent", "domicile-health-check")
                         .body(Empty::new().map_err(|never| match never {}).boxed_unsync());
                     let Ok(request) = request else { return };
+                    let result =
+                        tokio::time::timeout(health.timeout, pool.client.request(request)).await;
+                    if let (Ok(Err(e)), Some(tls)) = (&result, &pool.tls) {
+                        if let Some(failure) =
+                            domicile_certs::client::find_in_chain(e, &tls.identity_text)
+                        {
+                            pool.count_tls_failure(&endpoint, &failure);
+                        }
+                    }
                     let ok = matches!(
-                        tokio::time::timeout(health.timeout, pool.client.request(request)).await,
+                        result,
                         Ok(Ok(response)) if response.status().is_success() || response.status().is_redirection()
                     );
                     if ok {
@@ -204,11 +250,75 @@ impl RegionPool {
     }
 }
 
-fn build_client(protocol: UpstreamProtocol, limits: &Limits) -> UpstreamClient {
+/// The rustls configuration of a route's TLS, and the identity its origins must prove.
+fn origin_tls(
+    region: &str,
+    tls: &OriginTlsSection,
+    protocol: UpstreamProtocol,
+) -> Result<(Arc<OriginTls>, Arc<rustls::ClientConfig>), String> {
+    let client = match (&tls.cert, &tls.key) {
+        (Some(cert), Some(key)) => Some(domicile_certs::CertSource {
+            cert: cert.clone(),
+            key: key.clone(),
+        }),
+        _ => None,
+    };
+    let alpn = match protocol {
+        UpstreamProtocol::Http1 => vec![b"http/1.1".to_vec()],
+        UpstreamProtocol::H2c => vec![b"h2".to_vec()],
+    };
+    let config = domicile_certs::client::client_config(&tls.ca, client.as_ref(), alpn)
+        .map_err(|e| format!("regions.{region}.tls: {e}"))?;
+    let identity = domicile_certs::client::server_name(&tls.identity)
+        .map_err(|e| format!("regions.{region}.tls.identity: {e}"))?;
+    Ok((
+        Arc::new(OriginTls {
+            connector: tokio_rustls::TlsConnector::from(config.clone()),
+            identity,
+            identity_text: Arc::from(tls.identity.as_str()),
+        }),
+        config,
+    ))
+}
+
+fn build_client(
+    protocol: UpstreamProtocol,
+    limits: &Limits,
+    tls: Option<(&OriginTls, Arc<rustls::ClientConfig>)>,
+) -> UpstreamClient {
     let mut connector = HttpConnector::new();
     connector.set_nodelay(true);
     connector.set_connect_timeout(Some(limits.upstream_connect_timeout));
     connector.set_keepalive(Some(Duration::from_secs(60)));
+    connector.enforce_http(false);
+    let connector = match tls {
+        Some((origin, config)) => {
+            // hyper-rustls sets ALPN itself from the protocols enabled below.
+            let mut config = (*config).clone();
+            config.alpn_protocols.clear();
+            let builder = HttpsConnectorBuilder::new()
+                .with_tls_config(config)
+                .https_only()
+                .with_server_name_resolver(FixedServerNameResolver::new(origin.identity.clone()));
+            match protocol {
+                UpstreamProtocol::Http1 => builder.enable_http1().wrap_connector(connector),
+                UpstreamProtocol::H2c => builder.enable_http2().wrap_connector(connector),
+            }
+        }
+        None => HttpsConnectorBuilder::new()
+            .with_tls_config(
+                rustls::ClientConfig::builder_with_provider(domicile_certs::pem::provider())
+                    .with_safe_default_protocol_versions()
+                    .map(|b| {
+                        b.with_root_certificates(rustls::RootCertStore::empty())
+                            .with_no_client_auth()
+                    })
+                    .unwrap_or_else(|e| unreachable!("aws-lc-rs supports TLS 1.3: {e}")),
+            )
+            .https_or_http()
+            .enable_all_versions()
+            .wrap_connector(connector),
+    };
     let mut builder = Client::builder(TokioExecutor::new());
     builder
         .timer(TokioTimer::new())
@@ -239,20 +349,35 @@ impl Upstreams {
         let mut regional_hosts = Vec::new();
         for (id, route) in routes {
             let idx = regions.intern(id).map_err(|e| e.to_string())?;
+            let tls = route
+                .tls
+                .as_ref()
+                .map(|tls| origin_tls(id, tls, route.protocol))
+                .transpose()?;
+            let origin = tls.as_ref().map(|(origin, _)| origin.clone());
             let endpoints = route
                 .endpoints
                 .iter()
                 .map(|e| {
-                    parse_endpoint(e).map(|a| Arc::new(Endpoint::new(a, route.protocol, limits)))
+                    parse_endpoint(e)
+                        .map(|a| Arc::new(Endpoint::new(a, route.protocol, limits, origin.clone())))
                 })
                 .collect::<Result<Vec<_>, _>>()?;
             let pool = Arc::new(RegionPool {
                 region: idx,
                 region_id: Arc::from(id.as_str()),
                 endpoints,
-                client: build_client(route.protocol, limits),
+                client: build_client(
+                    route.protocol,
+                    limits,
+                    tls.as_ref()
+                        .map(|(origin, config)| (origin.as_ref(), config.clone())),
+                ),
                 protocol: route.protocol,
                 max_body_bytes: route.max_body_bytes.unwrap_or(limits.max_body_bytes),
+                tls: origin,
+                wrong_identity: AtomicU64::new(0),
+                tls_failures: AtomicU64::new(0),
                 next: AtomicUsize::new(0),
                 ejection: route.ejection.clone(),
                 health: route.health.clone(),

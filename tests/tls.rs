@@ -1,0 +1,680 @@
+//! TLS on every link: the edge's HTTPS listener (ALPN, SNI, wildcards, unknown names, validity,
+//! hot reload) and TLS to origins that must prove their region.
+
+mod common;
+
+use std::path::PathBuf;
+use std::process::Command;
+use std::time::{Duration, SystemTime};
+
+use common::tls::*;
+use common::*;
+use domicile::origin::Origin;
+use domicile_certs::dev::{self, DevCa, Leaf, Usage};
+use domicile_certs::rustls;
+
+fn metric(text: &str, name: &str) -> Option<f64> {
+    text.lines()
+        .find(|l| l.starts_with(name) && l[name.len()..].starts_with(' '))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+}
+
+async fn metrics(proxy: &TestProxy) -> String {
+    String::from_utf8_lossy(&get(&proxy.admin_url("/metrics"), &[]).await.body).into_owned()
+}
+
+/// Two cleartext origins and a proxy with the dev edge certificate on its HTTPS port.
+async fn https_proxy(
+    extra_tls: &str,
+) -> (Origin, Origin, TestProxy, domicile_certs::dev::DevLayout) {
+    let us = origin("us").await;
+    let eu = origin("eu").await;
+    let builder = proxy().route("us", &[&us]).route("eu", &[&eu]);
+    let layout = pki(builder.dir());
+    let builder = builder.section(&tls_section(&[layout.edge()], extra_tls));
+    (us, eu, builder.start().await, layout)
+}
+
+#[tokio::test]
+async fn https_serves_http1_and_h2_by_alpn_and_tells_the_origin() {
+    let (us, eu, proxy, layout) = https_proxy("").await;
+    let addr = proxy.running.tls_addr.expect("https address");
+    for (alpn, expect_h2) in [
+        (&[b"h2" as &[u8], b"http/1.1"][..], true),
+        (&[b"http/1.1" as &[u8]][..], false),
+    ] {
+        let session = handshake(addr, "acme.localhost", client_config(&layout.ca(), alpn))
+            .await
+            .expect("handshake");
+        assert_eq!(session.alpn().as_deref() == Some(b"h2"), expect_h2);
+        let mut sender = Sender::open(session).await;
+        for (host, region) in [("acme.localhost", "us"), ("globex.localhost", "eu")] {
+            let reply = sender.get(host, "/hello", &[]).await;
+            assert_eq!(
+                reply.status,
+                200,
+                "{}",
+                String::from_utf8_lossy(&reply.body)
+            );
+            assert_eq!(reply.region(), region);
+            let headers = &reply.json()["headers"];
+            assert_eq!(headers["x-forwarded-proto"], "https");
+            assert!(headers["forwarded"]
+                .as_str()
+                .unwrap()
+                .contains("proto=https"));
+        }
+    }
+    assert_eq!(us.seen_requests().len(), 2);
+    assert_eq!(eu.seen_requests().len(), 2);
+    // The cleartext port still serves.
+    let plain = get(&proxy.url("/"), &[("host", "acme.localhost")]).await;
+    assert_eq!(plain.region(), "us");
+    let text = metrics(&proxy).await;
+    assert_eq!(
+        metric(&text, "domicile_tls_handshakes_total{kind=\"full\"}"),
+        Some(2.0),
+        "{text}"
+    );
+    let expiry = metric(
+        &text,
+        &format!(
+            "domicile_tls_certificate_expiry_seconds{{cert=\"{}\"}}",
+            layout.edge().0.display()
+        ),
+    )
+    .expect("expiry gauge");
+    assert!(
+        expiry > 29.0 * 86_400.0 && expiry <= 30.0 * 86_400.0,
+        "{expiry}"
+    );
+}
+
+#[tokio::test]
+async fn sessions_resume() {
+    let (_us, _eu, proxy, layout) = https_proxy("").await;
+    let addr = proxy.running.tls_addr.unwrap();
+    // One client configuration keeps the tickets of its earlier sessions.
+    let config = client_config(&layout.ca(), &[b"http/1.1"]);
+    let first = handshake(addr, "acme.localhost", config.clone())
+        .await
+        .unwrap();
+    assert!(!first.resumed());
+    // TLS 1.3 tickets arrive after the handshake: read them by making a request.
+    let mut sender = Sender::open(first).await;
+    assert_eq!(sender.get("acme.localhost", "/", &[]).await.status, 200);
+    let second = handshake(addr, "acme.localhost", config).await.unwrap();
+    assert!(
+        second.resumed(),
+        "the second handshake should resume the first session"
+    );
+    let text = metrics(&proxy).await;
+    assert_eq!(
+        metric(&text, "domicile_tls_handshakes_total{kind=\"resumed\"}"),
+        Some(1.0),
+        "{text}"
+    );
+}
+
+// curl runs as a blocking child: the origins need a runtime thread of their own meanwhile.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn curl_speaks_http1_and_h2_to_the_edge() {
+    let (_us, _eu, proxy, layout) = https_proxy("").await;
+    let addr = proxy.running.tls_addr.unwrap();
+    for (flag, version) in [("--http1.1", "1.1"), ("--http2", "2")] {
+        let out = Command::new("curl")
+            .args(["-sS", "--fail-with-body", flag, "--cacert"])
+            .arg(layout.ca())
+            .arg("--resolve")
+            .arg(format!("globex.localhost:{}:127.0.0.1", addr.port()))
+            .args(["-w", "\n%{http_version}"])
+            .arg(format!("https://globex.localhost:{}/docs", addr.port()))
+            .args(["-m", "20"])
+            .output()
+            .expect("curl runs (scripts/setup.sh installs it)");
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            out.status.success(),
+            "curl {flag}: {stdout} {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let (body, got) = stdout.rsplit_once('\n').unwrap();
+        assert_eq!(got, version, "{stdout}");
+        let json: serde_json::Value = serde_json::from_str(body).unwrap();
+        assert_eq!(json["region"], "eu");
+        assert_eq!(json["path"], "/docs");
+    }
+    // curl refuses a server it cannot verify: without the CA, exit code 60.
+    let out = Command::new("curl")
+        .args(["-sS", "--resolve"])
+        .arg(format!("globex.localhost:{}:127.0.0.1", addr.port()))
+        .arg(format!("https://globex.localhost:{}/", addr.port()))
+        .output()
+        .unwrap();
+    assert_eq!(
+        out.status.code(),
+        Some(60),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// Issues `names` from `ca` into `dir/stem.pem` and `dir/stem-key.pem`.
+fn issue(ca: &DevCa, dir: &std::path::Path, stem: &str, leaf: &Leaf) -> (PathBuf, PathBuf) {
+    let issued = ca.issue(leaf).unwrap();
+    let pair = (
+        dir.join(format!("{stem}.pem")),
+        dir.join(format!("{stem}-key.pem")),
+    );
+    dev::write_file(&pair.0, &issued.cert_pem, false).unwrap();
+    dev::write_file(&pair.1, &issued.key_pem, true).unwrap();
+    pair
+}
+
+fn server_leaf(names: &[&str]) -> Leaf {
+    Leaf::new(names[0], Usage::Server, 30).names(names.iter().copied())
+}
+
+#[tokio::test]
+async fn certificates_are_chosen_by_sni_with_wildcards_and_unknown_names_refused() {
+    let us = origin("us").await;
+    let builder = proxy().route("us", &[&us]);
+    let ca = DevCa::generate("test CA").unwrap();
+    let dir = builder.dir().to_owned();
+    std::fs::write(dir.join("ca.pem"), ca.cert_pem()).unwrap();
+    let certs = [
+        issue(
+            &ca,
+            &dir,
+            "default",
+            &server_leaf(&["default.example.test"]),
+        ),
+        issue(&ca, &dir, "wild", &server_leaf(&["*.example.test"])),
+        issue(&ca, &dir, "api", &server_leaf(&["api.example.test"])),
+    ];
+    let proxy = builder
+        .section(&tls_section(&certs, "unknown_name = \"refuse\""))
+        .start()
+        .await;
+    let addr = proxy.running.tls_addr.unwrap();
+    let config = client_config(&dir.join("ca.pem"), &[b"http/1.1"]);
+    let names = |sni: &'static str| {
+        let config = config.clone();
+        async move { handshake(addr, sni, config).await.map(|s| s.names()) }
+    };
+    assert_eq!(
+        names("api.example.test").await.unwrap(),
+        ["api.example.test"]
+    );
+    assert_eq!(
+        names("acme.example.test").await.unwrap(),
+        ["*.example.test"]
+    );
+    assert_eq!(
+        names("default.example.test").await.unwrap(),
+        ["default.example.test"]
+    );
+    // A wildcard covers one label: two labels deep is an unknown name, refused with an alert.
+    let err = names("a.b.example.test").await.unwrap_err();
+    assert!(
+        matches!(tls_error(&err), Some(rustls::Error::AlertReceived(_))),
+        "{err:?}"
+    );
+    let err = names("other.test").await.unwrap_err();
+    assert!(
+        matches!(tls_error(&err), Some(rustls::Error::AlertReceived(_))),
+        "{err:?}"
+    );
+    let text = metrics(&proxy).await;
+    assert_eq!(
+        metric(&text, "domicile_tls_unknown_name_total{result=\"refused\"}"),
+        Some(2.0),
+        "{text}"
+    );
+    assert_eq!(
+        metric(&text, "domicile_tls_handshake_failures_total"),
+        Some(2.0),
+        "{text}"
+    );
+}
+
+#[tokio::test]
+async fn unknown_names_get_the_default_certificate_when_so_configured() {
+    let (_us, _eu, proxy, layout) = https_proxy("unknown_name = \"default\"").await;
+    let addr = proxy.running.tls_addr.unwrap();
+    let session = handshake(
+        addr,
+        "not-ours.test",
+        client_config(&layout.ca(), &[b"http/1.1"]),
+    )
+    .await
+    .unwrap_err();
+    // The client refuses the default certificate for a name it does not carry...
+    assert!(
+        matches!(
+            tls_error(&session),
+            Some(rustls::Error::InvalidCertificate(
+                rustls::CertificateError::NotValidForName
+                    | rustls::CertificateError::NotValidForNameContext { .. }
+            ))
+        ),
+        "{session:?}"
+    );
+    // ...and an IP-address client (no SNI) gets it and accepts it: it names 127.0.0.1.
+    let session = handshake(
+        addr,
+        "127.0.0.1",
+        client_config(&layout.ca(), &[b"http/1.1"]),
+    )
+    .await
+    .expect("handshake without SNI");
+    assert!(session.names().contains(&"*.localhost".to_string()));
+    let text = metrics(&proxy).await;
+    assert_eq!(
+        metric(&text, "domicile_tls_unknown_name_total{result=\"default\"}"),
+        Some(2.0),
+        "{text}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn expired_and_not_yet_valid_certificates_are_refused_by_clients() {
+    let now = SystemTime::now();
+    let day = Duration::from_secs(86_400);
+    for (stem, valid, expected) in [
+        (
+            "expired",
+            (now - 10 * day, now - day),
+            rustls::CertificateError::Expired,
+        ),
+        (
+            "future",
+            (now + day, now + 10 * day),
+            rustls::CertificateError::NotValidYet,
+        ),
+    ] {
+        let us = origin("us").await;
+        let builder = proxy().route("us", &[&us]);
+        let ca = DevCa::generate("test CA").unwrap();
+        let dir = builder.dir().to_owned();
+        std::fs::write(dir.join("ca.pem"), ca.cert_pem()).unwrap();
+        let leaf = server_leaf(&["acme.localhost"]).valid(valid.0, valid.1);
+        let pair = issue(&ca, &dir, stem, &leaf);
+        // The proxy starts (refusing to would take HTTPS down for every name) and says so in
+        // its expiry gauge; clients refuse the certificate.
+        let proxy = builder
+            .section(&tls_section(std::slice::from_ref(&pair), ""))
+            .start()
+            .await;
+        let addr = proxy.running.tls_addr.unwrap();
+        let err = handshake(
+            addr,
+            "acme.localhost",
+            client_config(&dir.join("ca.pem"), &[b"h2"]),
+        )
+        .await
+        .unwrap_err();
+        let got = match tls_error(&err) {
+            Some(rustls::Error::InvalidCertificate(e)) => e.clone(),
+            other => panic!("{stem}: {other:?}"),
+        };
+        let same = matches!(
+            (&got, &expected),
+            (
+                rustls::CertificateError::Expired | rustls::CertificateError::ExpiredContext { .. },
+                rustls::CertificateError::Expired
+            ) | (
+                rustls::CertificateError::NotValidYet
+                    | rustls::CertificateError::NotValidYetContext { .. },
+                rustls::CertificateError::NotValidYet
+            )
+        );
+        assert!(same, "{stem}: {got:?}");
+        let out = Command::new("curl")
+            .args(["-sS", "--cacert"])
+            .arg(dir.join("ca.pem"))
+            .arg("--resolve")
+            .arg(format!("acme.localhost:{}:127.0.0.1", addr.port()))
+            .arg(format!("https://acme.localhost:{}/", addr.port()))
+            .output()
+            .unwrap();
+        assert_eq!(
+            out.status.code(),
+            Some(60),
+            "{stem}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let text = metrics(&proxy).await;
+        let gauge = metric(
+            &text,
+            &format!(
+                "domicile_tls_certificate_expiry_seconds{{cert=\"{}\"}}",
+                pair.0.display()
+            ),
+        )
+        .unwrap();
+        if stem == "expired" {
+            assert!(gauge < 0.0, "{gauge}");
+        }
+    }
+}
+
+#[tokio::test]
+async fn a_changed_certificate_is_served_without_dropping_open_connections() {
+    let us = origin("us").await;
+    let builder = proxy().route("us", &[&us]);
+    let ca = DevCa::generate("test CA").unwrap();
+    let dir = builder.dir().to_owned();
+    std::fs::write(dir.join("ca.pem"), ca.cert_pem()).unwrap();
+    let pair = issue(
+        &ca,
+        &dir,
+        "edge",
+        &server_leaf(&["acme.localhost", "one.localhost"]),
+    );
+    let proxy = builder
+        .section(&tls_section(std::slice::from_ref(&pair), ""))
+        .start()
+        .await;
+    let addr = proxy.running.tls_addr.unwrap();
+    let config = client_config(&dir.join("ca.pem"), &[b"http/1.1"]);
+
+    let open = handshake(addr, "acme.localhost", config.clone())
+        .await
+        .unwrap();
+    assert!(open.names().contains(&"one.localhost".to_string()));
+    let mut open = Sender::open(open).await;
+    assert_eq!(open.get("acme.localhost", "/", &[]).await.status, 200);
+
+    issue(
+        &ca,
+        &dir,
+        "edge",
+        &server_leaf(&["acme.localhost", "two.localhost"]),
+    );
+    let reloaded = eventually(Duration::from_secs(10), || {
+        proxy
+            .running
+            .pipeline
+            .edge_tls
+            .as_ref()
+            .unwrap()
+            .stats()
+            .reloads_ok
+            .load(std::sync::atomic::Ordering::Relaxed)
+            == 1
+    })
+    .await;
+    assert!(reloaded, "the new certificate was not loaded");
+    // A new client (a resumed session would carry the old certificate).
+    let config = client_config(&dir.join("ca.pem"), &[b"http/1.1"]);
+    let fresh = handshake(addr, "acme.localhost", config).await.unwrap();
+    assert!(
+        fresh.names().contains(&"two.localhost".to_string()),
+        "{:?}",
+        fresh.names()
+    );
+    // The connection opened before the reload still serves.
+    let reply = open.get("acme.localhost", "/still-here", &[]).await;
+    assert_eq!((reply.status, reply.region()), (200, "us".to_owned()));
+
+    // A broken certificate: the current one stays, and metrics say the reload failed.
+    std::fs::write(&pair.0, "-----BEGIN CERTIFICATE-----\nMIIB\n").unwrap();
+    let failed = eventually(Duration::from_secs(10), || {
+        proxy
+            .running
+            .pipeline
+            .edge_tls
+            .as_ref()
+            .unwrap()
+            .stats()
+            .reloads_failed
+            .load(std::sync::atomic::Ordering::Relaxed)
+            >= 1
+    })
+    .await;
+    assert!(failed, "the broken certificate was not noticed");
+    let text = metrics(&proxy).await;
+    assert_eq!(
+        metric(&text, "domicile_tls_reload_error"),
+        Some(1.0),
+        "{text}"
+    );
+    let config = client_config(&dir.join("ca.pem"), &[b"http/1.1"]);
+    let after = handshake(addr, "acme.localhost", config).await.unwrap();
+    assert!(after.names().contains(&"two.localhost".to_string()));
+    let reply = open.get("acme.localhost", "/", &[]).await;
+    assert_eq!(reply.status, 200);
+}
+
+#[tokio::test]
+async fn origins_over_mtls_must_prove_the_home_region() {
+    let builder = proxy();
+    let layout = pki(builder.dir());
+    let (us_cert, us_key) = layout.origin("us");
+    let (eu_cert, eu_key) = layout.origin("eu");
+    let ca = layout.ca();
+    let us = Origin::start_tls("us", LOOPBACK, &us_cert, &us_key, Some(&ca))
+        .await
+        .unwrap();
+    // The "eu" endpoint is an origin with the us certificate: the right CA, the wrong region.
+    let impostor = Origin::start_tls("eu", LOOPBACK, &us_cert, &us_key, Some(&ca))
+        .await
+        .unwrap();
+    let eu = Origin::start_tls("eu", LOOPBACK, &eu_cert, &eu_key, Some(&ca))
+        .await
+        .unwrap();
+    let no_health = "health = { enabled = false }\n";
+    let proxy = builder
+        .route_addrs(
+            "us",
+            &[us.addr],
+            &format!(
+                "{}{no_health}",
+                origin_tls(&layout, "us.region.example.test")
+            ),
+        )
+        .route_addrs(
+            "eu",
+            &[impostor.addr],
+            &format!(
+                "{}{no_health}",
+                origin_tls(&layout, "eu.region.example.test")
+            ),
+        )
+        .audit("")
+        .start()
+        .await;
+
+    let reply = get(&proxy.url("/"), &[("host", "acme.localhost")]).await;
+    assert_eq!(reply.status, 200);
+    assert_eq!(reply.region(), "us");
+    // The origin saw the proxy's client certificate.
+    assert_eq!(
+        reply.json()["tls"]["client"],
+        "urn:domicile:proxy:test-edge"
+    );
+
+    let refused = get(&proxy.url("/"), &[("host", "globex.localhost")]).await;
+    assert_eq!(
+        refused.status,
+        502,
+        "{}",
+        String::from_utf8_lossy(&refused.body)
+    );
+    assert_eq!(refused.refusal(), Some("upstream_wrong_region"));
+    let message = refused.json()["error"]["message"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    assert!(
+        message.contains("us.region.example.test") && message.contains("eu.region.example.test"),
+        "{message}"
+    );
+    assert!(
+        impostor.seen().is_empty(),
+        "nothing reaches an origin that did not prove its region"
+    );
+    let text = metrics(&proxy).await;
+    assert_eq!(
+        metric(
+            &text,
+            "domicile_upstream_tls_refused_total{region=\"eu\",reason=\"wrong_region\"}"
+        ),
+        Some(1.0),
+        "{text}"
+    );
+    drop(eu);
+    proxy.running.shutdown().await;
+    // The audit record of the refusal names no upstream: nothing was sent.
+    let records: Vec<serde_json::Value> = std::fs::read_dir(proxy.dir.path().join("audit"))
+        .unwrap()
+        .flat_map(|e| {
+            std::fs::read_to_string(e.unwrap().path())
+                .unwrap()
+                .lines()
+                .map(str::to_owned)
+                .collect::<Vec<_>>()
+        })
+        .filter_map(|l| serde_json::from_str(&l).ok())
+        .filter(|r: &serde_json::Value| r["workspace"] == "globex")
+        .collect();
+    assert_eq!(records.len(), 1, "{records:?}");
+    assert_eq!(records[0]["decision"], "upstream_wrong_region");
+    assert!(records[0]["upstream_region"].is_null(), "{:?}", records[0]);
+}
+
+#[tokio::test]
+async fn origins_with_expired_or_untrusted_certificates_are_refused() {
+    let now = SystemTime::now();
+    let day = Duration::from_secs(86_400);
+    let ca = DevCa::generate("test CA").unwrap();
+    let other = DevCa::generate("other CA").unwrap();
+    let identity = "eu.region.example.test";
+    let cases = [
+        (
+            "expired",
+            &ca,
+            server_leaf(&[identity]).valid(now - 10 * day, now - day),
+        ),
+        (
+            "future",
+            &ca,
+            server_leaf(&[identity]).valid(now + day, now + 10 * day),
+        ),
+        ("untrusted", &other, server_leaf(&[identity])),
+    ];
+    for (stem, issuer, leaf) in cases {
+        let builder = proxy();
+        let dir = builder.dir().to_owned();
+        std::fs::write(dir.join("ca.pem"), ca.cert_pem()).unwrap();
+        let (cert, key) = issue(issuer, &dir, stem, &leaf);
+        let origin = Origin::start_tls("eu", LOOPBACK, &cert, &key, None)
+            .await
+            .unwrap();
+        let tls = format!(
+            "tls = {{ ca = \"{}\", identity = \"{identity}\" }}\nhealth = {{ enabled = false }}\n",
+            dir.join("ca.pem").display()
+        );
+        let proxy = builder
+            .route_addrs("eu", &[origin.addr], &tls)
+            .start()
+            .await;
+        let refused = get(&proxy.url("/"), &[("host", "globex.localhost")]).await;
+        assert_eq!(refused.status, 502, "{stem}");
+        assert_eq!(refused.refusal(), Some("upstream_tls"), "{stem}");
+        assert!(origin.seen().is_empty(), "{stem}");
+        let text = metrics(&proxy).await;
+        assert_eq!(
+            metric(
+                &text,
+                "domicile_upstream_tls_refused_total{region=\"eu\",reason=\"tls\"}"
+            ),
+            Some(1.0),
+            "{stem}: {text}"
+        );
+    }
+}
+
+#[test]
+fn certs_dev_writes_private_keys_0600_and_refuses_to_overwrite() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().unwrap();
+    let out = Command::new(BIN)
+        .args(["certs", "dev"])
+        .arg(dir.path())
+        .args([
+            "--domain",
+            "example.test",
+            "--regions",
+            "us,eu,au",
+            "--proxies",
+            "edge-1,edge-2",
+        ])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let mut keys = 0;
+    for entry in std::fs::read_dir(dir.path()).unwrap() {
+        let path = entry.unwrap().path();
+        let mode = std::fs::metadata(&path).unwrap().permissions().mode() & 0o777;
+        if path.to_string_lossy().ends_with("-key.pem") {
+            keys += 1;
+            assert_eq!(mode, 0o600, "{}", path.display());
+        } else {
+            assert_eq!(mode, 0o644, "{}", path.display());
+        }
+    }
+    // CA, edge, three origins, two proxies, control plane.
+    assert_eq!(keys, 8);
+    let again = Command::new(BIN)
+        .args(["certs", "dev"])
+        .arg(dir.path())
+        .output()
+        .unwrap();
+    assert_eq!(again.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&again.stderr).contains("--force"));
+    let bad = Command::new(BIN)
+        .args(["certs", "dev"])
+        .arg(dir.path().join("x"))
+        .args(["--domain", "not a domain"])
+        .output()
+        .unwrap();
+    assert_eq!(bad.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&bad.stderr).contains("--domain"));
+}
+
+#[test]
+fn check_config_names_broken_tls_files() {
+    let dir = tempfile::tempdir().unwrap();
+    let layout = pki(dir.path());
+    let (cert, _) = layout.edge();
+    let (_, wrong_key) = layout.control_plane();
+    let config = format!(
+        "[proxy]\nedge_region = \"us\"\nlisten = \"127.0.0.1:0\"\n[map]\n[identify]\nrules = [{{ from = \"header\", name = \"x-workspace-id\" }}]\n\
+         [tls]\nlisten = \"127.0.0.1:0\"\n[[tls.certificates]]\ncert = \"{}\"\nkey = \"{}\"\n\
+         [regions.eu]\nendpoints = [\"127.0.0.1:1\"]\ntls = {{ ca = \"missing-ca.pem\", identity = \"not a name\" }}\n",
+        cert.display(),
+        wrong_key.display()
+    );
+    let path = dir.path().join("proxy.toml");
+    std::fs::write(&path, config).unwrap();
+    let out = Command::new(BIN)
+        .arg("check-config")
+        .arg(&path)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("tls.certificates[0]") && stderr.contains("does not belong"),
+        "{stderr}"
+    );
+    assert!(stderr.contains("regions.eu.tls.identity"), "{stderr}");
+    assert!(stderr.contains("missing-ca.pem"), "{stderr}");
+}
