@@ -26,6 +26,16 @@ pub struct Connection {
     /// Print the API's JSON instead of a table.
     #[arg(long, global = true)]
     pub json: bool,
+    /// For an https:// control plane: the CA (PEM) its certificate is signed by (the demo's
+    /// `certs/ca.pem`).
+    #[arg(long, global = true, env = "DOMICILE_CA_FILE")]
+    pub ca_file: Option<PathBuf>,
+    /// A client certificate (PEM) to authenticate with instead of a token (mTLS), with
+    /// --key-file.
+    #[arg(long, global = true, env = "DOMICILE_CERT_FILE", requires = "key_file")]
+    pub cert_file: Option<PathBuf>,
+    #[arg(long, global = true, env = "DOMICILE_KEY_FILE", requires = "cert_file")]
+    pub key_file: Option<PathBuf>,
 }
 
 impl Connection {
@@ -40,12 +50,32 @@ impl Connection {
             ),
             (None, None) => None,
         };
-        if token.is_none() {
+        let client_cert = match (&self.cert_file, &self.key_file) {
+            (Some(cert), Some(key)) => Some(domicile_certs::CertSource {
+                cert: cert.clone(),
+                key: key.clone(),
+            }),
+            _ => None,
+        };
+        if token.is_none() && client_cert.is_none() {
             anyhow::bail!(
-                "no token: pass --token or --token-file, or set DOMICILE_TOKEN or DOMICILE_TOKEN_FILE"
+                "no token: pass --token or --token-file, or set DOMICILE_TOKEN or DOMICILE_TOKEN_FILE (or a client certificate with --cert-file and --key-file)"
             );
         }
-        Ok(AdminClient::new(&self.control_plane, token))
+        let https = self.control_plane.starts_with("https://");
+        match (&self.ca_file, https) {
+            (Some(ca), true) => {
+                AdminClient::with_tls(&self.control_plane, token, ca, client_cert.as_ref())
+            }
+            (None, true) => anyhow::bail!(
+                "{} is https: pass --ca-file (or DOMICILE_CA_FILE) with the CA its certificate is signed by",
+                self.control_plane
+            ),
+            (_, false) if client_cert.is_some() => anyhow::bail!(
+                "a client certificate needs an https:// control plane"
+            ),
+            (_, false) => Ok(AdminClient::new(&self.control_plane, token)),
+        }
     }
 }
 

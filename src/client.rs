@@ -6,6 +6,7 @@ use bytes::Bytes;
 use domicile_wire::ErrorBody;
 use http::{header, Method, Request, StatusCode};
 use http_body_util::{BodyExt, Full};
+use hyper_rustls::HttpsConnector;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
@@ -34,18 +35,49 @@ fn lines_text(lines: &[domicile_wire::LineError]) -> String {
 pub struct AdminClient {
     base: String,
     token: Option<String>,
-    client: Client<HttpConnector, Full<Bytes>>,
+    client: Client<HttpsConnector<HttpConnector>, Full<Bytes>>,
+}
+
+fn connector(tls: rustls::ClientConfig) -> HttpsConnector<HttpConnector> {
+    let mut http = HttpConnector::new();
+    http.set_connect_timeout(Some(std::time::Duration::from_secs(5)));
+    http.enforce_http(false);
+    hyper_rustls::HttpsConnectorBuilder::new()
+        .with_tls_config(tls)
+        .https_or_http()
+        .enable_all_versions()
+        .wrap_connector(http)
 }
 
 impl AdminClient {
+    /// A client for a cleartext (`http://`) control plane.
     pub fn new(base: &str, token: Option<String>) -> Self {
-        let mut connector = HttpConnector::new();
-        connector.set_connect_timeout(Some(std::time::Duration::from_secs(5)));
+        let tls = rustls::ClientConfig::builder_with_provider(domicile_certs::pem::provider())
+            .with_safe_default_protocol_versions()
+            .unwrap_or_else(|e| unreachable!("aws-lc-rs supports TLS 1.3: {e}"))
+            .with_root_certificates(rustls::RootCertStore::empty())
+            .with_no_client_auth();
         Self {
             base: base.trim_end_matches('/').to_owned(),
             token,
-            client: Client::builder(TokioExecutor::new()).build(connector),
+            client: Client::builder(TokioExecutor::new()).build(connector(tls)),
         }
+    }
+
+    /// A client for an `https://` control plane whose certificate `ca` signed, presenting
+    /// `client` (mTLS) when given.
+    pub fn with_tls(
+        base: &str,
+        token: Option<String>,
+        ca: &std::path::Path,
+        client: Option<&domicile_certs::CertSource>,
+    ) -> anyhow::Result<Self> {
+        let config = domicile_certs::client::client_config(ca, client, Vec::new())?;
+        Ok(Self {
+            base: base.trim_end_matches('/').to_owned(),
+            token,
+            client: Client::builder(TokioExecutor::new()).build(connector((*config).clone())),
+        })
     }
 
     pub fn base(&self) -> &str {

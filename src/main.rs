@@ -65,6 +65,16 @@ enum Command {
         /// On first start, create an admin token and write it to this file.
         #[arg(long)]
         admin_token_file: Option<PathBuf>,
+        /// Serve the API over HTTPS with this certificate chain (PEM), with --tls-key.
+        #[arg(long, requires = "tls_key")]
+        tls_cert: Option<PathBuf>,
+        /// The private key of --tls-cert.
+        #[arg(long, requires = "tls_cert")]
+        tls_key: Option<PathBuf>,
+        /// Accept client certificates from this CA (mTLS): their urn:domicile:<role>:<name>
+        /// grants the role, as a token would.
+        #[arg(long, requires = "tls_cert")]
+        client_ca: Option<PathBuf>,
     },
     /// Regions of the map (control-plane API).
     Region {
@@ -316,6 +326,9 @@ async fn run(command: Command) -> anyhow::Result<ExitCode> {
             listen,
             store,
             admin_token_file,
+            tls_cert,
+            tls_key,
+            client_ca,
         } => {
             let mut config = match config {
                 Some(path) => ControlPlaneConfig::from_file(&path)?,
@@ -330,6 +343,14 @@ async fn run(command: Command) -> anyhow::Result<ExitCode> {
             if let Some(path) = admin_token_file {
                 config.admin_token_file = Some(path);
             }
+            if let (Some(cert), Some(key)) = (tls_cert, tls_key) {
+                config.tls = Some(domicile_control_plane::config::TlsConfig {
+                    cert,
+                    key,
+                    client_ca,
+                });
+            }
+            config.validate()?;
             done(run_control_plane(config).await)
         }
         Command::Region { conn, command } => done(admin::region(&conn, command).await),
@@ -389,7 +410,8 @@ async fn run_control_plane(config: ControlPlaneConfig) -> anyhow::Result<()> {
     }
     // One machine-readable line for scripts and tests that bind port 0.
     println!(
-        "domicile control plane listening on http://{} store {} epoch {}",
+        "domicile control plane listening on {}://{} store {} epoch {}",
+        running.scheme,
         running.addr,
         running.store.backend_name(),
         running.store.epoch()

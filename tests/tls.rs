@@ -678,3 +678,137 @@ fn check_config_names_broken_tls_files() {
     assert!(stderr.contains("regions.eu.tls.identity"), "{stderr}");
     assert!(stderr.contains("missing-ca.pem"), "{stderr}");
 }
+
+fn status_of(e: &anyhow::Error) -> Option<u16> {
+    e.downcast_ref::<domicile::client::ApiError>()
+        .map(|api| api.status.as_u16())
+}
+
+// curl runs as a blocking child while the control plane answers on the runtime.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_proxy_follows_an_https_control_plane_with_its_client_certificate() {
+    use common::cp::*;
+    let certs_dir = tempfile::tempdir().unwrap();
+    let layout = pki(certs_dir.path());
+    let (cp_cert, cp_key) = layout.control_plane();
+    let ca = layout.ca();
+    let cp = control_plane(None, LOOPBACK, |config| {
+        config.tls = Some(domicile_control_plane::config::TlsConfig {
+            cert: cp_cert.clone(),
+            key: cp_key.clone(),
+            client_ca: Some(ca.clone()),
+        });
+    })
+    .await;
+    assert_eq!(cp.running.scheme, "https");
+    let url = format!("https://{}", cp.running.addr);
+    let token = cp.running.bootstrap_token.clone().unwrap();
+    let admin = domicile::client::AdminClient::with_tls(&url, Some(token), &ca, None).unwrap();
+    seed(&admin).await;
+
+    // The proxy authenticates with its certificate alone: no token anywhere.
+    let (us, eu) = (origin("us").await, origin("eu").await);
+    let (proxy_cert, proxy_key) = layout.proxy("test-edge");
+    let proxy = proxy()
+        .map(None)
+        .route("us", &[&us])
+        .route("eu", &[&eu])
+        .section(&format!(
+            "[control_plane]\nurl = \"{url}\"\nca = \"{}\"\ncert = \"{}\"\nkey = \"{}\"\n\
+             last_known_good = \"lkg.map\"\nheartbeat_interval = \"200ms\"\nrequest_timeout = \"2s\"\n\
+             backoff_initial = \"20ms\"\nbackoff_max = \"200ms\"\n",
+            ca.display(),
+            proxy_cert.display(),
+            proxy_key.display()
+        ))
+        .start()
+        .await;
+    let version = cp.running.store.head().await.unwrap().version;
+    synced(&proxy, version).await;
+    let reply = get(&proxy.url("/"), &[("host", "globex.localhost")]).await;
+    assert_eq!(reply.region(), "eu");
+    let mut fleet = serde_json::Value::Null;
+    for _ in 0..100 {
+        fleet = admin.get_json("/v1/fleet").await.unwrap();
+        if fleet["members"][0]["proxy_id"] == "test-edge" {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(fleet["members"][0]["proxy_id"], "test-edge", "{fleet}");
+
+    // The proxy's certificate grants the proxy role only...
+    let as_proxy = domicile::client::AdminClient::with_tls(
+        &url,
+        None,
+        &ca,
+        Some(&domicile_certs::CertSource {
+            cert: proxy_cert.clone(),
+            key: proxy_key.clone(),
+        }),
+    )
+    .unwrap();
+    let err = as_proxy.get_json("/v1/tokens").await.unwrap_err();
+    assert_eq!(status_of(&err), Some(403), "{err:#}");
+    assert!(
+        format!("{err:#}").contains("client certificate \"test-edge\" has role proxy"),
+        "{err:#}"
+    );
+    // ...and reports for its own proxy id only.
+    let heartbeat = serde_json::json!({
+        "proxy_id": "someone-else", "edge_region": "us", "applied_version": 1,
+        "drained_version": 1, "epoch": "x", "checksum": "00"
+    });
+    let err = as_proxy
+        .send_json(http::Method::POST, "/v1/fleet/heartbeat", &heartbeat)
+        .await
+        .unwrap_err();
+    assert_eq!(status_of(&err), Some(403), "{err:#}");
+    assert!(
+        format!("{err:#}").contains("cannot report for proxy \"someone-else\""),
+        "{err:#}"
+    );
+
+    // A certificate from another CA is refused in the handshake.
+    let other = DevCa::generate("other CA").unwrap();
+    let stranger = issue(
+        &other,
+        certs_dir.path(),
+        "stranger",
+        &Leaf::new("stranger", Usage::Client, 30).identity("admin", "stranger"),
+    );
+    let as_stranger = domicile::client::AdminClient::with_tls(
+        &url,
+        None,
+        &ca,
+        Some(&domicile_certs::CertSource {
+            cert: stranger.0,
+            key: stranger.1,
+        }),
+    )
+    .unwrap();
+    let err = as_stranger.get_json("/v1/regions").await.unwrap_err();
+    assert_eq!(status_of(&err), None, "refused before any HTTP: {err:#}");
+
+    // No certificate and no token: 401; a forged identity header changes nothing.
+    for extra in [
+        &[][..],
+        &["-H", "x-domicile-internal-client-certificate: admin:root"][..],
+    ] {
+        let out = Command::new("curl")
+            .args(["-sS", "-o", "/dev/null", "-w", "%{http_code}", "--cacert"])
+            .arg(&ca)
+            .args(extra)
+            .arg(format!("{url}/v1/tokens"))
+            .output()
+            .unwrap();
+        assert_eq!(
+            String::from_utf8_lossy(&out.stdout),
+            "401",
+            "{extra:?} {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    proxy.running.shutdown().await;
+    cp.running.shutdown().await;
+}

@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use axum::body::Body;
 use axum::extract::{Path, Query, State};
-use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
+use axum::http::{header, HeaderMap, HeaderName, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
@@ -161,11 +161,39 @@ impl IntoResponse for ApiError {
 
 type ApiResult<T> = Result<T, ApiError>;
 
-/// The caller behind a valid token.
+/// The caller behind a valid token or client certificate.
 #[derive(Debug, Clone)]
 pub struct Caller {
     pub name: String,
     pub role: Role,
+    /// Authenticated by a client certificate (mTLS) rather than a token.
+    pub by_certificate: bool,
+}
+
+/// The request header that carries a verified client certificate's identity from the TLS
+/// listener to [`authorize`]. Any value a client sends is removed before the router sees the
+/// request ([`client_certificate`]); only the TLS listener's extension sets it.
+pub(crate) static CLIENT_CERTIFICATE: HeaderName =
+    HeaderName::from_static("x-domicile-internal-client-certificate");
+
+/// Middleware: drops a client-sent [`CLIENT_CERTIFICATE`] header, and sets it from the
+/// connection's verified certificate (the TLS listener's extension), `role:name` or empty for a
+/// certificate without a Domicile identity.
+async fn client_certificate(mut request: axum::extract::Request) -> axum::extract::Request {
+    request.headers_mut().remove(&CLIENT_CERTIFICATE);
+    let value = request
+        .extensions()
+        .get::<crate::tls::ClientCertificate>()
+        .map(|cert| match &cert.0 {
+            Some(id) => format!("{}:{}", id.role, id.name),
+            None => String::new(),
+        });
+    if let Some(value) = value.and_then(|v| HeaderValue::from_str(&v).ok()) {
+        request
+            .headers_mut()
+            .insert(CLIENT_CERTIFICATE.clone(), value);
+    }
+    request
 }
 
 impl Caller {
@@ -191,8 +219,11 @@ pub async fn authorize(
         ApiError::new(StatusCode::UNAUTHORIZED, "unauthenticated", message)
     };
     let Some(value) = headers.get(header::AUTHORIZATION) else {
+        if let Some(cert) = headers.get(&CLIENT_CERTIFICATE) {
+            return authorize_certificate(state, cert, allowed);
+        }
         return Err(unauthenticated(
-            "this endpoint needs a bearer token (Authorization: Bearer <token>)",
+            "this endpoint needs a bearer token (Authorization: Bearer <token>) or a client certificate",
         ));
     };
     let secret = value
@@ -220,7 +251,58 @@ pub async fn authorize(
             ),
         ));
     }
-    Ok(Caller { name, role })
+    Ok(Caller {
+        name,
+        role,
+        by_certificate: false,
+    })
+}
+
+/// A caller authenticated by its client certificate (see [`client_certificate`]).
+fn authorize_certificate(
+    state: &AppState,
+    value: &HeaderValue,
+    allowed: &[Role],
+) -> ApiResult<Caller> {
+    let text = value.to_str().unwrap_or("");
+    let Some((role, name)) = text.split_once(':') else {
+        state
+            .metrics
+            .unauthenticated
+            .fetch_add(1, Ordering::Relaxed);
+        return Err(ApiError::new(
+            StatusCode::UNAUTHORIZED,
+            "unauthenticated",
+            "the client certificate carries no Domicile identity (a URI name urn:domicile:<role>:<name>); send a bearer token",
+        ));
+    };
+    let Some(role) = Role::parse(role) else {
+        state.metrics.forbidden.fetch_add(1, Ordering::Relaxed);
+        return Err(ApiError::new(
+            StatusCode::FORBIDDEN,
+            "forbidden",
+            format!(
+                "the client certificate names role {role:?}, which is not a control-plane role"
+            ),
+        ));
+    };
+    if !allowed.contains(&role) {
+        state.metrics.forbidden.fetch_add(1, Ordering::Relaxed);
+        let names: Vec<&str> = allowed.iter().map(|r| r.as_str()).collect();
+        return Err(ApiError::new(
+            StatusCode::FORBIDDEN,
+            "forbidden",
+            format!(
+                "client certificate {name:?} has role {role}; this endpoint needs {}",
+                names.join(" or ")
+            ),
+        ));
+    }
+    Ok(Caller {
+        name: name.to_owned(),
+        role,
+        by_certificate: true,
+    })
 }
 
 const READERS: &[Role] = &[Role::Admin, Role::Operator, Role::Auditor];
@@ -309,6 +391,7 @@ pub fn router(state: AppState) -> Router {
                 next.run(req)
             },
         ))
+        .layer(axum::middleware::map_request(client_certificate))
         .with_state(state)
 }
 
@@ -892,6 +975,18 @@ async fn heartbeat(
         return Err(ApiError::bad_request(
             "invalid_body",
             format!("edge_region {:?} is not a region id", hb.edge_region),
+        ));
+    }
+    // A certificate names one proxy: it may report for that proxy only.
+    if caller.by_certificate && caller.name != hb.proxy_id {
+        s.metrics.forbidden.fetch_add(1, Ordering::Relaxed);
+        return Err(ApiError::new(
+            StatusCode::FORBIDDEN,
+            "forbidden",
+            format!(
+                "the client certificate is proxy {:?}'s; it cannot report for proxy {:?}",
+                caller.name, hb.proxy_id
+            ),
         ));
     }
     s.store.heartbeat(&hb, &caller.name).await?;

@@ -38,6 +38,24 @@ pub struct ControlPlaneConfig {
     /// Largest import body accepted. Default: 2 GiB.
     #[serde(default = "defaults::max_import_bytes")]
     pub max_import_bytes: u64,
+    /// Serve the API over HTTPS; cleartext when absent.
+    #[serde(default)]
+    pub tls: Option<TlsConfig>,
+}
+
+/// The API's HTTPS listener.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TlsConfig {
+    /// The control plane's certificate chain (PEM, leaf first); reloaded when it changes.
+    pub cert: PathBuf,
+    pub key: PathBuf,
+    /// CA whose client certificates authenticate callers (mTLS): a certificate carrying
+    /// `urn:domicile:<role>:<name>` gets that role, as a token would. Callers without a
+    /// certificate still authenticate with a bearer token; a certificate from another CA is
+    /// refused in the handshake.
+    #[serde(default)]
+    pub client_ca: Option<PathBuf>,
 }
 
 mod defaults {
@@ -81,6 +99,11 @@ impl ControlPlaneConfig {
             .map_err(|e| anyhow::anyhow!("{} is invalid: {e}", path.display()))?;
         let base = path.parent().unwrap_or(Path::new("."));
         config.admin_token_file = config.admin_token_file.map(|p| base.join(p));
+        if let Some(tls) = config.tls.as_mut() {
+            tls.cert = base.join(&tls.cert);
+            tls.key = base.join(&tls.key);
+            tls.client_ca = tls.client_ca.as_ref().map(|p| base.join(p));
+        }
         if let Some(file) = config.store.strip_prefix("sqlite://") {
             let file = Path::new(file.split('?').next().unwrap_or(file));
             if file.is_relative() && !file.as_os_str().is_empty() {
@@ -112,6 +135,17 @@ impl ControlPlaneConfig {
         ] {
             if d.is_zero() {
                 errors.push(format!("{key}: must be longer than zero"));
+            }
+        }
+        if let Some(tls) = &self.tls {
+            let provider = domicile_certs::pem::provider();
+            if let Err(e) = domicile_certs::pem::load_pair(&tls.cert, &tls.key, &provider) {
+                errors.push(format!("tls: {e}"));
+            }
+            if let Some(ca) = &tls.client_ca {
+                if let Err(e) = domicile_certs::pem::load_roots(ca) {
+                    errors.push(format!("tls.client_ca: {e}"));
+                }
             }
         }
         if errors.is_empty() {

@@ -11,6 +11,7 @@ pub mod moves;
 pub mod server;
 pub mod store;
 pub mod testing;
+mod tls;
 
 pub use config::ControlPlaneConfig;
 pub use server::{start, RunningControlPlane};

@@ -17,11 +17,14 @@ use crate::store::{Store, StoreOptions};
 /// A running replica.
 pub struct RunningControlPlane {
     pub addr: SocketAddr,
+    /// `https` when the API is served over TLS, else `http`.
+    pub scheme: &'static str,
     pub store: Store,
     /// The admin token made at this start (first start with `admin_token_file` set).
     pub bootstrap_token: Option<String>,
     stop: watch::Sender<bool>,
     task: tokio::task::JoinHandle<()>,
+    _tls_watcher: Option<domicile_certs::Watcher>,
 }
 
 impl RunningControlPlane {
@@ -103,21 +106,56 @@ pub async fn start(config: ControlPlaneConfig) -> anyhow::Result<RunningControlP
         moves,
     };
     let app = api::router(state);
-    tracing::info!(%addr, store = store.backend_name(), epoch = store.epoch(), "control plane listening");
-    let task = tokio::spawn(async move {
-        let serve = axum::serve(listener, app).with_graceful_shutdown(async move {
-            let _ = stopped.changed().await;
-        });
-        if let Err(e) = serve.await {
-            tracing::error!("control-plane listener failed: {e}");
+    let tls = match &config.tls {
+        Some(tls) => {
+            let options = domicile_certs::ServerOptions {
+                client_ca: tls.client_ca.clone(),
+                ..Default::default()
+            };
+            let source = domicile_certs::CertSource {
+                cert: tls.cert.clone(),
+                key: tls.key.clone(),
+            };
+            let server = domicile_certs::ServerTls::load(
+                vec![source],
+                domicile_certs::UnknownName::Default,
+                &options,
+            )
+            .context("tls")?;
+            let watcher = server
+                .watch(std::time::Duration::from_secs(10))
+                .context("tls")?;
+            Some((server, watcher))
         }
-    });
+        None => None,
+    };
+    let scheme = if tls.is_some() { "https" } else { "http" };
+    tracing::info!(%addr, scheme, store = store.backend_name(), epoch = store.epoch(), "control plane listening");
+    let (task, tls_watcher) = match tls {
+        Some((server, watcher)) => (
+            tokio::spawn(crate::tls::serve(listener, app, server, stopped)),
+            Some(watcher),
+        ),
+        None => (
+            tokio::spawn(async move {
+                let serve = axum::serve(listener, app).with_graceful_shutdown(async move {
+                    let _ = stopped.changed().await;
+                });
+                if let Err(e) = serve.await {
+                    tracing::error!("control-plane listener failed: {e}");
+                }
+            }),
+            None,
+        ),
+    };
     Ok(RunningControlPlane {
         addr,
+        scheme,
         store,
         bootstrap_token,
         stop,
         task,
+        _tls_watcher: tls_watcher,
     })
 }
 

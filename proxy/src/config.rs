@@ -155,8 +155,17 @@ pub struct MapSection {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ControlPlaneSection {
-    /// The control plane's base URL, `http://host:port`.
+    /// The control plane's base URL, `http://host:port` or `https://host:port`.
     pub url: String,
+    /// For `https`: the CA (PEM) the control plane's certificate is signed by.
+    #[serde(default)]
+    pub ca: Option<PathBuf>,
+    /// For `https`: a client certificate (role `proxy`, `urn:domicile:proxy:<proxy id>`) that
+    /// authenticates this proxy instead of a token, with `key`.
+    #[serde(default)]
+    pub cert: Option<PathBuf>,
+    #[serde(default)]
+    pub key: Option<PathBuf>,
     /// A file holding the proxy's bearer token (role `proxy`); read at every reconnect, so a
     /// rotated token is picked up without a restart.
     #[serde(default)]
@@ -188,20 +197,36 @@ pub struct ControlPlaneSection {
 }
 
 impl ControlPlaneSection {
-    /// The bearer token: `token`, else `token_file`, else `DOMICILE_PROXY_TOKEN`.
-    pub fn read_token(&self) -> Result<String, String> {
+    /// The bearer token: `token`, else `token_file`, else `DOMICILE_PROXY_TOKEN`. `None`: no
+    /// token is configured and the client certificate authenticates the proxy.
+    pub fn read_token(&self) -> Result<Option<String>, String> {
         if let Some(token) = &self.token {
-            return Ok(token.trim().to_owned());
+            return Ok(Some(token.trim().to_owned()));
         }
         if let Some(path) = &self.token_file {
             return std::fs::read_to_string(path)
-                .map(|t| t.trim().to_owned())
+                .map(|t| Some(t.trim().to_owned()))
                 .map_err(|e| format!("cannot read the token file {}: {e}", path.display()));
         }
-        std::env::var("DOMICILE_PROXY_TOKEN").map_err(|_| {
-            "no token: set control_plane.token_file, control_plane.token or DOMICILE_PROXY_TOKEN"
-                .to_owned()
-        })
+        match std::env::var("DOMICILE_PROXY_TOKEN") {
+            Ok(token) => Ok(Some(token.trim().to_owned())),
+            Err(_) if self.cert.is_some() => Ok(None),
+            Err(_) => Err(
+                "no token: set control_plane.token_file, control_plane.token or DOMICILE_PROXY_TOKEN (or a client certificate with cert and key)"
+                    .to_owned(),
+            ),
+        }
+    }
+
+    /// The client certificate, when configured.
+    pub fn client_certificate(&self) -> Option<domicile_certs::CertSource> {
+        match (&self.cert, &self.key) {
+            (Some(cert), Some(key)) => Some(domicile_certs::CertSource {
+                cert: cert.clone(),
+                key: key.clone(),
+            }),
+            _ => None,
+        }
     }
 }
 
@@ -701,7 +726,7 @@ impl ProxyConfig {
             None => None,
         };
         if let Some(cp) = &control_plane {
-            validate_control_plane(cp, &mut errors);
+            validate_control_plane(cp, base, &mut errors);
             if map.as_ref().is_some_and(|m| m.file.is_some()) {
                 errors.push(
                     "map.file",
@@ -863,6 +888,9 @@ impl ProxyConfig {
                 map.file = map.file.map(|p| base.join(p));
                 let control_plane = control_plane.map(|mut cp| {
                     cp.token_file = cp.token_file.map(|p| base.join(p));
+                    cp.ca = cp.ca.map(|p| base.join(p));
+                    cp.cert = cp.cert.map(|p| base.join(p));
+                    cp.key = cp.key.map(|p| base.join(p));
                     cp.last_known_good = base.join(&cp.last_known_good);
                     cp
                 });
@@ -909,17 +937,54 @@ impl ProxyConfig {
     }
 }
 
-fn validate_control_plane(cp: &ControlPlaneSection, errors: &mut Collector) {
+fn validate_control_plane(cp: &ControlPlaneSection, base: &Path, errors: &mut Collector) {
+    let mut https = false;
     match cp.url.parse::<http::Uri>() {
-        Ok(uri) if uri.scheme_str() == Some("http") && uri.authority().is_some() => {
+        Ok(uri)
+            if matches!(uri.scheme_str(), Some("http" | "https")) && uri.authority().is_some() =>
+        {
+            https = uri.scheme_str() == Some("https");
             if uri.path() != "/" && !uri.path().is_empty() {
-                errors.push("control_plane.url", "must be a base URL (http://host:port)");
+                errors.push(
+                    "control_plane.url",
+                    "must be a base URL (http://host:port or https://host:port)",
+                );
             }
         }
         _ => errors.push(
             "control_plane.url",
-            format!("{:?} is not an http://host:port URL", cp.url),
+            format!("{:?} is not an http:// or https://host:port URL", cp.url),
         ),
+    }
+    if cp.cert.is_some() != cp.key.is_some() {
+        errors.push(
+            "control_plane.cert",
+            "a client certificate needs both cert and key",
+        );
+    }
+    if !https {
+        if cp.ca.is_some() || cp.cert.is_some() {
+            errors.push(
+                "control_plane.url",
+                "ca, cert and key are for an https:// control plane",
+            );
+        }
+    } else if let Some(ca) = &cp.ca {
+        let client = cp.client_certificate().map(|mut c| {
+            c.cert = base.join(&c.cert);
+            c.key = base.join(&c.key);
+            c
+        });
+        if let Err(e) =
+            domicile_certs::client::client_config(&base.join(ca), client.as_ref(), Vec::new())
+        {
+            errors.push("control_plane", e.to_string());
+        }
+    } else {
+        errors.push(
+            "control_plane.ca",
+            "an https control plane needs ca (the CA its certificate is signed by)",
+        );
     }
     if cp.token.is_some() && cp.token_file.is_some() {
         errors.push("control_plane.token", "set token or token_file, not both");

@@ -419,7 +419,38 @@ impl Backoff {
     }
 }
 
-type HttpClient = Client<HttpConnector, Full<Bytes>>;
+type HttpClient = Client<hyper_rustls::HttpsConnector<HttpConnector>, Full<Bytes>>;
+
+/// The client to the control plane: cleartext, or TLS trusting `ca` only and presenting the
+/// client certificate when configured.
+fn build_client(cfg: &ControlPlaneSection) -> Result<HttpClient, String> {
+    let mut connector = HttpConnector::new();
+    connector.set_connect_timeout(Some(cfg.request_timeout));
+    connector.set_nodelay(true);
+    connector.enforce_http(false);
+    let tls = match &cfg.ca {
+        Some(ca) => {
+            let config = domicile_certs::client::client_config(
+                ca,
+                cfg.client_certificate().as_ref(),
+                Vec::new(),
+            )
+            .map_err(|e| format!("control_plane: {e}"))?;
+            (*config).clone()
+        }
+        None => rustls::ClientConfig::builder_with_provider(domicile_certs::pem::provider())
+            .with_safe_default_protocol_versions()
+            .map_err(|e| e.to_string())?
+            .with_root_certificates(rustls::RootCertStore::empty())
+            .with_no_client_auth(),
+    };
+    let https = hyper_rustls::HttpsConnectorBuilder::new()
+        .with_tls_config(tls)
+        .https_or_http()
+        .enable_all_versions()
+        .wrap_connector(connector);
+    Ok(Client::builder(TokioExecutor::new()).build(https))
+}
 
 struct Syncer {
     cfg: ControlPlaneSection,
@@ -488,10 +519,15 @@ pub fn start(
     }
     let (state, state_rx) = watch::channel(initial);
     let (stop_tx, stop) = watch::channel(false);
-    let mut connector = HttpConnector::new();
-    connector.set_connect_timeout(Some(cfg.request_timeout));
-    connector.set_nodelay(true);
-    let client = Client::builder(TokioExecutor::new()).build(connector);
+    // The configuration was checked (every file loads); a file broken since is reported and
+    // the client falls back to one that fails every request, which the sync loop retries.
+    let client = build_client(&cfg).unwrap_or_else(|e| {
+        tracing::error!("cannot set up TLS to the control plane: {e}");
+        let mut cleartext = cfg.clone();
+        cleartext.ca = None;
+        cleartext.cert = None;
+        build_client(&cleartext).unwrap_or_else(|e| unreachable!("cleartext client: {e}"))
+    });
     let base = cfg.url.trim_end_matches('/').to_owned();
     let heartbeat = tokio::spawn(heartbeats(
         cfg.clone(),
@@ -603,10 +639,11 @@ impl Syncer {
         let uri: Uri = format!("{}{path_and_query}", self.base)
             .parse()
             .map_err(|e| SyncError::Http(format!("bad URL: {e}")))?;
-        let request = Request::builder()
-            .method(Method::GET)
-            .uri(uri)
-            .header(header::AUTHORIZATION, format!("Bearer {token}"))
+        let mut request = Request::builder().method(Method::GET).uri(uri);
+        if let Some(token) = token {
+            request = request.header(header::AUTHORIZATION, format!("Bearer {token}"));
+        }
+        let request = request
             .header(
                 header::USER_AGENT,
                 concat!("domicile-proxy/", env!("CARGO_PKG_VERSION")),
@@ -1011,10 +1048,13 @@ async fn send_heartbeat(
 ) -> Result<HeartbeatReply, String> {
     let token = cfg.read_token()?;
     let body = serde_json::to_vec(hb).map_err(|e| e.to_string())?;
-    let request = Request::builder()
+    let mut request = Request::builder()
         .method(Method::POST)
-        .uri(format!("{base}/v1/fleet/heartbeat"))
-        .header(header::AUTHORIZATION, format!("Bearer {token}"))
+        .uri(format!("{base}/v1/fleet/heartbeat"));
+    if let Some(token) = token {
+        request = request.header(header::AUTHORIZATION, format!("Bearer {token}"));
+    }
+    let request = request
         .header(header::CONTENT_TYPE, "application/json")
         .body(Full::new(Bytes::from(body)))
         .map_err(|e| e.to_string())?;
