@@ -1,6 +1,11 @@
 //! `domicile demo`: demo origins for regions `us` and `eu` and a proxy in front of them, all on
 //! loopback, with the configuration written into the data directory for a reader to see, and
 //! the proxy's routing audit log in `DIR/audit/` (public key `DIR/audit.pub`).
+//!
+//! Every link but the cleartext client port speaks TLS, with certificates from a development
+//! CA the demo makes in `DIR/certs/` (`DIR/certs/ca.pem`): the edge serves HTTPS, each origin
+//! proves its region (`us.region.example.test`) and requires the proxy's client certificate,
+//! and the control plane's API is HTTPS, where the proxy authenticates with that certificate.
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -8,6 +13,8 @@ use std::path::{Path, PathBuf};
 use anyhow::Context;
 use http::Method;
 use serde_json::json;
+
+use domicile_certs::dev::{DevLayout, DevOptions};
 
 use crate::client::AdminClient;
 use crate::origin::Origin;
@@ -17,6 +24,7 @@ use crate::origin::Origin;
 pub struct DemoOptions {
     pub data_dir: PathBuf,
     pub http: SocketAddr,
+    pub https: SocketAddr,
     pub admin: SocketAddr,
     pub control_plane: SocketAddr,
 }
@@ -42,28 +50,100 @@ pub const DEMO_WORKSPACES: &[(&str, &str)] = &[
     ("umbrella", "eu"),
 ];
 
+/// The DNS domain of the demo's certificates.
+pub const DEMO_DOMAIN: &str = "example.test";
+
+/// The demo proxy's id (and the name in its client certificate).
+pub const DEMO_PROXY: &str = "demo-edge";
+
+/// The demo's development PKI in `DIR/certs/`: made on the first run and kept (so a CA the
+/// user trusted stays valid), made again when a file is missing or a certificate has expired.
+pub fn demo_certs(data_dir: &Path) -> anyhow::Result<DevLayout> {
+    let layout = DevLayout::new(data_dir.join("certs"));
+    let mut pairs = vec![
+        layout.edge(),
+        layout.control_plane(),
+        layout.proxy(DEMO_PROXY),
+    ];
+    for (region, _, _) in DEMO_REGIONS {
+        pairs.push(layout.origin(region));
+    }
+    let provider = domicile_certs::pem::provider();
+    let now = std::time::SystemTime::now();
+    let usable = layout.ca().exists()
+        && pairs.iter().all(|(cert, key)| {
+            domicile_certs::pem::load_pair(cert, key, &provider)
+                .is_ok_and(|c| c.info.validity_problem(now).is_none())
+        });
+    if !usable {
+        let options = DevOptions {
+            domain: DEMO_DOMAIN.to_owned(),
+            regions: DEMO_REGIONS
+                .iter()
+                .map(|(id, _, _)| id.to_string())
+                .collect(),
+            proxies: vec![DEMO_PROXY.to_owned()],
+            edge_names: DEMO_WORKSPACES
+                .iter()
+                .map(|(id, _)| *id)
+                .chain(["hooli"])
+                .map(|w| format!("{w}.localhost"))
+                .collect(),
+            days: 365,
+            force: true,
+        };
+        domicile_certs::dev::generate(&layout.dir, &options)
+            .context("cannot make the demo's certificates")?;
+    }
+    Ok(layout)
+}
+
 /// The proxy configuration the demo runs, pointing at origins on `us` and `eu` and following
-/// the control plane at `control_plane`.
+/// the control plane at `control_plane`, with the certificates of [`demo_certs`] (paths
+/// relative to the data directory, where the configuration is written).
 pub fn proxy_config(
     options: &DemoOptions,
     us: SocketAddr,
     eu: SocketAddr,
     control_plane: SocketAddr,
 ) -> String {
+    let certs = DevLayout::new("certs");
+    let (edge_cert, edge_key) = certs.edge();
+    let (proxy_cert, proxy_key) = certs.proxy(DEMO_PROXY);
+    let origin_tls = |region: &str| {
+        format!(
+            "tls = {{ ca = \"{ca}\", identity = \"{identity}\", cert = \"{cert}\", key = \"{key}\" }}",
+            ca = certs.ca().display(),
+            identity = domicile_certs::dev::region_identity(region, DEMO_DOMAIN),
+            cert = proxy_cert.display(),
+            key = proxy_key.display(),
+        )
+    };
     format!(
         r#"# Written by `domicile demo`. A real configuration: `domicile check-config proxy.toml`.
 [proxy]
-id = "demo-edge"
+id = "{proxy}"
 edge_region = "us"
 listen = "{http}"
 admin_listen = "{admin}"
 shutdown_grace = "5s"
 
+[tls]
+# HTTPS for client traffic (HTTP/2 and HTTP/1.1 by ALPN), certificates chosen by SNI and
+# reloaded when the files change (docs/tls.md).
+listen = "{https}"
+[[tls.certificates]]
+cert = "{edge_cert}"
+key = "{edge_key}"
+
 [control_plane]
 # The map comes from the control plane; the last-known-good copy keeps the proxy routing
-# when the control plane is down (docs/control-plane.md).
-url = "http://{control_plane}"
-token_file = "proxy.token"
+# when the control plane is down (docs/control-plane.md). Over HTTPS, the proxy's client
+# certificate (urn:domicile:proxy:{proxy}) authenticates it: no token.
+url = "https://{control_plane}"
+ca = "{ca}"
+cert = "{proxy_cert}"
+key = "{proxy_key}"
 last_known_good = "last-known-good.map"
 heartbeat_interval = "2s"
 
@@ -81,13 +161,17 @@ header_read_timeout = "10s"
 idle_timeout = "60s"
 max_body_bytes = "1GiB"
 
+# Each region's origins speak TLS and must prove the region: an origin whose certificate is
+# not for <region>.region.{domain} is refused (502 upstream_wrong_region), whatever its address.
 [regions.us]
 endpoints = ["{us}"]
 health = {{ path = "/healthz", interval = "1s" }}
+{us_tls}
 
 [regions.eu]
 endpoints = ["{eu}"]
 health = {{ path = "/healthz", interval = "1s" }}
+{eu_tls}
 
 [audit]
 # One record per routing decision, chained and signed (docs/audit.md). Auditors verify it
@@ -97,7 +181,17 @@ signing_key = "audit.key"
 checkpoint_interval = "10s"
 "#,
         http = options.http,
+        https = options.https,
         admin = options.admin,
+        proxy = DEMO_PROXY,
+        domain = DEMO_DOMAIN,
+        edge_cert = edge_cert.display(),
+        edge_key = edge_key.display(),
+        ca = certs.ca().display(),
+        proxy_cert = proxy_cert.display(),
+        proxy_key = proxy_key.display(),
+        us_tls = origin_tls("us"),
+        eu_tls = origin_tls("eu"),
     )
 }
 
@@ -119,19 +213,23 @@ fn command_prefix() -> &'static str {
 pub fn what_to_try(
     options: &DemoOptions,
     http: SocketAddr,
+    https: SocketAddr,
     admin: SocketAddr,
     control_plane: SocketAddr,
     config_path: &Path,
     secret: &str,
 ) -> String {
     let port = http.port();
+    let tls_port = https.port();
+    let ca = options.data_dir.join("certs").join("ca.pem");
     let token = options.data_dir.join("admin.token");
     let d = command_prefix();
     format!(
         r#"Domicile demo is running.
   proxy         http://{http}   (HTTP/1.1 and HTTP/2 cleartext)
+  proxy (TLS)   https://{https}  (HTTP/2 and HTTP/1.1 by ALPN; CA {ca})
   admin         http://{admin}  (/healthz, /readyz, /metrics)
-  control plane http://{control_plane}  (admin API; SQLite in {data})
+  control plane https://{control_plane}  (admin API over HTTPS; SQLite in {data})
   admin token   {secret}  (also in {token})
   config        {config}
   workspaces    acme, initech -> us;  globex, umbrella -> eu
@@ -141,21 +239,23 @@ Try:
   curl -s -H 'x-workspace-id: globex' http://{http}/docs  # header rule: served by region eu
   curl -s http://{http}/w/umbrella/files                  # path rule: served by region eu
   curl -s --http2-prior-knowledge http://initech.localhost:{port}/
+  curl -s --cacert {ca} https://acme.localhost:{tls_port}/hello   # HTTPS (h2); origins reached over mTLS
+  curl -s --cacert {ca} --http1.1 https://globex.localhost:{tls_port}/  # "tls": the proxy's client certificate
   curl -si -H 'x-workspace-id: acme' http://globex.localhost:{port}/   # 400 conflicting_workspace
   curl -si http://nobody.localhost:{port}/                # 404 unknown_workspace
   curl -si http://{http}/                                 # 400 missing_workspace
   curl -si -H 'x-domicile-region: eu' http://acme.localhost:{port}/  # spoofed header is dropped
-  curl -s http://{admin}/metrics | grep -E 'domicile_(requests_total|map_applied_version)'
+  curl -s http://{admin}/metrics | grep -E 'domicile_(requests_total|map_applied_version|tls_handshakes_total)'
 
 The map lives in the control plane:
-  export DOMICILE_CONTROL_PLANE=http://{control_plane} DOMICILE_TOKEN_FILE={token}
+  export DOMICILE_CONTROL_PLANE=https://{control_plane} DOMICILE_CA_FILE={ca} DOMICILE_TOKEN_FILE={token}
   {d} workspace list
   {d} workspace set hooli --region eu                  # reaches the proxy within a second
   curl -s http://hooli.localhost:{port}/                 # served by region eu
   {d} workspace history acme
   {d} region delete eu                                   # refused: workspaces live there
   {d} fleet                                              # demo-edge: SYNCED
-  curl -s -H "Authorization: Bearer $(cat {token})" http://{control_plane}/v1/map/snapshot
+  curl -s --cacert {ca} -H "Authorization: Bearer $(cat {token})" https://{control_plane}/v1/map/snapshot
 
 Move acme to eu with zero misrouted requests (writes pause only until the copy is done):
   {d} move start acme --to eu --reason 'customer asked for EU hosting' --wait  # -> frozen
@@ -174,6 +274,7 @@ Every routing decision above is in the audit log ({audit}), signed with {key}:
 
 Stop with Ctrl-C."#,
         config = config_path.display(),
+        ca = ca.display(),
         data = options.data_dir.display(),
         token = token.display(),
         audit = options.data_dir.join("audit").display(),
@@ -185,7 +286,9 @@ Stop with Ctrl-C."#,
 /// Starts the control plane on SQLite in the data directory and seeds it through the API.
 async fn start_control_plane(
     options: &DemoOptions,
-) -> anyhow::Result<(domicile_control_plane::RunningControlPlane, String, String)> {
+    certs: &DevLayout,
+) -> anyhow::Result<(domicile_control_plane::RunningControlPlane, String)> {
+    let (cert, key) = certs.control_plane();
     let token_path = options.data_dir.join("admin.token");
     let config = domicile_control_plane::ControlPlaneConfig {
         listen: options.control_plane,
@@ -195,6 +298,11 @@ async fn start_control_plane(
         ),
         admin_token_file: Some(token_path.clone()),
         feed_heartbeat: std::time::Duration::from_secs(2),
+        tls: Some(domicile_control_plane::config::TlsConfig {
+            cert,
+            key,
+            client_ca: Some(certs.ca()),
+        }),
         ..Default::default()
     };
     let running = domicile_control_plane::start(config)
@@ -210,10 +318,12 @@ async fn start_control_plane(
         })?
         .trim()
         .to_owned();
-    let client = AdminClient::new(
-        &format!("http://{}", running.addr),
+    let client = AdminClient::with_tls(
+        &format!("https://{}", running.addr),
         Some(admin_token.clone()),
-    );
+        &certs.ca(),
+        None,
+    )?;
     for (id, name, jurisdiction) in DEMO_REGIONS {
         client
             .send_json(
@@ -241,23 +351,13 @@ async fn start_control_plane(
             Err(e) => return Err(e.context(format!("cannot seed workspace {id}"))),
         }
     }
-    // A fresh proxy token for this run.
+    // The proxy authenticates with its client certificate; a proxy token an earlier version
+    // of the demo made is no longer needed.
     let _ = client
         .send(Method::DELETE, "/v1/tokens/demo-edge", None)
         .await;
-    let created = client
-        .send_json(
-            Method::POST,
-            "/v1/tokens",
-            &json!({ "name": "demo-edge", "role": "proxy" }),
-        )
-        .await
-        .context("cannot create the proxy's token")?;
-    let proxy_token = created["token"]
-        .as_str()
-        .context("the control plane returned no token")?
-        .to_owned();
-    Ok((running, proxy_token, admin_token))
+    let _ = std::fs::remove_file(options.data_dir.join("proxy.token"));
+    Ok((running, admin_token))
 }
 
 /// Runs the demo until Ctrl-C or SIGTERM.
@@ -271,20 +371,19 @@ pub async fn run(
             options.data_dir.display()
         )
     })?;
+    let certs = demo_certs(&options.data_dir)?;
     let loopback: SocketAddr = ([127, 0, 0, 1], 0).into();
-    let us = Origin::start("us", loopback)
+    let ca = certs.ca();
+    let (us_cert, us_key) = certs.origin("us");
+    let us = Origin::start_tls("us", loopback, &us_cert, &us_key, Some(&ca))
         .await
         .context("cannot start the us origin")?;
-    let eu = Origin::start("eu", loopback)
+    let (eu_cert, eu_key) = certs.origin("eu");
+    let eu = Origin::start_tls("eu", loopback, &eu_cert, &eu_key, Some(&ca))
         .await
         .context("cannot start the eu origin")?;
 
-    let (control_plane, proxy_token, admin_token) = start_control_plane(&options).await?;
-    domicile_control_plane::server::write_secret(
-        &options.data_dir.join("proxy.token"),
-        &proxy_token,
-    )
-    .context("cannot write the proxy's token")?;
+    let (control_plane, admin_token) = start_control_plane(&options, &certs).await?;
     let head = control_plane.store.head().await?.version;
 
     // The key pair that signs the audit log's checkpoints, made once and kept.
@@ -321,6 +420,7 @@ pub async fn run(
         what_to_try(
             &options,
             proxy.addr,
+            proxy.tls_addr.unwrap_or(options.https),
             admin,
             control_plane.addr,
             &config_path,

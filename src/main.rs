@@ -44,6 +44,9 @@ enum Command {
         /// Proxy address for client traffic.
         #[arg(long, default_value = "127.0.0.1:8080")]
         http: SocketAddr,
+        /// Proxy address for HTTPS client traffic (certificates in DATA_DIR/certs/).
+        #[arg(long, default_value = "127.0.0.1:8443")]
+        https: SocketAddr,
         /// Admin address (/healthz, /readyz, /metrics).
         #[arg(long, default_value = "127.0.0.1:9901")]
         admin: SocketAddr,
@@ -306,6 +309,7 @@ async fn run(command: Command) -> anyhow::Result<ExitCode> {
         Command::Demo {
             data_dir,
             http,
+            https,
             admin,
             control_plane,
         } => done(
@@ -313,6 +317,7 @@ async fn run(command: Command) -> anyhow::Result<ExitCode> {
                 DemoOptions {
                     data_dir,
                     http,
+                    https,
                     admin,
                     control_plane,
                 },

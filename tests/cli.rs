@@ -23,6 +23,8 @@ async fn demo_runs_routes_and_stops_on_sigterm() {
         .args([
             "--http",
             "127.0.0.1:0",
+            "--https",
+            "127.0.0.1:0",
             "--admin",
             "127.0.0.1:0",
             "--control-plane",
@@ -64,6 +66,33 @@ async fn demo_runs_routes_and_stops_on_sigterm() {
     }
     let by_path = get(&format!("http://{proxy}/w/umbrella/files"), &[]).await;
     assert_eq!(by_path.region(), "eu");
+
+    // HTTPS with the demo's CA, HTTP/2 and HTTP/1.1; the origins saw the proxy's client
+    // certificate (mTLS).
+    let ca = dir.path().join("certs").join("ca.pem");
+    let https = addr_after(
+        banner
+            .lines()
+            .find(|l| l.trim_start().starts_with("proxy (TLS)"))
+            .unwrap(),
+        "https://",
+    );
+    for (alpn, host, region) in [
+        (&[b"h2" as &[u8]][..], "acme.localhost", "us"),
+        (&[b"http/1.1" as &[u8]][..], "globex.localhost", "eu"),
+    ] {
+        let session = common::tls::handshake(https, host, common::tls::client_config(&ca, alpn))
+            .await
+            .expect("the demo's edge certificate verifies with its CA");
+        let mut sender = common::tls::Sender::open(session).await;
+        let reply = sender.get(host, "/", &[]).await;
+        assert_eq!(reply.region(), region);
+        assert_eq!(
+            reply.json()["tls"]["client"],
+            "urn:domicile:proxy:demo-edge"
+        );
+        assert_eq!(reply.json()["headers"]["x-forwarded-proto"], "https");
+    }
     assert_eq!(
         get(&format!("http://{admin}/readyz"), &[]).await.status,
         200
@@ -75,7 +104,7 @@ async fn demo_runs_routes_and_stops_on_sigterm() {
             .lines()
             .find(|l| l.trim_start().starts_with("control plane"))
             .unwrap(),
-        "http://",
+        "https://",
     );
     let token_file = dir.path().join("admin.token");
     let secret = std::fs::read_to_string(&token_file).unwrap();
@@ -86,7 +115,9 @@ async fn demo_runs_routes_and_stops_on_sigterm() {
     let admin = |args: &[&str]| {
         let out = Command::new(BIN)
             .args(args)
-            .args(["--control-plane", &format!("http://{control_plane}")])
+            .args(["--control-plane", &format!("https://{control_plane}")])
+            .arg("--ca-file")
+            .arg(&ca)
             .arg("--token-file")
             .arg(&token_file)
             .output()
@@ -215,7 +246,7 @@ async fn demo_runs_routes_and_stops_on_sigterm() {
             "workspace",
             "list",
             "--control-plane",
-            &format!("http://{control_plane}"),
+            &format!("https://{control_plane}"),
         ])
         .env_remove("DOMICILE_TOKEN")
         .env_remove("DOMICILE_TOKEN_FILE")
