@@ -52,11 +52,7 @@ fn connector(tls: rustls::ClientConfig) -> HttpsConnector<HttpConnector> {
 impl AdminClient {
     /// A client for a cleartext (`http://`) control plane.
     pub fn new(base: &str, token: Option<String>) -> Self {
-        let tls = rustls::ClientConfig::builder_with_provider(domicile_certs::pem::provider())
-            .with_safe_default_protocol_versions()
-            .unwrap_or_else(|e| unreachable!("aws-lc-rs supports TLS 1.3: {e}"))
-            .with_root_certificates(rustls::RootCertStore::empty())
-            .with_no_client_auth();
+        let tls = domicile_certs::client::trusting_nothing();
         Self {
             base: base.trim_end_matches('/').to_owned(),
             token,

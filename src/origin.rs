@@ -159,34 +159,28 @@ impl Drop for Origin {
     }
 }
 
-/// The rustls configuration of a TLS origin.
+/// The rustls configuration of a TLS origin: its certificate, and with `client_ca` a client
+/// certificate required from every client.
 fn origin_tls_config(
     cert: &std::path::Path,
     key: &std::path::Path,
     client_ca: Option<&std::path::Path>,
 ) -> Result<Arc<rustls::ServerConfig>, domicile_certs::CertError> {
-    use domicile_certs::{pem, CertError};
-    let provider = pem::provider();
-    let loaded = pem::load_pair(cert, key, &provider)?;
-    let builder = rustls::ServerConfig::builder_with_provider(provider.clone())
-        .with_protocol_versions(pem::VERSIONS)
-        .map_err(|e| CertError::Setup(e.to_string()))?;
-    let builder = match client_ca {
-        Some(ca) => {
-            let roots = Arc::new(pem::load_roots(ca)?);
-            let verifier =
-                rustls::server::WebPkiClientVerifier::builder_with_provider(roots, provider)
-                    .build()
-                    .map_err(|e| CertError::Setup(e.to_string()))?;
-            builder.with_client_cert_verifier(verifier)
-        }
-        None => builder.with_no_client_auth(),
+    let source = domicile_certs::CertSource {
+        cert: cert.to_owned(),
+        key: key.to_owned(),
     };
-    let mut config = builder.with_cert_resolver(Arc::new(rustls::sign::SingleCertAndKey::from(
-        loaded.key.as_ref().clone(),
-    )));
-    config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
-    Ok(Arc::new(config))
+    let options = domicile_certs::ServerOptions {
+        client_ca: client_ca.map(ToOwned::to_owned),
+        require_client_cert: true,
+        ..Default::default()
+    };
+    let tls = domicile_certs::ServerTls::load(
+        vec![source],
+        domicile_certs::UnknownName::Default,
+        &options,
+    )?;
+    Ok(tls.config())
 }
 
 /// Serves one connection until it ends or the origin stops. `tls`: the identity of the client

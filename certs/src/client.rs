@@ -46,6 +46,16 @@ pub fn client_config(
     Ok(Arc::new(config))
 }
 
+/// A configuration that trusts no server: for a connector that is only ever given `http://`
+/// URLs but must be built with one.
+pub fn trusting_nothing() -> ClientConfig {
+    ClientConfig::builder_with_provider(pem::provider())
+        .with_protocol_versions(pem::VERSIONS)
+        .unwrap_or_else(|e| unreachable!("aws-lc-rs supports TLS 1.3 and 1.2: {e}"))
+        .with_root_certificates(rustls::RootCertStore::empty())
+        .with_no_client_auth()
+}
+
 /// A DNS name or IP address to verify a peer against.
 pub fn server_name(identity: &str) -> Result<ServerName<'static>, String> {
     ServerName::try_from(identity.to_owned())

@@ -43,10 +43,12 @@ pub struct ServerOptions {
     pub session_cache: usize,
     /// Stateless session tickets (TLS 1.2 and 1.3), with keys rotated every 6 hours.
     pub tickets: bool,
-    /// CA certificates whose client certificates are accepted. Clients without a certificate
-    /// are still let in (they authenticate another way); a certificate from any other CA is
-    /// refused in the handshake.
+    /// CA certificates whose client certificates are accepted; a certificate from any other
+    /// CA is refused in the handshake.
     pub client_ca: Option<PathBuf>,
+    /// With `client_ca`: refuse clients without a certificate too (otherwise they are let in
+    /// to authenticate another way).
+    pub require_client_cert: bool,
 }
 
 impl Default for ServerOptions {
@@ -56,6 +58,7 @@ impl Default for ServerOptions {
             session_cache: 16 * 1024,
             tickets: true,
             client_ca: None,
+            require_client_cert: false,
         }
     }
 }
@@ -265,8 +268,12 @@ fn build_config(
     let builder = match &options.client_ca {
         Some(ca) => {
             let roots = pem::load_roots(ca)?;
-            let verifier = WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider)
-                .allow_unauthenticated()
+            let mut verifier =
+                WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider);
+            if !options.require_client_cert {
+                verifier = verifier.allow_unauthenticated();
+            }
+            let verifier = verifier
                 .build()
                 .map_err(|e| CertError::Setup(format!("client CA {}: {e}", ca.display())))?;
             builder.with_client_cert_verifier(verifier)

@@ -40,6 +40,12 @@ pub enum Load {
         connections: u32,
         streams: u32,
     },
+    /// TLS 1.3 handshakes on the HTTPS port (h2load, HTTP/1.1 over TLS, one request per
+    /// connection), in batches until the run's time is up. `resumed`: each client closes
+    /// after every request (`Connection: close`) and h2load resumes its session on the next
+    /// connection, so all but each client's first handshake are resumptions; otherwise every
+    /// client of a batch makes one connection, a full handshake.
+    Tls { connections: u32, resumed: bool },
 }
 
 #[derive(Debug, Clone, Copy, Serialize)]
@@ -66,7 +72,7 @@ const fn wrk(
 }
 
 /// The closed-loop workloads, measured first; `get-small` also finds the knee.
-pub const THROUGHPUT: [Workload; 6] = [
+pub const THROUGHPUT: [Workload; 8] = [
     Workload {
         name: "get-small",
         description: "GET, 29-byte response, keep-alive, 64 connections (wrk)",
@@ -100,6 +106,24 @@ pub const THROUGHPUT: [Workload; 6] = [
             path: "/",
             connections: 16,
             streams: 16,
+        },
+    },
+    Workload {
+        name: "tls-full",
+        description:
+            "full TLS 1.3 handshakes (X25519, ECDSA P-256), one GET each, 64 at a time (h2load)",
+        load: Load::Tls {
+            connections: 64,
+            resumed: false,
+        },
+    },
+    Workload {
+        name: "tls-resumed",
+        description:
+            "resumed TLS 1.3 handshakes (session tickets), one GET each, 16 clients (h2load)",
+        load: Load::Tls {
+            connections: 16,
+            resumed: true,
         },
     },
 ];
@@ -434,6 +458,43 @@ impl Bench<'_> {
                     .arg(format!("http://{h2}{path}"));
                 Ok(Some(tools::parse_h2load(&output_of(command, "h2load")?)?))
             }
+            Load::Tls {
+                connections,
+                resumed,
+            } => {
+                let Some(tls) = target.tls else {
+                    return Ok(None);
+                };
+                // h2load's -D does not end when the server closes connections, so the run is
+                // batches of a fixed number of handshakes until its time is up.
+                let per_batch = if resumed {
+                    connections * 100
+                } else {
+                    connections
+                };
+                let started = Instant::now();
+                let mut total = LoadResult::default();
+                while started.elapsed().as_secs_f64() < seconds as f64 {
+                    let mut command = peers::pinned(self.load_cpu, Path::new("h2load"));
+                    command
+                        .args(["--h1", "-t", "1", "-c"])
+                        .arg(connections.to_string())
+                        .arg("-n")
+                        .arg(per_batch.to_string())
+                        .arg("-H")
+                        .arg(format!(":authority: {EU_HOST}"));
+                    if resumed {
+                        command.args(["-H", "connection: close"]);
+                    }
+                    command.arg(format!("https://{tls}/"));
+                    let batch = tools::parse_h2load(&output_of(command, "h2load")?)?;
+                    total.requests += batch.requests;
+                    total.seconds += batch.seconds;
+                    total.non_2xx += batch.non_2xx;
+                    total.socket_errors += batch.socket_errors;
+                }
+                Ok(Some(total))
+            }
         }
     }
 
@@ -752,12 +813,14 @@ pub fn run(options: &Options) -> Result<(PathBuf, PathBuf, bool)> {
     std::fs::create_dir_all(&dir)?;
     let (mut origin, upstreams) = start_origin(load_cpu, &dir)?;
     let result = (|| -> Result<(PathBuf, PathBuf, bool)> {
+        let tls = peers::tls_files(&dir, &domicile)?;
         let setup = peers::Setup {
             dir: &dir,
             cpu: proxy_cpu,
             upstreams,
             domicile: &domicile,
             fd_limit,
+            tls: &tls,
         };
         let mut targets = Vec::new();
         for kind in &options.kinds {

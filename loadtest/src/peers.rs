@@ -110,6 +110,8 @@ pub struct Running {
     pub http: SocketAddr,
     /// Cleartext HTTP/2 (prior knowledge) address, if the proxy has one.
     pub h2: Option<SocketAddr>,
+    /// HTTPS address (HTTP/1.1 and HTTP/2 by ALPN), with the shared certificate.
+    pub tls: Option<SocketAddr>,
     pub child: Option<Child>,
     pub version: String,
 }
@@ -199,6 +201,44 @@ pub struct Setup<'a> {
     pub domicile: &'a Path,
     /// The open-file limit the proxies inherit.
     pub fd_limit: u64,
+    /// The certificate every proxy serves on its HTTPS port.
+    pub tls: &'a TlsFiles,
+}
+
+/// The one certificate (ECDSA P-256, `*.bench.test`) every proxy serves, made by
+/// `domicile certs dev` in the run's directory.
+#[derive(Debug, Clone)]
+pub struct TlsFiles {
+    pub cert: PathBuf,
+    pub key: PathBuf,
+    /// Certificate and key in one file, for HAProxy.
+    pub combined: PathBuf,
+}
+
+pub fn tls_files(dir: &Path, domicile: &Path) -> Result<TlsFiles> {
+    let certs = dir.join("certs");
+    let status = Command::new(domicile)
+        .args(["certs", "dev"])
+        .arg(&certs)
+        .args(["--domain", "bench.test", "--force"])
+        .stdout(Stdio::null())
+        .status()
+        .context("domicile certs dev")?;
+    if !status.success() {
+        bail!("domicile certs dev failed: {status}");
+    }
+    let files = TlsFiles {
+        cert: certs.join("edge.pem"),
+        key: certs.join("edge-key.pem"),
+        combined: certs.join("edge-combined.pem"),
+    };
+    let combined = format!(
+        "{}{}",
+        std::fs::read_to_string(&files.cert)?,
+        std::fs::read_to_string(&files.key)?
+    );
+    std::fs::write(&files.combined, combined)?;
+    Ok(files)
 }
 
 pub fn start(kind: Kind, setup: &Setup<'_>) -> Result<Running> {
@@ -210,11 +250,12 @@ pub fn start(kind: Kind, setup: &Setup<'_>) -> Result<Running> {
             kind,
             http: ups.eu,
             h2: None,
+            tls: None,
             child: None,
             version: "origin only".into(),
         }),
         Kind::Domicile | Kind::DomicileAudit => {
-            let port = free_port()?;
+            let (port, tls_port) = (free_port()?, free_port()?);
             write_domicile_map(&dir.join("map.jsonl"))?;
             let mut config = format!(
                 r#"[proxy]
@@ -238,9 +279,17 @@ endpoints = ["{eu}"]
 
 [regions.us]
 endpoints = ["{us}"]
+
+[tls]
+listen = "127.0.0.1:{tls_port}"
+[[tls.certificates]]
+cert = "{cert}"
+key = "{key}"
 "#,
                 eu = ups.eu,
                 us = ups.us,
+                cert = setup.tls.cert.display(),
+                key = setup.tls.key.display(),
             );
             if kind == Kind::DomicileAudit {
                 // Every decision recorded, chained, fsynced by group commit (default 10 ms),
@@ -266,7 +315,7 @@ endpoints = ["{us}"]
                 "domicile.toml",
                 &config,
                 setup.domicile,
-                (port, Some(port)),
+                (port, Some(port), Some(tls_port)),
                 version,
                 |command, path| {
                     command
@@ -278,7 +327,7 @@ endpoints = ["{us}"]
             )
         }
         Kind::Nginx => {
-            let (port, h2) = (free_port()?, free_port()?);
+            let (port, h2, tls_port) = (free_port()?, free_port()?, free_port()?);
             let d = dir.display();
             let config = format!(
                 r#"worker_processes 1;
@@ -304,6 +353,12 @@ http {{
   server {{
     listen 127.0.0.1:{port};
     listen 127.0.0.1:{h2} http2;
+    listen 127.0.0.1:{tls_port} ssl http2;
+    ssl_certificate {cert};
+    ssl_certificate_key {key};
+    ssl_protocols TLSv1.2 TLSv1.3;
+    ssl_session_cache shared:SSL:10m;
+    ssl_session_tickets on;
     location / {{
       if ($pool = "") {{ return 421; }}
       proxy_pass http://$pool;
@@ -321,6 +376,8 @@ http {{
                 us = ups.us,
                 fd_limit = setup.fd_limit,
                 worker_connections = setup.fd_limit.saturating_sub(100).max(1000),
+                cert = setup.tls.cert.display(),
+                key = setup.tls.key.display(),
             );
             let version = version_of("nginx", &["-v"]);
             launch(
@@ -330,7 +387,7 @@ http {{
                 "nginx.conf",
                 &config,
                 Path::new("nginx"),
-                (port, Some(h2)),
+                (port, Some(h2), Some(tls_port)),
                 version,
                 |command, path| {
                     command.arg("-c").arg(path).arg("-p").arg(&dir);
@@ -338,7 +395,7 @@ http {{
             )
         }
         Kind::Haproxy => {
-            let (port, h2) = (free_port()?, free_port()?);
+            let (port, h2, tls_port) = (free_port()?, free_port()?, free_port()?);
             let config = format!(
                 r#"global
   nbthread 1
@@ -356,6 +413,7 @@ defaults
 frontend edge
   bind 127.0.0.1:{port}
   bind 127.0.0.1:{h2} proto h2
+  bind 127.0.0.1:{tls_port} ssl crt {combined} alpn h2,http/1.1 ssl-min-ver TLSv1.2
   http-request return status 421 unless {{ req.hdr(host),field(1,:) -i {EU_HOST} {US_HOST} }}
   use_backend eu if {{ req.hdr(host),field(1,:) -i {EU_HOST} }}
   use_backend us if {{ req.hdr(host),field(1,:) -i {US_HOST} }}
@@ -370,6 +428,7 @@ backend us
                 us = ups.us,
                 // Two descriptors per proxied connection, and some to spare.
                 maxconn = (setup.fd_limit.saturating_sub(200) / 2).max(1000),
+                combined = setup.tls.combined.display(),
             );
             let version = version_of("haproxy", &["-v"]);
             launch(
@@ -379,7 +438,7 @@ backend us
                 "haproxy.cfg",
                 &config,
                 Path::new("haproxy"),
-                (port, Some(h2)),
+                (port, Some(h2), Some(tls_port)),
                 version,
                 |command, path| {
                     command.arg("-db").arg("-f").arg(path);
@@ -387,13 +446,32 @@ backend us
             )
         }
         Kind::Caddy => {
-            let port = free_port()?;
+            let (port, tls_port) = (free_port()?, free_port()?);
             let config = format!(
                 r#"{{
   admin off
   auto_https off
+  default_sni {EU_HOST}
   servers {{
-    protocols h1 h2c
+    protocols h1 h2 h2c
+  }}
+}}
+
+https://:{tls_port} {{
+  bind 127.0.0.1
+  tls {cert} {key} {{
+    protocols tls1.2 tls1.3
+  }}
+  @eu host {EU_HOST}
+  @us host {US_HOST}
+  handle @eu {{
+    reverse_proxy {eu}
+  }}
+  handle @us {{
+    reverse_proxy {us}
+  }}
+  handle {{
+    respond 421
   }}
 }}
 
@@ -414,6 +492,8 @@ http://:{port} {{
 "#,
                 eu = ups.eu,
                 us = ups.us,
+                cert = setup.tls.cert.display(),
+                key = setup.tls.key.display(),
             );
             let version = version_of("caddy", &["version"]);
             launch(
@@ -423,7 +503,7 @@ http://:{port} {{
                 "Caddyfile",
                 &config,
                 Path::new("caddy"),
-                (port, Some(port)),
+                (port, Some(port), Some(tls_port)),
                 version,
                 |command, path| {
                     command
@@ -444,7 +524,7 @@ http://:{port} {{
 
 /// Writes `config` to `dir/file`, starts `program` pinned to the proxies' CPU with the
 /// arguments `configure` adds (given the configuration's path), its output in `dir`, and
-/// returns it as serving on the loopback ports `(http, h2)`.
+/// returns it as serving on the loopback ports `(http, h2, tls)`.
 #[allow(clippy::too_many_arguments)]
 fn launch(
     kind: Kind,
@@ -453,7 +533,7 @@ fn launch(
     file: &str,
     config: &str,
     program: &Path,
-    (http, h2): (u16, Option<u16>),
+    (http, h2, tls): (u16, Option<u16>, Option<u16>),
     version: String,
     configure: impl FnOnce(&mut Command, &Path),
 ) -> Result<Running> {
@@ -466,6 +546,7 @@ fn launch(
         kind,
         http: ([127, 0, 0, 1], http).into(),
         h2: h2.map(|port| ([127, 0, 0, 1], port).into()),
+        tls: tls.map(|port| ([127, 0, 0, 1], port).into()),
         child: Some(child),
         version,
     })

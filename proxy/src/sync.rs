@@ -438,11 +438,7 @@ fn build_client(cfg: &ControlPlaneSection) -> Result<HttpClient, String> {
             .map_err(|e| format!("control_plane: {e}"))?;
             (*config).clone()
         }
-        None => rustls::ClientConfig::builder_with_provider(domicile_certs::pem::provider())
-            .with_safe_default_protocol_versions()
-            .map_err(|e| e.to_string())?
-            .with_root_certificates(rustls::RootCertStore::empty())
-            .with_no_client_auth(),
+        None => domicile_certs::client::trusting_nothing(),
     };
     let https = hyper_rustls::HttpsConnectorBuilder::new()
         .with_tls_config(tls)

@@ -306,15 +306,7 @@ fn build_client(
             }
         }
         None => HttpsConnectorBuilder::new()
-            .with_tls_config(
-                rustls::ClientConfig::builder_with_provider(domicile_certs::pem::provider())
-                    .with_safe_default_protocol_versions()
-                    .map(|b| {
-                        b.with_root_certificates(rustls::RootCertStore::empty())
-                            .with_no_client_auth()
-                    })
-                    .unwrap_or_else(|e| unreachable!("aws-lc-rs supports TLS 1.3: {e}")),
-            )
+            .with_tls_config(domicile_certs::client::trusting_nothing())
             .https_or_http()
             .enable_all_versions()
             .wrap_connector(connector),
