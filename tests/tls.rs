@@ -109,6 +109,24 @@ async fn sessions_resume() {
         second.resumed(),
         "the second handshake should resume the first session"
     );
+    // The server counts a handshake once it has the client's Finished, which can be after
+    // the client is done.
+    let stats = proxy
+        .running
+        .pipeline
+        .edge_tls
+        .as_ref()
+        .unwrap()
+        .stats()
+        .clone();
+    let counted = eventually(Duration::from_secs(5), || {
+        stats
+            .handshakes_resumed
+            .load(std::sync::atomic::Ordering::Relaxed)
+            == 1
+    })
+    .await;
+    assert!(counted, "{}", metrics(&proxy).await);
     let text = metrics(&proxy).await;
     assert_eq!(
         metric(&text, "domicile_tls_handshakes_total{kind=\"resumed\"}"),
@@ -145,6 +163,27 @@ async fn curl_speaks_http1_and_h2_to_the_edge() {
         assert_eq!(json["region"], "eu");
         assert_eq!(json["path"], "/docs");
     }
+    // TLS 1.2 is served; anything older is refused in the handshake.
+    let version = |args: &[&str]| {
+        Command::new("curl")
+            .args(["-sS", "-o", "/dev/null", "-w", "%{http_code}", "--cacert"])
+            .arg(layout.ca())
+            .args(args)
+            .arg("--resolve")
+            .arg(format!("globex.localhost:{}:127.0.0.1", addr.port()))
+            .arg(format!("https://globex.localhost:{}/", addr.port()))
+            .output()
+            .unwrap()
+    };
+    let tls12 = version(&["--tlsv1.2", "--tls-max", "1.2"]);
+    assert_eq!(
+        String::from_utf8_lossy(&tls12.stdout),
+        "200",
+        "{}",
+        String::from_utf8_lossy(&tls12.stderr)
+    );
+    let tls11 = version(&["--tlsv1.1", "--tls-max", "1.1"]);
+    assert!(!tls11.status.success(), "TLS 1.1 must be refused");
     // curl refuses a server it cannot verify: without the CA, exit code 60.
     let out = Command::new("curl")
         .args(["-sS", "--resolve"])
@@ -226,6 +265,24 @@ async fn certificates_are_chosen_by_sni_with_wildcards_and_unknown_names_refused
         matches!(tls_error(&err), Some(rustls::Error::AlertReceived(_))),
         "{err:?}"
     );
+    // A failed handshake is counted once the server's side of it ends, which can be after the
+    // client has the alert.
+    let stats = proxy
+        .running
+        .pipeline
+        .edge_tls
+        .as_ref()
+        .unwrap()
+        .stats()
+        .clone();
+    let counted = eventually(Duration::from_secs(5), || {
+        stats
+            .handshake_failures
+            .load(std::sync::atomic::Ordering::Relaxed)
+            == 2
+    })
+    .await;
+    assert!(counted, "{}", metrics(&proxy).await);
     let text = metrics(&proxy).await;
     assert_eq!(
         metric(&text, "domicile_tls_unknown_name_total{result=\"refused\"}"),
@@ -470,8 +527,9 @@ async fn origins_over_mtls_must_prove_the_home_region() {
         .route_addrs(
             "us",
             &[us.addr],
+            // HTTP/2 over TLS (ALPN h2) to this region's origin.
             &format!(
-                "{}{no_health}",
+                "protocol = \"h2c\"\n{}{no_health}",
                 origin_tls(&layout, "us.region.example.test")
             ),
         )
@@ -490,11 +548,13 @@ async fn origins_over_mtls_must_prove_the_home_region() {
     let reply = get(&proxy.url("/"), &[("host", "acme.localhost")]).await;
     assert_eq!(reply.status, 200);
     assert_eq!(reply.region(), "us");
-    // The origin saw the proxy's client certificate.
+    // The origin saw the proxy's client certificate, over HTTP/2 (an authority is only set
+    // from HTTP/2's pseudo-headers).
     assert_eq!(
         reply.json()["tls"]["client"],
         "urn:domicile:proxy:test-edge"
     );
+    assert!(reply.json()["authority"].is_string(), "{}", reply.json());
 
     let refused = get(&proxy.url("/"), &[("host", "globex.localhost")]).await;
     assert_eq!(
@@ -677,6 +737,23 @@ fn check_config_names_broken_tls_files() {
     );
     assert!(stderr.contains("regions.eu.tls.identity"), "{stderr}");
     assert!(stderr.contains("missing-ca.pem"), "{stderr}");
+
+    // An https control plane needs the CA; a client certificate needs https and both files.
+    let config = format!(
+        "[proxy]\nedge_region = \"us\"\nlisten = \"127.0.0.1:0\"\n[identify]\nrules = [{{ from = \"header\", name = \"x-workspace-id\" }}]\n\
+         [control_plane]\nurl = \"https://127.0.0.1:1\"\ncert = \"{}\"\n",
+        cert.display()
+    );
+    std::fs::write(&path, config).unwrap();
+    let out = Command::new(BIN)
+        .arg("check-config")
+        .arg(&path)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("control_plane.ca"), "{stderr}");
+    assert!(stderr.contains("both cert and key"), "{stderr}");
 }
 
 fn status_of(e: &anyhow::Error) -> Option<u16> {
