@@ -24,6 +24,28 @@ async fn metrics(proxy: &TestProxy) -> String {
     String::from_utf8_lossy(&get(&proxy.admin_url("/metrics"), &[]).await.body).into_owned()
 }
 
+/// Waits until a counter of the proxy's TLS listener reaches `n` (the server counts a handshake
+/// when its side of it ends, which can be after the client's side).
+async fn tls_counter_reaches(
+    proxy: &TestProxy,
+    counter: fn(&domicile_certs::TlsStats) -> &std::sync::atomic::AtomicU64,
+    n: u64,
+) {
+    let stats = proxy
+        .running
+        .pipeline
+        .edge_tls
+        .as_ref()
+        .unwrap()
+        .stats()
+        .clone();
+    let reached = eventually(Duration::from_secs(5), || {
+        counter(&stats).load(std::sync::atomic::Ordering::Relaxed) == n
+    })
+    .await;
+    assert!(reached, "{}", metrics(proxy).await);
+}
+
 /// Two cleartext origins and a proxy with the dev edge certificate on its HTTPS port.
 async fn https_proxy(
     extra_tls: &str,
@@ -109,24 +131,7 @@ async fn sessions_resume() {
         second.resumed(),
         "the second handshake should resume the first session"
     );
-    // The server counts a handshake once it has the client's Finished, which can be after
-    // the client is done.
-    let stats = proxy
-        .running
-        .pipeline
-        .edge_tls
-        .as_ref()
-        .unwrap()
-        .stats()
-        .clone();
-    let counted = eventually(Duration::from_secs(5), || {
-        stats
-            .handshakes_resumed
-            .load(std::sync::atomic::Ordering::Relaxed)
-            == 1
-    })
-    .await;
-    assert!(counted, "{}", metrics(&proxy).await);
+    tls_counter_reaches(&proxy, |s| &s.handshakes_resumed, 1).await;
     let text = metrics(&proxy).await;
     assert_eq!(
         metric(&text, "domicile_tls_handshakes_total{kind=\"resumed\"}"),
@@ -265,24 +270,7 @@ async fn certificates_are_chosen_by_sni_with_wildcards_and_unknown_names_refused
         matches!(tls_error(&err), Some(rustls::Error::AlertReceived(_))),
         "{err:?}"
     );
-    // A failed handshake is counted once the server's side of it ends, which can be after the
-    // client has the alert.
-    let stats = proxy
-        .running
-        .pipeline
-        .edge_tls
-        .as_ref()
-        .unwrap()
-        .stats()
-        .clone();
-    let counted = eventually(Duration::from_secs(5), || {
-        stats
-            .handshake_failures
-            .load(std::sync::atomic::Ordering::Relaxed)
-            == 2
-    })
-    .await;
-    assert!(counted, "{}", metrics(&proxy).await);
+    tls_counter_reaches(&proxy, |s| &s.handshake_failures, 2).await;
     let text = metrics(&proxy).await;
     assert_eq!(
         metric(&text, "domicile_tls_unknown_name_total{result=\"refused\"}"),

@@ -240,15 +240,11 @@ pub async fn authorize(
         return Err(unauthenticated("the bearer token is not valid"));
     };
     if !allowed.contains(&role) || allowed.is_empty() {
-        state.metrics.forbidden.fetch_add(1, Ordering::Relaxed);
-        let names: Vec<&str> = allowed.iter().map(|r| r.as_str()).collect();
-        return Err(ApiError::new(
-            StatusCode::FORBIDDEN,
-            "forbidden",
-            format!(
-                "token {name:?} has role {role}; this endpoint needs {}",
-                names.join(" or ")
-            ),
+        return Err(forbidden_role(
+            state,
+            &format!("token {name:?}"),
+            role,
+            allowed,
         ));
     }
     Ok(Caller {
@@ -256,6 +252,20 @@ pub async fn authorize(
         role,
         by_certificate: false,
     })
+}
+
+/// 403 for `who` (a token or a certificate), whose `role` is not among `allowed`; counted.
+fn forbidden_role(state: &AppState, who: &str, role: Role, allowed: &[Role]) -> ApiError {
+    state.metrics.forbidden.fetch_add(1, Ordering::Relaxed);
+    let names: Vec<&str> = allowed.iter().map(|r| r.as_str()).collect();
+    ApiError::new(
+        StatusCode::FORBIDDEN,
+        "forbidden",
+        format!(
+            "{who} has role {role}; this endpoint needs {}",
+            names.join(" or ")
+        ),
+    )
 }
 
 /// A caller authenticated by its client certificate (see [`client_certificate`]).
@@ -287,15 +297,11 @@ fn authorize_certificate(
         ));
     };
     if !allowed.contains(&role) {
-        state.metrics.forbidden.fetch_add(1, Ordering::Relaxed);
-        let names: Vec<&str> = allowed.iter().map(|r| r.as_str()).collect();
-        return Err(ApiError::new(
-            StatusCode::FORBIDDEN,
-            "forbidden",
-            format!(
-                "client certificate {name:?} has role {role}; this endpoint needs {}",
-                names.join(" or ")
-            ),
+        return Err(forbidden_role(
+            state,
+            &format!("client certificate {name:?}"),
+            role,
+            allowed,
         ));
     }
     Ok(Caller {

@@ -789,13 +789,8 @@ pub fn run(options: &Options) -> Result<(PathBuf, PathBuf, bool)> {
     if cpus < 2 {
         eprintln!("compare: only one CPU: proxies, origin and load generators share it");
     }
-    let domicile = if options.kinds.contains(&Kind::Domicile)
-        || options.kinds.contains(&Kind::DomicileAudit)
-    {
-        peers::domicile_binary(options.domicile.clone())?
-    } else {
-        PathBuf::from("domicile")
-    };
+    // Also without a Domicile row: its `certs dev` makes the certificate every proxy serves.
+    let domicile = peers::domicile_binary(options.domicile.clone())?;
     let fd_limit = peers::raise_fd_limit();
     // HAProxy reserves two descriptors per connection it accepts (peers::start gives it
     // maxconn = (limit - 200) / 2): keep the idle test within that, in whole thousands.

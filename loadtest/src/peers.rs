@@ -447,6 +447,12 @@ backend us
         }
         Kind::Caddy => {
             let (port, tls_port) = (free_port()?, free_port()?);
+            // The same routes on the cleartext and the HTTPS site.
+            let routes = format!(
+                "  @eu host {EU_HOST}\n  @us host {US_HOST}\n  handle @eu {{\n    reverse_proxy {eu}\n  }}\n  handle @us {{\n    reverse_proxy {us}\n  }}\n  handle {{\n    respond 421\n  }}\n",
+                eu = ups.eu,
+                us = ups.us,
+            );
             let config = format!(
                 r#"{{
   admin off
@@ -462,36 +468,12 @@ https://:{tls_port} {{
   tls {cert} {key} {{
     protocols tls1.2 tls1.3
   }}
-  @eu host {EU_HOST}
-  @us host {US_HOST}
-  handle @eu {{
-    reverse_proxy {eu}
-  }}
-  handle @us {{
-    reverse_proxy {us}
-  }}
-  handle {{
-    respond 421
-  }}
-}}
+{routes}}}
 
 http://:{port} {{
   bind 127.0.0.1
-  @eu host {EU_HOST}
-  @us host {US_HOST}
-  handle @eu {{
-    reverse_proxy {eu}
-  }}
-  handle @us {{
-    reverse_proxy {us}
-  }}
-  handle {{
-    respond 421
-  }}
-}}
+{routes}}}
 "#,
-                eu = ups.eu,
-                us = ups.us,
                 cert = setup.tls.cert.display(),
                 key = setup.tls.key.display(),
             );
