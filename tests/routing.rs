@@ -471,16 +471,24 @@ async fn metrics_count_decisions_by_code_and_region() {
 }
 
 #[tokio::test]
-async fn absolute_form_authority_wins_over_a_different_host_header() {
+async fn an_absolute_form_target_must_agree_with_the_host_header() {
     let (us, eu, proxy) = two_regions().await;
-    // Identified by the request target's authority (acme, us); the contradicting Host header
-    // must not reach the origin.
+    // The target names acme (us), the Host globex (eu): one request, two workspaces. Refused
+    // before identification, so neither region sees it.
     let raw_request = "GET http://acme.localhost/doc HTTP/1.1\r\nHost: globex.localhost\r\nConnection: close\r\n\r\n";
+    let answer = raw(proxy.addr(), raw_request.as_bytes(), Duration::from_secs(3)).await;
+    assert_eq!(raw_status(&answer), Some(400), "{answer}");
+    assert!(
+        answer.contains("names another authority than the Host header"),
+        "{answer}"
+    );
+    assert!(us.seen_requests().is_empty() && eu.seen_requests().is_empty());
+    // Agreeing (case aside), it is identified by that authority.
+    let raw_request = "GET http://ACME.localhost/doc HTTP/1.1\r\nHost: acme.localhost\r\nConnection: close\r\n\r\n";
     let answer = raw(proxy.addr(), raw_request.as_bytes(), Duration::from_secs(3)).await;
     assert_eq!(raw_status(&answer), Some(200), "{answer}");
     let seen = us.seen_requests();
     assert_eq!(seen.len(), 1);
-    assert_eq!(seen[0].headers["host"], "acme.localhost");
     assert_eq!(seen[0].headers["x-domicile-workspace"], "acme");
     assert!(eu.seen_requests().is_empty());
     proxy.running.shutdown().await;

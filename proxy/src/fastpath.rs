@@ -36,6 +36,7 @@ use crate::audit::Entry;
 use crate::config::UpstreamProtocol;
 use crate::connpool::{EndpointKey, SendError, IDLE_TIMEOUT, MAX_IDLE_PER_ENDPOINT};
 use crate::decide::Decision;
+use crate::framing::{self, ChunkedBody, Violation};
 use crate::headers::{self, Peer};
 use crate::identify::Headers;
 use crate::inflight::InFlightGuard;
@@ -339,6 +340,19 @@ fn is_text(value: &[u8]) -> bool {
         .all(|&b| (0x20..0x7f).contains(&b) || b == b'\t')
 }
 
+/// Whether a line of `head` ends with LF alone.
+fn has_bare_lf(head: &[u8]) -> bool {
+    let mut from = 0;
+    while let Some(at) = head[from..].iter().position(|&b| b == b'\n') {
+        let at = from + at;
+        if at == 0 || head[at - 1] != b'\r' {
+            return true;
+        }
+        from = at + 1;
+    }
+    false
+}
+
 /// Parses the request head in `buf` and, when the fast path takes the request, writes the
 /// origin's head into `out`.
 fn prepare<'p>(buf: &[u8], pipeline: &'p Pipeline, peer: &Peer, out: &mut Vec<u8>) -> Prep<'p> {
@@ -350,6 +364,10 @@ fn prepare<'p>(buf: &[u8], pipeline: &'p Pipeline, peer: &Peer, out: &mut Vec<u8
         Ok(httparse::Status::Partial) => return Prep::Partial,
         Err(_) => return Prep::Fallback,
     };
+    // httparse takes LF alone as a line ending; the framing screen refuses it.
+    if has_bare_lf(&buf[..head_len]) {
+        return Prep::Fallback;
+    }
     let (Some(method), Some(target), Some(1)) = (req.method, req.path, req.version) else {
         return Prep::Fallback;
     };
@@ -376,7 +394,7 @@ fn prepare<'p>(buf: &[u8], pipeline: &'p Pipeline, peer: &Peer, out: &mut Vec<u8
                     return Prep::Fallback;
                 }
                 match std::str::from_utf8(field.value) {
-                    Ok(value) if is_text(field.value) && !value.contains('@') => {
+                    Ok(value) if framing::check_host(value.trim_ascii().as_bytes()).is_ok() => {
                         host = Some(value.trim_matches([' ', '\t']));
                     }
                     _ => return Prep::Fallback,
@@ -407,6 +425,10 @@ fn prepare<'p>(buf: &[u8], pipeline: &'p Pipeline, peer: &Peer, out: &mut Vec<u8
             Field::Forwarded | Field::XForwardedFor => has_forwarding = true,
             Field::XForwardedProto => has_proto = true,
             Field::Unsupported => return Prep::Fallback,
+            // The framing screen's own field: refused there.
+            Field::Domicile if field.name.eq_ignore_ascii_case(framing::MALFORMED_FIELD) => {
+                return Prep::Fallback
+            }
             Field::Steering | Field::Domicile | Field::Dropped | Field::Other => {}
         }
     }
@@ -1139,7 +1161,7 @@ enum BodyEnd {
 
 impl BodyEnd {
     /// How many of `bytes` belong to the body, and whether it ends with them.
-    fn take(&mut self, bytes: &[u8]) -> Result<(usize, bool), &'static str> {
+    fn take(&mut self, bytes: &[u8]) -> Result<(usize, bool), Violation> {
         match self {
             BodyEnd::Length(left) => {
                 let n = bytes
@@ -1154,148 +1176,6 @@ impl BodyEnd {
             }),
             BodyEnd::Close => Ok((bytes.len(), false)),
         }
-    }
-}
-
-/// Follows a chunked body's framing (RFC 9112 section 7.1) as it passes through, to find where
-/// the message ends; the bytes themselves are relayed unchanged.
-#[derive(Debug, Default)]
-struct ChunkedBody {
-    state: ChunkState,
-    /// Hex digits of the current size line, and their value so far.
-    digits: u8,
-    size: u64,
-    /// Bytes in the current extension or trailer section (bounded).
-    extra: usize,
-}
-
-#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
-enum ChunkState {
-    #[default]
-    Size,
-    Extension,
-    SizeLf,
-    Data(u64),
-    DataCr,
-    DataLf,
-    TrailerStart,
-    TrailerLine,
-    TrailerLf,
-    EndLf,
-}
-
-/// Limits on the parts of a chunked body that are not data.
-const MAX_CHUNK_EXTRA: usize = 16 * 1024;
-
-impl ChunkedBody {
-    /// Takes the next bytes of the body: `Some(n)` when the message ends after `n` of them.
-    fn feed(&mut self, bytes: &[u8]) -> Result<Option<usize>, &'static str> {
-        let mut i = 0;
-        while i < bytes.len() {
-            let b = bytes[i];
-            match self.state {
-                ChunkState::Size => {
-                    if let Some(d) = (b as char).to_digit(16) {
-                        self.digits += 1;
-                        if self.digits > 15 {
-                            return Err("chunk size too large");
-                        }
-                        self.size = self.size * 16 + u64::from(d);
-                    } else if self.digits == 0 {
-                        return Err("chunk size missing");
-                    } else if b == b'\r' {
-                        self.state = ChunkState::SizeLf;
-                    } else if b == b';' || b == b' ' || b == b'\t' {
-                        self.extra = 0;
-                        self.state = ChunkState::Extension;
-                    } else {
-                        return Err("invalid chunk size");
-                    }
-                }
-                ChunkState::Extension => {
-                    if b == b'\r' {
-                        self.state = ChunkState::SizeLf;
-                    } else if (b < 0x20 && b != b'\t') || b == 0x7f {
-                        return Err("invalid chunk extension");
-                    } else {
-                        self.extra += 1;
-                        if self.extra > MAX_CHUNK_EXTRA {
-                            return Err("chunk extension too long");
-                        }
-                    }
-                }
-                ChunkState::SizeLf => {
-                    if b != b'\n' {
-                        return Err("chunk size line not ended by CRLF");
-                    }
-                    self.digits = 0;
-                    if self.size == 0 {
-                        self.extra = 0;
-                        self.state = ChunkState::TrailerStart;
-                    } else {
-                        self.state = ChunkState::Data(self.size);
-                    }
-                }
-                ChunkState::Data(left) => {
-                    let take = (bytes.len() - i).min(usize::try_from(left).unwrap_or(usize::MAX));
-                    i += take;
-                    let left = left - take as u64;
-                    self.state = if left == 0 {
-                        ChunkState::DataCr
-                    } else {
-                        ChunkState::Data(left)
-                    };
-                    continue;
-                }
-                ChunkState::DataCr => {
-                    if b != b'\r' {
-                        return Err("chunk data longer than its size");
-                    }
-                    self.state = ChunkState::DataLf;
-                }
-                ChunkState::DataLf => {
-                    if b != b'\n' {
-                        return Err("chunk data not ended by CRLF");
-                    }
-                    self.size = 0;
-                    self.state = ChunkState::Size;
-                }
-                ChunkState::TrailerStart => {
-                    if b == b'\r' {
-                        self.state = ChunkState::EndLf;
-                    } else if b == b'\n' {
-                        return Err("bare LF in trailers");
-                    } else {
-                        self.state = ChunkState::TrailerLine;
-                    }
-                }
-                ChunkState::TrailerLine => {
-                    self.extra += 1;
-                    if self.extra > MAX_CHUNK_EXTRA {
-                        return Err("trailers too long");
-                    }
-                    if b == b'\r' {
-                        self.state = ChunkState::TrailerLf;
-                    } else if b == b'\n' || (b < 0x20 && b != b'\t') {
-                        return Err("invalid byte in trailers");
-                    }
-                }
-                ChunkState::TrailerLf => {
-                    if b != b'\n' {
-                        return Err("trailer line not ended by CRLF");
-                    }
-                    self.state = ChunkState::TrailerStart;
-                }
-                ChunkState::EndLf => {
-                    if b != b'\n' {
-                        return Err("chunked body not ended by CRLF");
-                    }
-                    return Ok(Some(i + 1));
-                }
-            }
-            i += 1;
-        }
-        Ok(None)
     }
 }
 
@@ -1505,55 +1385,6 @@ fn give_back(key: EndpointKey, stream: TcpStream) {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn feed_all(parts: &[&[u8]]) -> Result<Option<usize>, &'static str> {
-        let mut body = ChunkedBody::default();
-        let mut total = 0;
-        for part in parts {
-            if let Some(n) = body.feed(part)? {
-                return Ok(Some(total + n));
-            }
-            total += part.len();
-        }
-        Ok(None)
-    }
-
-    #[test]
-    fn chunked_end_is_found_across_any_split() {
-        let body = b"5\r\nhello\r\n1a;ext=1\r\nabcdefghijklmnopqrstuvwxyz\r\n0\r\nx-t: 1\r\n\r\n";
-        for split in 0..body.len() {
-            let (a, b) = body.split_at(split);
-            assert_eq!(feed_all(&[a, b]), Ok(Some(body.len())), "split at {split}");
-        }
-        let bytes: Vec<&[u8]> = body.chunks(1).collect();
-        assert_eq!(feed_all(&bytes), Ok(Some(body.len())));
-        // Bytes after the end are not part of the message.
-        let mut more = body.to_vec();
-        more.extend_from_slice(b"HTTP/1.1 200 OK\r\n");
-        assert_eq!(feed_all(&[&more]), Ok(Some(body.len())));
-        assert_eq!(feed_all(&[b"0\r\n\r\n"]), Ok(Some(5)));
-        assert_eq!(feed_all(&[b"5\r\nhel"]), Ok(None));
-    }
-
-    #[test]
-    fn malformed_chunked_bodies_are_errors() {
-        for bad in [
-            &b"zz\r\n"[..],
-            b"\r\n",
-            b"5\r\nhello!\r\n",
-            b"5\nhello\r\n",
-            b"5\r\nhello\r\r",
-            b"1234567890abcdef0\r\n",
-            b"0\r\nbad\nline\r\n\r\n",
-            b"3;ext\x01\r\nabc\r\n",
-        ] {
-            assert!(
-                feed_all(&[bad]).is_err(),
-                "{:?}",
-                String::from_utf8_lossy(bad)
-            );
-        }
-    }
 
     #[test]
     fn fields_are_classified_without_case() {

@@ -355,12 +355,35 @@ where
         let activity = service_activity.clone();
         let peer = peer_info.clone();
         activity.requests_started.fetch_add(1, Ordering::Relaxed);
+        // On HTTP/1.1 this field comes only from the framing screen, in place of a refused head.
+        let malformed = if is_h2 {
+            None
+        } else {
+            req.headers()
+                .get(crate::framing::MALFORMED_FIELD)
+                .map(|v| crate::framing::Violation::from_name(v.as_bytes()))
+        };
+        // After an upgrade or CONNECT head the screen no longer follows the framing: unless the
+        // protocol does switch, the connection must end with the response.
+        let tunnel_asked = !is_h2
+            && (req.method() == hyper::Method::CONNECT
+                || crate::headers::is_upgrade_request(req.headers()));
         async move {
             let _finished = FinishGuard(activity.clone());
+            if let Some(violation) = malformed {
+                activity.mark_response();
+                return Ok::<_, Infallible>(pipeline.refuse_malformed(violation));
+            }
             // The request's state (identification, the upstream exchange) lives on the heap
             // for the request's lifetime only: hyper keeps room for this future in every
             // connection, idle or not, so it must stay small.
-            let response = Box::pin(pipeline.handle(req, &peer)).await;
+            let mut response = Box::pin(pipeline.handle(req, &peer)).await;
+            if tunnel_asked && response.status() != hyper::StatusCode::SWITCHING_PROTOCOLS {
+                response.headers_mut().insert(
+                    hyper::header::CONNECTION,
+                    hyper::header::HeaderValue::from_static("close"),
+                );
+            }
             activity.mark_response();
             Ok::<_, Infallible>(response)
         }
@@ -413,6 +436,7 @@ where
         // parses on the heap). Up to 100 its default stays, for speed.
         builder.max_headers(limits.max_headers + 1);
     }
+    let io = crate::screen::Screened::new(io, pipeline.clone());
     let conn = builder
         .serve_connection(TokioIo::new(io), service)
         .with_upgrades();

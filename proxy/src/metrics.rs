@@ -41,6 +41,8 @@ pub struct Metrics {
     pub lkg_load_failures: AtomicU64,
     pub heartbeats_ok: AtomicU64,
     pub heartbeats_failed: AtomicU64,
+    /// Requests refused for their framing, by [`crate::framing::Violation`].
+    pub malformed: [AtomicU64; crate::framing::Violation::ALL.len()],
 }
 
 impl std::fmt::Debug for Metrics {
@@ -72,6 +74,7 @@ impl Default for Metrics {
             lkg_load_failures: AtomicU64::new(0),
             heartbeats_ok: AtomicU64::new(0),
             heartbeats_failed: AtomicU64::new(0),
+            malformed: Default::default(),
         }
     }
 }
@@ -302,6 +305,16 @@ impl Metrics {
             load(&self.heartbeats_ok),
             load(&self.heartbeats_failed)
         );
+        out.push_str("# HELP domicile_malformed_requests_total HTTP/1.1 requests refused for their framing, by reason.\n");
+        out.push_str("# TYPE domicile_malformed_requests_total counter\n");
+        for violation in crate::framing::Violation::ALL {
+            let _ = writeln!(
+                out,
+                "domicile_malformed_requests_total{{reason=\"{}\"}} {}",
+                violation.as_str(),
+                load(&self.malformed[violation.index()])
+            );
+        }
         render_origin_tls(&mut out, upstreams);
         out
     }

@@ -22,6 +22,7 @@ use crate::body::{BodyFate, Fate, Guarded};
 use crate::config::{ProxyConfig, Unidentified, UpstreamProtocol};
 use crate::connpool::{PooledBody, SendError};
 use crate::decide::{decide, Decision, Forward, Policy, RequestFacts};
+use crate::framing::Violation;
 use crate::geoip::GeoIp;
 use crate::headers::{
     self, Peer, X_DOMICILE_EPOCH, X_DOMICILE_MAP_VERSION, X_DOMICILE_REGION, X_DOMICILE_WORKSPACE,
@@ -308,6 +309,36 @@ impl Pipeline {
     /// Handles one request from `peer`.
     pub async fn handle(&self, req: Request<Incoming>, peer: &Peer) -> Response<ProxyBody> {
         self.handle_body(req, peer).await
+    }
+
+    /// Answers a request the framing screen refused (`None`: a reason it did not name, which
+    /// cannot happen unless the screen and this build disagree). Not a routing decision, so not
+    /// audited; counted by reason in `domicile_malformed_requests_total`. The connection closes.
+    pub fn refuse_malformed(&self, violation: Option<Violation>) -> Response<ProxyBody> {
+        let (code, message) = match violation {
+            Some(Violation::HeadTooLarge) => (
+                RefusalCode::HeadersTooLarge,
+                Violation::HeadTooLarge.message(),
+            ),
+            Some(violation) => (RefusalCode::BadRequest, violation.message()),
+            None => (
+                RefusalCode::BadRequest,
+                RefusalCode::BadRequest.default_message(),
+            ),
+        };
+        let request_id = headers::new_request_id();
+        let mut response = self.refuse(
+            Refusal::new(code).message(message),
+            None,
+            None,
+            &request_id,
+            Instant::now(),
+            None,
+        );
+        response
+            .headers_mut()
+            .insert(header::CONNECTION, HeaderValue::from_static("close"));
+        response
     }
 
     /// As [`Pipeline::handle`], for any request body type.
