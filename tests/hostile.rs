@@ -8,7 +8,9 @@ use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use common::tls::*;
 use common::*;
+use domicile_certs::rustls;
 use domicile_proxy::framing::{self, BodyFraming, ChunkedBody};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
@@ -137,15 +139,32 @@ async fn serve_strictly(mut stream: TcpStream, seen: Arc<Mutex<Seen>>) {
     }
 }
 
-/// Sends `bytes` on a fresh connection and reads until the proxy closes it (or `wait`).
-async fn exchange(addr: SocketAddr, bytes: &[u8]) -> (String, bool) {
-    let mut stream = TcpStream::connect(addr).await.expect("connect");
-    stream.write_all(bytes).await.expect("write");
+/// How the table reaches the proxy.
+enum Transport {
+    Plain(SocketAddr),
+    Tls(SocketAddr, Arc<rustls::ClientConfig>),
+}
+
+/// Sends `bytes` on a fresh connection and reads until the proxy closes it (or 3 s).
+async fn exchange(transport: &Transport, bytes: &[u8]) -> (String, bool) {
     let mut out = Vec::new();
-    let closed = tokio::time::timeout(Duration::from_secs(3), stream.read_to_end(&mut out))
-        .await
-        .is_ok();
-    (String::from_utf8_lossy(&out).into_owned(), closed)
+    let closed = match transport {
+        Transport::Plain(addr) => {
+            let mut stream = TcpStream::connect(addr).await.expect("connect");
+            stream.write_all(bytes).await.expect("write");
+            tokio::time::timeout(Duration::from_secs(3), stream.read_to_end(&mut out)).await
+        }
+        Transport::Tls(addr, config) => {
+            let mut stream = handshake(*addr, "acme.localhost", config.clone())
+                .await
+                .expect("handshake")
+                .stream;
+            stream.write_all(bytes).await.expect("write");
+            tokio::time::timeout(Duration::from_secs(3), stream.read_to_end(&mut out)).await
+        }
+    };
+    // A TLS peer that closes without close_notify reads as an error, still a close.
+    (String::from_utf8_lossy(&out).into_owned(), closed.is_ok())
 }
 
 fn statuses(answer: &str) -> Vec<u16> {
@@ -259,16 +278,28 @@ fn cases() -> Vec<Case> {
     ]
 }
 
-async fn run_table(fast_path: bool) {
+async fn run_table(fast_path: bool, tls: bool) {
     let origin = StrictOrigin::start().await;
-    let proxy = proxy()
+    let mut builder = proxy()
         .route_addrs("us", &[origin.addr], "health.enabled = false")
-        .proxy_section(&format!("workers = 1\nfast_path = {fast_path}"))
-        .start()
-        .await;
+        .proxy_section(&format!("workers = 1\nfast_path = {fast_path}"));
+    let mut ca = None;
+    if tls {
+        let layout = pki(builder.dir());
+        builder = builder.section(&tls_section(&[layout.edge()], ""));
+        ca = Some(layout.ca());
+    }
+    let proxy = builder.start().await;
+    let transport = match ca {
+        Some(ca) => Transport::Tls(
+            proxy.running.tls_addr.expect("https address"),
+            client_config(&ca, &[b"http/1.1"]),
+        ),
+        None => Transport::Plain(proxy.addr()),
+    };
     let mut failures = Vec::new();
     for case in cases() {
-        let (answer, closed) = exchange(proxy.addr(), &case.bytes).await;
+        let (answer, closed) = exchange(&transport, &case.bytes).await;
         // The origin has answered (or never will) before the proxy answers the client.
         let seen = origin.take();
         let got = statuses(&answer);
@@ -313,7 +344,7 @@ async fn run_table(fast_path: bool) {
         }
         if !problems.is_empty() {
             failures.push(format!(
-                "{} (fast path {fast_path}): {}\n  answer: {answer:?}",
+                "{} (fast path {fast_path}, TLS {tls}): {}\n  answer: {answer:?}",
                 case.name,
                 problems.join("; ")
             ));
@@ -352,10 +383,15 @@ async fn scrape_metrics(proxy: &TestProxy) -> String {
 
 #[tokio::test]
 async fn ambiguous_framing_is_refused_before_any_origin_sees_it() {
-    run_table(true).await;
+    run_table(true, false).await;
 }
 
 #[tokio::test]
 async fn ambiguous_framing_is_refused_without_the_fast_path_too() {
-    run_table(false).await;
+    run_table(false, false).await;
+}
+
+#[tokio::test]
+async fn ambiguous_framing_is_refused_over_tls_too() {
+    run_table(true, true).await;
 }

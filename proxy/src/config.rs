@@ -380,6 +380,29 @@ pub struct Limits {
     /// Most concurrent HTTP/2 streams per client connection. Default: 256.
     #[serde(default = "defaults::max_concurrent_streams")]
     pub max_concurrent_streams: u32,
+    /// Most client connections this process holds open (all workers, both listeners); past
+    /// it a new connection is answered 503 `overloaded` (cleartext) or closed (TLS) at once.
+    /// Default: 16384.
+    #[serde(default = "defaults::max_connections")]
+    pub max_connections: u64,
+    /// HTTP/2: streams a client may open and reset before the proxy has accepted them (the
+    /// "rapid reset" attack); past it the connection gets GOAWAY `ENHANCE_YOUR_CALM`.
+    /// Default: 20.
+    #[serde(default = "defaults::h2_max_pending_reset_streams")]
+    pub h2_max_pending_reset_streams: usize,
+    /// HTTP/2: streams the proxy may reset for the client's protocol errors on one connection
+    /// before it sends GOAWAY. Default: 256.
+    #[serde(default = "defaults::h2_max_local_error_resets")]
+    pub h2_max_local_error_resets: usize,
+    /// HTTP/2: bytes buffered for sending per stream. Default: 400 KiB.
+    #[serde(
+        default = "defaults::h2_max_send_buffer",
+        deserialize_with = "size::deserialize"
+    )]
+    pub h2_max_send_buffer: u64,
+    /// HTTP/2: time to answer a PING before the connection is closed. Default: 20 s.
+    #[serde(default = "defaults::h2_keep_alive_timeout", with = "humantime_serde")]
+    pub h2_keep_alive_timeout: Duration,
 }
 
 impl Limits {
@@ -559,6 +582,21 @@ mod defaults {
     }
     pub fn max_concurrent_streams() -> u32 {
         256
+    }
+    pub fn max_connections() -> u64 {
+        16_384
+    }
+    pub fn h2_max_pending_reset_streams() -> usize {
+        20
+    }
+    pub fn h2_max_local_error_resets() -> usize {
+        256
+    }
+    pub fn h2_max_send_buffer() -> u64 {
+        400 * 1024
+    }
+    pub fn h2_keep_alive_timeout() -> Duration {
+        Duration::from_secs(20)
     }
     pub fn health_path() -> String {
         "/healthz".into()
@@ -840,6 +878,18 @@ impl ProxyConfig {
             if limits.max_headers == 0 {
                 errors.push("limits.max_headers", "must be at least 1");
             }
+            if limits.max_connections == 0 {
+                errors.push("limits.max_connections", "must be at least 1");
+            }
+            if limits.max_concurrent_streams == 0 {
+                errors.push("limits.max_concurrent_streams", "must be at least 1");
+            }
+            if limits.h2_max_send_buffer == 0 || limits.h2_max_send_buffer > u64::from(u32::MAX) {
+                errors.push(
+                    "limits.h2_max_send_buffer",
+                    "must be between 1 byte and 4 GiB",
+                );
+            }
             for (key, d) in [
                 ("limits.header_read_timeout", limits.header_read_timeout),
                 ("limits.idle_timeout", limits.idle_timeout),
@@ -851,6 +901,7 @@ impl ProxyConfig {
                     "limits.upstream_response_timeout",
                     limits.upstream_response_timeout,
                 ),
+                ("limits.h2_keep_alive_timeout", limits.h2_keep_alive_timeout),
             ] {
                 if d.is_zero() {
                     errors.push(key, "must be greater than zero");

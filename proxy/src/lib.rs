@@ -15,6 +15,8 @@ pub mod connpool;
 pub mod decide;
 mod fastpath;
 pub mod framing;
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod geoip;
 pub mod headers;
 pub mod identify;

@@ -91,6 +91,10 @@ pub async fn serve(
                 continue;
             }
         };
+        if tracker.live() >= pipeline.config.limits.max_connections {
+            refuse_connection(&stream, tls.is_none(), &pipeline);
+            continue;
+        }
         let guard = tracker.enter();
         let pipeline = pipeline.clone();
         let shutdown = shutdown.clone();
@@ -120,6 +124,28 @@ pub async fn serve(
             drop(guard);
         });
     }
+}
+
+/// Turns away a connection over `limits.max_connections`, without a task or a wait: a
+/// cleartext client gets 503 `overloaded` if its socket takes the answer at once, a TLS client
+/// a closed connection (a handshake would cost more than the refusal is worth).
+fn refuse_connection(stream: &TcpStream, cleartext: bool, pipeline: &Pipeline) {
+    pipeline
+        .metrics
+        .connections_refused
+        .fetch_add(1, Ordering::Relaxed);
+    if cleartext {
+        let answer = Refusal::new(RefusalCode::Overloaded)
+            .message(format!(
+                "this edge holds its limit of {} connections; retry shortly",
+                pipeline.config.limits.max_connections
+            ))
+            .retry_after(Some(1))
+            .raw_http1();
+        let _ = stream.try_write(&answer);
+        let _ = socket2::SockRef::from(stream).shutdown(std::net::Shutdown::Write);
+    }
+    // Dropping the socket closes it.
 }
 
 /// Activity of one connection, shared by its IO, its service and its idle watcher.
@@ -398,9 +424,14 @@ where
         builder
             .timer(TokioTimer::new())
             .max_concurrent_streams(limits.max_concurrent_streams)
+            // Also bounds a header block's CONTINUATION frames: h2 refuses a block that grows
+            // past it instead of buffering it.
             .max_header_list_size(limits.max_header_bytes.min(u32::MAX as u64) as u32)
+            .max_pending_accept_reset_streams(limits.h2_max_pending_reset_streams)
+            .max_local_error_reset_streams(limits.h2_max_local_error_resets)
+            .max_send_buf_size(limits.h2_max_send_buffer as usize)
             .keep_alive_interval(Some(idle_timeout))
-            .keep_alive_timeout(Duration::from_secs(20));
+            .keep_alive_timeout(limits.h2_keep_alive_timeout);
         let conn = builder.serve_connection(TokioIo::new(io), service);
         tokio::pin!(conn);
         let mut draining = false;

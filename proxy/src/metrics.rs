@@ -27,6 +27,8 @@ pub struct Metrics {
     pub upstream_retries: AtomicU64,
     pub connections_accepted: AtomicU64,
     pub connections_active: AtomicU64,
+    /// Connections turned away at `limits.max_connections`.
+    pub connections_refused: AtomicU64,
     pub map_reloads_ok: AtomicU64,
     pub map_reloads_failed: AtomicU64,
     /// The map version the replica routes with (control-plane sync).
@@ -63,6 +65,7 @@ impl Default for Metrics {
             upstream_retries: AtomicU64::new(0),
             connections_accepted: AtomicU64::new(0),
             connections_active: AtomicU64::new(0),
+            connections_refused: AtomicU64::new(0),
             map_reloads_ok: AtomicU64::new(0),
             map_reloads_failed: AtomicU64::new(0),
             map_applied_version: AtomicU64::new(0),
@@ -203,6 +206,11 @@ impl Metrics {
                 "domicile_connections_active",
                 "gauge",
                 self.connections_active.load(Ordering::Relaxed),
+            ),
+            (
+                "domicile_connections_refused_total",
+                "counter",
+                self.connections_refused.load(Ordering::Relaxed),
             ),
             ("domicile_map_loaded", "gauge", replica.is_loaded() as u64),
             ("domicile_map_entries", "gauge", replica.len() as u64),

@@ -58,6 +58,7 @@ refusal_codes! {
     RequestTimeout => "request_timeout", StatusCode::REQUEST_TIMEOUT;
     BodyTooLarge => "body_too_large", StatusCode::PAYLOAD_TOO_LARGE;
     HeadersTooLarge => "headers_too_large", StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE;
+    Overloaded => "overloaded", StatusCode::SERVICE_UNAVAILABLE;
 }
 
 impl RefusalCode {
@@ -101,6 +102,7 @@ impl RefusalCode {
             RefusalCode::RequestTimeout => "the request was not received in time",
             RefusalCode::BodyTooLarge => "the request body is larger than this route allows",
             RefusalCode::HeadersTooLarge => "the request headers are too large or too many",
+            RefusalCode::Overloaded => "this edge is at its connection limit; retry shortly",
         }
     }
 }

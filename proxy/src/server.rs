@@ -27,6 +27,37 @@ pub enum StartError {
     Map(#[from] mapfile::MapFileError),
 }
 
+/// Raises the soft open-file limit towards what `max_connections` needs (a client socket and
+/// an origin socket per connection, and room for listeners, files and health checks), as far
+/// as the hard limit allows, and says so when that is not enough: past the limit `accept`
+/// fails with EMFILE, which is a worse refusal than the 503 at `max_connections`.
+fn raise_open_file_limit(max_connections: u64) {
+    use rustix::process::{getrlimit, setrlimit, Resource, Rlimit};
+    let want = max_connections.saturating_mul(2).saturating_add(512);
+    let limit = getrlimit(Resource::Nofile);
+    let (Some(soft), hard) = (limit.current, limit.maximum) else {
+        return; // unlimited
+    };
+    if soft < want {
+        let raised = hard.map_or(want, |hard| want.min(hard));
+        if raised > soft {
+            let new = Rlimit {
+                current: Some(raised),
+                maximum: hard,
+            };
+            if let Err(e) = setrlimit(Resource::Nofile, new) {
+                tracing::warn!("cannot raise the open-file limit from {soft} to {raised}: {e}");
+            }
+        }
+    }
+    let now = getrlimit(Resource::Nofile).current.unwrap_or(u64::MAX);
+    if now < want {
+        tracing::warn!(
+            "the open-file limit is {now}, below the {want} that limits.max_connections = {max_connections} needs; raise it (ulimit -n, LimitNOFILE=) or lower max_connections"
+        );
+    }
+}
+
 /// A running proxy. Dropping it does not stop it: call [`RunningProxy::shutdown`].
 #[derive(Debug)]
 pub struct RunningProxy {
@@ -63,6 +94,7 @@ pub async fn start(config: ProxyConfig) -> Result<RunningProxy, StartError> {
             tracing::warn!("cannot catch SIGXFSZ: {e}");
         }
     }
+    raise_open_file_limit(config.limits.max_connections);
     let replica = Arc::new(Replica::new());
     let pipeline =
         Arc::new(Pipeline::new(config.clone(), replica.clone()).map_err(StartError::Setup)?);
