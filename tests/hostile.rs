@@ -395,3 +395,526 @@ async fn ambiguous_framing_is_refused_without_the_fast_path_too() {
 async fn ambiguous_framing_is_refused_over_tls_too() {
     run_table(true, true).await;
 }
+
+/// A client that writes HTTP/2 frames by hand, so it can send what no well-behaved client
+/// library would.
+struct RawH2 {
+    stream: TcpStream,
+}
+
+/// HPACK integer with an `n`-bit prefix (RFC 7541 section 5.1).
+fn hpack_int(out: &mut Vec<u8>, first: u8, n: u8, mut value: usize) {
+    let max = (1usize << n) - 1;
+    if value < max {
+        out.push(first | value as u8);
+        return;
+    }
+    out.push(first | max as u8);
+    value -= max;
+    while value >= 128 {
+        out.push((value % 128 + 128) as u8);
+        value /= 128;
+    }
+    out.push(value as u8);
+}
+
+/// A header block of literal fields without indexing (no Huffman), so any byte can be sent.
+fn header_block(fields: &[(&[u8], &[u8])]) -> Vec<u8> {
+    let mut out = Vec::new();
+    for (name, value) in fields {
+        out.push(0x00);
+        hpack_int(&mut out, 0, 7, name.len());
+        out.extend_from_slice(name);
+        hpack_int(&mut out, 0, 7, value.len());
+        out.extend_from_slice(value);
+    }
+    out
+}
+
+const HEADERS: u8 = 0x1;
+const RST_STREAM: u8 = 0x3;
+const SETTINGS: u8 = 0x4;
+const GOAWAY: u8 = 0x7;
+const CONTINUATION: u8 = 0x9;
+const END_STREAM: u8 = 0x1;
+const END_HEADERS: u8 = 0x4;
+
+fn frame(kind: u8, flags: u8, stream: u32, payload: &[u8]) -> Vec<u8> {
+    let len = payload.len();
+    let mut out = vec![(len >> 16) as u8, (len >> 8) as u8, len as u8, kind, flags];
+    out.extend_from_slice(&stream.to_be_bytes());
+    out.extend_from_slice(payload);
+    out
+}
+
+/// A header field as raw bytes.
+type Field<'a> = (&'a [u8], &'a [u8]);
+
+fn get_request(extra: &[Field]) -> Vec<u8> {
+    let mut fields: Vec<(&[u8], &[u8])> = vec![
+        (b":method", b"GET"),
+        (b":scheme", b"http"),
+        (b":authority", b"acme.localhost"),
+        (b":path", b"/h2"),
+    ];
+    fields.extend_from_slice(extra);
+    header_block(&fields)
+}
+
+/// A frame the server sent: type, flags, stream, payload.
+type Frame = (u8, u8, u32, Vec<u8>);
+
+impl RawH2 {
+    async fn open(addr: SocketAddr) -> Self {
+        let mut stream = TcpStream::connect(addr).await.expect("connect");
+        let mut hello = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n".to_vec();
+        hello.extend(frame(SETTINGS, 0, 0, &[]));
+        stream.write_all(&hello).await.expect("preface");
+        RawH2 { stream }
+    }
+
+    /// Writes `bytes`; false once the server has closed the connection.
+    async fn send(&mut self, bytes: &[u8]) -> bool {
+        self.stream.write_all(bytes).await.is_ok()
+    }
+
+    /// Reads frames until the connection closes or `wait` passes without one.
+    async fn frames(&mut self, wait: Duration) -> (Vec<Frame>, bool) {
+        let mut buf = Vec::new();
+        let mut frames = Vec::new();
+        let mut chunk = [0u8; 16384];
+        loop {
+            while buf.len() >= 9 {
+                let len = (buf[0] as usize) << 16 | (buf[1] as usize) << 8 | buf[2] as usize;
+                if buf.len() < 9 + len {
+                    break;
+                }
+                let stream = u32::from_be_bytes([buf[5], buf[6], buf[7], buf[8]]) & 0x7fff_ffff;
+                frames.push((buf[3], buf[4], stream, buf[9..9 + len].to_vec()));
+                buf.drain(..9 + len);
+            }
+            match tokio::time::timeout(wait, self.stream.read(&mut chunk)).await {
+                Ok(Ok(0)) | Ok(Err(_)) => return (frames, true),
+                Ok(Ok(n)) => buf.extend_from_slice(&chunk[..n]),
+                Err(_) => return (frames, false),
+            }
+        }
+    }
+}
+
+fn error_code(payload: &[u8], at: usize) -> u32 {
+    u32::from_be_bytes([
+        payload[at],
+        payload[at + 1],
+        payload[at + 2],
+        payload[at + 3],
+    ])
+}
+
+const PROTOCOL_ERROR: u32 = 0x1;
+const ENHANCE_YOUR_CALM: u32 = 0xb;
+
+async fn h2_proxy() -> (StrictOrigin, TestProxy) {
+    let origin = StrictOrigin::start().await;
+    let proxy = proxy()
+        .route_addrs("us", &[origin.addr], "health.enabled = false")
+        .proxy_section("workers = 1")
+        .start()
+        .await;
+    (origin, proxy)
+}
+
+/// A well-formed request on a new HTTP/2 connection gets its 200: the proxy is still serving.
+async fn h2_still_serves(proxy: &TestProxy) {
+    let reply = send_h2(
+        http::Request::get(proxy.url("/after"))
+            .header("x-workspace-id", "acme")
+            .body(http_body_util::Full::new(bytes::Bytes::new()))
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(reply.status, 200);
+}
+
+#[tokio::test]
+async fn http2_connection_specific_fields_and_line_breaks_in_values_never_reach_an_origin() {
+    let (origin, proxy) = h2_proxy().await;
+    let cases: [(&str, &[Field]); 6] = [
+        ("connection", &[(b"connection", b"keep-alive")]),
+        ("transfer-encoding", &[(b"transfer-encoding", b"chunked")]),
+        ("upgrade", &[(b"upgrade", b"websocket")]),
+        ("te other than trailers", &[(b"te", b"gzip")]),
+        ("CR LF in a value", &[(b"x-evil", b"a\r\nx-injected: 1")]),
+        ("NUL in a value", &[(b"x-evil", b"a\0b")]),
+    ];
+    for (name, extra) in cases {
+        let mut client = RawH2::open(proxy.addr()).await;
+        let block = get_request(extra);
+        assert!(
+            client
+                .send(&frame(HEADERS, END_STREAM | END_HEADERS, 1, &block))
+                .await
+        );
+        let (frames, _) = client.frames(Duration::from_millis(500)).await;
+        let reset = frames.iter().any(|(kind, _, stream, payload)| {
+            (*kind == RST_STREAM && *stream == 1 && error_code(payload, 0) == PROTOCOL_ERROR)
+                || (*kind == GOAWAY && error_code(payload, 4) == PROTOCOL_ERROR)
+        });
+        assert!(reset, "{name}: no PROTOCOL_ERROR in {frames:?}");
+        assert!(
+            !frames
+                .iter()
+                .any(|(kind, _, stream, _)| *kind == HEADERS && *stream == 1),
+            "{name}: answered as if valid"
+        );
+    }
+    let seen = origin.take();
+    assert!(
+        seen.complete.is_empty() && seen.broken.is_empty(),
+        "{seen:?}"
+    );
+    h2_still_serves(&proxy).await;
+    proxy.running.shutdown().await;
+}
+
+#[tokio::test]
+async fn http2_rapid_reset_gets_goaway() {
+    let (origin, proxy) = h2_proxy().await;
+    let mut client = RawH2::open(proxy.addr()).await;
+    let block = get_request(&[(b"x-workspace-id", b"acme")]);
+    let mut burst = Vec::new();
+    for i in 0..2_000u32 {
+        let stream = 1 + 2 * i;
+        burst.extend(frame(HEADERS, END_STREAM | END_HEADERS, stream, &block));
+        burst.extend(frame(RST_STREAM, 0, stream, &8u32.to_be_bytes())); // CANCEL
+    }
+    // The server may close before the burst is all written.
+    let _ = client.send(&burst).await;
+    let (frames, closed) = client.frames(Duration::from_secs(3)).await;
+    let calm = frames.iter().any(|(kind, _, _, payload)| {
+        *kind == GOAWAY && error_code(payload, 4) == ENHANCE_YOUR_CALM
+    });
+    assert!(calm && closed, "no GOAWAY ENHANCE_YOUR_CALM: {frames:?}");
+    let forwarded = origin.take().complete.len();
+    eprintln!("rapid reset: {forwarded} of 2000 reset streams reached the origin");
+    assert!(
+        forwarded < 2_000,
+        "all {forwarded} reset streams were forwarded"
+    );
+    h2_still_serves(&proxy).await;
+    proxy.running.shutdown().await;
+}
+
+#[tokio::test]
+async fn http2_continuation_flood_is_cut_off() {
+    let (origin, proxy) = h2_proxy().await;
+    let mut client = RawH2::open(proxy.addr()).await;
+    let block = get_request(&[(b"x-workspace-id", b"acme")]);
+    assert!(client.send(&frame(HEADERS, END_STREAM, 1, &block)).await);
+    // Header block fragments that never end: 64 MiB if nobody stops them.
+    let filler = header_block(&[(b"x-filler", &[b'a'; 16_000])]);
+    let piece = frame(CONTINUATION, 0, 1, &filler);
+    let mut sent = 0usize;
+    let mut cut = false;
+    for _ in 0..4_096 {
+        match tokio::time::timeout(Duration::from_secs(2), client.send(&piece)).await {
+            Ok(true) => sent += piece.len(),
+            Ok(false) | Err(_) => {
+                cut = true;
+                break;
+            }
+        }
+    }
+    let (frames, closed) = client.frames(Duration::from_secs(3)).await;
+    eprintln!(
+        "continuation flood: cut after {sent} bytes; frames {:?}",
+        frames
+            .iter()
+            .map(|f| (f.0, f.2, f.3.len()))
+            .collect::<Vec<_>>()
+    );
+    assert!(
+        cut || closed,
+        "the proxy took {sent} bytes of one header block: {frames:?}"
+    );
+    assert!(
+        sent < 16 * 1024 * 1024,
+        "the proxy took {sent} bytes of one header block"
+    );
+    assert!(origin.take().complete.is_empty());
+    h2_still_serves(&proxy).await;
+    proxy.running.shutdown().await;
+}
+
+/// Reads what a connection has until it closes, or `wait` passes: (bytes, closed).
+async fn drain(stream: &mut TcpStream, wait: Duration) -> (Vec<u8>, bool) {
+    let mut out = Vec::new();
+    let mut buf = [0u8; 65536];
+    let deadline = tokio::time::Instant::now() + wait;
+    loop {
+        match tokio::time::timeout_at(deadline, stream.read(&mut buf)).await {
+            Ok(Ok(0)) | Ok(Err(_)) => return (out, true),
+            Ok(Ok(n)) => out.extend_from_slice(&buf[..n]),
+            Err(_) => return (out, false),
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn slow_and_greedy_clients_are_cut_at_their_limits_while_others_are_served() {
+    let us = origin("us").await;
+    let builder = proxy()
+        .route("us", &[&us])
+        .proxy_section("workers = 1")
+        .limits("header_read_timeout = \"600ms\"\nidle_timeout = \"1s\"");
+    let layout = pki(builder.dir());
+    let proxy = builder
+        .section(&tls_section(
+            &[layout.edge()],
+            "handshake_timeout = \"600ms\"",
+        ))
+        .start()
+        .await;
+    let addr = proxy.addr();
+    let tls_addr = proxy.running.tls_addr.expect("https address");
+
+    // Slowloris: heads that trickle in and never end.
+    let mut slowloris = Vec::new();
+    for _ in 0..20 {
+        let mut s = TcpStream::connect(addr).await.unwrap();
+        s.write_all(b"GET /slow HTTP/1.1\r\nHost: acme.localhost\r\nx-a: ")
+            .await
+            .unwrap();
+        slowloris.push(s);
+    }
+    let trickle = {
+        let mut streams: Vec<TcpStream> = std::mem::take(&mut slowloris);
+        tokio::spawn(async move {
+            for _ in 0..30 {
+                for s in streams.iter_mut() {
+                    let _ = s.write_all(b"a").await;
+                }
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            streams
+        })
+    };
+    // Slow bodies: a length promised, one byte sent.
+    let mut slow_bodies = Vec::new();
+    for _ in 0..10 {
+        let mut s = TcpStream::connect(addr).await.unwrap();
+        s.write_all(
+            b"POST /upload HTTP/1.1\r\nHost: acme.localhost\r\nContent-Length: 1000\r\n\r\nx",
+        )
+        .await
+        .unwrap();
+        slow_bodies.push(s);
+    }
+    // Slow readers: 64 MiB asked for, nothing read.
+    let mut slow_readers = Vec::new();
+    for _ in 0..5 {
+        let mut s = TcpStream::connect(addr).await.unwrap();
+        s.write_all(b"GET /bytes/67108864 HTTP/1.1\r\nHost: acme.localhost\r\n\r\n")
+            .await
+            .unwrap();
+        slow_readers.push(s);
+    }
+    // Stalled TLS handshakes: connected, nothing sent.
+    let mut stalled_tls = Vec::new();
+    for _ in 0..10 {
+        stalled_tls.push(TcpStream::connect(tls_addr).await.unwrap());
+    }
+
+    // Meanwhile everyone else is served, over both listeners.
+    let config = client_config(&layout.ca(), &[b"http/1.1"]);
+    for i in 0..20 {
+        let reply = get(
+            &proxy.url(&format!("/ok/{i}")),
+            &[("x-workspace-id", "acme")],
+        )
+        .await;
+        assert_eq!(
+            reply.status, 200,
+            "request {i} while slow clients hold connections"
+        );
+    }
+    let mut sender = Sender::open(
+        handshake(tls_addr, "acme.localhost", config)
+            .await
+            .expect("handshake"),
+    )
+    .await;
+    assert_eq!(
+        sender.get("acme.localhost", "/ok/tls", &[]).await.status,
+        200
+    );
+
+    // Each slow client is cut at its own limit, with its own answer.
+    let mut slowloris = trickle.await.unwrap();
+    for s in slowloris.iter_mut() {
+        let (answer, closed) = drain(s, Duration::from_secs(5)).await;
+        let answer = String::from_utf8_lossy(&answer);
+        assert!(
+            closed && answer.starts_with("HTTP/1.1 408"),
+            "slowloris: {answer}"
+        );
+    }
+    for s in slow_bodies.iter_mut() {
+        let (answer, closed) = drain(s, Duration::from_secs(5)).await;
+        let answer = String::from_utf8_lossy(&answer);
+        assert!(
+            closed && answer.starts_with("HTTP/1.1 408"),
+            "slow body: {answer}"
+        );
+    }
+    // A slow reader is cut once its writes have stalled for the idle timeout, a stalled
+    // handshake at the handshake timeout: wait until the proxy holds no more than the TLS
+    // client above (and perhaps the plain client's pooled connection), then look.
+    let pipeline = proxy.running.pipeline.clone();
+    let cut = eventually(Duration::from_secs(15), || {
+        pipeline
+            .metrics
+            .connections_active
+            .load(std::sync::atomic::Ordering::Relaxed)
+            <= 2
+    })
+    .await;
+    assert!(cut, "slow readers and stalled handshakes still held");
+    // The slow reader finds a truncated response, never all 64 MiB.
+    for s in slow_readers.iter_mut() {
+        let (got, closed) = drain(s, Duration::from_secs(10)).await;
+        assert!(closed, "a slow reader was not cut");
+        assert!(got.starts_with(b"HTTP/1.1 200"));
+        assert!(
+            got.len() < 64 << 20,
+            "all of it was buffered for a reader that never read"
+        );
+    }
+    for s in stalled_tls.iter_mut() {
+        let (got, closed) = drain(s, Duration::from_secs(5)).await;
+        assert!(
+            closed && got.is_empty(),
+            "a stalled handshake was not dropped"
+        );
+    }
+    let metrics = get(&proxy.admin_url("/metrics"), &[]).await;
+    let text = String::from_utf8_lossy(&metrics.body);
+    assert!(
+        text.lines()
+            .any(|l| l.starts_with("domicile_tls_handshake_failures_total ") && !l.ends_with(" 0")),
+        "stalled handshakes are counted"
+    );
+    proxy.running.shutdown().await;
+}
+
+#[tokio::test]
+async fn encoded_and_look_alike_workspace_ids_are_refused_or_normalised_never_remapped() {
+    let us = origin("us").await;
+    let eu = origin("eu").await;
+    let proxy = proxy()
+        .route("us", &[&us])
+        .route("eu", &[&eu])
+        .start()
+        .await;
+    // (host, target, extra header lines, expected: "acme" when forwarded, else the refusal code)
+    let cases: &[(&str, &str, &str, &str)] = &[
+        ("ACME.localhost", "/x", "", "acme"),
+        ("acme.localhost.", "/x", "", "acme"),
+        ("acme.localhost:8080", "/x", "", "acme"),
+        ("%61cme.localhost", "/x", "", "invalid_workspace"),
+        ("acme%2eglobex.localhost", "/x", "", "invalid_workspace"),
+        ("xn--cme-8cd.localhost", "/x", "", "unknown_workspace"),
+        ("\u{430}cme.localhost", "/x", "", "bad_request"),
+        ("acme\u{ff0e}localhost", "/x", "", "bad_request"),
+        ("edge.test", "/w/ACME/x", "", "acme"),
+        ("edge.test", "/w/%61cme/x", "", "acme"),
+        // An origin that decodes %2F reads acme, one that does not reads no valid id: never globex.
+        ("edge.test", "/w/acme%2fglobex/x", "", "acme"),
+        ("edge.test", "/w/acme%00/x", "", "invalid_workspace"),
+        ("edge.test", "/w/acme%20/x", "", "invalid_workspace"),
+        ("edge.test", "/w/%D0%B0cme/x", "", "invalid_workspace"),
+        ("edge.test", "/w/%EF%BD%81cme/x", "", "invalid_workspace"),
+        ("edge.test", "/w/ac.me/x", "", "invalid_workspace"),
+        ("edge.test", "/w/%2e%2e/x", "", "missing_workspace"),
+        (
+            "edge.test",
+            "/w/acme/%2e%2e/%2e%2e/w/globex/",
+            "",
+            "conflicting_workspace",
+        ),
+        (
+            "edge.test",
+            "/w/acme/..%2f..%2fw/globex/",
+            "",
+            "conflicting_workspace",
+        ),
+        (
+            "edge.test",
+            "/w/acme/..%5c..%5cw/globex/",
+            "",
+            "conflicting_workspace",
+        ),
+        ("edge.test", "/w/acme/projects/group%2Fproject", "", "acme"),
+        ("edge.test", "/w/\u{430}cme/x", "", "bad_request"),
+        (
+            "edge.test",
+            "/x?workspace=acme&workspace=globex",
+            "",
+            "conflicting_workspace",
+        ),
+        ("edge.test", "/x?workspace=%61cme", "", "acme"),
+        (
+            "edge.test",
+            "/x",
+            "x-workspace-id: acme, globex\r\n",
+            "invalid_workspace",
+        ),
+        (
+            "edge.test",
+            "/x",
+            "x-workspace-id: acme\r\nx-workspace-id: globex\r\n",
+            "conflicting_workspace",
+        ),
+        ("globex.localhost", "/w/acme/x", "", "conflicting_workspace"),
+        (
+            "acme.localhost",
+            "/x",
+            "x-domicile-workspace: globex\r\nx-domicile-region: eu\r\n",
+            "acme",
+        ),
+    ];
+    let mut failures = Vec::new();
+    for (host, target, extra, want) in cases {
+        let request =
+            format!("GET {target} HTTP/1.1\r\nHost: {host}\r\n{extra}Connection: close\r\n\r\n");
+        let answer = raw(proxy.addr(), request.as_bytes(), Duration::from_secs(3)).await;
+        let got = match raw_status(&answer) {
+            Some(200) => {
+                let seen = us.seen_requests();
+                match seen.last() {
+                    Some(s) => s
+                        .headers
+                        .get("x-domicile-workspace")
+                        .cloned()
+                        .unwrap_or_default(),
+                    None => "forwarded elsewhere".to_owned(),
+                }
+            }
+            _ => answer
+                .lines()
+                .find_map(|l| l.strip_prefix("x-domicile-refusal: "))
+                .unwrap_or("no refusal code")
+                .to_owned(),
+        };
+        if got != *want {
+            failures.push(format!("{host} {target} {extra:?}: got {got}, want {want}"));
+        }
+    }
+    assert!(
+        eu.seen_requests().is_empty(),
+        "globex's region was reached: {:?}",
+        eu.seen_requests()
+    );
+    assert!(failures.is_empty(), "{}", failures.join("\n"));
+    proxy.running.shutdown().await;
+}

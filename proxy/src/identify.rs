@@ -102,12 +102,15 @@ enum Compiled {
 }
 
 /// The path as an origin that normalizes paths would see it, for matching path rules: percent-
-/// encoded unreserved characters decoded, `.` and `..` segments resolved, runs of `/` collapsed.
+/// encoded unreserved characters decoded, encoded slashes (`%2F`) and backslashes (`%5C`, `\`)
+/// taken as separators (as servers that decode before they route do), `.` and `..` segments
+/// resolved, runs of `/` collapsed.
 /// Without that, `//w/globex/x` or `/x/../w/%67lobex/` would escape a `/w/{workspace}/` rule and
 /// be routed as unidentified while the origin serves them as globex's. Borrowed (no allocation)
 /// when the path is already normal.
 pub fn normalized_path(path: &str) -> std::borrow::Cow<'_, str> {
-    let needs_work = path.contains('%') || path.contains("//") || path.contains("/.");
+    let needs_work =
+        path.contains('%') || path.contains("//") || path.contains("/.") || path.contains('\\');
     if !needs_work {
         return std::borrow::Cow::Borrowed(path);
     }
@@ -125,9 +128,14 @@ pub fn normalized_path(path: &str) -> std::borrow::Cow<'_, str> {
                     i += 3;
                     continue;
                 }
+                if c == b'/' || c == b'\\' {
+                    decoded.push(b'/');
+                    i += 3;
+                    continue;
+                }
             }
         }
-        decoded.push(bytes[i]);
+        decoded.push(if bytes[i] == b'\\' { b'/' } else { bytes[i] });
         i += 1;
     }
     let decoded = String::from_utf8_lossy(&decoded);
@@ -561,7 +569,12 @@ mod tests {
             ("/./w/./acme", "/w/acme"),
             ("/w/%61cme/x", "/w/acme/x"),
             ("/w/%2E%2E/w/acme/", "/w/acme/"),
-            ("/w/a%2Fb/", "/w/a%2Fb/"),
+            // Encoded slashes and backslashes separate segments, as a decoding server sees them.
+            ("/w/a%2Fb/", "/w/a/b/"),
+            ("/w/acme/..%2f..%2fw/globex/", "/w/globex/"),
+            ("/w/acme\\..\\..\\w/globex/", "/w/globex/"),
+            ("/w/acme/..%5C..%5Cw/globex/", "/w/globex/"),
+            ("/w/%25/", "/w/%25/"),
             ("/../../", "/"),
             ("/w/acme/..", "/w/"),
             ("/%", "/%"),
