@@ -918,3 +918,210 @@ async fn encoded_and_look_alike_workspace_ids_are_refused_or_normalised_never_re
     assert!(failures.is_empty(), "{}", failures.join("\n"));
     proxy.running.shutdown().await;
 }
+
+/// A case of a misbehaving origin: its reply script, and what the client must get.
+struct OriginCase {
+    name: &'static str,
+    script: common::scripted::Script,
+    /// The status, or `None` for a cut stream (head relayed, body cut short).
+    status: Option<u16>,
+    refusal: Option<&'static str>,
+}
+
+fn origin_cases() -> Vec<OriginCase> {
+    let bad = |name, script, refusal| OriginCase {
+        name,
+        script,
+        status: Some(if refusal == "upstream_timeout" {
+            504
+        } else {
+            502
+        }),
+        refusal: Some(refusal),
+    };
+    vec![
+        bad(
+            "Content-Length with Transfer-Encoding",
+            |_| {
+                (b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\ntransfer-encoding: chunked\r\n\r\n2\r\nok\r\n0\r\n\r\n".to_vec(), false)
+            },
+            "upstream_error",
+        ),
+        bad(
+            "two Content-Lengths",
+            |_| {
+                (
+                    b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\ncontent-length: 3\r\n\r\nok".to_vec(),
+                    false,
+                )
+            },
+            "upstream_error",
+        ),
+        bad(
+            "negative Content-Length",
+            |_| {
+                (
+                    b"HTTP/1.1 200 OK\r\ncontent-length: -1\r\n\r\n".to_vec(),
+                    false,
+                )
+            },
+            "upstream_error",
+        ),
+        bad(
+            "Transfer-Encoding gzip, chunked",
+            |_| {
+                (
+                    b"HTTP/1.1 200 OK\r\ntransfer-encoding: gzip, chunked\r\n\r\n".to_vec(),
+                    false,
+                )
+            },
+            "upstream_error",
+        ),
+        bad(
+            "101 to a request that asked no upgrade",
+            |_| {
+                (b"HTTP/1.1 101 Switching Protocols\r\nupgrade: websocket\r\nconnection: upgrade\r\n\r\n".to_vec(), false)
+            },
+            "upstream_error",
+        ),
+        bad(
+            "a status line that does not parse",
+            |_| (b"HTTP/1.1 2x0 OK\r\n\r\n".to_vec(), false),
+            "upstream_error",
+        ),
+        bad(
+            "a response head of 1 MiB",
+            |_| {
+                let mut r = b"HTTP/1.1 200 OK\r\nx-huge: ".to_vec();
+                r.resize(r.len() + (1 << 20), b'h');
+                r.extend_from_slice(b"\r\ncontent-length: 2\r\n\r\nok");
+                (r, false)
+            },
+            "upstream_error",
+        ),
+        bad(
+            "a flood of interim responses",
+            |_| {
+                let mut r = b"HTTP/1.1 100 Continue\r\n\r\n".repeat(1_000);
+                r.extend_from_slice(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok");
+                (r, false)
+            },
+            "upstream_error",
+        ),
+        bad(
+            "a broken chunk size before the body began",
+            |_| {
+                (
+                    b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\nzz\r\n".to_vec(),
+                    false,
+                )
+            },
+            "upstream_error",
+        ),
+        bad(
+            "closed without an answer",
+            |_| (Vec::new(), true),
+            "upstream_error",
+        ),
+        bad(
+            "never answering",
+            |_| (Vec::new(), false),
+            "upstream_timeout",
+        ),
+        OriginCase {
+            name: "closed in the middle of its body",
+            script: |_| {
+                (
+                    b"HTTP/1.1 200 OK\r\ncontent-length: 100\r\n\r\nonly ten..".to_vec(),
+                    true,
+                )
+            },
+            status: None,
+            refusal: None,
+        },
+    ]
+}
+
+/// Sends one GET on a fresh connection; returns the status (if a head came) and whether the
+/// body arrived whole by its own framing.
+async fn get_raw(addr: SocketAddr) -> (Option<u16>, String, bool) {
+    let mut stream = TcpStream::connect(addr).await.unwrap();
+    stream
+        .write_all(b"GET /o HTTP/1.1\r\nHost: acme.localhost\r\nConnection: close\r\n\r\n")
+        .await
+        .unwrap();
+    let (bytes, _) = drain(&mut stream, Duration::from_secs(5)).await;
+    let text = String::from_utf8_lossy(&bytes).into_owned();
+    let status = raw_status(&text);
+    let whole = match text.split_once("\r\n\r\n") {
+        Some((head, body)) => head
+            .lines()
+            .find_map(|l| {
+                l.to_ascii_lowercase()
+                    .strip_prefix("content-length: ")
+                    .map(str::to_owned)
+            })
+            .and_then(|n| n.trim().parse::<usize>().ok())
+            .is_some_and(|n| body.len() == n),
+        None => false,
+    };
+    (status, text, whole)
+}
+
+async fn run_origin_table(fast_path: bool) {
+    let mut failures = Vec::new();
+    for case in origin_cases() {
+        let origin = common::scripted::scripted(case.script).await;
+        let proxy = proxy()
+            .route_addrs("us", &[origin.addr], "health.enabled = false")
+            .proxy_section(&format!("workers = 1\nfast_path = {fast_path}"))
+            .limits("upstream_response_timeout = \"500ms\"\nretries = 0")
+            .start()
+            .await;
+        for attempt in 0..2 {
+            let (status, answer, whole) = get_raw(proxy.addr()).await;
+            let short: String = answer.chars().take(300).collect();
+            match case.status {
+                Some(want) => {
+                    let code_ok = case
+                        .refusal
+                        .is_none_or(|code| answer.contains(&format!("x-domicile-refusal: {code}")));
+                    if status != Some(want) || !code_ok || !whole {
+                        failures.push(format!(
+                            "{} (fast path {fast_path}, attempt {attempt}): {short:?}",
+                            case.name
+                        ));
+                    }
+                }
+                None => {
+                    if status != Some(200) || whole {
+                        failures.push(format!(
+                            "{} (fast path {fast_path}): not cut: {short:?}",
+                            case.name
+                        ));
+                    }
+                }
+            }
+        }
+        // Nothing is reused after a misbehaving response: each attempt had its own connection.
+        let accepted = origin.accepted.load(std::sync::atomic::Ordering::SeqCst);
+        if accepted != 2 {
+            failures.push(format!(
+                "{} (fast path {fast_path}): {accepted} origin connections for 2 requests",
+                case.name
+            ));
+        }
+        proxy.running.shutdown().await;
+    }
+    assert!(failures.is_empty(), "{}", failures.join("\n"));
+}
+
+#[tokio::test]
+async fn misbehaving_origins_get_502_or_504_or_a_cut_stream_and_are_not_reused() {
+    run_origin_table(true).await;
+}
+
+#[tokio::test]
+async fn misbehaving_origins_are_handled_the_same_without_the_fast_path() {
+    run_origin_table(false).await;
+}

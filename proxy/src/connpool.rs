@@ -269,7 +269,7 @@ impl Target {
     }
 
     async fn new_http1(&self) -> Result<http1::SendRequest<ProxyBody>, SendError> {
-        let stream = self.connect_io().await?;
+        let stream = crate::screen::ResponseScreen::new(self.connect_io().await?);
         let (sender, connection) = http1::Builder::new()
             .handshake(TokioIo::new(stream))
             .await

@@ -36,7 +36,7 @@ use crate::audit::Entry;
 use crate::config::UpstreamProtocol;
 use crate::connpool::{EndpointKey, SendError, IDLE_TIMEOUT, MAX_IDLE_PER_ENDPOINT};
 use crate::decide::Decision;
-use crate::framing::{self, ChunkedBody, Violation};
+use crate::framing::{self, ChunkedBody, Violation, MAX_INTERIM, MAX_RESPONSE_HEAD};
 use crate::headers::{self, Peer};
 use crate::identify::Headers;
 use crate::inflight::InFlightGuard;
@@ -49,10 +49,6 @@ use crate::workspace_id::WorkspaceId;
 /// Header fields parsed per message; a head with more goes to hyper (requests) or is refused
 /// with 502 (responses).
 const MAX_FIELDS: usize = 100;
-/// The largest origin response head accepted.
-const MAX_RESPONSE_HEAD: usize = 64 * 1024;
-/// Interim (1xx) responses skipped before a final one; more is a misbehaving origin.
-const MAX_INTERIM: usize = 16;
 /// Read buffers grow by at least this much when nearly full.
 const READ_RESERVE: usize = 4096;
 /// Response bodies are relayed in reads of up to this many bytes.
@@ -693,16 +689,6 @@ fn response_hop_by_hop(name: &str) -> bool {
     }
 }
 
-fn parse_length(value: &[u8]) -> Option<u64> {
-    let value = value.trim_ascii();
-    if value.is_empty() || value.len() > 18 || !value.iter().all(u8::is_ascii_digit) {
-        return None;
-    }
-    value.iter().try_fold(0u64, |n, d| {
-        n.checked_mul(10)?.checked_add(u64::from(d - b'0'))
-    })
-}
-
 /// Parses the origin's response head at `rbuf[start..]`; a final one is rewritten into `out`.
 fn parse_response(
     rbuf: &[u8],
@@ -720,15 +706,11 @@ fn parse_response(
     let (Some(version), Some(code)) = (resp.version, resp.code) else {
         return Err("malformed response head".into());
     };
-    if code == 101 {
-        return Err("101 Switching Protocols to a request that asked for no upgrade".into());
-    }
-    if (100..200).contains(&code) {
+    if code != 101 && (100..200).contains(&code) {
         return Ok(Parsed::Interim(len));
     }
     let fields: &[httparse::Header<'_>] = resp.headers;
-    let mut chunked = false;
-    let mut length: Option<u64> = None;
+    let (chunked, length) = framing::check_response_fields(code, false, fields)?;
     // HTTP/1.0 origins close unless told otherwise; not worth reusing.
     let mut origin_close = version == 0;
     let mut named: Vec<&[u8]> = Vec::new();
@@ -737,22 +719,6 @@ fn parse_response(
         let name = field.name.as_bytes();
         if name.eq_ignore_ascii_case(b"date") {
             has_date = true;
-        } else if name.eq_ignore_ascii_case(b"transfer-encoding") {
-            if chunked || !field.value.trim_ascii().eq_ignore_ascii_case(b"chunked") {
-                return Err(format!(
-                    "unsupported transfer-encoding {:?}",
-                    String::from_utf8_lossy(field.value)
-                ));
-            }
-            chunked = true;
-        } else if name.eq_ignore_ascii_case(b"content-length") {
-            let Some(n) = parse_length(field.value) else {
-                return Err("invalid content-length".into());
-            };
-            if length.is_some_and(|m| m != n) {
-                return Err("conflicting content-length fields".into());
-            }
-            length = Some(n);
         } else if name.eq_ignore_ascii_case(b"connection") {
             for token in field.value.split(|&b| b == b',') {
                 let token = token.trim_ascii();
@@ -763,9 +729,6 @@ fn parse_response(
                 }
             }
         }
-    }
-    if chunked && length.is_some() {
-        return Err("both content-length and transfer-encoding".into());
     }
     let framing = if plan.head_request || code == 204 || code == 304 {
         Framing::None
@@ -1404,15 +1367,6 @@ mod tests {
         assert!(!plain_target("/a b"));
         assert!(!plain_target("/a#frag"));
         assert!(!plain_target("/caf\u{e9}"));
-    }
-
-    #[test]
-    fn lengths_are_strict() {
-        assert_eq!(parse_length(b" 42 "), Some(42));
-        assert_eq!(parse_length(b"+1"), None);
-        assert_eq!(parse_length(b"1,1"), None);
-        assert_eq!(parse_length(b""), None);
-        assert_eq!(parse_length(b"9999999999999999999"), None);
     }
 
     #[test]

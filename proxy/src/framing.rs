@@ -543,6 +543,51 @@ fn check_target(
     }
 }
 
+/// The framing fields of an origin's response, by the same rules on the fast path and on
+/// hyper's connections: one `Transfer-Encoding: chunked` at most, `Content-Length` digits only
+/// (repeated only with the same value), never both, and no 101 unless an upgrade was asked for.
+/// Returns (chunked, length).
+pub fn check_response_fields(
+    code: u16,
+    upgrade_asked: bool,
+    fields: &[httparse::Header<'_>],
+) -> Result<(bool, Option<u64>), String> {
+    if code == 101 && !upgrade_asked {
+        return Err("101 Switching Protocols to a request that asked for no upgrade".into());
+    }
+    let mut chunked = false;
+    let mut length: Option<u64> = None;
+    for field in fields {
+        let name = field.name.as_bytes();
+        if name.eq_ignore_ascii_case(b"transfer-encoding") {
+            if chunked || !field.value.trim_ascii().eq_ignore_ascii_case(b"chunked") {
+                return Err(format!(
+                    "unsupported transfer-encoding {:?}",
+                    String::from_utf8_lossy(field.value)
+                ));
+            }
+            chunked = true;
+        } else if name.eq_ignore_ascii_case(b"content-length") {
+            let Some(n) = parse_content_length(field.value.trim_ascii()) else {
+                return Err("invalid content-length".into());
+            };
+            if length.is_some_and(|m| m != n) {
+                return Err("conflicting content-length fields".into());
+            }
+            length = Some(n);
+        }
+    }
+    if chunked && length.is_some() {
+        return Err("both content-length and transfer-encoding".into());
+    }
+    Ok((chunked, length))
+}
+
+/// Largest origin response head accepted.
+pub const MAX_RESPONSE_HEAD: usize = 64 * 1024;
+/// Interim (1xx) responses accepted before a final one; more is a misbehaving origin.
+pub const MAX_INTERIM: usize = 16;
+
 /// Limits on the parts of a chunked body that are not data.
 pub const MAX_CHUNK_EXTRA: usize = 16 * 1024;
 /// Hex digits a chunk size may have (15: below 2^60 bytes).

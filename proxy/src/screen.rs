@@ -321,3 +321,305 @@ impl<I: AsyncWrite + Unpin> AsyncWrite for Screened<I> {
         Pin::new(&mut self.inner).poll_shutdown(cx)
     }
 }
+
+/// An origin connection as hyper's client reads it: each response head is held back until it is
+/// complete and passes the same framing rules as on the fast path
+/// ([`framing::check_response_fields`], at most [`framing::MAX_INTERIM`] interim responses, a
+/// head within [`framing::MAX_RESPONSE_HEAD`]); the body's framing is followed so the next head
+/// is found. A response that breaks them fails the read: hyper fails the exchange (502 before
+/// the head went on, a cut stream after) and never reuses the connection. To know whether a
+/// response may have a body or switch protocols, it notes each request's method and `Upgrade`
+/// as hyper writes them.
+pub(crate) struct ResponseScreen<I> {
+    inner: I,
+    held: Vec<u8>,
+    ready: usize,
+    state: ResponseState,
+    /// The head of the request being written, until it is complete.
+    request_head: Vec<u8>,
+    request: Option<RequestSeen>,
+    interim: usize,
+}
+
+#[derive(Debug, Clone, Copy)]
+struct RequestSeen {
+    head: bool,
+    upgrade: bool,
+}
+
+#[derive(Debug)]
+enum ResponseState {
+    Head,
+    Length(u64),
+    /// A chunked head of `head` bytes, held until its first size line is complete.
+    FirstChunk {
+        head: usize,
+        fed: usize,
+        chunks: ChunkedBody,
+    },
+    Chunked(ChunkedBody),
+    UntilClose,
+    Tunnel,
+    Failed(String),
+}
+
+impl<I> ResponseScreen<I> {
+    pub(crate) fn new(inner: I) -> Self {
+        ResponseScreen {
+            inner,
+            held: Vec::new(),
+            ready: 0,
+            state: ResponseState::Head,
+            request_head: Vec::new(),
+            request: None,
+            interim: 0,
+        }
+    }
+
+    /// Notes the start of a request as hyper writes it.
+    fn saw_written(&mut self, data: &[u8]) {
+        if self.request.is_some() || !matches!(self.state, ResponseState::Head) {
+            return;
+        }
+        let room = framing::MAX_RESPONSE_HEAD.saturating_sub(self.request_head.len());
+        self.request_head
+            .extend_from_slice(&data[..data.len().min(room)]);
+        let head = &self.request_head;
+        let Some(end) = head.windows(4).position(|w| w == b"\r\n\r\n") else {
+            if room == 0 {
+                // A head this large was not written by hyper's client; judge it as a GET.
+                self.request = Some(RequestSeen {
+                    head: false,
+                    upgrade: false,
+                });
+            }
+            return;
+        };
+        let head = &head[..end];
+        let upgrade = head
+            .split(|&b| b == b'\n')
+            .skip(1)
+            .any(|line| line.len() > 8 && line[..8].eq_ignore_ascii_case(b"upgrade:"));
+        self.request = Some(RequestSeen {
+            head: head.starts_with(b"HEAD "),
+            upgrade,
+        });
+        self.request_head = Vec::new();
+    }
+
+    fn advance(&mut self) {
+        while self.ready < self.held.len() {
+            let avail = &self.held[self.ready..];
+            match &mut self.state {
+                ResponseState::Head => {
+                    let Some(request) = self.request else {
+                        self.state = ResponseState::Failed(
+                            "the origin sent bytes with no request outstanding".into(),
+                        );
+                        return;
+                    };
+                    let mut fields = [httparse::EMPTY_HEADER; 100];
+                    let mut response = httparse::Response::new(&mut fields);
+                    let len = match response.parse(avail) {
+                        Ok(httparse::Status::Complete(n)) => n,
+                        Ok(httparse::Status::Partial) => {
+                            if avail.len() > framing::MAX_RESPONSE_HEAD {
+                                self.state = ResponseState::Failed(format!(
+                                    "response head larger than {} bytes",
+                                    framing::MAX_RESPONSE_HEAD
+                                ));
+                            }
+                            return;
+                        }
+                        Err(e) => {
+                            self.state =
+                                ResponseState::Failed(format!("malformed response head: {e}"));
+                            return;
+                        }
+                    };
+                    let code = response.code.unwrap_or(0);
+                    let checked =
+                        framing::check_response_fields(code, request.upgrade, response.headers);
+                    let (chunked, length) = match checked {
+                        Ok(framing) => framing,
+                        Err(e) => {
+                            self.state = ResponseState::Failed(e);
+                            return;
+                        }
+                    };
+                    if chunked && code >= 200 && !request.head && code != 204 && code != 304 {
+                        // Held with its first chunk-size line, so that a body broken from its
+                        // start is a 502 rather than a cut stream.
+                        self.state = ResponseState::FirstChunk {
+                            head: len,
+                            fed: 0,
+                            chunks: ChunkedBody::default(),
+                        };
+                        continue;
+                    }
+                    self.ready += len;
+                    if code == 101 {
+                        self.state = ResponseState::Tunnel;
+                    } else if (100..200).contains(&code) {
+                        self.interim += 1;
+                        if self.interim > framing::MAX_INTERIM {
+                            self.state = ResponseState::Failed(format!(
+                                "more than {} interim responses",
+                                framing::MAX_INTERIM
+                            ));
+                            return;
+                        }
+                    } else if request.head || code == 204 || code == 304 || length == Some(0) {
+                        self.response_done();
+                    } else if chunked {
+                        self.state = ResponseState::Chunked(ChunkedBody::default());
+                    } else if let Some(n) = length {
+                        self.state = ResponseState::Length(n);
+                    } else {
+                        self.state = ResponseState::UntilClose;
+                    }
+                }
+                ResponseState::FirstChunk { head, fed, chunks } => {
+                    let body = &avail[*head + *fed..];
+                    if body.is_empty() {
+                        return;
+                    }
+                    match chunks.feed(body) {
+                        Err(v) => {
+                            self.state =
+                                ResponseState::Failed(format!("malformed chunked body: {v}"));
+                            return;
+                        }
+                        Ok(Some(end)) => {
+                            self.ready += *head + *fed + end;
+                            self.response_done();
+                        }
+                        Ok(None) => {
+                            *fed += body.len();
+                            if !chunks.first_line_done() {
+                                return;
+                            }
+                            self.ready += *head + *fed;
+                            self.state = ResponseState::Chunked(std::mem::take(chunks));
+                        }
+                    }
+                }
+                ResponseState::Length(left) => {
+                    let n = avail
+                        .len()
+                        .min(usize::try_from(*left).unwrap_or(usize::MAX));
+                    self.ready += n;
+                    *left -= n as u64;
+                    if *left == 0 {
+                        self.response_done();
+                    }
+                }
+                ResponseState::Chunked(chunks) => match chunks.feed(avail) {
+                    Ok(Some(end)) => {
+                        self.ready += end;
+                        self.response_done();
+                    }
+                    Ok(None) => self.ready = self.held.len(),
+                    Err(v) => {
+                        self.state = ResponseState::Failed(format!("malformed chunked body: {v}"));
+                        return;
+                    }
+                },
+                ResponseState::UntilClose | ResponseState::Tunnel => self.ready = self.held.len(),
+                ResponseState::Failed(_) => return,
+            }
+        }
+    }
+
+    fn response_done(&mut self) {
+        self.state = ResponseState::Head;
+        self.request = None;
+        self.interim = 0;
+    }
+}
+
+impl<I: AsyncRead + Unpin> AsyncRead for ResponseScreen<I> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let this = &mut *self;
+        loop {
+            if this.ready > 0 {
+                let n = this.ready.min(buf.remaining());
+                buf.put_slice(&this.held[..n]);
+                this.held.drain(..n);
+                this.ready -= n;
+                if this.held.is_empty() && this.held.capacity() > KEEP_CAPACITY {
+                    this.held = Vec::new();
+                }
+                return Poll::Ready(Ok(()));
+            }
+            if let ResponseState::Failed(reason) = &this.state {
+                return Poll::Ready(Err(io::Error::new(
+                    io::ErrorKind::InvalidData,
+                    reason.clone(),
+                )));
+            }
+            let before = buf.filled().len();
+            ready!(Pin::new(&mut this.inner).poll_read(cx, buf))?;
+            if buf.filled().len() == before {
+                return Poll::Ready(Ok(()));
+            }
+            if this.held.is_empty()
+                && matches!(
+                    this.state,
+                    ResponseState::UntilClose | ResponseState::Tunnel
+                )
+            {
+                return Poll::Ready(Ok(()));
+            }
+            this.held.extend_from_slice(&buf.filled()[before..]);
+            buf.set_filled(before);
+            this.advance();
+        }
+    }
+}
+
+impl<I: AsyncWrite + Unpin> AsyncWrite for ResponseScreen<I> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        data: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        let n = ready!(Pin::new(&mut self.inner).poll_write(cx, data))?;
+        self.saw_written(&data[..n]);
+        Poll::Ready(Ok(n))
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        let n = ready!(Pin::new(&mut self.inner).poll_write_vectored(cx, bufs))?;
+        let mut left = n;
+        for slice in bufs {
+            if left == 0 {
+                break;
+            }
+            let take = slice.len().min(left);
+            self.saw_written(&slice[..take]);
+            left -= take;
+        }
+        Poll::Ready(Ok(n))
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+}

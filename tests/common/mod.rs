@@ -2,6 +2,7 @@
 #![allow(dead_code)]
 
 pub mod cp;
+pub mod scripted;
 pub mod tls;
 
 use std::collections::BTreeMap;
