@@ -809,13 +809,7 @@ async fn slow_and_greedy_clients_are_cut_at_their_limits_while_others_are_served
 
 #[tokio::test]
 async fn encoded_and_look_alike_workspace_ids_are_refused_or_normalised_never_remapped() {
-    let us = origin("us").await;
-    let eu = origin("eu").await;
-    let proxy = proxy()
-        .route("us", &[&us])
-        .route("eu", &[&eu])
-        .start()
-        .await;
+    let (us, eu, proxy) = two_regions().await;
     // (host, target, extra header lines, expected: "acme" when forwarded, else the refusal code)
     let cases: &[(&str, &str, &str, &str)] = &[
         ("ACME.localhost", "/x", "", "acme"),

@@ -32,6 +32,23 @@ use crate::pipeline::Pipeline;
 /// Held-back buffers up to this size are kept between requests; larger ones are freed, so an
 /// idle connection does not keep a large head's buffer.
 const KEEP_CAPACITY: usize = 1024;
+/// Bytes read per step while a head is held back.
+const HOLD_READ: usize = 4096;
+
+/// Hands `held[..*ready]` (as much as `buf` takes) on to hyper; false when nothing is ready.
+fn release(held: &mut Vec<u8>, ready: &mut usize, buf: &mut ReadBuf<'_>) -> bool {
+    if *ready == 0 {
+        return false;
+    }
+    let n = (*ready).min(buf.remaining());
+    buf.put_slice(&held[..n]);
+    held.drain(..n);
+    *ready -= n;
+    if held.is_empty() && held.capacity() > KEEP_CAPACITY {
+        *held = Vec::new();
+    }
+    true
+}
 
 /// An HTTP/1.1 client connection as hyper reads it: screened (see the module documentation).
 pub(crate) struct Screened<I> {
@@ -248,14 +265,7 @@ impl<I: AsyncRead + Unpin> AsyncRead for Screened<I> {
     ) -> Poll<io::Result<()>> {
         let this = &mut *self;
         loop {
-            if this.ready > 0 {
-                let n = this.ready.min(buf.remaining());
-                buf.put_slice(&this.held[..n]);
-                this.held.drain(..n);
-                this.ready -= n;
-                if this.held.is_empty() && this.held.capacity() > KEEP_CAPACITY {
-                    this.held = Vec::new();
-                }
+            if release(&mut this.held, &mut this.ready, buf) {
                 return Poll::Ready(Ok(()));
             }
             match this.state {
@@ -266,12 +276,6 @@ impl<I: AsyncRead + Unpin> AsyncRead for Screened<I> {
                 }
                 _ => {}
             }
-            let before = buf.filled().len();
-            ready!(Pin::new(&mut this.inner).poll_read(cx, buf))?;
-            if buf.filled().len() == before {
-                // End of stream; a head begun and not finished is dropped with it.
-                return Poll::Ready(Ok(()));
-            }
             if this.held.is_empty()
                 && matches!(
                     this.state,
@@ -279,14 +283,26 @@ impl<I: AsyncRead + Unpin> AsyncRead for Screened<I> {
                 )
             {
                 // Body bytes go straight through, checked in place.
+                let before = buf.filled().len();
+                ready!(Pin::new(&mut this.inner).poll_read(cx, buf))?;
+                if buf.filled().len() == before {
+                    return Poll::Ready(Ok(()));
+                }
                 this.take_body(buf, before);
                 if buf.filled().len() > before {
                     return Poll::Ready(Ok(()));
                 }
                 continue;
             }
-            this.held.extend_from_slice(&buf.filled()[before..]);
-            buf.set_filled(before);
+            // Held back: read in small steps, so that the body after a head is not copied
+            // through `held` but read straight into hyper's buffer once the head has gone on.
+            let mut step = buf.take(HOLD_READ);
+            ready!(Pin::new(&mut this.inner).poll_read(cx, &mut step))?;
+            if step.filled().is_empty() {
+                // End of stream; a head begun and not finished is dropped with it.
+                return Poll::Ready(Ok(()));
+            }
+            this.held.extend_from_slice(step.filled());
             this.advance();
         }
     }
@@ -531,6 +547,39 @@ impl<I> ResponseScreen<I> {
         }
     }
 
+    /// As [`Screened::take_body`], for a response body.
+    fn take_body(&mut self, buf: &mut ReadBuf<'_>, before: usize) {
+        let new = &buf.filled()[before..];
+        let keep = match &mut self.state {
+            ResponseState::Length(left) => {
+                let n = new.len().min(usize::try_from(*left).unwrap_or(usize::MAX));
+                *left -= n as u64;
+                if *left == 0 {
+                    self.response_done();
+                }
+                n
+            }
+            ResponseState::Chunked(chunks) => match chunks.feed(new) {
+                Ok(Some(end)) => {
+                    self.response_done();
+                    end
+                }
+                Ok(None) => new.len(),
+                Err(v) => {
+                    buf.set_filled(before);
+                    self.state = ResponseState::Failed(format!("malformed chunked body: {v}"));
+                    return;
+                }
+            },
+            _ => new.len(),
+        };
+        if keep < new.len() {
+            self.held.extend_from_slice(&new[keep..]);
+            buf.set_filled(before + keep);
+            self.advance();
+        }
+    }
+
     fn response_done(&mut self) {
         self.state = ResponseState::Head;
         self.request = None;
@@ -546,14 +595,7 @@ impl<I: AsyncRead + Unpin> AsyncRead for ResponseScreen<I> {
     ) -> Poll<io::Result<()>> {
         let this = &mut *self;
         loop {
-            if this.ready > 0 {
-                let n = this.ready.min(buf.remaining());
-                buf.put_slice(&this.held[..n]);
-                this.held.drain(..n);
-                this.ready -= n;
-                if this.held.is_empty() && this.held.capacity() > KEEP_CAPACITY {
-                    this.held = Vec::new();
-                }
+            if release(&mut this.held, &mut this.ready, buf) {
                 return Poll::Ready(Ok(()));
             }
             if let ResponseState::Failed(reason) = &this.state {
@@ -562,21 +604,32 @@ impl<I: AsyncRead + Unpin> AsyncRead for ResponseScreen<I> {
                     reason.clone(),
                 )));
             }
-            let before = buf.filled().len();
-            ready!(Pin::new(&mut this.inner).poll_read(cx, buf))?;
-            if buf.filled().len() == before {
-                return Poll::Ready(Ok(()));
-            }
             if this.held.is_empty()
                 && matches!(
                     this.state,
-                    ResponseState::UntilClose | ResponseState::Tunnel
+                    ResponseState::Length(_)
+                        | ResponseState::Chunked(_)
+                        | ResponseState::UntilClose
+                        | ResponseState::Tunnel
                 )
             {
+                let before = buf.filled().len();
+                ready!(Pin::new(&mut this.inner).poll_read(cx, buf))?;
+                if buf.filled().len() == before {
+                    return Poll::Ready(Ok(()));
+                }
+                this.take_body(buf, before);
+                if buf.filled().len() > before {
+                    return Poll::Ready(Ok(()));
+                }
+                continue;
+            }
+            let mut step = buf.take(HOLD_READ);
+            ready!(Pin::new(&mut this.inner).poll_read(cx, &mut step))?;
+            if step.filled().is_empty() {
                 return Poll::Ready(Ok(()));
             }
-            this.held.extend_from_slice(&buf.filled()[before..]);
-            buf.set_filled(before);
+            this.held.extend_from_slice(step.filled());
             this.advance();
         }
     }
