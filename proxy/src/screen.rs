@@ -363,6 +363,20 @@ struct RequestSeen {
     upgrade: bool,
 }
 
+impl RequestSeen {
+    /// What matters of a request head (without its blank line) for framing its response.
+    fn of(head: &[u8]) -> Self {
+        let upgrade = head
+            .split(|&b| b == b'\n')
+            .skip(1)
+            .any(|line| line.len() > 8 && line[..8].eq_ignore_ascii_case(b"upgrade:"));
+        RequestSeen {
+            head: head.starts_with(b"HEAD "),
+            upgrade,
+        }
+    }
+}
+
 #[derive(Debug)]
 enum ResponseState {
     Head,
@@ -397,29 +411,24 @@ impl<I> ResponseScreen<I> {
         if self.request.is_some() || !matches!(self.state, ResponseState::Head) {
             return;
         }
+        // hyper writes a request head in one piece: judged in place, without a copy.
+        if self.request_head.is_empty() {
+            if let Some(end) = data.windows(4).position(|w| w == b"\r\n\r\n") {
+                self.request = Some(RequestSeen::of(&data[..end]));
+                return;
+            }
+        }
         let room = framing::MAX_RESPONSE_HEAD.saturating_sub(self.request_head.len());
         self.request_head
             .extend_from_slice(&data[..data.len().min(room)]);
-        let head = &self.request_head;
-        let Some(end) = head.windows(4).position(|w| w == b"\r\n\r\n") else {
+        let Some(end) = self.request_head.windows(4).position(|w| w == b"\r\n\r\n") else {
             if room == 0 {
                 // A head this large was not written by hyper's client; judge it as a GET.
-                self.request = Some(RequestSeen {
-                    head: false,
-                    upgrade: false,
-                });
+                self.request = Some(RequestSeen::of(b"GET"));
             }
             return;
         };
-        let head = &head[..end];
-        let upgrade = head
-            .split(|&b| b == b'\n')
-            .skip(1)
-            .any(|line| line.len() > 8 && line[..8].eq_ignore_ascii_case(b"upgrade:"));
-        self.request = Some(RequestSeen {
-            head: head.starts_with(b"HEAD "),
-            upgrade,
-        });
+        self.request = Some(RequestSeen::of(&self.request_head[..end]));
         self.request_head = Vec::new();
     }
 
