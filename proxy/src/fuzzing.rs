@@ -7,8 +7,9 @@ use std::path::Path;
 use crate::config::{ProxyConfig, Rule};
 use crate::framing::{self, ChunkedBody};
 use crate::identify::{Headers, Identifier, Identity, RequestView};
-use crate::map::Replica;
-use crate::mapfile::MapBuilder;
+use crate::map::{MapTable, Replica};
+use crate::mapfile::{self, MapBuilder};
+use crate::sync::{self, Position, Taken};
 use crate::workspace_id::WorkspaceId;
 
 /// Request heads and chunked bodies: the framing rules never panic, a head found in one piece
@@ -136,4 +137,153 @@ pub fn snapshot(data: &[u8]) {
     if let Ok(loaded) = builder.finish(Path::new("fuzz-snapshot")) {
         assert!(loaded.table.len() <= lines, "more entries than lines");
     }
+}
+
+/// The base map the change-stream target starts from: version 10 of epoch `e1`.
+const CHANGE_BASE: &str = "{\"type\":\"map\",\"version\":10,\"epoch\":\"e1\"}\n\
+    {\"type\":\"region\",\"id\":\"us\",\"jurisdiction\":[\"US\"]}\n\
+    {\"type\":\"region\",\"id\":\"eu\",\"jurisdiction\":[\"DE\",\"FR\"]}\n\
+    {\"type\":\"workspace\",\"id\":\"acme\",\"region\":\"us\",\"epoch\":1,\"version\":3}\n\
+    {\"type\":\"workspace\",\"id\":\"globex\",\"region\":\"eu\",\"state\":\"frozen\",\"epoch\":2,\"version\":9}\n";
+
+fn entries(table: &MapTable) -> Vec<(String, crate::map::MapEntry)> {
+    let mut all = Vec::new();
+    table.for_each(|id, entry| all.push((id.to_owned(), entry)));
+    all.sort_by(|a, b| a.0.cmp(&b.0));
+    all
+}
+
+/// The change stream (`GET /v1/map/changes`), line by line as the sync task takes it, from a
+/// fixed base map. A change is applied only with the next version; a line that is refused
+/// ends the stream and leaves the table as it was; after every line the running checksum is
+/// the checksum of the table as it stands, and every entry names a known region. Returns how
+/// many changes were applied.
+pub fn change_stream(data: &[u8]) -> usize {
+    let replica = Replica::new();
+    let mut builder = MapBuilder::new(&replica, 4);
+    for line in CHANGE_BASE.lines() {
+        builder.line(line);
+    }
+    let loaded = builder
+        .finish(Path::new("fuzz-base"))
+        .expect("the base map loads");
+    let mut pos = Position {
+        epoch: loaded.epoch.clone().expect("the base names its epoch"),
+        version: loaded.table.version(),
+        checksum: loaded.checksum,
+        catalogue: loaded.regions.clone(),
+    };
+    replica
+        .replace(loaded.table, &loaded.regions)
+        .expect("the base catalogue is valid");
+    let table = replica.table().expect("a map is loaded");
+    let mut applied = 0;
+    for text in data.split(|&b| b == b'\n') {
+        let before = entries(&table);
+        let version = pos.version;
+        match sync::take_line(&replica, &mut pos, text) {
+            Ok(Taken::Applied) => {
+                assert_eq!(pos.version, version + 1, "a change skipped a version");
+                assert_eq!(table.version(), pos.version, "the table's version lags");
+                applied += 1;
+            }
+            Ok(Taken::Hello | Taken::Heartbeat) => {
+                assert_eq!(pos.version, version);
+                assert_eq!(entries(&table), before, "a marker line changed the map");
+            }
+            Err(_) => {
+                assert_eq!(pos.version, version);
+                assert_eq!(table.version(), version);
+                assert_eq!(entries(&table), before, "a refused line changed the map");
+                break;
+            }
+        }
+        let mut checksum = domicile_wire::Checksum::default();
+        for (id, entry) in entries(&table) {
+            let region = replica
+                .regions()
+                .id(entry.home_region)
+                .expect("every entry names an interned region");
+            checksum.add(mapfile::entry_hash(&id, &region, &entry));
+        }
+        assert_eq!(checksum, pos.checksum, "the running checksum drifted");
+    }
+    applied
+}
+
+/// A sealed log written by the proxy's own audit writer (two segments, closed), and its
+/// public key: `proxy/fuzz/fixtures/audit`, rewritten by the ignored test
+/// `write_audit_fuzz_fixture`.
+const AUDIT_SEGMENTS: [&[u8]; 2] = [
+    include_bytes!("../fuzz/fixtures/audit/audit-00000001.jsonl"),
+    include_bytes!("../fuzz/fixtures/audit/audit-00000002.jsonl"),
+];
+const AUDIT_KEY: &str = include_str!("../fuzz/fixtures/audit/audit.pub");
+
+/// Audit verification input (`domicile audit verify`). The first byte picks the mode:
+///
+/// - even: the rest is a log of its own, segments split at `0xFF` bytes (numbered from 1,
+///   or from 2 when the second byte is odd). The verifier never panics and its verdict agrees
+///   with its findings.
+/// - odd: the sealed fixture log with one edit: in segment `data[1] % 2`, at the offset given
+///   by `data[2..4]`, `data[4] % 32` bytes are replaced by the rest of the input. Whatever
+///   the edit, a log that differs from what the proxy wrote is never reported intact.
+///
+/// Returns the verdict, when the input made it to the verifier.
+pub fn audit_verify(data: &[u8]) -> Option<crate::audit::verify::Verdict> {
+    use crate::audit::verify::{verify_segments, Verdict};
+    let key = crate::audit::keys::parse_verifying_key(AUDIT_KEY).expect("the fixture key");
+    let (&mode, rest) = data.split_first()?;
+    if mode % 2 == 0 {
+        let start = u64::from(rest.first().is_some_and(|b| b % 2 == 1)) + 1;
+        let body = rest.get(1..).unwrap_or_default();
+        let pieces: Vec<&[u8]> = body.split(|&b| b == 0xFF).take(4).collect();
+        let segments: Vec<(u64, &[u8])> = pieces
+            .iter()
+            .enumerate()
+            .map(|(i, piece)| (start + i as u64, *piece))
+            .collect();
+        let lines: usize = pieces
+            .iter()
+            .map(|p| p.iter().filter(|&&b| b == b'\n').count())
+            .sum();
+        let report = verify_segments(&segments, &key, None).expect("numbered from 1 up");
+        assert!(report.records + report.checkpoints <= lines as u64);
+        match report.verdict {
+            Verdict::Intact => {
+                assert!(report.findings.is_empty() && report.open_tail.is_none());
+            }
+            Verdict::Open => {
+                assert!(report.findings.is_empty() && report.open_tail.is_some());
+            }
+            Verdict::Damaged => assert!(!report.findings.is_empty()),
+        }
+        let _ = report.to_text();
+        return Some(report.verdict);
+    }
+    if rest.len() < 4 {
+        return None;
+    }
+    let which = usize::from(rest[0] % 2);
+    let original = AUDIT_SEGMENTS[which];
+    let at = usize::from(u16::from_le_bytes([rest[1], rest[2]])) % (original.len() + 1);
+    let cut = (usize::from(rest[3]) % 32).min(original.len() - at);
+    let insert = &rest[4..];
+    let mut edited = original[..at].to_vec();
+    edited.extend_from_slice(insert);
+    edited.extend_from_slice(&original[at + cut..]);
+    let mut segments: Vec<(u64, &[u8])> = vec![(1, AUDIT_SEGMENTS[0]), (2, AUDIT_SEGMENTS[1])];
+    segments[which].1 = &edited;
+    let report = verify_segments(&segments, &key, None).expect("numbered from 1 up");
+    if edited != original {
+        assert_ne!(
+            report.verdict,
+            Verdict::Intact,
+            "an edit at byte {at} of segment {} went unnoticed",
+            which + 1
+        );
+    } else {
+        assert_eq!(report.verdict, Verdict::Intact, "{}", report.to_text());
+    }
+    Some(report.verdict)
 }

@@ -146,11 +146,11 @@ impl Resync {
 }
 
 /// The map as the sync task tracks it, beside the replica's table.
-struct Position {
-    epoch: String,
-    version: u64,
-    checksum: Checksum,
-    catalogue: Vec<CatalogueRegion>,
+pub(crate) struct Position {
+    pub(crate) epoch: String,
+    pub(crate) version: u64,
+    pub(crate) checksum: Checksum,
+    pub(crate) catalogue: Vec<CatalogueRegion>,
 }
 
 /// Applies one change line to `table` (and `catalogue`); the caller publishes the version.
@@ -243,6 +243,78 @@ fn apply_change(
             Ok(true)
         }
         FeedLine::Hello { .. } | FeedLine::Heartbeat { .. } => Ok(false),
+    }
+}
+
+/// What one line of the change stream did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Taken {
+    Hello,
+    Heartbeat,
+    /// A change, applied and published: `pos.version` is its version.
+    Applied,
+}
+
+/// Takes one line of the live change stream (without its line feed): a hello or heartbeat
+/// is checked against `pos`, a change must carry the next version and is applied to the
+/// replica's table and published. Anything else ends the stream with the reason to resync;
+/// the table is then as it was before the line.
+pub(crate) fn take_line(
+    replica: &Replica,
+    pos: &mut Position,
+    text: &[u8],
+) -> Result<Taken, Resync> {
+    let line: FeedLine = match serde_json::from_slice(text) {
+        Ok(line) => line,
+        Err(e) => {
+            tracing::warn!("unreadable change line: {e}");
+            return Err(Resync::Invalid);
+        }
+    };
+    match &line {
+        FeedLine::Hello { epoch, head } | FeedLine::Heartbeat { epoch, head } => {
+            if *epoch != pos.epoch {
+                return Err(Resync::Epoch);
+            }
+            if *head < pos.version {
+                return Err(Resync::Backwards);
+            }
+            Ok(if matches!(line, FeedLine::Hello { .. }) {
+                Taken::Hello
+            } else {
+                Taken::Heartbeat
+            })
+        }
+        change => {
+            let version = change.version().unwrap_or_default();
+            if Some(version) != pos.version.checked_add(1) {
+                return Err(if version <= pos.version {
+                    Resync::Backwards
+                } else {
+                    Resync::Gap
+                });
+            }
+            let Some(table) = replica.table() else {
+                return Err(Resync::Invalid);
+            };
+            match apply_change(&table, replica.regions(), pos, change) {
+                Ok(changed) => {
+                    if changed {
+                        if let Err(e) = replica.regions().set_catalogue(&pos.catalogue) {
+                            tracing::warn!("cannot apply a region change: {e}");
+                            return Err(Resync::Invalid);
+                        }
+                    }
+                    pos.version = version;
+                    table.publish_version(version);
+                    Ok(Taken::Applied)
+                }
+                Err(e) => {
+                    tracing::warn!(version, "cannot apply a change: {e}");
+                    Err(Resync::Invalid)
+                }
+            }
+        }
     }
 }
 
@@ -856,68 +928,17 @@ impl Syncer {
             while let Some(nl) = pending[start..].iter().position(|&b| b == b'\n') {
                 let text = &pending[start..start + nl];
                 start += nl + 1;
-                let line: FeedLine = match serde_json::from_slice(text) {
-                    Ok(line) => line,
-                    Err(e) => {
-                        tracing::warn!("unreadable change line: {e}");
-                        outcome = Some(Resync::Invalid);
-                        break;
-                    }
-                };
                 let pos = self.pos.as_mut().expect("following needs a map");
-                match &line {
-                    FeedLine::Hello { epoch, head } | FeedLine::Heartbeat { epoch, head } => {
-                        if *epoch != pos.epoch {
-                            outcome = Some(Resync::Epoch);
-                            break;
-                        }
-                        if *head < pos.version {
-                            outcome = Some(Resync::Backwards);
-                            break;
-                        }
-                        if matches!(line, FeedLine::Hello { .. }) {
-                            backoff.reset();
-                        }
+                match take_line(&self.pipeline.replica, pos, text) {
+                    Ok(Taken::Hello) => backoff.reset(),
+                    Ok(Taken::Heartbeat) => {}
+                    Ok(Taken::Applied) => {
+                        journal.extend_from_slice(text);
+                        journal.push(b'\n');
                     }
-                    change => {
-                        let version = change.version().unwrap_or_default();
-                        if Some(version) != pos.version.checked_add(1) {
-                            outcome = Some(if version <= pos.version {
-                                Resync::Backwards
-                            } else {
-                                Resync::Gap
-                            });
-                            break;
-                        }
-                        let Some(table) = self.pipeline.replica.table() else {
-                            outcome = Some(Resync::Invalid);
-                            break;
-                        };
-                        match apply_change(&table, self.pipeline.replica.regions(), pos, change) {
-                            Ok(changed) => {
-                                if changed {
-                                    if let Err(e) = self
-                                        .pipeline
-                                        .replica
-                                        .regions()
-                                        .set_catalogue(&pos.catalogue)
-                                    {
-                                        tracing::warn!("cannot apply a region change: {e}");
-                                        outcome = Some(Resync::Invalid);
-                                        break;
-                                    }
-                                }
-                                pos.version = version;
-                                table.publish_version(version);
-                                journal.extend_from_slice(text);
-                                journal.push(b'\n');
-                            }
-                            Err(e) => {
-                                tracing::warn!(version, "cannot apply a change: {e}");
-                                outcome = Some(Resync::Invalid);
-                                break;
-                            }
-                        }
+                    Err(reason) => {
+                        outcome = Some(reason);
+                        break;
                     }
                 }
             }

@@ -28,13 +28,17 @@ pub fn segment_name(number: u64) -> String {
     format!("audit-{number:08}.jsonl")
 }
 
-/// The segment number in a file name, if it is a segment's.
+/// The segment number in a file name, if it is a segment's: exactly the name
+/// [`segment_name`] gives, so that no two files in a directory claim the same number.
 pub fn segment_number(name: &str) -> Option<u64> {
     let digits = name.strip_prefix("audit-")?.strip_suffix(".jsonl")?;
     if digits.len() < 8 || !digits.bytes().all(|b| b.is_ascii_digit()) {
         return None;
     }
-    digits.parse().ok().filter(|&n| n > 0)
+    digits
+        .parse()
+        .ok()
+        .filter(|&n| n > 0 && segment_name(n) == name)
 }
 
 /// The segments in `dir`, by number.
@@ -363,6 +367,8 @@ mod tests {
             "audit-00000000.jsonl",
             "x-00000001.jsonl",
             "audit-00000001.json",
+            // Another spelling of segment 1: it would make two files claim one number.
+            "audit-000000001.jsonl",
         ] {
             assert_eq!(segment_number(bad), None, "{bad}");
         }

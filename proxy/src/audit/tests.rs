@@ -500,3 +500,57 @@ fn a_full_queue_refuses_and_the_next_checkpoint_says_so() {
         .iter()
         .all(|l| l.contains("\"complete\":false")));
 }
+
+/// Where the audit fuzz target's sealed log lives (`crate::fuzzing::audit_verify`).
+fn fuzz_fixture_dir() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("fuzz/fixtures/audit")
+}
+
+/// Writes the audit fuzz target's fixture: a closed log of a dozen records over two
+/// segments and its public key (the signing key is thrown away). Run by hand when the log
+/// format changes: `cargo test -p domicile-proxy --lib -- --ignored write_audit_fuzz_fixture`.
+#[test]
+#[ignore = "rewrites proxy/fuzz/fixtures/audit"]
+fn write_audit_fuzz_fixture() {
+    let log = Log::new();
+    let audit = log.start(2048);
+    log.record(&audit, 12);
+    audit.stop();
+    let out = fuzz_fixture_dir();
+    if out.exists() {
+        std::fs::remove_dir_all(&out).unwrap();
+    }
+    std::fs::create_dir_all(&out).unwrap();
+    for (number, path) in format::list_segments(&log.audit_dir).unwrap() {
+        std::fs::copy(path, out.join(segment_name(number))).unwrap();
+    }
+    std::fs::write(
+        out.join("audit.pub"),
+        keys::public_pem(&log.public).unwrap(),
+    )
+    .unwrap();
+}
+
+#[test]
+fn the_audit_fuzz_fixture_is_a_closed_intact_log() {
+    let dir = fuzz_fixture_dir();
+    let key = keys::load_verifying_key(&dir.join("audit.pub")).unwrap();
+    let report = verify(&dir, &key, None).unwrap();
+    assert_eq!(report.verdict, Verdict::Intact, "{}", report.to_text());
+    assert!(report.segments.len() >= 2, "the fixture should rotate");
+    assert_eq!(report.records, 12);
+    // The same log from memory reads the same.
+    let segments: Vec<(u64, Vec<u8>)> = format::list_segments(&dir)
+        .unwrap()
+        .into_iter()
+        .map(|(n, p)| (n, std::fs::read(p).unwrap()))
+        .collect();
+    let borrowed: Vec<(u64, &[u8])> = segments.iter().map(|(n, b)| (*n, &b[..])).collect();
+    let again = super::verify::verify_segments(&borrowed, &key, None).unwrap();
+    assert_eq!(
+        again
+            .to_text()
+            .replace("(memory)", &dir.display().to_string()),
+        report.to_text()
+    );
+}

@@ -136,6 +136,8 @@ pub enum VerifyError {
     },
     #[error("the witness checkpoint cannot be used: {0}")]
     Witness(String),
+    #[error("segment numbers must start from 1 or more and ascend")]
+    Numbering,
 }
 
 /// One complete line of a segment, parsed.
@@ -201,6 +203,58 @@ pub fn verify(
             path: dir.to_owned(),
         });
     }
+    let names: Vec<(u64, String)> = segments
+        .iter()
+        .map(|(n, path)| {
+            let name = path
+                .file_name()
+                .map_or_else(String::new, |n| n.to_string_lossy().into_owned());
+            (*n, name)
+        })
+        .collect();
+    check(dir, key, witness, &names, |index| {
+        let path = &segments[index].1;
+        std::fs::read(path).map_err(|source| VerifyError::Read {
+            path: path.clone(),
+            source,
+        })
+    })
+}
+
+/// Verifies a log held in memory: `segments` are (segment number, contents), in ascending
+/// order of number. The report is the one [`verify`] gives for a directory holding them.
+pub fn verify_segments(
+    segments: &[(u64, &[u8])],
+    key: &VerifyingKey,
+    witness: Option<&str>,
+) -> Result<Report, VerifyError> {
+    let dir = Path::new("(memory)");
+    if segments.is_empty() {
+        return Err(VerifyError::Empty {
+            path: dir.to_owned(),
+        });
+    }
+    if segments[0].0 == 0 || segments.windows(2).any(|w| w[0].0 >= w[1].0) {
+        return Err(VerifyError::Numbering);
+    }
+    let names: Vec<(u64, String)> = segments
+        .iter()
+        .map(|(n, _)| (*n, format::segment_name(*n)))
+        .collect();
+    check(dir, key, witness, &names, |index| {
+        Ok(segments[index].1.to_vec())
+    })
+}
+
+/// The verification proper, over segments (number, file name), ascending and not empty, read
+/// one at a time by `read` (by index into `segments`).
+fn check(
+    dir: &Path,
+    key: &VerifyingKey,
+    witness: Option<&str>,
+    segments: &[(u64, String)],
+    mut read: impl FnMut(usize) -> Result<Vec<u8>, VerifyError>,
+) -> Result<Report, VerifyError> {
     let witness = witness.map(|w| parse_witness(w, key)).transpose()?;
     let mut v = Verifier {
         key,
@@ -230,7 +284,7 @@ pub fn verify(
         pending_partial: None,
         pending_open: None,
     };
-    let (first, _) = segments[0];
+    let first = segments[0].0;
     if first != 1 {
         v.report.findings.push(Finding {
             kind: Damage::SegmentDeleted,
@@ -249,7 +303,7 @@ pub fn verify(
     }
     let last_index = segments.len() - 1;
     let mut expected_number = first;
-    for (index, (number, path)) in segments.iter().enumerate() {
+    for (index, (number, file)) in segments.iter().enumerate() {
         let mut gap = false;
         if *number != expected_number {
             gap = true;
@@ -271,11 +325,8 @@ pub fn verify(
             });
         }
         expected_number = number + 1;
-        let bytes = std::fs::read(path).map_err(|source| VerifyError::Read {
-            path: path.clone(),
-            source,
-        })?;
-        v.segment(*number, path, &bytes, gap, index == last_index);
+        let bytes = read(index)?;
+        v.segment(*number, file, &bytes, gap, index == last_index);
     }
     if let Some(witness) = witness {
         v.check_witness(&witness);
@@ -360,10 +411,8 @@ impl Verifier<'_> {
         });
     }
 
-    fn segment(&mut self, number: u64, path: &Path, bytes: &[u8], gap: bool, newest: bool) {
-        let file = path
-            .file_name()
-            .map_or_else(String::new, |n| n.to_string_lossy().into_owned());
+    fn segment(&mut self, number: u64, file: &str, bytes: &[u8], gap: bool, newest: bool) {
+        let file = file.to_owned();
         let mut pieces: Vec<&[u8]> = bytes.split(|&b| b == b'\n').collect();
         // After the last newline: empty, or an unfinished line.
         let partial = pieces.pop().map_or(0, |p| p.len() as u64);
