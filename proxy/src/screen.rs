@@ -1,4 +1,5 @@
-//! The framing screen: every byte hyper reads from an HTTP/1.1 client passes through it.
+//! The framing screens: every byte hyper reads from an HTTP/1.1 client, and from an HTTP/1.1
+//! origin, passes through one.
 //!
 //! hyper's parser is lenient where the RFC lets it be (it takes the last of two equal
 //! `Content-Length`s, lets `Transfer-Encoding` win over `Content-Length`, accepts LF alone as a
@@ -17,6 +18,14 @@
 //!
 //! After an upgrade or CONNECT head the screen steps aside: the bytes that follow may not be
 //! HTTP, and an upgrade that an origin declines ends its connection (see the pipeline).
+//!
+//! [`ResponseScreen`] does the same for responses on hyper's origin connections, with the fast
+//! path's response rules.
+//!
+//! Both are one reader ([`Screen`]) over a [`Framer`] that judges bytes. Bytes are read
+//! straight into hyper's buffer and judged there; only what must wait (a head not yet
+//! complete, a chunked head before its first size line) is copied aside, so a body is never
+//! copied and hyper's reads stay as large as it asks for.
 
 use std::io;
 use std::pin::Pin;
@@ -29,42 +38,223 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use crate::framing::{self, BodyFraming, ChunkedBody, Violation, MALFORMED_FIELD};
 use crate::pipeline::Pipeline;
 
-/// Held-back buffers up to this size are kept between requests; larger ones are freed, so an
+/// Held-back buffers up to this size are kept between messages; larger ones are freed, so an
 /// idle connection does not keep a large head's buffer.
 const KEEP_CAPACITY: usize = 1024;
 /// Bytes read per step while a head is held back.
 const HOLD_READ: usize = 4096;
 
-/// Hands `held[..*ready]` (as much as `buf` takes) on to hyper; false when nothing is ready.
-fn release(held: &mut Vec<u8>, ready: &mut usize, buf: &mut ReadBuf<'_>) -> bool {
-    if *ready == 0 {
-        return false;
-    }
-    let n = (*ready).min(buf.remaining());
-    buf.put_slice(&held[..n]);
-    held.drain(..n);
-    *ready -= n;
-    if held.is_empty() && held.capacity() > KEEP_CAPACITY {
-        *held = Vec::new();
-    }
-    true
+/// What a [`Framer`] makes of the bytes it has not judged yet.
+pub(crate) enum Step {
+    /// More bytes are needed: hold these.
+    Wait,
+    /// This many bytes may go on (the framer has moved on past them).
+    Release(usize),
+    /// Hand on these bytes in place of everything from here; nothing more is read.
+    Replace(Vec<u8>),
+    /// The bytes from here broke the rules: reads fail (as [`Framer::ended`] says).
+    Fail,
 }
 
-/// An HTTP/1.1 client connection as hyper reads it: screened (see the module documentation).
-pub(crate) struct Screened<I> {
+/// Judges a byte stream message by message for [`Screen`].
+pub(crate) trait Framer {
+    /// Judges `avail`: the bytes after those already released, from the start of what is held.
+    fn step(&mut self, avail: &[u8]) -> Step;
+    /// What reads return once the stream was refused or failed; `None` while it goes on.
+    fn ended(&self) -> Option<Poll<io::Result<()>>>;
+    /// Notes bytes written the other way (a request, for a response framer).
+    fn wrote(&mut self, _data: &[u8]) {}
+}
+
+/// A connection as hyper reads it, through a [`Framer`].
+pub(crate) struct Screen<I, F> {
     inner: I,
-    /// Bytes read from the client and not yet handed to hyper.
+    /// Bytes read and not yet handed to hyper.
     held: Vec<u8>,
     /// `held[..ready]` has passed and may be handed on.
     ready: usize,
+    framer: F,
+}
+
+/// An HTTP/1.1 client connection as hyper's server reads it.
+pub(crate) type Screened<I> = Screen<I, RequestFramer>;
+
+/// An origin connection as hyper's client reads it: each response head is held back until it
+/// is complete and passes the same framing rules as on the fast path
+/// ([`framing::check_response_fields`], at most [`framing::MAX_INTERIM`] interim responses, a
+/// head within [`framing::MAX_RESPONSE_HEAD`]); the body's framing is followed so the next head
+/// is found. A response that breaks them fails the read: hyper fails the exchange (502 before
+/// the head went on, a cut stream after) and never reuses the connection. To know whether a
+/// response may have a body or switch protocols, it notes each request's method and `Upgrade`
+/// as hyper writes them.
+pub(crate) type ResponseScreen<I> = Screen<I, ResponseFramer>;
+
+impl<I, F: Framer> Screen<I, F> {
+    fn with(inner: I, framer: F) -> Self {
+        Screen {
+            inner,
+            held: Vec::new(),
+            ready: 0,
+            framer,
+        }
+    }
+
+    /// Hands `held[..ready]` (as much as `buf` takes) on to hyper; false when nothing is ready.
+    fn release(&mut self, buf: &mut ReadBuf<'_>) -> bool {
+        if self.ready == 0 {
+            return false;
+        }
+        let n = self.ready.min(buf.remaining());
+        buf.put_slice(&self.held[..n]);
+        self.held.drain(..n);
+        self.ready -= n;
+        if self.held.is_empty() && self.held.capacity() > KEEP_CAPACITY {
+            self.held = Vec::new();
+        }
+        true
+    }
+
+    /// Works through the unjudged bytes in `held` as far as they go.
+    fn advance(&mut self) {
+        while self.ready < self.held.len() {
+            match self.framer.step(&self.held[self.ready..]) {
+                Step::Wait => return,
+                Step::Release(n) => self.ready += n,
+                Step::Replace(bytes) => {
+                    self.held.truncate(self.ready);
+                    self.held.extend_from_slice(&bytes);
+                    self.ready = self.held.len();
+                    return;
+                }
+                Step::Fail => {
+                    self.held.truncate(self.ready);
+                    return;
+                }
+            }
+        }
+    }
+
+    /// Judges `buf.filled()[before..]`, bytes just read into hyper's buffer with nothing held,
+    /// where they lie: what passes stays, what must wait moves into `held`, and a refusal or
+    /// failure cuts the buffer where it starts.
+    fn judge_in_place(&mut self, buf: &mut ReadBuf<'_>, before: usize) {
+        let mut at = before;
+        while at < buf.filled().len() {
+            match self.framer.step(&buf.filled()[at..]) {
+                Step::Release(n) => at += n,
+                Step::Wait => {
+                    self.held.extend_from_slice(&buf.filled()[at..]);
+                    buf.set_filled(at);
+                    // The framer may have moved on (a chunked head now held): go on in `held`.
+                    self.advance();
+                    return;
+                }
+                Step::Replace(bytes) => {
+                    buf.set_filled(at);
+                    self.held = bytes;
+                    self.ready = self.held.len();
+                    return;
+                }
+                Step::Fail => {
+                    buf.set_filled(at);
+                    return;
+                }
+            }
+        }
+    }
+}
+
+impl<I: AsyncRead + Unpin, F: Framer + Unpin> AsyncRead for Screen<I, F> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let this = &mut *self;
+        loop {
+            if this.release(buf) {
+                return Poll::Ready(Ok(()));
+            }
+            if let Some(ended) = this.framer.ended() {
+                return ended;
+            }
+            if this.held.is_empty() {
+                let before = buf.filled().len();
+                ready!(Pin::new(&mut this.inner).poll_read(cx, buf))?;
+                if buf.filled().len() == before {
+                    return Poll::Ready(Ok(()));
+                }
+                this.judge_in_place(buf, before);
+                if buf.filled().len() > before {
+                    return Poll::Ready(Ok(()));
+                }
+                continue;
+            }
+            // A head is held back: read in small steps, so that the body after it is not
+            // copied through `held` but read straight into hyper's buffer once it has gone on.
+            let mut step = buf.take(HOLD_READ);
+            ready!(Pin::new(&mut this.inner).poll_read(cx, &mut step))?;
+            if step.filled().is_empty() {
+                // End of stream; a head begun and not finished is dropped with it.
+                return Poll::Ready(Ok(()));
+            }
+            this.held.extend_from_slice(step.filled());
+            this.advance();
+        }
+    }
+}
+
+impl<I: AsyncWrite + Unpin, F: Framer + Unpin> AsyncWrite for Screen<I, F> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        data: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        let n = ready!(Pin::new(&mut self.inner).poll_write(cx, data))?;
+        self.framer.wrote(&data[..n]);
+        Poll::Ready(Ok(n))
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        let n = ready!(Pin::new(&mut self.inner).poll_write_vectored(cx, bufs))?;
+        let mut left = n;
+        for slice in bufs {
+            if left == 0 {
+                break;
+            }
+            let take = slice.len().min(left);
+            self.framer.wrote(&slice[..take]);
+            left -= take;
+        }
+        Poll::Ready(Ok(n))
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+}
+
+/// The request framing rules, for [`Screened`].
+pub(crate) struct RequestFramer {
     state: State,
     pipeline: Arc<Pipeline>,
 }
 
 #[derive(Debug)]
 enum State {
-    /// Waiting for a complete head at `held[ready..]`; `scanned` as [`framing::find_head_end`]
-    /// keeps it.
+    /// Waiting for a complete head; `scanned` as [`framing::find_head_end`] keeps it.
     Head {
         scanned: usize,
     },
@@ -88,268 +278,143 @@ enum State {
 
 impl<I> Screened<I> {
     pub(crate) fn new(inner: I, pipeline: Arc<Pipeline>) -> Self {
-        Screened {
+        Screen::with(
             inner,
-            held: Vec::new(),
-            ready: 0,
-            state: State::Head { scanned: 0 },
-            pipeline,
-        }
+            RequestFramer {
+                state: State::Head { scanned: 0 },
+                pipeline,
+            },
+        )
     }
+}
 
-    /// Works through the unchecked bytes in `held` as far as they go.
-    fn advance(&mut self) {
-        let cap = self.pipeline.config.limits.head_buffer_cap();
-        while self.ready < self.held.len() {
-            let avail = &self.held[self.ready..];
-            let step = match &mut self.state {
-                State::Head { scanned } => match framing::find_head_end(avail, scanned) {
-                    Ok(Some(end)) if end > cap => Step::Refuse(Violation::HeadTooLarge),
-                    Ok(Some(end)) => match framing::check_request_head(&avail[..end]) {
-                        Err(violation) => Step::Refuse(violation),
-                        Ok(head) => match head.body {
-                            BodyFraming::Chunked if !head.expect_continue && !head.tunnel => {
-                                Step::Hold(State::FirstChunk {
-                                    head: end,
-                                    fed: 0,
-                                    chunks: ChunkedBody::default(),
-                                })
-                            }
-                            _ if head.tunnel => Step::Release(end, Some(State::Tunnel)),
-                            BodyFraming::None => {
-                                Step::Release(end, Some(State::Head { scanned: 0 }))
-                            }
-                            BodyFraming::Length(n) => Step::Release(end, Some(State::Length(n))),
-                            BodyFraming::Chunked => {
-                                Step::Release(end, Some(State::Chunked(ChunkedBody::default())))
-                            }
-                        },
-                    },
-                    Ok(None) if avail.len() > cap => Step::Refuse(Violation::HeadTooLarge),
-                    Ok(None) => Step::Wait,
-                    Err(violation) => Step::Refuse(violation),
-                },
-                State::FirstChunk { head, fed, chunks } => {
-                    let body = &avail[*head + *fed..];
-                    if body.is_empty() {
-                        Step::Wait
-                    } else {
-                        match chunks.feed(body) {
-                            Err(violation) => Step::Refuse(violation),
-                            Ok(Some(end)) => {
-                                Step::Release(*head + *fed + end, Some(State::Head { scanned: 0 }))
-                            }
-                            Ok(None) => {
-                                *fed += body.len();
-                                if chunks.first_line_done() {
-                                    let chunks = std::mem::take(chunks);
-                                    Step::Release(*head + *fed, Some(State::Chunked(chunks)))
-                                } else {
-                                    Step::Wait
-                                }
-                            }
-                        }
-                    }
-                }
-                State::Length(left) => {
-                    let n = avail
-                        .len()
-                        .min(usize::try_from(*left).unwrap_or(usize::MAX));
-                    *left -= n as u64;
-                    Step::Release(n, (*left == 0).then_some(State::Head { scanned: 0 }))
-                }
-                State::Chunked(chunks) => match chunks.feed(avail) {
-                    Ok(Some(end)) => Step::Release(end, Some(State::Head { scanned: 0 })),
-                    Ok(None) => Step::Release(avail.len(), None),
-                    Err(violation) => Step::Fail(violation),
-                },
-                State::Tunnel => Step::Release(avail.len(), None),
-                State::Refused | State::Failed(_) => Step::Wait,
-            };
-            match step {
-                Step::Wait => return,
-                Step::Refuse(violation) => return self.refuse(violation),
-                Step::Fail(violation) => return self.fail(violation),
-                Step::Hold(state) => self.state = state,
-                Step::Release(n, next) => {
-                    self.ready += n;
-                    if let Some(state) = next {
-                        self.state = state;
-                    }
-                }
-            }
-        }
-    }
-
-    /// Replaces everything from the refused head on with the synthetic refusal request.
-    fn refuse(&mut self, violation: Violation) {
+impl RequestFramer {
+    /// The synthetic request hyper reads in place of a refused head.
+    fn refuse(&mut self, violation: Violation) -> Step {
         self.count(violation);
-        self.held.truncate(self.ready);
-        self.held.extend_from_slice(
+        self.state = State::Refused;
+        let mut bytes = Vec::with_capacity(128);
+        bytes.extend_from_slice(
             b"GET / HTTP/1.1\r\nhost: malformed.invalid\r\nconnection: close\r\n",
         );
-        self.held.extend_from_slice(MALFORMED_FIELD.as_bytes());
-        self.held.extend_from_slice(b": ");
-        self.held.extend_from_slice(violation.as_str().as_bytes());
-        self.held.extend_from_slice(b"\r\n\r\n");
-        self.ready = self.held.len();
-        self.state = State::Refused;
+        bytes.extend_from_slice(MALFORMED_FIELD.as_bytes());
+        bytes.extend_from_slice(b": ");
+        bytes.extend_from_slice(violation.as_str().as_bytes());
+        bytes.extend_from_slice(b"\r\n\r\n");
+        Step::Replace(bytes)
     }
 
-    fn fail(&mut self, violation: Violation) {
+    fn fail(&mut self, violation: Violation) -> Step {
         self.count(violation);
         tracing::debug!(
             reason = violation.as_str(),
             "malformed chunked request body"
         );
-        self.held.truncate(self.ready);
         self.state = State::Failed(violation);
+        Step::Fail
     }
 
     fn count(&self, violation: Violation) {
         self.pipeline.metrics.malformed[violation.index()].fetch_add(1, Ordering::Relaxed);
     }
+}
 
-    /// Takes `buf.filled()[before..]`, bytes just read into hyper's buffer, as body bytes of
-    /// the current state: keeps in `buf` what belongs to the body and moves the rest (the
-    /// start of the next head) into `held`.
-    fn take_body(&mut self, buf: &mut ReadBuf<'_>, before: usize) {
-        let new = &buf.filled()[before..];
-        let keep = match &mut self.state {
+impl Framer for RequestFramer {
+    fn step(&mut self, avail: &[u8]) -> Step {
+        let cap = self.pipeline.config.limits.head_buffer_cap();
+        match &mut self.state {
+            State::Head { scanned } => match framing::find_head_end(avail, scanned) {
+                Ok(Some(end)) if end > cap => self.refuse(Violation::HeadTooLarge),
+                Ok(Some(end)) => match framing::check_request_head(&avail[..end]) {
+                    Err(violation) => self.refuse(violation),
+                    Ok(head) => {
+                        if head.body == BodyFraming::Chunked
+                            && !head.expect_continue
+                            && !head.tunnel
+                        {
+                            self.state = State::FirstChunk {
+                                head: end,
+                                fed: 0,
+                                chunks: ChunkedBody::default(),
+                            };
+                            return self.step(avail);
+                        }
+                        self.state = match head.body {
+                            _ if head.tunnel => State::Tunnel,
+                            BodyFraming::None | BodyFraming::Length(0) => {
+                                State::Head { scanned: 0 }
+                            }
+                            BodyFraming::Length(n) => State::Length(n),
+                            BodyFraming::Chunked => State::Chunked(ChunkedBody::default()),
+                        };
+                        Step::Release(end)
+                    }
+                },
+                Ok(None) if avail.len() > cap => self.refuse(Violation::HeadTooLarge),
+                Ok(None) => Step::Wait,
+                Err(violation) => self.refuse(violation),
+            },
+            State::FirstChunk { head, fed, chunks } => {
+                let body = &avail[*head + *fed..];
+                if body.is_empty() {
+                    return Step::Wait;
+                }
+                match chunks.feed(body) {
+                    Err(violation) => self.refuse(violation),
+                    Ok(Some(end)) => {
+                        let n = *head + *fed + end;
+                        self.state = State::Head { scanned: 0 };
+                        Step::Release(n)
+                    }
+                    Ok(None) => {
+                        *fed += body.len();
+                        if !chunks.first_line_done() {
+                            return Step::Wait;
+                        }
+                        let n = *head + *fed;
+                        self.state = State::Chunked(std::mem::take(chunks));
+                        Step::Release(n)
+                    }
+                }
+            }
             State::Length(left) => {
-                let n = new.len().min(usize::try_from(*left).unwrap_or(usize::MAX));
+                let n = avail
+                    .len()
+                    .min(usize::try_from(*left).unwrap_or(usize::MAX));
                 *left -= n as u64;
                 if *left == 0 {
                     self.state = State::Head { scanned: 0 };
                 }
-                n
+                Step::Release(n)
             }
-            State::Chunked(chunks) => match chunks.feed(new) {
+            State::Chunked(chunks) => match chunks.feed(avail) {
                 Ok(Some(end)) => {
                     self.state = State::Head { scanned: 0 };
-                    end
+                    Step::Release(end)
                 }
-                Ok(None) => new.len(),
-                Err(violation) => {
-                    buf.set_filled(before);
-                    return self.fail(violation);
-                }
+                Ok(None) => Step::Release(avail.len()),
+                Err(violation) => self.fail(violation),
             },
-            _ => new.len(),
-        };
-        if keep < new.len() {
-            self.held.extend_from_slice(&new[keep..]);
-            buf.set_filled(before + keep);
-            self.advance();
+            State::Tunnel => Step::Release(avail.len()),
+            State::Refused | State::Failed(_) => Step::Wait,
+        }
+    }
+
+    fn ended(&self) -> Option<Poll<io::Result<()>>> {
+        match self.state {
+            // hyper closes the connection after the refusal and reads no further.
+            State::Refused => Some(Poll::Pending),
+            State::Failed(violation) => Some(Poll::Ready(Err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                violation,
+            )))),
+            _ => None,
         }
     }
 }
 
-/// What [`Screened::advance`] does next.
-enum Step {
-    /// More bytes are needed.
-    Wait,
-    Refuse(Violation),
-    Fail(Violation),
-    /// Keep holding the bytes, in this state.
-    Hold(State),
-    /// This many more bytes may go on; then this state, if any.
-    Release(usize, Option<State>),
-}
-
-impl<I: AsyncRead + Unpin> AsyncRead for Screened<I> {
-    fn poll_read(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<io::Result<()>> {
-        let this = &mut *self;
-        loop {
-            if release(&mut this.held, &mut this.ready, buf) {
-                return Poll::Ready(Ok(()));
-            }
-            match this.state {
-                // hyper closes the connection after the refusal and reads no further.
-                State::Refused => return Poll::Pending,
-                State::Failed(violation) => {
-                    return Poll::Ready(Err(io::Error::new(io::ErrorKind::InvalidData, violation)))
-                }
-                _ => {}
-            }
-            if this.held.is_empty()
-                && matches!(
-                    this.state,
-                    State::Length(_) | State::Chunked(_) | State::Tunnel
-                )
-            {
-                // Body bytes go straight through, checked in place.
-                let before = buf.filled().len();
-                ready!(Pin::new(&mut this.inner).poll_read(cx, buf))?;
-                if buf.filled().len() == before {
-                    return Poll::Ready(Ok(()));
-                }
-                this.take_body(buf, before);
-                if buf.filled().len() > before {
-                    return Poll::Ready(Ok(()));
-                }
-                continue;
-            }
-            // Held back: read in small steps, so that the body after a head is not copied
-            // through `held` but read straight into hyper's buffer once the head has gone on.
-            let mut step = buf.take(HOLD_READ);
-            ready!(Pin::new(&mut this.inner).poll_read(cx, &mut step))?;
-            if step.filled().is_empty() {
-                // End of stream; a head begun and not finished is dropped with it.
-                return Poll::Ready(Ok(()));
-            }
-            this.held.extend_from_slice(step.filled());
-            this.advance();
-        }
-    }
-}
-
-impl<I: AsyncWrite + Unpin> AsyncWrite for Screened<I> {
-    fn poll_write(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        data: &[u8],
-    ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.inner).poll_write(cx, data)
-    }
-
-    fn poll_write_vectored(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        bufs: &[io::IoSlice<'_>],
-    ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.inner).poll_write_vectored(cx, bufs)
-    }
-
-    fn is_write_vectored(&self) -> bool {
-        self.inner.is_write_vectored()
-    }
-
-    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.inner).poll_flush(cx)
-    }
-
-    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.inner).poll_shutdown(cx)
-    }
-}
-
-/// An origin connection as hyper's client reads it: each response head is held back until it is
-/// complete and passes the same framing rules as on the fast path
-/// ([`framing::check_response_fields`], at most [`framing::MAX_INTERIM`] interim responses, a
-/// head within [`framing::MAX_RESPONSE_HEAD`]); the body's framing is followed so the next head
-/// is found. A response that breaks them fails the read: hyper fails the exchange (502 before
-/// the head went on, a cut stream after) and never reuses the connection. To know whether a
-/// response may have a body or switch protocols, it notes each request's method and `Upgrade`
-/// as hyper writes them.
-pub(crate) struct ResponseScreen<I> {
-    inner: I,
-    held: Vec<u8>,
-    ready: usize,
+/// The response framing rules, for [`ResponseScreen`].
+pub(crate) struct ResponseFramer {
     state: ResponseState,
     /// The head of the request being written, until it is complete.
     request_head: Vec<u8>,
@@ -395,19 +460,150 @@ enum ResponseState {
 
 impl<I> ResponseScreen<I> {
     pub(crate) fn new(inner: I) -> Self {
-        ResponseScreen {
+        Screen::with(
             inner,
-            held: Vec::new(),
-            ready: 0,
-            state: ResponseState::Head,
-            request_head: Vec::new(),
-            request: None,
-            interim: 0,
+            ResponseFramer {
+                state: ResponseState::Head,
+                request_head: Vec::new(),
+                request: None,
+                interim: 0,
+            },
+        )
+    }
+}
+
+impl ResponseFramer {
+    fn fail(&mut self, reason: String) -> Step {
+        self.state = ResponseState::Failed(reason);
+        Step::Fail
+    }
+
+    /// The response is over: the next bytes are the next response's head.
+    fn done(&mut self) {
+        self.state = ResponseState::Head;
+        self.request = None;
+        self.interim = 0;
+    }
+}
+
+impl Framer for ResponseFramer {
+    fn step(&mut self, avail: &[u8]) -> Step {
+        match &mut self.state {
+            ResponseState::Head => {
+                let Some(request) = self.request else {
+                    return self.fail("the origin sent bytes with no request outstanding".into());
+                };
+                let mut fields = [httparse::EMPTY_HEADER; 100];
+                let mut response = httparse::Response::new(&mut fields);
+                let len = match response.parse(avail) {
+                    Ok(httparse::Status::Complete(n)) => n,
+                    Ok(httparse::Status::Partial) => {
+                        if avail.len() > framing::MAX_RESPONSE_HEAD {
+                            return self.fail(format!(
+                                "response head larger than {} bytes",
+                                framing::MAX_RESPONSE_HEAD
+                            ));
+                        }
+                        return Step::Wait;
+                    }
+                    Err(e) => return self.fail(format!("malformed response head: {e}")),
+                };
+                let code = response.code.unwrap_or(0);
+                let checked =
+                    framing::check_response_fields(code, request.upgrade, response.headers);
+                let (chunked, length) = match checked {
+                    Ok(framing) => framing,
+                    Err(e) => return self.fail(e),
+                };
+                if chunked && code >= 200 && !request.head && code != 204 && code != 304 {
+                    // Held with its first chunk-size line, so that a body broken from its
+                    // start is a 502 rather than a cut stream.
+                    self.state = ResponseState::FirstChunk {
+                        head: len,
+                        fed: 0,
+                        chunks: ChunkedBody::default(),
+                    };
+                    return self.step(avail);
+                }
+                if code == 101 {
+                    self.state = ResponseState::Tunnel;
+                } else if (100..200).contains(&code) {
+                    self.interim += 1;
+                    if self.interim > framing::MAX_INTERIM {
+                        return self.fail(format!(
+                            "more than {} interim responses",
+                            framing::MAX_INTERIM
+                        ));
+                    }
+                } else if request.head || code == 204 || code == 304 || length == Some(0) {
+                    self.done();
+                } else if chunked {
+                    self.state = ResponseState::Chunked(ChunkedBody::default());
+                } else if let Some(n) = length {
+                    self.state = ResponseState::Length(n);
+                } else {
+                    self.state = ResponseState::UntilClose;
+                }
+                Step::Release(len)
+            }
+            ResponseState::FirstChunk { head, fed, chunks } => {
+                let body = &avail[*head + *fed..];
+                if body.is_empty() {
+                    return Step::Wait;
+                }
+                match chunks.feed(body) {
+                    Err(v) => self.fail(format!("malformed chunked body: {v}")),
+                    Ok(Some(end)) => {
+                        let n = *head + *fed + end;
+                        self.done();
+                        Step::Release(n)
+                    }
+                    Ok(None) => {
+                        *fed += body.len();
+                        if !chunks.first_line_done() {
+                            return Step::Wait;
+                        }
+                        let n = *head + *fed;
+                        self.state = ResponseState::Chunked(std::mem::take(chunks));
+                        Step::Release(n)
+                    }
+                }
+            }
+            ResponseState::Length(left) => {
+                let n = avail
+                    .len()
+                    .min(usize::try_from(*left).unwrap_or(usize::MAX));
+                *left -= n as u64;
+                if *left == 0 {
+                    self.done();
+                }
+                Step::Release(n)
+            }
+            ResponseState::Chunked(chunks) => match chunks.feed(avail) {
+                Ok(Some(end)) => {
+                    self.done();
+                    Step::Release(end)
+                }
+                Ok(None) => Step::Release(avail.len()),
+                Err(v) => self.fail(format!("malformed chunked body: {v}")),
+            },
+            ResponseState::UntilClose | ResponseState::Tunnel => Step::Release(avail.len()),
+            ResponseState::Failed(_) => Step::Wait,
+        }
+    }
+
+    fn ended(&self) -> Option<Poll<io::Result<()>>> {
+        match &self.state {
+            ResponseState::Failed(reason) => Some(Poll::Ready(Err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                reason.clone(),
+            )))),
+            _ => None,
         }
     }
 
     /// Notes the start of a request as hyper writes it.
-    fn saw_written(&mut self, data: &[u8]) {
+    fn wrote(&mut self, data: &[u8]) {
         if self.request.is_some() || !matches!(self.state, ResponseState::Head) {
             return;
         }
@@ -430,258 +626,5 @@ impl<I> ResponseScreen<I> {
         };
         self.request = Some(RequestSeen::of(&self.request_head[..end]));
         self.request_head = Vec::new();
-    }
-
-    fn advance(&mut self) {
-        while self.ready < self.held.len() {
-            let avail = &self.held[self.ready..];
-            match &mut self.state {
-                ResponseState::Head => {
-                    let Some(request) = self.request else {
-                        self.state = ResponseState::Failed(
-                            "the origin sent bytes with no request outstanding".into(),
-                        );
-                        return;
-                    };
-                    let mut fields = [httparse::EMPTY_HEADER; 100];
-                    let mut response = httparse::Response::new(&mut fields);
-                    let len = match response.parse(avail) {
-                        Ok(httparse::Status::Complete(n)) => n,
-                        Ok(httparse::Status::Partial) => {
-                            if avail.len() > framing::MAX_RESPONSE_HEAD {
-                                self.state = ResponseState::Failed(format!(
-                                    "response head larger than {} bytes",
-                                    framing::MAX_RESPONSE_HEAD
-                                ));
-                            }
-                            return;
-                        }
-                        Err(e) => {
-                            self.state =
-                                ResponseState::Failed(format!("malformed response head: {e}"));
-                            return;
-                        }
-                    };
-                    let code = response.code.unwrap_or(0);
-                    let checked =
-                        framing::check_response_fields(code, request.upgrade, response.headers);
-                    let (chunked, length) = match checked {
-                        Ok(framing) => framing,
-                        Err(e) => {
-                            self.state = ResponseState::Failed(e);
-                            return;
-                        }
-                    };
-                    if chunked && code >= 200 && !request.head && code != 204 && code != 304 {
-                        // Held with its first chunk-size line, so that a body broken from its
-                        // start is a 502 rather than a cut stream.
-                        self.state = ResponseState::FirstChunk {
-                            head: len,
-                            fed: 0,
-                            chunks: ChunkedBody::default(),
-                        };
-                        continue;
-                    }
-                    self.ready += len;
-                    if code == 101 {
-                        self.state = ResponseState::Tunnel;
-                    } else if (100..200).contains(&code) {
-                        self.interim += 1;
-                        if self.interim > framing::MAX_INTERIM {
-                            self.state = ResponseState::Failed(format!(
-                                "more than {} interim responses",
-                                framing::MAX_INTERIM
-                            ));
-                            return;
-                        }
-                    } else if request.head || code == 204 || code == 304 || length == Some(0) {
-                        self.response_done();
-                    } else if chunked {
-                        self.state = ResponseState::Chunked(ChunkedBody::default());
-                    } else if let Some(n) = length {
-                        self.state = ResponseState::Length(n);
-                    } else {
-                        self.state = ResponseState::UntilClose;
-                    }
-                }
-                ResponseState::FirstChunk { head, fed, chunks } => {
-                    let body = &avail[*head + *fed..];
-                    if body.is_empty() {
-                        return;
-                    }
-                    match chunks.feed(body) {
-                        Err(v) => {
-                            self.state =
-                                ResponseState::Failed(format!("malformed chunked body: {v}"));
-                            return;
-                        }
-                        Ok(Some(end)) => {
-                            self.ready += *head + *fed + end;
-                            self.response_done();
-                        }
-                        Ok(None) => {
-                            *fed += body.len();
-                            if !chunks.first_line_done() {
-                                return;
-                            }
-                            self.ready += *head + *fed;
-                            self.state = ResponseState::Chunked(std::mem::take(chunks));
-                        }
-                    }
-                }
-                ResponseState::Length(left) => {
-                    let n = avail
-                        .len()
-                        .min(usize::try_from(*left).unwrap_or(usize::MAX));
-                    self.ready += n;
-                    *left -= n as u64;
-                    if *left == 0 {
-                        self.response_done();
-                    }
-                }
-                ResponseState::Chunked(chunks) => match chunks.feed(avail) {
-                    Ok(Some(end)) => {
-                        self.ready += end;
-                        self.response_done();
-                    }
-                    Ok(None) => self.ready = self.held.len(),
-                    Err(v) => {
-                        self.state = ResponseState::Failed(format!("malformed chunked body: {v}"));
-                        return;
-                    }
-                },
-                ResponseState::UntilClose | ResponseState::Tunnel => self.ready = self.held.len(),
-                ResponseState::Failed(_) => return,
-            }
-        }
-    }
-
-    /// As [`Screened::take_body`], for a response body.
-    fn take_body(&mut self, buf: &mut ReadBuf<'_>, before: usize) {
-        let new = &buf.filled()[before..];
-        let keep = match &mut self.state {
-            ResponseState::Length(left) => {
-                let n = new.len().min(usize::try_from(*left).unwrap_or(usize::MAX));
-                *left -= n as u64;
-                if *left == 0 {
-                    self.response_done();
-                }
-                n
-            }
-            ResponseState::Chunked(chunks) => match chunks.feed(new) {
-                Ok(Some(end)) => {
-                    self.response_done();
-                    end
-                }
-                Ok(None) => new.len(),
-                Err(v) => {
-                    buf.set_filled(before);
-                    self.state = ResponseState::Failed(format!("malformed chunked body: {v}"));
-                    return;
-                }
-            },
-            _ => new.len(),
-        };
-        if keep < new.len() {
-            self.held.extend_from_slice(&new[keep..]);
-            buf.set_filled(before + keep);
-            self.advance();
-        }
-    }
-
-    fn response_done(&mut self) {
-        self.state = ResponseState::Head;
-        self.request = None;
-        self.interim = 0;
-    }
-}
-
-impl<I: AsyncRead + Unpin> AsyncRead for ResponseScreen<I> {
-    fn poll_read(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<io::Result<()>> {
-        let this = &mut *self;
-        loop {
-            if release(&mut this.held, &mut this.ready, buf) {
-                return Poll::Ready(Ok(()));
-            }
-            if let ResponseState::Failed(reason) = &this.state {
-                return Poll::Ready(Err(io::Error::new(
-                    io::ErrorKind::InvalidData,
-                    reason.clone(),
-                )));
-            }
-            if this.held.is_empty()
-                && matches!(
-                    this.state,
-                    ResponseState::Length(_)
-                        | ResponseState::Chunked(_)
-                        | ResponseState::UntilClose
-                        | ResponseState::Tunnel
-                )
-            {
-                let before = buf.filled().len();
-                ready!(Pin::new(&mut this.inner).poll_read(cx, buf))?;
-                if buf.filled().len() == before {
-                    return Poll::Ready(Ok(()));
-                }
-                this.take_body(buf, before);
-                if buf.filled().len() > before {
-                    return Poll::Ready(Ok(()));
-                }
-                continue;
-            }
-            let mut step = buf.take(HOLD_READ);
-            ready!(Pin::new(&mut this.inner).poll_read(cx, &mut step))?;
-            if step.filled().is_empty() {
-                return Poll::Ready(Ok(()));
-            }
-            this.held.extend_from_slice(step.filled());
-            this.advance();
-        }
-    }
-}
-
-impl<I: AsyncWrite + Unpin> AsyncWrite for ResponseScreen<I> {
-    fn poll_write(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        data: &[u8],
-    ) -> Poll<io::Result<usize>> {
-        let n = ready!(Pin::new(&mut self.inner).poll_write(cx, data))?;
-        self.saw_written(&data[..n]);
-        Poll::Ready(Ok(n))
-    }
-
-    fn poll_write_vectored(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        bufs: &[io::IoSlice<'_>],
-    ) -> Poll<io::Result<usize>> {
-        let n = ready!(Pin::new(&mut self.inner).poll_write_vectored(cx, bufs))?;
-        let mut left = n;
-        for slice in bufs {
-            if left == 0 {
-                break;
-            }
-            let take = slice.len().min(left);
-            self.saw_written(&slice[..take]);
-            left -= take;
-        }
-        Poll::Ready(Ok(n))
-    }
-
-    fn is_write_vectored(&self) -> bool {
-        self.inner.is_write_vectored()
-    }
-
-    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.inner).poll_flush(cx)
-    }
-
-    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.inner).poll_shutdown(cx)
     }
 }
