@@ -66,6 +66,47 @@ pub(crate) trait Framer {
     fn wrote(&mut self, _data: &[u8]) {}
 }
 
+/// Where a chunked head held back with its body so far stands.
+enum FirstChunk {
+    /// The first size line is not complete yet.
+    Wait,
+    /// The whole message (head and body) is this long.
+    Whole(usize),
+    /// The head and the first size line are this long and have passed; the rest follows.
+    Begun(usize),
+    Bad(Violation),
+}
+
+/// Feeds the body bytes of `avail` after a held chunked head of `head` bytes (`fed` of them
+/// already seen) to `chunks`.
+fn first_chunk(head: usize, fed: &mut usize, chunks: &mut ChunkedBody, avail: &[u8]) -> FirstChunk {
+    let body = &avail[head + *fed..];
+    if body.is_empty() {
+        return FirstChunk::Wait;
+    }
+    match chunks.feed(body) {
+        Err(violation) => FirstChunk::Bad(violation),
+        Ok(Some(end)) => FirstChunk::Whole(head + *fed + end),
+        Ok(None) => {
+            *fed += body.len();
+            if chunks.first_line_done() {
+                FirstChunk::Begun(head + *fed)
+            } else {
+                FirstChunk::Wait
+            }
+        }
+    }
+}
+
+/// Takes as much of `avail` as the `left` bytes of a body still to come.
+fn take_length(left: &mut u64, avail: &[u8]) -> usize {
+    let n = avail
+        .len()
+        .min(usize::try_from(*left).unwrap_or(usize::MAX));
+    *left -= n as u64;
+    n
+}
+
 /// A connection as hyper reads it, through a [`Framer`].
 pub(crate) struct Screen<I, F> {
     inner: I,
@@ -354,34 +395,21 @@ impl Framer for RequestFramer {
                 Ok(None) => Step::Wait,
                 Err(violation) => self.refuse(violation),
             },
-            State::FirstChunk { head, fed, chunks } => {
-                let body = &avail[*head + *fed..];
-                if body.is_empty() {
-                    return Step::Wait;
+            State::FirstChunk { head, fed, chunks } => match first_chunk(*head, fed, chunks, avail)
+            {
+                FirstChunk::Wait => Step::Wait,
+                FirstChunk::Bad(violation) => self.refuse(violation),
+                FirstChunk::Whole(n) => {
+                    self.state = State::Head { scanned: 0 };
+                    Step::Release(n)
                 }
-                match chunks.feed(body) {
-                    Err(violation) => self.refuse(violation),
-                    Ok(Some(end)) => {
-                        let n = *head + *fed + end;
-                        self.state = State::Head { scanned: 0 };
-                        Step::Release(n)
-                    }
-                    Ok(None) => {
-                        *fed += body.len();
-                        if !chunks.first_line_done() {
-                            return Step::Wait;
-                        }
-                        let n = *head + *fed;
-                        self.state = State::Chunked(std::mem::take(chunks));
-                        Step::Release(n)
-                    }
+                FirstChunk::Begun(n) => {
+                    self.state = State::Chunked(std::mem::take(chunks));
+                    Step::Release(n)
                 }
-            }
+            },
             State::Length(left) => {
-                let n = avail
-                    .len()
-                    .min(usize::try_from(*left).unwrap_or(usize::MAX));
-                *left -= n as u64;
+                let n = take_length(left, avail);
                 if *left == 0 {
                     self.state = State::Head { scanned: 0 };
                 }
@@ -547,33 +575,21 @@ impl Framer for ResponseFramer {
                 Step::Release(len)
             }
             ResponseState::FirstChunk { head, fed, chunks } => {
-                let body = &avail[*head + *fed..];
-                if body.is_empty() {
-                    return Step::Wait;
-                }
-                match chunks.feed(body) {
-                    Err(v) => self.fail(format!("malformed chunked body: {v}")),
-                    Ok(Some(end)) => {
-                        let n = *head + *fed + end;
+                match first_chunk(*head, fed, chunks, avail) {
+                    FirstChunk::Wait => Step::Wait,
+                    FirstChunk::Bad(v) => self.fail(format!("malformed chunked body: {v}")),
+                    FirstChunk::Whole(n) => {
                         self.done();
                         Step::Release(n)
                     }
-                    Ok(None) => {
-                        *fed += body.len();
-                        if !chunks.first_line_done() {
-                            return Step::Wait;
-                        }
-                        let n = *head + *fed;
+                    FirstChunk::Begun(n) => {
                         self.state = ResponseState::Chunked(std::mem::take(chunks));
                         Step::Release(n)
                     }
                 }
             }
             ResponseState::Length(left) => {
-                let n = avail
-                    .len()
-                    .min(usize::try_from(*left).unwrap_or(usize::MAX));
-                *left -= n as u64;
+                let n = take_length(left, avail);
                 if *left == 0 {
                     self.done();
                 }
