@@ -447,6 +447,8 @@ pub(crate) struct ResponseFramer {
     /// The head of the request being written, until it is complete.
     request_head: Vec<u8>,
     request: Option<RequestSeen>,
+    /// The body of the request being written, until it is through.
+    writing: WrittenBody,
     interim: usize,
 }
 
@@ -457,17 +459,41 @@ struct RequestSeen {
 }
 
 impl RequestSeen {
-    /// What matters of a request head (without its blank line) for framing its response.
-    fn of(head: &[u8]) -> Self {
-        let upgrade = head
-            .split(|&b| b == b'\n')
-            .skip(1)
-            .any(|line| line.len() > 8 && line[..8].eq_ignore_ascii_case(b"upgrade:"));
-        RequestSeen {
+    /// What matters of a request head (without its blank line) for framing its response, and
+    /// the framing of the body hyper writes after it.
+    fn of(head: &[u8]) -> (Self, WrittenBody) {
+        let mut upgrade = false;
+        let mut body = WrittenBody::None;
+        for line in head.split(|&b| b == b'\n').skip(1) {
+            let Some(colon) = line.iter().position(|&b| b == b':') else {
+                continue;
+            };
+            let (name, value) = (&line[..colon], line[colon + 1..].trim_ascii());
+            if name.eq_ignore_ascii_case(b"upgrade") {
+                upgrade = true;
+            } else if name.eq_ignore_ascii_case(b"content-length") {
+                if let Some(n) = framing::parse_content_length(value).filter(|&n| n > 0) {
+                    body = WrittenBody::Length(n);
+                }
+            } else if name.eq_ignore_ascii_case(b"transfer-encoding") {
+                body = WrittenBody::Chunked(ChunkedBody::default());
+            }
+        }
+        let seen = RequestSeen {
             head: head.starts_with(b"HEAD "),
             upgrade,
-        }
+        };
+        (seen, body)
     }
+}
+
+/// The rest of a request body hyper is writing: skipped when looking for the next request
+/// head, also when the origin answered before the body was through.
+#[derive(Debug)]
+enum WrittenBody {
+    None,
+    Length(u64),
+    Chunked(ChunkedBody),
 }
 
 #[derive(Debug)]
@@ -494,6 +520,7 @@ impl<I> ResponseScreen<I> {
                 state: ResponseState::Head,
                 request_head: Vec::new(),
                 request: None,
+                writing: WrittenBody::None,
                 interim: 0,
             },
         )
@@ -504,6 +531,12 @@ impl ResponseFramer {
     fn fail(&mut self, reason: String) -> Step {
         self.state = ResponseState::Failed(reason);
         Step::Fail
+    }
+
+    fn noted(&mut self, head: &[u8]) {
+        let (seen, body) = RequestSeen::of(head);
+        self.request = Some(seen);
+        self.writing = body;
     }
 
     /// The response is over: the next bytes are the next response's head.
@@ -618,30 +651,55 @@ impl Framer for ResponseFramer {
         }
     }
 
-    /// Notes the start of a request as hyper writes it.
+    /// Notes each request as hyper writes it: its head, then its body to skip.
     fn wrote(&mut self, data: &[u8]) {
-        if self.request.is_some() || !matches!(self.state, ResponseState::Head) {
+        let data = match &mut self.writing {
+            WrittenBody::None => data,
+            WrittenBody::Length(left) => {
+                let n = take_length(left, data);
+                if *left == 0 {
+                    self.writing = WrittenBody::None;
+                }
+                &data[n..]
+            }
+            WrittenBody::Chunked(chunks) => match chunks.feed(data) {
+                Ok(Some(end)) => {
+                    self.writing = WrittenBody::None;
+                    &data[end..]
+                }
+                Ok(None) => return,
+                Err(_) => {
+                    // Not hyper's framing: stop following it.
+                    self.writing = WrittenBody::None;
+                    return;
+                }
+            },
+        };
+        if data.is_empty() || self.request.is_some() || !matches!(self.state, ResponseState::Head) {
             return;
         }
         // hyper writes a request head in one piece: judged in place, without a copy.
         if self.request_head.is_empty() {
             if let Some(end) = data.windows(4).position(|w| w == b"\r\n\r\n") {
-                self.request = Some(RequestSeen::of(&data[..end]));
-                return;
+                self.noted(&data[..end]);
+                return self.wrote(&data[end + 4..]);
             }
         }
         let room = framing::MAX_RESPONSE_HEAD.saturating_sub(self.request_head.len());
-        self.request_head
-            .extend_from_slice(&data[..data.len().min(room)]);
+        let taken = data.len().min(room);
+        self.request_head.extend_from_slice(&data[..taken]);
         let Some(end) = self.request_head.windows(4).position(|w| w == b"\r\n\r\n") else {
             if room == 0 {
                 // A head this large was not written by hyper's client; judge it as a GET.
-                self.request = Some(RequestSeen::of(b"GET"));
+                self.noted(b"GET");
+                self.request_head = Vec::new();
             }
             return;
         };
-        self.request = Some(RequestSeen::of(&self.request_head[..end]));
-        self.request_head = Vec::new();
+        let head = std::mem::take(&mut self.request_head);
+        self.noted(&head[..end]);
+        self.wrote(&head[end + 4..]);
+        self.wrote(&data[taken..]);
     }
 }
 
@@ -650,19 +708,27 @@ mod tests {
     use super::*;
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-    /// An origin connection in memory: reads come from `input`, writes go to `output`.
+    /// An origin connection in memory: each read gets the next of `input` (as much as fits),
+    /// writes go to `output`.
     struct Pipe {
-        input: std::io::Cursor<Vec<u8>>,
+        input: std::collections::VecDeque<Vec<u8>>,
         output: Vec<u8>,
     }
 
     impl AsyncRead for Pipe {
         fn poll_read(
             mut self: Pin<&mut Self>,
-            cx: &mut Context<'_>,
+            _: &mut Context<'_>,
             buf: &mut ReadBuf<'_>,
         ) -> Poll<io::Result<()>> {
-            Pin::new(&mut self.input).poll_read(cx, buf)
+            if let Some(mut next) = self.input.pop_front() {
+                let n = next.len().min(buf.remaining());
+                buf.put_slice(&next[..n]);
+                if n < next.len() {
+                    self.input.push_front(next.split_off(n));
+                }
+            }
+            Poll::Ready(Ok(()))
         }
     }
 
@@ -685,8 +751,12 @@ mod tests {
     }
 
     fn origin(response: Vec<u8>) -> ResponseScreen<Pipe> {
+        origin_reads(vec![response])
+    }
+
+    fn origin_reads(reads: Vec<Vec<u8>>) -> ResponseScreen<Pipe> {
         ResponseScreen::new(Pipe {
-            input: std::io::Cursor::new(response),
+            input: reads.into(),
             output: Vec::new(),
         })
     }
@@ -754,5 +824,63 @@ mod tests {
             .unwrap();
         let err = screen.read(&mut buf).await.unwrap_err();
         assert!(err.to_string().contains("malformed chunked body"), "{err}");
+    }
+
+    /// An origin that answers before the request body is through: the rest of the body is
+    /// not taken for the next request's head, so the next response is judged against the
+    /// right request (here a HEAD, whose response has no body).
+    #[tokio::test]
+    async fn a_body_written_after_an_early_answer_is_not_taken_for_the_next_head() {
+        let mut screen = origin_reads(vec![
+            b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok".to_vec(),
+            b"HTTP/1.1 200 OK\r\ncontent-length: 100\r\n\r\nHTTP/1.1 200 OK\r\n\r\n".to_vec(),
+        ]);
+        screen
+            .write_all(b"POST / HTTP/1.1\r\nhost: o\r\ncontent-length: 10\r\n\r\nhello")
+            .await
+            .unwrap();
+        let mut buf = vec![0; 4096];
+        let n = screen.read(&mut buf).await.unwrap();
+        assert!(buf[..n].ends_with(b"ok"));
+        screen.write_all(b"world").await.unwrap();
+        screen
+            .write_all(b"HEAD / HTTP/1.1\r\nhost: o\r\n\r\n")
+            .await
+            .unwrap();
+        let n = screen.read(&mut buf).await.unwrap();
+        assert_eq!(&buf[..n], b"HTTP/1.1 200 OK\r\ncontent-length: 100\r\n\r\n");
+        // A HEAD response ends with its head: what follows is answered to no request.
+        let err = screen.read(&mut buf).await.unwrap_err();
+        assert!(err.to_string().contains("no request outstanding"), "{err}");
+        assert_eq!(
+            screen.inner.output.len(),
+            b"POST / HTTP/1.1\r\nhost: o\r\ncontent-length: 10\r\n\r\nhelloworld".len()
+                + b"HEAD / HTTP/1.1\r\nhost: o\r\n\r\n".len()
+        );
+    }
+
+    /// A chunked request body is followed to its end the same way.
+    #[tokio::test]
+    async fn a_chunked_body_written_after_an_early_answer_is_skipped_too() {
+        let mut screen = origin_reads(vec![
+            b"HTTP/1.1 204 No Content\r\n\r\n".to_vec(),
+            b"HTTP/1.1 200 OK\r\ncontent-length: 5\r\n\r\n".to_vec(),
+        ]);
+        screen
+            .write_all(b"POST / HTTP/1.1\r\nhost: o\r\ntransfer-encoding: chunked\r\n\r\n5\r\nhel")
+            .await
+            .unwrap();
+        let mut buf = vec![0; 4096];
+        let n = screen.read(&mut buf).await.unwrap();
+        assert_eq!(&buf[..n], b"HTTP/1.1 204 No Content\r\n\r\n");
+        screen.write_all(b"lo\r\n0\r\n\r\n").await.unwrap();
+        screen
+            .write_all(b"HEAD / HTTP/1.1\r\nhost: o\r\n\r\n")
+            .await
+            .unwrap();
+        let n = screen.read(&mut buf).await.unwrap();
+        assert_eq!(&buf[..n], b"HTTP/1.1 200 OK\r\ncontent-length: 5\r\n\r\n");
+        assert!(matches!(screen.framer.state, ResponseState::Head));
+        assert!(screen.framer.request.is_none());
     }
 }
