@@ -287,3 +287,112 @@ pub fn audit_verify(data: &[u8]) -> Option<crate::audit::verify::Verdict> {
     }
     Some(report.verdict)
 }
+
+/// An origin connection in memory for [`response_screen`]: each read gets at most `step`
+/// bytes of what is left.
+struct Origin {
+    input: Vec<u8>,
+    at: usize,
+    step: usize,
+    written: Vec<u8>,
+}
+
+impl tokio::io::AsyncRead for Origin {
+    fn poll_read(
+        mut self: std::pin::Pin<&mut Self>,
+        _: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        let n = (self.input.len() - self.at)
+            .min(self.step)
+            .min(buf.remaining());
+        let at = self.at;
+        buf.put_slice(&self.input[at..at + n]);
+        self.at += n;
+        std::task::Poll::Ready(Ok(()))
+    }
+}
+
+impl tokio::io::AsyncWrite for Origin {
+    fn poll_write(
+        mut self: std::pin::Pin<&mut Self>,
+        _: &mut std::task::Context<'_>,
+        data: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        self.written.extend_from_slice(data);
+        std::task::Poll::Ready(Ok(data.len()))
+    }
+
+    fn poll_flush(
+        self: std::pin::Pin<&mut Self>,
+        _: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::task::Poll::Ready(Ok(()))
+    }
+
+    fn poll_shutdown(
+        self: std::pin::Pin<&mut Self>,
+        _: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::task::Poll::Ready(Ok(()))
+    }
+}
+
+/// Reads a response stream through the response screen after one written request, with reads
+/// of at most `step` bytes into a buffer of `room`: what came out, and the error it ended in.
+fn screened(request: &[u8], input: &[u8], step: usize, room: usize) -> (Vec<u8>, Option<String>) {
+    use std::task::{Context, Poll, Waker};
+    use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+    let mut screen = crate::screen::ResponseScreen::new(Origin {
+        input: input.to_vec(),
+        at: 0,
+        step,
+        written: Vec::new(),
+    });
+    let mut cx = Context::from_waker(Waker::noop());
+    let wrote = std::pin::Pin::new(&mut screen).poll_write(&mut cx, request);
+    assert!(matches!(wrote, Poll::Ready(Ok(n)) if n == request.len()));
+    let mut out = Vec::new();
+    let mut space = vec![0u8; room];
+    // Every read makes progress or ends: a bound well above the input's length in reads.
+    for _ in 0..=input.len() * 2 + 2 {
+        let mut buf = ReadBuf::new(&mut space);
+        match std::pin::Pin::new(&mut screen).poll_read(&mut cx, &mut buf) {
+            Poll::Ready(Ok(())) if buf.filled().is_empty() => return (out, None),
+            Poll::Ready(Ok(())) => out.extend_from_slice(buf.filled()),
+            Poll::Ready(Err(e)) => return (out, Some(e.to_string())),
+            Poll::Pending => panic!("the origin never waits, the screen must not either"),
+        }
+    }
+    panic!("the screen stopped making progress");
+}
+
+/// The response screen as a reader: the first byte picks the request (GET, HEAD, or one
+/// asking for an upgrade) and the size of reads; the rest is what the origin sends. Read in
+/// small pieces into a small buffer, it must hand on exactly the same bytes and end the same
+/// way as read whole, and what it hands on is always the start of what the origin sent.
+pub fn response_screen(data: &[u8]) {
+    let Some((&first, input)) = data.split_first() else {
+        return;
+    };
+    let request: &[u8] = match first % 3 {
+        0 => b"GET / HTTP/1.1\r\nhost: o\r\n\r\n",
+        1 => b"HEAD / HTTP/1.1\r\nhost: o\r\n\r\n",
+        _ => b"GET / HTTP/1.1\r\nhost: o\r\nconnection: upgrade\r\nupgrade: websocket\r\n\r\n",
+    };
+    let step = usize::from(first / 3 % 16) + 1;
+    let whole = screened(request, input, input.len().max(1), 1 << 17);
+    let pieces = screened(request, input, step, step + usize::from(first % 5));
+    assert!(
+        input.starts_with(&whole.0),
+        "the screen handed on bytes the origin did not send"
+    );
+    assert_eq!(
+        whole.0, pieces.0,
+        "read in pieces of {step}, other bytes came out"
+    );
+    assert_eq!(
+        whole.1, pieces.1,
+        "read in pieces of {step}, it ended otherwise"
+    );
+}

@@ -557,6 +557,12 @@ impl Framer for ResponseFramer {
                 let mut fields = [httparse::EMPTY_HEADER; 100];
                 let mut response = httparse::Response::new(&mut fields);
                 let len = match response.parse(avail) {
+                    Ok(httparse::Status::Complete(n)) if n > framing::MAX_RESPONSE_HEAD => {
+                        return self.fail(format!(
+                            "response head larger than {} bytes",
+                            framing::MAX_RESPONSE_HEAD
+                        ));
+                    }
                     Ok(httparse::Status::Complete(n)) => n,
                     Ok(httparse::Status::Partial) => {
                         if avail.len() > framing::MAX_RESPONSE_HEAD {
@@ -882,5 +888,21 @@ mod tests {
         assert_eq!(&buf[..n], b"HTTP/1.1 200 OK\r\ncontent-length: 5\r\n\r\n");
         assert!(matches!(screen.framer.state, ResponseState::Head));
         assert!(screen.framer.request.is_none());
+    }
+
+    /// A head over the limit fails whether it arrives in one read or trickles in.
+    #[tokio::test]
+    async fn a_response_head_over_the_limit_fails_also_when_it_arrives_whole() {
+        let mut head = b"HTTP/1.1 200 OK\r\nx-big: ".to_vec();
+        head.resize(framing::MAX_RESPONSE_HEAD + 100, b'a');
+        head.extend_from_slice(b"\r\ncontent-length: 0\r\n\r\n");
+        let mut screen = origin(head);
+        screen
+            .write_all(b"GET / HTTP/1.1\r\nhost: o\r\n\r\n")
+            .await
+            .unwrap();
+        let mut buf = vec![0; 256 * 1024];
+        let err = screen.read(&mut buf).await.unwrap_err();
+        assert!(err.to_string().contains("larger than"), "{err}");
     }
 }

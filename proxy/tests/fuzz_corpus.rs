@@ -96,3 +96,8 @@ fn audit_verify_seeds_reach_the_verdicts() {
         assert_eq!(verdict(open), Some(Verdict::Open), "{open}");
     }
 }
+
+#[test]
+fn response_screen_seeds() {
+    run_seeds("response_screen", domicile_proxy::fuzzing::response_screen);
+}
