@@ -184,10 +184,9 @@ impl<I, F: Framer> Screen<I, F> {
             match self.framer.step(&buf.filled()[at..]) {
                 Step::Release(n) => at += n,
                 Step::Wait => {
+                    // The framer has taken what it can of these bytes: they wait in `held`.
                     self.held.extend_from_slice(&buf.filled()[at..]);
                     buf.set_filled(at);
-                    // The framer may have moved on (a chunked head now held): go on in `held`.
-                    self.advance();
                     return;
                 }
                 Step::Replace(bytes) => {
