@@ -719,6 +719,15 @@ async fn slow_and_greedy_clients_are_cut_at_their_limits_while_others_are_served
             .unwrap();
         slow_readers.push(s);
     }
+    // Idle keep-alive: one request answered, then silence.
+    let mut idle = Vec::new();
+    for _ in 0..10 {
+        let mut s = TcpStream::connect(addr).await.unwrap();
+        s.write_all(b"GET /idle HTTP/1.1\r\nHost: acme.localhost\r\n\r\n")
+            .await
+            .unwrap();
+        idle.push(s);
+    }
     // Stalled TLS handshakes: connected, nothing sent.
     let mut stalled_tls = Vec::new();
     for _ in 0..10 {
@@ -766,6 +775,14 @@ async fn slow_and_greedy_clients_are_cut_at_their_limits_while_others_are_served
             closed && answer.starts_with("HTTP/1.1 408"),
             "slow body: {answer}"
         );
+    }
+    // An idle keep-alive connection is closed after its one answer, with nothing more.
+    for s in idle.iter_mut() {
+        let (answer, closed) = drain(s, Duration::from_secs(5)).await;
+        let answer = String::from_utf8_lossy(&answer);
+        assert!(closed, "an idle keep-alive connection was kept");
+        assert_eq!(answer.matches("HTTP/1.1 ").count(), 1, "idle: {answer}");
+        assert!(answer.starts_with("HTTP/1.1 200"), "idle: {answer}");
     }
     // A slow reader is cut once its writes have stalled for the idle timeout, a stalled
     // handshake at the handshake timeout: wait until the proxy holds no more than the TLS
