@@ -554,3 +554,22 @@ fn the_audit_fuzz_fixture_is_a_closed_intact_log() {
         report.to_text()
     );
 }
+
+#[test]
+fn segments_in_memory_must_be_numbered_from_one_up_and_ascend() {
+    let dir = fuzz_fixture_dir();
+    let key = keys::load_verifying_key(&dir.join("audit.pub")).unwrap();
+    let line: &[u8] = b"{}\n";
+    for numbers in [&[0u64][..], &[1, 1], &[2, 1]] {
+        let segments: Vec<(u64, &[u8])> = numbers.iter().map(|&n| (n, line)).collect();
+        let outcome = super::verify::verify_segments(&segments, &key, None);
+        assert!(
+            matches!(outcome, Err(super::verify::VerifyError::Numbering)),
+            "{numbers:?}"
+        );
+    }
+    assert!(matches!(
+        super::verify::verify_segments(&[], &key, None),
+        Err(super::verify::VerifyError::Empty { .. })
+    ));
+}
