@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Runs one fuzz target for a while: scripts/fuzz.sh TARGET [SECONDS] (default 600).
-# Targets: framing identify config snapshot change_stream audit_verify response_screen
+# Targets: framing identify config snapshot change_stream audit_verify origin_response
 # (proxy/fuzz). Needs the nightly toolchain; installs cargo-fuzz when it is missing. New inputs
 # go to proxy/fuzz/corpus/TARGET (not committed); a crash is written to
 # proxy/fuzz/artifacts/TARGET: fix it, then keep it as a regression case in

@@ -403,7 +403,7 @@ pub async fn run(
         proxy_config(&options, us.addr, eu.addr, control_plane.addr),
     )
     .with_context(|| format!("cannot write {}", config_path.display()))?;
-    let config = domicile_proxy::ProxyConfig::from_file(&config_path)?;
+    let config = domicile_proxy::check_config(&config_path)?;
     let proxy = domicile_proxy::start(config).await?;
     if let Some(sync) = &proxy.sync {
         tokio::time::timeout(

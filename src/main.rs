@@ -247,7 +247,7 @@ fn main() -> ExitCode {
                 }
             }
         }
-        Command::CheckConfig { file } => match ProxyConfig::from_file(&file) {
+        Command::CheckConfig { file } => match domicile_proxy::check_config(&file) {
             Ok(config) => {
                 println!(
                     "{}: ok ({} region route{}, {} identification rule{}, map {})",
@@ -325,7 +325,7 @@ async fn run(command: Command) -> anyhow::Result<ExitCode> {
             )
             .await,
         ),
-        Command::Proxy { config } => done(run_proxy(ProxyConfig::from_file(&config)?).await),
+        Command::Proxy { config } => done(run_proxy(domicile_proxy::check_config(&config)?).await),
         Command::ControlPlane {
             config,
             listen,

@@ -240,9 +240,9 @@ async fn a_download_cut_off_by_the_client_is_recorded_as_incomplete() {
     assert!(first.data_ref().is_some());
     drop(body);
     drop(client);
-    let pipeline = proxy.running.pipeline.clone();
+    let engine = proxy.running.engine.clone();
     let written = eventually(Duration::from_secs(10), || {
-        pipeline.audit.as_ref().unwrap().records_written() >= 1
+        engine.audit.as_ref().unwrap().records_written() >= 1
     })
     .await;
     assert!(written);
@@ -427,7 +427,7 @@ async fn ask(url: &str, answered: &mut Vec<(String, u16, Option<String>)>) -> Re
 async fn a_failing_disk_refuses_requests_and_loses_nothing_it_acknowledged() {
     let (us, _eu, builder) = audited().await;
     let proxy = builder.audit("").start().await;
-    let audit = || proxy.running.pipeline.audit.as_ref().unwrap();
+    let audit = || proxy.running.engine.audit.as_ref().unwrap();
     let url = proxy.url("/w/acme/x");
     let mut answered: Vec<(String, u16, Option<String>)> = Vec::new();
     for _ in 0..20 {

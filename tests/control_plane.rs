@@ -136,9 +136,9 @@ async fn a_proxy_behind_the_retained_window_gets_410_and_resyncs_from_a_snapshot
     };
     synced(&proxy, target).await;
     assert_eq!(routed_to(&proxy, "late-9").await.as_deref(), Some("eu"));
-    let pipeline = &proxy.running.pipeline;
+    let engine = &proxy.running.engine;
     assert!(
-        pipeline.metrics.resyncs[domicile_proxy::sync::Resync::Gone as usize]
+        engine.metrics.resyncs[domicile_proxy::sync::Resync::Gone as usize]
             .load(std::sync::atomic::Ordering::Relaxed)
             >= 1
     );
@@ -193,7 +193,7 @@ async fn an_unusable_last_known_good_map_is_never_served_and_the_proxy_waits_for
             dir: tempfile::tempdir().unwrap(),
         };
         assert!(
-            !proxy.running.pipeline.replica.is_loaded(),
+            !proxy.running.engine.replica.is_loaded(),
             "{what}: no half map"
         );
         let refused = get(&proxy.url("/"), &[("x-workspace-id", "acme")]).await;
@@ -202,7 +202,7 @@ async fn an_unusable_last_known_good_map_is_never_served_and_the_proxy_waits_for
         assert_eq!(
             proxy
                 .running
-                .pipeline
+                .engine
                 .metrics
                 .lkg_load_failures
                 .load(std::sync::atomic::Ordering::Relaxed),
@@ -262,7 +262,7 @@ async fn replicas_on_one_postgres_keep_proxies_routing_through_outages() {
 
     // ...and after a restart with A still down it serves its last-known-good map.
     let proxy = restart(proxy).await;
-    assert!(proxy.running.pipeline.replica.is_loaded());
+    assert!(proxy.running.engine.replica.is_loaded());
     assert_eq!(routed_to(&proxy, "acme").await.as_deref(), Some("us"));
     assert_eq!(routed_to(&proxy, "globex").await.as_deref(), Some("eu"));
     let ready = get(&proxy.admin_url("/readyz"), &[]).await;
@@ -819,7 +819,7 @@ async fn a_proxy_that_cannot_persist_keeps_routing_and_never_reports_an_unpersis
     put(&cp.admin, "/v1/workspaces/later", json!({"region": "eu"})).await;
     synced(&proxy, head(&cp).await).await;
     assert_eq!(routed_to(&proxy, "later").await.as_deref(), Some("eu"));
-    let metrics = &proxy.running.pipeline.metrics;
+    let metrics = &proxy.running.engine.metrics;
     assert!(
         metrics
             .sync_errors

@@ -11,7 +11,7 @@ use std::time::Duration;
 use common::tls::*;
 use common::*;
 use domicile_certs::rustls;
-use domicile_proxy::framing::{self, BodyFraming, ChunkedBody};
+use domicile_proxy::http::framing::{self, BodyFraming, ChunkedBody};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
@@ -282,7 +282,7 @@ async fn run_table(fast_path: bool, tls: bool) {
     let origin = StrictOrigin::start().await;
     let mut builder = proxy()
         .route_addrs("us", &[origin.addr], "health.enabled = false")
-        .proxy_section(&format!("workers = 1\nfast_path = {fast_path}"));
+        .proxy_section("workers = 1");
     let mut ca = None;
     if tls {
         let layout = pki(builder.dir());
@@ -323,7 +323,7 @@ async fn run_table(fast_path: bool, tls: bool) {
             }
         }
         if let Some(reason) = case.reason {
-            let message = domicile_proxy::framing::Violation::from_name(reason.as_bytes())
+            let message = domicile_proxy::http::framing::Violation::from_name(reason.as_bytes())
                 .expect("known reason")
                 .message();
             if !answer.contains(message) {
@@ -787,9 +787,9 @@ async fn slow_and_greedy_clients_are_cut_at_their_limits_while_others_are_served
     // A slow reader is cut once its writes have stalled for the idle timeout, a stalled
     // handshake at the handshake timeout: wait until the proxy holds no more than the TLS
     // client above (and perhaps the plain client's pooled connection), then look.
-    let pipeline = proxy.running.pipeline.clone();
+    let engine = proxy.running.engine.clone();
     let cut = eventually(Duration::from_secs(15), || {
-        pipeline
+        engine
             .metrics
             .connections_active
             .load(std::sync::atomic::Ordering::Relaxed)
@@ -1085,7 +1085,7 @@ async fn run_origin_table(fast_path: bool) {
         let origin = common::scripted::scripted(case.script).await;
         let proxy = proxy()
             .route_addrs("us", &[origin.addr], "health.enabled = false")
-            .proxy_section(&format!("workers = 1\nfast_path = {fast_path}"))
+            .proxy_section("workers = 1")
             .limits("upstream_response_timeout = \"500ms\"\nretries = 0")
             .start()
             .await;

@@ -169,7 +169,7 @@ async fn stopped_region_fails_closed_and_never_crosses_to_another_region() {
     let pool_down = eventually(Duration::from_secs(5), || {
         !proxy
             .running
-            .pipeline
+            .engine
             .upstreams
             .pools()
             .find(|p| &*p.region_id == "eu")
@@ -403,9 +403,9 @@ async fn map_file_changes_are_picked_up_and_bad_files_ignored() {
     let tmp = proxy.dir.path().join("map.jsonl.new");
     std::fs::write(&tmp, moved).unwrap();
     std::fs::rename(&tmp, &map_path).unwrap();
-    let pipeline = proxy.running.pipeline.clone();
+    let engine = proxy.running.engine.clone();
     assert!(
-        eventually(Duration::from_secs(5), || pipeline.replica.version()
+        eventually(Duration::from_secs(5), || engine.replica.version()
             == Some(8))
         .await,
         "reloaded"
@@ -418,7 +418,7 @@ async fn map_file_changes_are_picked_up_and_bad_files_ignored() {
     // A broken file is rejected; the proxy keeps serving version 8.
     std::fs::write(&map_path, "{\"type\":\"map\",\"version\":9}\nnot json\n").unwrap();
     assert!(
-        eventually(Duration::from_secs(5), || pipeline
+        eventually(Duration::from_secs(5), || engine
             .metrics
             .map_reloads_failed
             .load(std::sync::atomic::Ordering::Relaxed)
@@ -426,7 +426,7 @@ async fn map_file_changes_are_picked_up_and_bad_files_ignored() {
         .await,
         "bad reload counted"
     );
-    assert_eq!(pipeline.replica.version(), Some(8));
+    assert_eq!(engine.replica.version(), Some(8));
     assert_eq!(
         get(&proxy.url("/"), &[("x-workspace-id", "acme")])
             .await

@@ -31,14 +31,7 @@ async fn tls_counter_reaches(
     counter: fn(&domicile_certs::TlsStats) -> &std::sync::atomic::AtomicU64,
     n: u64,
 ) {
-    let stats = proxy
-        .running
-        .pipeline
-        .edge_tls
-        .as_ref()
-        .unwrap()
-        .stats()
-        .clone();
+    let stats = proxy.running.edge_tls.as_ref().unwrap().stats().clone();
     let reached = eventually(Duration::from_secs(5), || {
         counter(&stats).load(std::sync::atomic::Ordering::Relaxed) == n
     })
@@ -441,7 +434,6 @@ async fn a_changed_certificate_is_served_without_dropping_open_connections() {
     let reloaded = eventually(Duration::from_secs(10), || {
         proxy
             .running
-            .pipeline
             .edge_tls
             .as_ref()
             .unwrap()
@@ -469,7 +461,6 @@ async fn a_changed_certificate_is_served_without_dropping_open_connections() {
     let failed = eventually(Duration::from_secs(10), || {
         proxy
             .running
-            .pipeline
             .edge_tls
             .as_ref()
             .unwrap()

@@ -17,10 +17,11 @@ use std::time::{Duration, Instant};
 
 use criterion::{black_box, criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
 use domicile_proxy::config::{Rule, Unidentified};
-use domicile_proxy::decide::{decide, Decision, Policy, RequestFacts, RouteStatus, Routes};
-use domicile_proxy::identify::{Headers, Identifier, Identity, RequestView};
-use domicile_proxy::map::{Lookup, MapEntry, MapTable, RegionIdx, Replica, WorkspaceState};
-use domicile_proxy::workspace_id::WorkspaceId;
+use domicile_proxy::http::Fields;
+use domicile_proxy::route::decide::{decide, Decision, Policy, RequestFacts, RouteStatus, Routes};
+use domicile_proxy::route::identify::{Identifier, Identity, RequestView};
+use domicile_proxy::route::map::{Lookup, MapEntry, MapTable, RegionIdx, Replica, WorkspaceState};
+use domicile_proxy::route::workspace_id::WorkspaceId;
 use http::{HeaderMap, HeaderValue};
 use loadtest::synthetic::{catalogue, home_is_eu, mix, workspace_id};
 
@@ -157,7 +158,7 @@ impl Fixture {
             host: Some(self.requests.host(n)),
             path: "/api/v1/documents",
             query: None,
-            headers: Headers::Map(&self.headers),
+            headers: Fields::Map(&self.headers),
         };
         let identity = self.identifier.identify(black_box(&view));
         let (lookup, _in_flight) = match identity {

@@ -35,16 +35,18 @@ pub mod synthetic {
     }
 
     /// The two regions of the synthetic map, as its catalogue lists them.
-    pub fn catalogue() -> [domicile_proxy::map::CatalogueRegion; 2] {
+    pub fn catalogue() -> [domicile_proxy::route::map::CatalogueRegion; 2] {
         [
             ("us", "United States", *b"US"),
             ("eu", "European Union", *b"DE"),
         ]
-        .map(|(id, name, country)| domicile_proxy::map::CatalogueRegion {
-            id: id.into(),
-            name: name.into(),
-            jurisdiction: vec![country],
-        })
+        .map(
+            |(id, name, country)| domicile_proxy::route::map::CatalogueRegion {
+                id: id.into(),
+                name: name.into(),
+                jurisdiction: vec![country],
+            },
+        )
     }
 
     /// Half of the workspaces live in `eu`, half in `us`.

@@ -10,8 +10,8 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 use clap::{Args, Parser, Subcommand};
-use domicile_proxy::map::{Lookup, MapEntry, MapTable, RegionIdx, Replica, WorkspaceState};
-use domicile_proxy::workspace_id::WorkspaceId;
+use domicile_proxy::route::map::{Lookup, MapEntry, MapTable, RegionIdx, Replica, WorkspaceState};
+use domicile_proxy::route::workspace_id::WorkspaceId;
 use loadtest::synthetic::{catalogue, home_is_eu, mix, workspace_id};
 
 #[derive(Debug, Parser)]

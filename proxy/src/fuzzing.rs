@@ -5,12 +5,13 @@
 use std::path::Path;
 
 use crate::config::{ProxyConfig, Rule};
-use crate::framing::{self, ChunkedBody};
-use crate::identify::{Headers, Identifier, Identity, RequestView};
-use crate::map::{MapTable, Replica};
-use crate::mapfile::{self, MapBuilder};
+use crate::http::framing::{self, ChunkedBody};
+use crate::http::Fields;
+use crate::route::identify::{Identifier, Identity, RequestView};
+use crate::route::map::{MapTable, Replica};
+use crate::route::mapfile::{self, MapBuilder};
+use crate::route::workspace_id::WorkspaceId;
 use crate::sync::{self, Position, Taken};
-use crate::workspace_id::WorkspaceId;
 
 /// Request heads and chunked bodies: the framing rules never panic, a head found in one piece
 /// is found the same when it arrives a byte at a time, and a head that passes is framed once.
@@ -102,7 +103,7 @@ pub fn identify(data: &[u8]) {
         host,
         path,
         query,
-        headers: Headers::Raw(&fields),
+        headers: Fields::Raw(&fields),
     };
     let first = identifier.identify(&request);
     if let Identity::Workspace(id) = &first {
@@ -146,7 +147,7 @@ const CHANGE_BASE: &str = "{\"type\":\"map\",\"version\":10,\"epoch\":\"e1\"}\n\
     {\"type\":\"workspace\",\"id\":\"acme\",\"region\":\"us\",\"epoch\":1,\"version\":3}\n\
     {\"type\":\"workspace\",\"id\":\"globex\",\"region\":\"eu\",\"state\":\"frozen\",\"epoch\":2,\"version\":9}\n";
 
-fn entries(table: &MapTable) -> Vec<(String, crate::map::MapEntry)> {
+fn entries(table: &MapTable) -> Vec<(String, crate::route::map::MapEntry)> {
     let mut all = Vec::new();
     table.for_each(|id, entry| all.push((id.to_owned(), entry)));
     all.sort_by(|a, b| a.0.cmp(&b.0));
@@ -288,123 +289,84 @@ pub fn audit_verify(data: &[u8]) -> Option<crate::audit::verify::Verdict> {
     Some(report.verdict)
 }
 
-/// An origin connection in memory for [`response_screen`]: each read gets at most `step`
-/// bytes of what is left.
-struct Origin {
-    input: Vec<u8>,
-    at: usize,
+/// How an origin's response read: its head (status, framing), the body bytes handed on, and
+/// how reading ended (`Ok(true)`: the body ended; `Ok(false)`: the input ran out first).
+type ReadResponse = (Option<(u16, String)>, Vec<u8>, Result<bool, String>);
+
+/// Reads `input` as an origin's response the way the engine does ([`upstream::h1`]): the head
+/// parsed as bytes arrive, `step` at a time, then the body followed to its end, chunks relayed
+/// as they are (`raw`) or decoded.
+fn read_response(
+    input: &[u8],
     step: usize,
-    written: Vec<u8>,
-}
-
-impl tokio::io::AsyncRead for Origin {
-    fn poll_read(
-        mut self: std::pin::Pin<&mut Self>,
-        _: &mut std::task::Context<'_>,
-        buf: &mut tokio::io::ReadBuf<'_>,
-    ) -> std::task::Poll<std::io::Result<()>> {
-        let n = (self.input.len() - self.at)
-            .min(self.step)
-            .min(buf.remaining());
-        let at = self.at;
-        buf.put_slice(&self.input[at..at + n]);
-        self.at += n;
-        std::task::Poll::Ready(Ok(()))
-    }
-}
-
-impl tokio::io::AsyncWrite for Origin {
-    fn poll_write(
-        mut self: std::pin::Pin<&mut Self>,
-        _: &mut std::task::Context<'_>,
-        data: &[u8],
-    ) -> std::task::Poll<std::io::Result<usize>> {
-        self.written.extend_from_slice(data);
-        std::task::Poll::Ready(Ok(data.len()))
-    }
-
-    fn poll_flush(
-        self: std::pin::Pin<&mut Self>,
-        _: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<std::io::Result<()>> {
-        std::task::Poll::Ready(Ok(()))
-    }
-
-    fn poll_shutdown(
-        self: std::pin::Pin<&mut Self>,
-        _: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<std::io::Result<()>> {
-        std::task::Poll::Ready(Ok(()))
-    }
-}
-
-/// Reads a response stream through the response screen after one written request, with reads
-/// of at most `step` bytes into a buffer of `room`: what came out, and the error it ended in.
-fn screened(request: &[u8], input: &[u8], step: usize, room: usize) -> (Vec<u8>, Option<String>) {
-    use std::task::{Context, Poll, Waker};
-    use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
-    let mut screen = crate::screen::ResponseScreen::new(Origin {
-        input: input.to_vec(),
-        at: 0,
-        step,
-        written: Vec::new(),
-    });
-    let mut cx = Context::from_waker(Waker::noop());
-    let wrote = std::pin::Pin::new(&mut screen).poll_write(&mut cx, request);
-    assert!(matches!(wrote, Poll::Ready(Ok(n)) if n == request.len()));
-    let mut out = Vec::new();
-    let mut space = vec![0u8; room];
-    // Every read makes progress or ends: a bound well above the input's length in reads.
-    for _ in 0..=input.len() * 2 + 2 {
-        let mut buf = ReadBuf::new(&mut space);
-        match std::pin::Pin::new(&mut screen).poll_read(&mut cx, &mut buf) {
-            Poll::Ready(Ok(())) if buf.filled().is_empty() => return (out, None),
-            Poll::Ready(Ok(())) => out.extend_from_slice(buf.filled()),
-            Poll::Ready(Err(e)) => return (out, Some(e.to_string())),
-            Poll::Pending => panic!("the origin never waits, the screen must not either"),
+    head_request: bool,
+    upgrade: bool,
+    raw: bool,
+) -> ReadResponse {
+    use crate::upstream::h1::{parse_response, BodyEnd, Parsed, MAX_FIELDS};
+    let mut have = 0;
+    let (status, framing, body_start) = loop {
+        have = (have + step).min(input.len());
+        let mut fields = [httparse::EMPTY_HEADER; MAX_FIELDS];
+        match parse_response(&input[..have], &mut fields, head_request, upgrade) {
+            Ok(Parsed::Final(head)) => break (head.status, head.framing, head.body_start),
+            Ok(Parsed::Partial) if have == input.len() => return (None, Vec::new(), Ok(false)),
+            Ok(Parsed::Partial) => {}
+            Err(e) => return (None, Vec::new(), Err(e)),
         }
+    };
+    let head = Some((status, format!("{framing:?}")));
+    let mut body = BodyEnd::new(framing, raw);
+    let mut out = Vec::new();
+    if body.is_empty() {
+        return (head, out, Ok(true));
     }
-    panic!("the screen stopped making progress");
+    let mut pos = body_start;
+    // The bytes the head read took past itself come first, then `step` at a time.
+    let mut end = have.max(body_start);
+    loop {
+        while pos < end {
+            match body.take(&input[pos..end]) {
+                Ok(taken) => {
+                    out.extend_from_slice(&input[pos + taken.out.start..pos + taken.out.end]);
+                    pos += taken.consumed;
+                    if taken.end {
+                        return (head, out, Ok(true));
+                    }
+                }
+                Err(e) => return (head, out, Err(e.to_string())),
+            }
+        }
+        if end == input.len() {
+            return (head, out, Ok(false));
+        }
+        end = (end + step).min(input.len());
+    }
 }
 
-/// The response screen as a reader: the first byte picks the request (GET, HEAD, or one
-/// asking for an upgrade) and the size of reads; the rest is what the origin sends. Read in
-/// small pieces into a small buffer, it must end the same way as read whole and, unless it
-/// failed, hand on exactly the same bytes; what it hands on is always the start of what the
-/// origin sent.
-pub fn response_screen(data: &[u8]) {
+/// An origin's response as the engine reads it. The first byte picks the request (GET, HEAD,
+/// or one asking for an upgrade), whether chunks are relayed as they are or decoded, and the
+/// size of reads; the rest is what the origin sends. Read in pieces it must read as it does
+/// whole: the same head, the same body bytes handed on, the same end. Relayed as they are,
+/// the body bytes are the origin's own, in order.
+pub fn origin_response(data: &[u8]) {
     let Some((&first, input)) = data.split_first() else {
         return;
     };
-    let request: &[u8] = match first % 3 {
-        0 => b"GET / HTTP/1.1\r\nhost: o\r\n\r\n",
-        1 => b"HEAD / HTTP/1.1\r\nhost: o\r\n\r\n",
-        _ => b"GET / HTTP/1.1\r\nhost: o\r\nconnection: upgrade\r\nupgrade: websocket\r\n\r\n",
+    let (head_request, upgrade) = match first % 3 {
+        0 => (false, false),
+        1 => (true, false),
+        _ => (false, true),
     };
+    let raw = first & 0x80 != 0;
     let step = usize::from(first / 3 % 16) + 1;
-    let whole = screened(request, input, input.len().max(1), 1 << 17);
-    let pieces = screened(request, input, step, step + usize::from(first % 5));
-    assert!(
-        input.starts_with(&pieces.0),
-        "the screen handed on bytes the origin did not send"
-    );
-    assert_eq!(
-        whole.1, pieces.1,
-        "read in pieces of {step}, it ended otherwise"
-    );
-    if whole.1.is_none() {
-        assert_eq!(
-            whole.0, pieces.0,
-            "read in pieces of {step}, other bytes came out"
-        );
-    } else {
-        // A chunked head is held with its first size line, and whatever of the body came
-        // with it is checked too. So a body broken later fails before its head goes on when
-        // it arrives with the head, and after it (a cut stream) when it comes later: read
-        // whole, no more is handed on than read in pieces.
-        assert!(
-            pieces.0.starts_with(&whole.0),
-            "read whole, more was handed on before the failure than in pieces of {step}"
-        );
+    let whole = read_response(input, input.len().max(1), head_request, upgrade, raw);
+    let pieces = read_response(input, step, head_request, upgrade, raw);
+    assert_eq!(whole, pieces, "read in pieces of {step}, it read otherwise");
+    if raw && !whole.1.is_empty() {
+        let found = input
+            .windows(whole.1.len())
+            .any(|window| window == whole.1.as_slice());
+        assert!(found, "relayed bytes the origin did not send");
     }
 }

@@ -1,38 +1,39 @@
-//! Domicile's data plane: accept, identify, decide, forward only to the home region.
+//! Domicile's data plane: accept, identify, decide, forward only to the home region, record.
 //!
-//! Read in the order a request travels: [`listener`] -> [`identify`] -> [`map`] -> [`decide`]
-//! -> [`upstream`] (via [`pipeline`], over each worker's [`connpool`]) -> [`audit`] (one record
-//! per decision); plain HTTP/1.1 requests take the fast path, which routes through the same
-//! pipeline and forwards raw heads. [`config`] turns TOML into a validated configuration,
-//! [`mapfile`] feeds the map replica from a file, [`sync`] from the control plane,
-//! [`inflight`] counts requests per map version for moves, [`admin`] serves health and metrics.
+//! Read the folders in the order a request travels:
+//!
+//! 1. [`listen`]: accept on the cleartext and HTTPS ports, the connection limit, the TLS
+//!    handshake, HTTP/1.1 or HTTP/2.
+//! 2. [`http`]: the client's protocol, an adapter that turns bytes into one request head for
+//!    the engine, under the strict framing rules.
+//! 3. [`route`]: identify the workspace, look it up in the map replica, decide.
+//! 4. `forward`: the engine, one sequence of steps for every protocol: check, route, record,
+//!    refuse or forward (retry driver, failure model, header rules), relay the answer.
+//! 5. `upstream`: the home region's endpoints: pools per worker, TLS that proves the region,
+//!    HTTP/1.1 and HTTP/2 to origins, health checks.
+//! 6. [`audit`]: one record per decision, chained, signed, verifiable.
+//!
+//! Beside the path: [`config`] (text to typed to validated, below everything), [`refusal`]
+//! (the public refusal codes), [`metrics`] (counters), [`sync`] (follows the control plane),
+//! `ops` (admin listener, metrics rendering), and `server`, which assembles the parts.
 
-pub mod admin;
 pub mod audit;
-pub mod body;
 pub mod config;
-pub mod connpool;
-pub mod decide;
-mod fastpath;
-pub mod framing;
+mod forward;
 #[doc(hidden)]
 pub mod fuzzing;
-pub mod geoip;
-pub mod headers;
-pub mod identify;
-pub mod inflight;
-pub mod listener;
-pub mod map;
-pub mod mapfile;
+pub mod http;
+pub mod listen;
 pub mod metrics;
-pub mod pipeline;
+mod ops;
 pub mod refusal;
-mod screen;
-pub mod sync;
-pub mod upstream;
-pub mod workspace_id;
-
+pub mod route;
 mod server;
+pub mod sync;
+mod upstream;
 
 pub use config::ProxyConfig;
-pub use server::{start, RunningProxy, StartError};
+pub use forward::Engine;
+pub use ops::admin::Readiness;
+pub use server::{check_config, start, RunningProxy, StartError};
+pub use upstream::{Endpoint, Health, RegionPool, Upstreams};

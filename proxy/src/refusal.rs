@@ -4,13 +4,7 @@
 //! is answered the same way: the code's status, header `x-domicile-refusal`, and the JSON body
 //! `{"error":{"code", "message", "workspace", "request_id"}}`.
 
-use bytes::Bytes;
-use http::{header, HeaderValue, Response, StatusCode};
-use http_body_util::{combinators::UnsyncBoxBody, BodyExt, Full};
-
-/// Response body type used throughout the proxy.
-pub type ProxyBody = UnsyncBoxBody<Bytes, BoxError>;
-pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+use http::{header, HeaderMap, HeaderName, HeaderValue, Response, StatusCode};
 
 /// Header carrying the refusal code on every refusal.
 pub const REFUSAL_HEADER: &str = "x-domicile-refusal";
@@ -170,65 +164,68 @@ impl<'a> Refusal<'a> {
         bytes
     }
 
-    /// The full HTTP/1.1 response as raw bytes, for refusals sent before hyper owns a request
-    /// (for example a request head that never completed). Always closes the connection.
+    /// The response's fields, the same in every protocol: content type, the refusal code, the
+    /// request id and `Retry-After` when there are.
+    fn fields(&self, mut field: impl FnMut(&'static str, &[u8])) {
+        field("content-type", b"application/json");
+        field(REFUSAL_HEADER, self.code.as_str().as_bytes());
+        if let Some(id) = self.request_id {
+            field("x-request-id", id.as_bytes());
+        }
+        if let Some(seconds) = self.retry_after {
+            let mut digits = itoa::Buffer::new();
+            field("retry-after", digits.format(seconds).as_bytes());
+        }
+    }
+
+    /// The full HTTP/1.1 response as raw bytes, for refusals sent before a request was read
+    /// (a connection over the limit, a head that never completed). Always closes.
     pub fn raw_http1(&self) -> Vec<u8> {
         let mut out = Vec::new();
-        self.write_http1(&mut out, true);
+        self.write_http1(&mut out, true, false);
         out
     }
 
-    /// Appends the full HTTP/1.1 response, with the same fields as [`Refusal::into_response`],
-    /// to `out`; `close` adds `connection: close`.
-    pub fn write_http1(&self, out: &mut Vec<u8>, close: bool) {
-        use std::io::Write;
+    /// Appends the full HTTP/1.1 response to `out`; `close` adds `connection: close`,
+    /// `head_only` leaves the body out (the answer to a HEAD request).
+    pub fn write_http1(&self, out: &mut Vec<u8>, close: bool, head_only: bool) {
         let body = self.body_bytes();
         let status = self.code.status();
-        let _ = write!(
-            out,
-            "HTTP/1.1 {} {}\r\ncontent-type: application/json\r\n{}: {}\r\ncontent-length: {}\r\n",
-            status.as_u16(),
-            status.canonical_reason().unwrap_or(""),
-            REFUSAL_HEADER,
-            self.code.as_str(),
-            body.len()
-        );
-        if let Some(id) = self.request_id {
-            let _ = write!(out, "x-request-id: {id}\r\n");
-        }
-        if let Some(seconds) = self.retry_after {
-            let _ = write!(out, "retry-after: {seconds}\r\n");
-        }
+        out.extend_from_slice(b"HTTP/1.1 ");
+        out.extend_from_slice(status.as_str().as_bytes());
+        out.push(b' ');
+        out.extend_from_slice(status.canonical_reason().unwrap_or("").as_bytes());
+        out.extend_from_slice(b"\r\n");
+        self.fields(|name, value| {
+            out.extend_from_slice(name.as_bytes());
+            out.extend_from_slice(b": ");
+            out.extend_from_slice(value);
+            out.extend_from_slice(b"\r\n");
+        });
+        out.extend_from_slice(b"content-length: ");
+        let mut digits = itoa::Buffer::new();
+        out.extend_from_slice(digits.format(body.len()).as_bytes());
+        out.extend_from_slice(b"\r\n");
         if close {
             out.extend_from_slice(b"connection: close\r\n");
         }
         out.extend_from_slice(b"\r\n");
-        out.extend_from_slice(&body);
+        if !head_only {
+            out.extend_from_slice(&body);
+        }
     }
 
-    pub fn into_response(self) -> Response<ProxyBody> {
-        let body = self.body_bytes();
-        let mut response = Response::new(
-            Full::new(Bytes::from(body))
-                .map_err(|never| match never {})
-                .boxed_unsync(),
-        );
+    /// The response head for HTTP/2 (the body is [`Refusal::body_bytes`]).
+    pub fn h2_head(&self, body_len: usize) -> Response<()> {
+        let mut response = Response::new(());
         *response.status_mut() = self.code.status();
-        let headers = response.headers_mut();
-        headers.insert(
-            header::CONTENT_TYPE,
-            HeaderValue::from_static("application/json"),
-        );
-        headers.insert(REFUSAL_HEADER, HeaderValue::from_static(self.code.as_str()));
-        if let Some(id) = self
-            .request_id
-            .and_then(|id| HeaderValue::from_str(id).ok())
-        {
-            headers.insert("x-request-id", id);
-        }
-        if let Some(seconds) = self.retry_after {
-            headers.insert(header::RETRY_AFTER, HeaderValue::from(seconds));
-        }
+        let headers: &mut HeaderMap = response.headers_mut();
+        self.fields(|name, value| {
+            if let Ok(value) = HeaderValue::from_bytes(value) {
+                headers.append(HeaderName::from_static(name), value);
+            }
+        });
+        headers.insert(header::CONTENT_LENGTH, HeaderValue::from(body_len));
         response
     }
 }
@@ -249,15 +246,31 @@ mod tests {
     }
 
     #[test]
-    fn response_carries_code_status_and_json() {
-        let response = Refusal::new(RefusalCode::WorkspaceMoving)
+    fn responses_carry_code_status_and_json() {
+        let refusal = Refusal::new(RefusalCode::WorkspaceMoving)
             .workspace(Some("acme"))
             .request_id(Some("r1"))
-            .retry_after(Some(5))
-            .into_response();
+            .retry_after(Some(5));
+        let body = refusal.body_bytes();
+        let response = refusal.h2_head(body.len());
         assert_eq!(response.status(), StatusCode::SERVICE_UNAVAILABLE);
         assert_eq!(response.headers()[REFUSAL_HEADER], "workspace_moving");
         assert_eq!(response.headers()[header::RETRY_AFTER], "5");
+        assert_eq!(response.headers()["x-request-id"], "r1");
+        let mut h1 = Vec::new();
+        refusal.write_http1(&mut h1, false, false);
+        let text = String::from_utf8(h1).unwrap();
+        assert!(
+            text.contains("x-domicile-refusal: workspace_moving\r\n"),
+            "{text}"
+        );
+        assert!(text.contains("retry-after: 5\r\n"), "{text}");
+        assert!(!text.contains("connection: close"), "{text}");
+        let mut head_only = Vec::new();
+        refusal.write_http1(&mut head_only, true, true);
+        assert!(String::from_utf8(head_only)
+            .unwrap()
+            .ends_with("connection: close\r\n\r\n"));
         let body = Refusal::new(RefusalCode::UnknownWorkspace)
             .workspace(Some("nope"))
             .body_bytes();

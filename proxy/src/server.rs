@@ -1,18 +1,46 @@
-//! Starting and stopping a proxy: bind, load the map, serve, drain.
+//! Starting and stopping a proxy: the assembly of every part. Builds the engine, loads the
+//! map, waits for the first health checks, binds the listeners, runs one worker per thread,
+//! and hands each accepted connection to the protocol it speaks; on shutdown, drains.
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
-use tokio::net::TcpListener;
+use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
 
 use crate::config::ProxyConfig;
-use crate::listener::{self, ConnectionTracker};
-use crate::map::Replica;
-use crate::mapfile;
-use crate::pipeline::Pipeline;
+use crate::forward::Engine;
+use crate::http::peer::Peer;
+use crate::listen::{self, Accepting, ConnectionTracker, Sniffed};
+use crate::metrics::Metrics;
+use crate::ops::admin::{self, Admin};
+use crate::route::map::Replica;
+use crate::route::mapfile;
 use crate::sync::SyncHandle;
+
+/// The files other parts read, opened by their owners.
+struct Owners;
+
+impl crate::config::FileChecks for Owners {
+    fn geoip_database(&self, path: &std::path::Path) -> Result<(), String> {
+        crate::route::geoip::GeoIp::open(path)
+            .map(|_| ())
+            .map_err(|e| e.to_string())
+    }
+
+    fn signing_key(&self, path: &std::path::Path) -> Result<(), String> {
+        crate::audit::keys::load_signing_key(path)
+            .map(|_| ())
+            .map_err(|e| e.to_string())
+    }
+}
+
+/// Reads and validates a configuration file and opens the files it names (the GeoIP
+/// database, the audit signing key, certificates): every problem at once.
+pub fn check_config(path: &std::path::Path) -> Result<ProxyConfig, crate::config::ConfigErrors> {
+    ProxyConfig::from_file_with(path, Some(&Owners))
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
@@ -67,7 +95,10 @@ pub struct RunningProxy {
     pub admin_addr: Option<SocketAddr>,
     /// The HTTPS address actually bound, if `[tls]` is configured.
     pub tls_addr: Option<SocketAddr>,
-    pub pipeline: Arc<Pipeline>,
+    /// The request path's shared state: the map replica, the pools, the metrics, the audit log.
+    pub engine: Arc<Engine>,
+    /// The HTTPS listener's certificates, when `[tls]` is configured.
+    pub edge_tls: Option<Arc<domicile_certs::ServerTls>>,
     shutdown: watch::Sender<bool>,
     admin_shutdown: watch::Sender<bool>,
     draining: Arc<AtomicBool>,
@@ -96,30 +127,31 @@ pub async fn start(config: ProxyConfig) -> Result<RunningProxy, StartError> {
     }
     raise_open_file_limit(config.limits.max_connections);
     let replica = Arc::new(Replica::new());
-    let pipeline =
-        Arc::new(Pipeline::new(config.clone(), replica.clone()).map_err(StartError::Setup)?);
+    let metrics = Arc::new(Metrics::default());
+    let engine = Arc::new(
+        Engine::new(config.clone(), replica.clone(), metrics.clone()).map_err(StartError::Setup)?,
+    );
+    let edge_tls = match &config.tls {
+        Some(tls) => Some(edge_tls(tls)?),
+        None => None,
+    };
 
     let mut watcher = None;
     if let Some(path) = &config.map.file {
         let (version, entries) = mapfile::load_into(path, &replica)?;
-        pipeline
-            .metrics
-            .map_reloads_ok
-            .fetch_add(1, Ordering::Relaxed);
+        metrics.map_reloads_ok.fetch_add(1, Ordering::Relaxed);
         tracing::info!(path = %path.display(), version, entries, "map loaded");
         if config.map.watch {
-            let metrics_pipeline = pipeline.clone();
+            let metrics_pipeline = metrics.clone();
             let w = mapfile::watch(path.clone(), replica.clone(), move |result| match result {
                 Ok((version, entries)) => {
                     metrics_pipeline
-                        .metrics
                         .map_reloads_ok
                         .fetch_add(1, Ordering::Relaxed);
                     tracing::info!(version, entries, "map reloaded");
                 }
                 Err(e) => {
                     metrics_pipeline
-                        .metrics
                         .map_reloads_failed
                         .fetch_add(1, Ordering::Relaxed);
                     tracing::error!("map reload rejected, keeping the current map: {e}");
@@ -135,11 +167,16 @@ pub async fn start(config: ProxyConfig) -> Result<RunningProxy, StartError> {
     let sync = config.control_plane.as_ref().map(|cp| {
         crate::sync::start(
             cp.clone(),
-            pipeline.clone(),
+            replica.clone(),
+            metrics.clone(),
             config.proxy_id().to_owned(),
             config.proxy.edge_region.clone(),
         )
     });
+
+    // Listeners open knowing which endpoints may be used: an endpoint with health checks is
+    // not used before one passes.
+    engine.upstreams.first_checks().await;
 
     let listen = config.proxy.listen;
     let workers = config.proxy.worker_count().max(1);
@@ -158,7 +195,7 @@ pub async fn start(config: ProxyConfig) -> Result<RunningProxy, StartError> {
     let mut tls_sockets: Vec<Option<std::net::TcpListener>> = (0..workers).map(|_| None).collect();
     let mut tls_addr = None;
     let mut tls_watcher = None;
-    if let (Some(section), Some(edge)) = (&config.tls, &pipeline.edge_tls) {
+    if let (Some(section), Some(edge)) = (&config.tls, &edge_tls) {
         let first = bind_std(section.listen, workers > 1)?;
         let bound = first.local_addr().map_err(|source| StartError::Bind {
             addr: section.listen,
@@ -174,8 +211,7 @@ pub async fn start(config: ProxyConfig) -> Result<RunningProxy, StartError> {
                 .map_err(|e| StartError::Setup(format!("tls: {e}")))?,
         );
     }
-    let acceptor = pipeline
-        .edge_tls
+    let acceptor = edge_tls
         .as_ref()
         .map(|edge| tokio_rustls::TlsAcceptor::from(edge.config()));
     let (shutdown, shutdown_rx) = watch::channel(false);
@@ -193,12 +229,12 @@ pub async fn start(config: ProxyConfig) -> Result<RunningProxy, StartError> {
                     addr: admin,
                     source,
                 })?;
-            tokio::spawn(crate::admin::serve(
-                admin_listener,
-                pipeline.clone(),
-                draining.clone(),
-                admin_shutdown_rx,
-            ));
+            let admin = Arc::new(Admin {
+                engine: engine.clone(),
+                edge_tls: edge_tls.clone(),
+                draining: draining.clone(),
+            });
+            tokio::spawn(admin::serve(admin_listener, admin, admin_shutdown_rx));
             Some(bound)
         }
         None => None,
@@ -210,7 +246,8 @@ pub async fn start(config: ProxyConfig) -> Result<RunningProxy, StartError> {
         let worker = Worker {
             socket,
             tls: tls_socket.zip(acceptor.clone()),
-            pipeline: pipeline.clone(),
+            engine: engine.clone(),
+            edge_tls: edge_tls.clone(),
             shutdown: shutdown_rx.clone(),
             stop: admin_shutdown.subscribe(),
             tracker: tracker.clone(),
@@ -241,7 +278,8 @@ pub async fn start(config: ProxyConfig) -> Result<RunningProxy, StartError> {
         admin_addr,
         tls_addr,
         _tls_watcher: tls_watcher,
-        pipeline,
+        engine,
+        edge_tls,
         shutdown,
         admin_shutdown,
         draining,
@@ -253,13 +291,37 @@ pub async fn start(config: ProxyConfig) -> Result<RunningProxy, StartError> {
     })
 }
 
+/// The HTTPS listener's certificates, loaded and checked.
+fn edge_tls(tls: &crate::config::TlsSection) -> Result<Arc<domicile_certs::ServerTls>, StartError> {
+    let sources = tls
+        .certificates
+        .iter()
+        .map(|files| domicile_certs::CertSource {
+            cert: files.cert.clone(),
+            key: files.key.clone(),
+        })
+        .collect();
+    let unknown = match tls.unknown_name {
+        crate::config::UnknownNamePolicy::Default => domicile_certs::UnknownName::Default,
+        crate::config::UnknownNamePolicy::Refuse => domicile_certs::UnknownName::Refuse,
+    };
+    let options = domicile_certs::ServerOptions {
+        session_cache: tls.session_cache,
+        tickets: tls.session_tickets,
+        ..Default::default()
+    };
+    domicile_certs::ServerTls::load(sources, unknown, &options)
+        .map_err(|e| StartError::Setup(format!("tls: {e}")))
+}
+
 /// One thread serving client traffic on its own single-threaded runtime: the connections it
 /// accepts, their requests and their upstream exchanges all stay on this thread.
 struct Worker {
     socket: std::net::TcpListener,
     /// The HTTPS socket and its acceptor, when `[tls]` is configured.
     tls: Option<(std::net::TcpListener, tokio_rustls::TlsAcceptor)>,
-    pipeline: Arc<Pipeline>,
+    engine: Arc<Engine>,
+    edge_tls: Option<Arc<domicile_certs::ServerTls>>,
     /// Stop accepting and drain.
     shutdown: watch::Receiver<bool>,
     /// The grace period is over: drop whatever is still open.
@@ -274,7 +336,8 @@ impl Worker {
         let Worker {
             socket,
             tls,
-            pipeline,
+            engine,
+            edge_tls,
             shutdown,
             mut stop,
             tracker,
@@ -308,25 +371,44 @@ impl Worker {
                 }
             };
             let _ = ready.send(Ok(()));
-            let plain = listener::serve(
+            let max_connections = engine.config.limits.max_connections;
+            let metrics = engine.metrics.clone();
+            let plain = listen::accept(
                 listener,
-                pipeline.clone(),
+                Accepting {
+                    max_connections,
+                    tracker: &tracker,
+                    metrics: &metrics,
+                    cleartext: true,
+                },
                 shutdown.clone(),
-                tracker.clone(),
-                None,
+                |stream, peer| serve_cleartext(stream, peer, engine.clone(), shutdown.clone()),
             );
-            match tls {
-                Some((tls_listener, acceptor)) => {
-                    let secure = listener::serve(
+            match (tls, edge_tls) {
+                (Some((tls_listener, acceptor)), Some(edge)) => {
+                    let secure = listen::accept(
                         tls_listener,
-                        pipeline,
-                        shutdown,
-                        tracker.clone(),
-                        Some(acceptor),
+                        Accepting {
+                            max_connections,
+                            tracker: &tracker,
+                            metrics: &metrics,
+                            cleartext: false,
+                        },
+                        shutdown.clone(),
+                        |stream, peer| {
+                            serve_tls(
+                                stream,
+                                peer,
+                                engine.clone(),
+                                acceptor.clone(),
+                                edge.clone(),
+                                shutdown.clone(),
+                            )
+                        },
                     );
                     tokio::join!(plain, secure);
                 }
-                None => plain.await,
+                _ => plain.await,
             }
             // Accepting has stopped; the connections this worker owns finish on its runtime.
             tokio::select! {
@@ -334,6 +416,76 @@ impl Worker {
                 _ = stop.wait_for(|stop| *stop) => {}
             }
         });
+    }
+}
+
+/// A connection on the cleartext port: HTTP/2 with prior knowledge, or HTTP/1.1.
+async fn serve_cleartext(
+    stream: TcpStream,
+    addr: SocketAddr,
+    engine: Arc<Engine>,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    let limits = &engine.config.limits;
+    let sniffed = listen::sniff(&stream, limits.header_read_timeout, &mut shutdown).await;
+    let peer = Peer::new(addr, &engine.config.proxy.trusted_proxies, false);
+    let handler = engine.for_peer(&peer);
+    match sniffed {
+        Sniffed::Http1(prefix) => {
+            let settings = crate::http::h1::Settings {
+                limits,
+                metrics: &engine.metrics,
+            };
+            crate::http::h1::serve(stream, prefix, &handler, &settings, shutdown).await;
+        }
+        Sniffed::Http2(prefix) => {
+            // HTTP/2's connection state is large: boxed, so that HTTP/1.1 connections do not
+            // carry room for it.
+            let io = crate::http::h2::Prefixed::new(prefix, stream);
+            Box::pin(crate::http::h2::serve(io, &handler, limits, shutdown)).await;
+        }
+        Sniffed::Gone => {}
+    }
+}
+
+/// A connection on the HTTPS port: the handshake, then the protocol ALPN chose.
+async fn serve_tls(
+    stream: TcpStream,
+    addr: SocketAddr,
+    engine: Arc<Engine>,
+    acceptor: tokio_rustls::TlsAcceptor,
+    edge: Arc<domicile_certs::ServerTls>,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    let Some(section) = &engine.config.tls else {
+        return;
+    };
+    let Some((stream, is_h2)) = listen::handshake(
+        stream,
+        &acceptor,
+        section.handshake_timeout,
+        edge.stats(),
+        &mut shutdown,
+    )
+    .await
+    else {
+        return;
+    };
+    let limits = &engine.config.limits;
+    let peer = Peer::new(addr, &engine.config.proxy.trusted_proxies, true);
+    let handler = engine.for_peer(&peer);
+    if is_h2 {
+        Box::pin(crate::http::h2::serve(stream, &handler, limits, shutdown)).await;
+    } else {
+        let settings = crate::http::h1::Settings {
+            limits,
+            metrics: &engine.metrics,
+        };
+        let prefix = crate::http::io::take_buffer();
+        Box::pin(crate::http::h1::serve(
+            stream, prefix, &handler, &settings, shutdown,
+        ))
+        .await;
     }
 }
 
@@ -378,13 +530,13 @@ impl RunningProxy {
         // Also tells the workers to drop what is still open.
         let _ = self.admin_shutdown.send(true);
         let threads = self.threads;
-        let pipeline = self.pipeline.clone();
+        let engine = self.engine.clone();
         let _ = tokio::task::spawn_blocking(move || {
             for thread in threads {
                 let _ = thread.join();
             }
             // No request can begin now: the audit log drains, closes with a signed checkpoint.
-            if let Some(audit) = &pipeline.audit {
+            if let Some(audit) = &engine.audit {
                 audit.stop();
             }
         })

@@ -98,6 +98,6 @@ fn audit_verify_seeds_reach_the_verdicts() {
 }
 
 #[test]
-fn response_screen_seeds() {
-    run_seeds("response_screen", domicile_proxy::fuzzing::response_screen);
+fn origin_response_seeds() {
+    run_seeds("origin_response", domicile_proxy::fuzzing::origin_response);
 }

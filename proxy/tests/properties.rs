@@ -3,10 +3,11 @@
 //! the map file parser never panics and never installs a file it rejected.
 
 use domicile_proxy::config::{Rule, Unidentified};
-use domicile_proxy::decide::{decide, Decision, Policy, RequestFacts, RouteStatus, Routes};
-use domicile_proxy::identify::{Headers, Identifier, Identity, RequestView};
-use domicile_proxy::map::{Lookup, MapEntry, MapTable, RegionIdx, Replica, WorkspaceState};
-use domicile_proxy::workspace_id::WorkspaceId;
+use domicile_proxy::http::Fields;
+use domicile_proxy::route::decide::{decide, Decision, Policy, RequestFacts, RouteStatus, Routes};
+use domicile_proxy::route::identify::{Identifier, Identity, RequestView};
+use domicile_proxy::route::map::{Lookup, MapEntry, MapTable, RegionIdx, Replica, WorkspaceState};
+use domicile_proxy::route::workspace_id::WorkspaceId;
 use http::{HeaderMap, HeaderValue};
 use proptest::prelude::*;
 
@@ -42,7 +43,7 @@ proptest! {
                 headers.insert("x-workspace-id", value);
             }
         }
-        let request = RequestView { host: Some(&host), path: &path, query: query.as_deref(), headers: Headers::Map(&headers) };
+        let request = RequestView { host: Some(&host), path: &path, query: query.as_deref(), headers: Fields::Map(&headers) };
         if let Identity::Workspace(id) = identifier().identify(&request) {
             // A valid id, and present (case-insensitively) in some part of the request.
             prop_assert!(WorkspaceId::parse(id.as_bytes()).is_ok());
@@ -117,7 +118,7 @@ proptest! {
         let path = dir.path().join("map.jsonl");
         std::fs::write(&path, lines.join("\n")).unwrap();
         let replica = Replica::new();
-        match domicile_proxy::mapfile::load_into(&path, &replica) {
+        match domicile_proxy::route::mapfile::load_into(&path, &replica) {
             Ok((version, len)) => {
                 prop_assert_eq!(replica.version(), Some(version));
                 prop_assert_eq!(replica.len(), len);

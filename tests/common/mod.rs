@@ -205,9 +205,9 @@ impl TestProxy {
 
     /// Waits until the proxy holds `n` client connections.
     pub async fn wait_for_connections(&self, n: u64) {
-        let pipeline = self.running.pipeline.clone();
+        let engine = self.running.engine.clone();
         let held = eventually(Duration::from_secs(5), || {
-            pipeline
+            engine
                 .metrics
                 .connections_active
                 .load(std::sync::atomic::Ordering::Relaxed)

@@ -33,12 +33,11 @@ use std::time::Instant;
 
 use parking_lot::Mutex;
 
-use crate::body::BodyFate;
 use crate::config::{AuditSection, OnFailure};
-use crate::geoip::GeoIp;
-use crate::map::{RegionIdx, Replica};
 use crate::refusal::RefusalCode;
-use crate::workspace_id::WorkspaceId;
+use crate::route::geoip::GeoIp;
+use crate::route::map::{RegionIdx, Replica};
+use crate::route::workspace_id::WorkspaceId;
 
 use record::{Fixed, COMPLETE, FIXED, HAS_EPOCH, HAS_MAP_VERSION, NONE16};
 
@@ -416,7 +415,6 @@ pub struct Entry {
     strings: Vec<u8>,
     started: Instant,
     shared: Arc<Shared>,
-    request_body: Option<Arc<BodyFate>>,
 }
 
 thread_local! {
@@ -438,7 +436,6 @@ impl Entry {
             strings,
             started: Instant::now(),
             shared,
-            request_body: None,
         }
     }
 
@@ -490,9 +487,9 @@ impl Entry {
         self.fixed.bytes_out += n;
     }
 
-    /// Request body bytes, counted by the body's guard.
-    pub fn request_body(&mut self, fate: Arc<BodyFate>) {
-        self.request_body = Some(fate);
+    /// Request body bytes relayed to the origin.
+    pub fn add_bytes_in(&mut self, n: u64) {
+        self.fixed.bytes_in += n;
     }
 
     /// The response was relayed whole: queue the record now, before its last bytes are
@@ -504,9 +501,6 @@ impl Entry {
     fn queue(&mut self) {
         let f = &mut self.fixed;
         f.duration_us = self.started.elapsed().as_micros() as u64;
-        if let Some(fate) = &self.request_body {
-            f.bytes_in = fate.bytes();
-        }
         f.len = (FIXED + self.strings.len()) as u32;
         let mut queue = self.shared.queue.lock();
         let was_empty = queue.records == 0;

@@ -14,9 +14,9 @@ use bytemuck::{Pod, Zeroable};
 
 use super::format::{key, put_hex, put_ip, put_json_str, put_time, put_u64};
 use crate::config::ClientIpMode;
-use crate::geoip::GeoIp;
-use crate::map::RegionMeta;
 use crate::refusal::RefusalCode;
+use crate::route::geoip::GeoIp;
+use crate::route::map::RegionMeta;
 
 /// No region / endpoint.
 pub(super) const NONE16: u16 = u16::MAX;

@@ -72,7 +72,7 @@ impl Log {
     /// Records `n` forwarded requests, letting the writer commit between them so segments
     /// rotate at their size.
     fn record(&self, audit: &Audit, n: usize) {
-        let workspace = crate::workspace_id::WorkspaceId::parse(b"acme").unwrap();
+        let workspace = crate::route::workspace_id::WorkspaceId::parse(b"acme").unwrap();
         for i in 0..n {
             let Begin::Record(mut entry) = audit.begin() else {
                 panic!("the log refused a record");

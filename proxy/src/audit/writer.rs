@@ -30,8 +30,8 @@ use super::format::{
 use super::record::{LineContext, Queued};
 use super::{AuditError, Identity, Shared};
 use crate::config::AuditSection;
-use crate::geoip::GeoIp;
-use crate::map::Replica;
+use crate::route::geoip::GeoIp;
+use crate::route::map::Replica;
 
 /// First wait before retrying a failed disk; doubles up to [`RETRY_MAX`].
 const RETRY_FIRST: Duration = Duration::from_millis(50);

@@ -21,8 +21,10 @@ use serde::{Deserialize, Serialize};
 
 use domicile_wire::Checksum;
 
-use crate::map::{CatalogueRegion, MapEntry, MapTable, Replica, WorkspaceState, MAX_VERSION};
-use crate::workspace_id::{is_valid_region_id, WorkspaceId};
+use crate::route::map::{
+    CatalogueRegion, MapEntry, MapTable, Replica, WorkspaceState, MAX_VERSION,
+};
+use crate::route::workspace_id::{is_valid_region_id, WorkspaceId};
 
 /// How many line errors one report lists before summarising the rest.
 const MAX_REPORTED_ERRORS: usize = 20;
@@ -499,7 +501,7 @@ pub fn watch(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::map::Lookup;
+    use crate::route::map::Lookup;
 
     fn write(dir: &Path, text: &str) -> PathBuf {
         let path = dir.join("map.jsonl");

@@ -5,10 +5,10 @@
 //! It must never pick a region other than the workspace's home region for an identified request.
 
 use crate::config::Unidentified;
-use crate::identify::Identity;
-use crate::map::{Lookup, RegionIdx, WorkspaceState};
 use crate::refusal::RefusalCode;
-use crate::workspace_id::WorkspaceId;
+use crate::route::identify::Identity;
+use crate::route::map::{Lookup, RegionIdx, WorkspaceState};
+use crate::route::workspace_id::WorkspaceId;
 
 /// What the request itself says, beyond its workspace.
 #[derive(Debug, Clone, Copy)]
@@ -166,9 +166,9 @@ pub fn decide(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::identify::Source;
-    use crate::map::MapEntry;
-    use crate::workspace_id::InvalidId;
+    use crate::route::identify::Source;
+    use crate::route::map::MapEntry;
+    use crate::route::workspace_id::InvalidId;
 
     const US: RegionIdx = 0;
     const EU: RegionIdx = 1;

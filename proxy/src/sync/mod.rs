@@ -34,10 +34,10 @@ use hyper_util::rt::TokioExecutor;
 use tokio::sync::watch;
 
 use crate::config::ControlPlaneSection;
-use crate::map::{CatalogueRegion, MapEntry, MapTable, Regions, Replica, WorkspaceState};
-use crate::mapfile::{self, entry_hash, MapBuilder, MapFileError};
-use crate::pipeline::Pipeline;
-use crate::workspace_id::WorkspaceId;
+use crate::metrics::Metrics;
+use crate::route::map::{CatalogueRegion, MapEntry, MapTable, Regions, Replica, WorkspaceState};
+use crate::route::mapfile::{self, entry_hash, MapBuilder, MapFileError};
+use crate::route::workspace_id::WorkspaceId;
 
 /// Where the proxy's map stands, as the sync task last published it.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -124,6 +124,9 @@ pub enum Resync {
     /// A change the proxy cannot apply (names an unknown region, a bad id).
     Invalid,
 }
+
+// The metrics keep one counter per reason.
+const _: () = assert!(Resync::ALL.len() == crate::metrics::RESYNC_REASONS);
 
 impl Resync {
     pub const ALL: [Resync; 5] = [
@@ -520,9 +523,15 @@ fn build_client(cfg: &ControlPlaneSection) -> Result<HttpClient, String> {
     Ok(Client::builder(TokioExecutor::new()).build(https))
 }
 
+/// What the sync applies to and counts in: this proxy's map replica and its counters.
+struct Local {
+    replica: Arc<Replica>,
+    metrics: Arc<Metrics>,
+}
+
 struct Syncer {
     cfg: ControlPlaneSection,
-    pipeline: Arc<Pipeline>,
+    local: Arc<Local>,
     client: HttpClient,
     base: String,
     pos: Option<Position>,
@@ -534,20 +543,22 @@ struct Syncer {
 /// Loads the last-known-good map (when there is one) and starts following the control plane.
 pub fn start(
     cfg: ControlPlaneSection,
-    pipeline: Arc<Pipeline>,
+    replica: Arc<Replica>,
+    metrics: Arc<Metrics>,
     proxy_id: String,
     edge_region: String,
 ) -> SyncHandle {
+    let local = Arc::new(Local { replica, metrics });
     let mut lkg = LastKnownGood::new(cfg.last_known_good.clone());
     let mut pos = None;
-    match lkg.load(&pipeline.replica) {
+    match lkg.load(&local.replica) {
         Ok(None) => tracing::info!(
             path = %lkg.base.display(),
             "no last-known-good map yet; waiting for the control plane"
         ),
         Ok(Some((table, loaded, replayed))) => {
             let (version, entries) = (loaded.version, table.len());
-            match pipeline.replica.replace(table, &loaded.catalogue) {
+            match local.replica.replace(table, &loaded.catalogue) {
                 Ok(()) => {
                     tracing::info!(
                         path = %lkg.base.display(),
@@ -562,7 +573,7 @@ pub fn start(
             }
         }
         Err(e) => {
-            pipeline
+            local
                 .metrics
                 .lkg_load_failures
                 .fetch_add(1, Ordering::Relaxed);
@@ -580,7 +591,7 @@ pub fn start(
         ..SyncState::default()
     };
     if let Some(v) = initial.applied {
-        pipeline
+        local
             .metrics
             .map_applied_version
             .store(v, Ordering::Relaxed);
@@ -603,13 +614,13 @@ pub fn start(
         base.clone(),
         proxy_id.clone(),
         edge_region.clone(),
-        pipeline.clone(),
+        local.clone(),
         state_rx.clone(),
         stop.clone(),
     ));
     let syncer = Syncer {
         cfg,
-        pipeline,
+        local,
         client,
         base,
         pos,
@@ -644,7 +655,7 @@ impl Syncer {
                     }
                     Err(SyncError::Stopped) => return,
                     Err(e) => {
-                        self.pipeline
+                        self.local
                             .metrics
                             .sync_errors
                             .fetch_add(1, Ordering::Relaxed);
@@ -660,7 +671,7 @@ impl Syncer {
             self.state.send_modify(|s| s.streaming = false);
             match followed {
                 Ok(reason) => {
-                    self.pipeline.metrics.resyncs[reason as usize].fetch_add(1, Ordering::Relaxed);
+                    self.local.metrics.resyncs[reason as usize].fetch_add(1, Ordering::Relaxed);
                     tracing::info!(reason = reason.as_str(), "fetching a new map snapshot");
                     need_snapshot = true;
                     // A 410 is routine; anything else resyncing again and again should not
@@ -671,7 +682,7 @@ impl Syncer {
                 }
                 Err(SyncError::Stopped) => return,
                 Err(e) => {
-                    self.pipeline
+                    self.local
                         .metrics
                         .sync_errors
                         .fetch_add(1, Ordering::Relaxed);
@@ -693,7 +704,7 @@ impl Syncer {
     }
 
     fn contact(&self) {
-        self.pipeline
+        self.local
             .metrics
             .map_last_contact_ms
             .store(now_ms(), Ordering::Relaxed);
@@ -770,8 +781,8 @@ impl Syncer {
         }
         self.contact();
         let mut body = response.into_body();
-        let pipeline = self.pipeline.clone();
-        let mut builder = MapBuilder::new(&pipeline.replica, 0);
+        let local = self.local.clone();
+        let mut builder = MapBuilder::new(&local.replica, 0);
         let mut pending: Vec<u8> = Vec::new();
         while let Some(data) = self.frame(&mut body).await? {
             pending.extend_from_slice(&data);
@@ -795,7 +806,7 @@ impl Syncer {
         };
         let version = loaded.table.version();
         let entries = loaded.table.len();
-        pipeline
+        local
             .replica
             .replace(loaded.table, &loaded.regions)
             .map_err(|e| {
@@ -810,14 +821,11 @@ impl Syncer {
             checksum: loaded.checksum,
             catalogue: loaded.regions,
         });
-        pipeline
+        local
             .metrics
             .map_applied_version
             .store(version, Ordering::Relaxed);
-        pipeline
-            .metrics
-            .sync_snapshots
-            .fetch_add(1, Ordering::Relaxed);
+        local.metrics.sync_snapshots.fetch_add(1, Ordering::Relaxed);
         self.state.send_modify(|s| {
             s.applied = Some(version);
             s.snapshots += 1;
@@ -832,7 +840,7 @@ impl Syncer {
     }
 
     fn persist_failed(&self, e: &SyncError) {
-        self.pipeline
+        self.local
             .metrics
             .sync_errors
             .fetch_add(1, Ordering::Relaxed);
@@ -844,9 +852,9 @@ impl Syncer {
         let (Some(pos), Some(mut lkg)) = (self.pos.take(), self.lkg.take()) else {
             return Ok(());
         };
-        let pipeline = self.pipeline.clone();
+        let local = self.local.clone();
         let (lkg, pos, written) = tokio::task::spawn_blocking(move || {
-            let written = lkg.write_base(&pipeline.replica, &pos);
+            let written = lkg.write_base(&local.replica, &pos);
             (lkg, pos, written)
         })
         .await
@@ -855,7 +863,7 @@ impl Syncer {
         let (version, checksum, epoch) = (pos.version, pos.checksum, pos.epoch.clone());
         self.pos = Some(pos);
         written.map_err(SyncError::Persist)?;
-        self.pipeline
+        self.local
             .metrics
             .lkg_writes
             .fetch_add(1, Ordering::Relaxed);
@@ -929,7 +937,7 @@ impl Syncer {
                 let text = &pending[start..start + nl];
                 start += nl + 1;
                 let pos = self.pos.as_mut().expect("following needs a map");
-                match take_line(&self.pipeline.replica, pos, text) {
+                match take_line(&self.local.replica, pos, text) {
                     Ok(Taken::Hello) => backoff.reset(),
                     Ok(Taken::Heartbeat) => {}
                     Ok(Taken::Applied) => {
@@ -945,7 +953,7 @@ impl Syncer {
             pending.drain(..start);
             if !journal.is_empty() {
                 let version = self.pos.as_ref().map_or(0, |p| p.version);
-                self.pipeline
+                self.local
                     .metrics
                     .map_applied_version
                     .store(version, Ordering::Relaxed);
@@ -984,11 +992,11 @@ async fn heartbeats(
     base: String,
     proxy_id: String,
     edge_region: String,
-    pipeline: Arc<Pipeline>,
+    local: Arc<Local>,
     mut state: watch::Receiver<SyncState>,
     mut stop: watch::Receiver<bool>,
 ) {
-    let in_flight = || pipeline.replica.in_flight();
+    let in_flight = || local.replica.in_flight();
     loop {
         let current = state.borrow_and_update().clone();
         // What this beat says has drained: checked when it is built, after the version was
@@ -1008,17 +1016,14 @@ async fn heartbeats(
             };
             match send_heartbeat(&cfg, &client, &base, &hb).await {
                 Ok(_reply) => {
-                    pipeline
-                        .metrics
-                        .heartbeats_ok
-                        .fetch_add(1, Ordering::Relaxed);
-                    pipeline
+                    local.metrics.heartbeats_ok.fetch_add(1, Ordering::Relaxed);
+                    local
                         .metrics
                         .map_last_contact_ms
                         .store(now_ms(), Ordering::Relaxed);
                 }
                 Err(e) => {
-                    let failed = pipeline
+                    let failed = local
                         .metrics
                         .heartbeats_failed
                         .fetch_add(1, Ordering::Relaxed);
@@ -1110,7 +1115,7 @@ mod tests {
 #[cfg(test)]
 mod last_known_good {
     use super::*;
-    use crate::map::Lookup;
+    use crate::route::map::Lookup;
 
     fn change(version: u64, id: &str, region: &str) -> String {
         serde_json::to_string(&FeedLine::Workspace {

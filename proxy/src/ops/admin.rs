@@ -18,7 +18,7 @@ use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 
-use crate::pipeline::Pipeline;
+use crate::forward::Engine;
 
 /// Readiness as the admin listener reports it.
 #[derive(Debug, serde::Serialize)]
@@ -35,7 +35,7 @@ pub struct Readiness {
     pub draining: bool,
 }
 
-pub fn readiness(pipeline: &Pipeline, draining: bool) -> Readiness {
+pub fn readiness(pipeline: &Engine, draining: bool) -> Readiness {
     let replica = &pipeline.replica;
     let unroutable_regions: Vec<String> = replica
         .regions()
@@ -75,11 +75,16 @@ fn respond(
     response
 }
 
-async fn handle(
-    req: Request<Incoming>,
-    pipeline: Arc<Pipeline>,
-    draining: Arc<AtomicBool>,
-) -> Response<Full<Bytes>> {
+/// What the admin listener reports on.
+pub(crate) struct Admin {
+    pub engine: Arc<Engine>,
+    pub edge_tls: Option<Arc<domicile_certs::ServerTls>>,
+    pub draining: Arc<AtomicBool>,
+}
+
+async fn handle(req: Request<Incoming>, admin: Arc<Admin>) -> Response<Full<Bytes>> {
+    let pipeline = &admin.engine;
+    let draining = &admin.draining;
     if req.method() != Method::GET && req.method() != Method::HEAD {
         return respond(
             StatusCode::METHOD_NOT_ALLOWED,
@@ -90,7 +95,7 @@ async fn handle(
     match req.uri().path() {
         "/healthz" => respond(StatusCode::OK, "text/plain", "ok\n"),
         "/readyz" => {
-            let ready = readiness(&pipeline, draining.load(Ordering::Relaxed));
+            let ready = readiness(pipeline, draining.load(Ordering::Relaxed));
             let status = if ready.ready {
                 StatusCode::OK
             } else {
@@ -101,14 +106,13 @@ async fn handle(
             respond(status, "application/json", body)
         }
         "/metrics" => {
-            let mut text = pipeline
-                .metrics
-                .render(&pipeline.replica, &pipeline.upstreams);
+            let mut text =
+                super::metrics::render(&pipeline.metrics, &pipeline.replica, &pipeline.upstreams);
             if let Some(audit) = &pipeline.audit {
                 audit.render_metrics(&mut text);
             }
-            if let Some(tls) = &pipeline.edge_tls {
-                crate::metrics::render_edge_tls(&mut text, tls);
+            if let Some(tls) = &admin.edge_tls {
+                super::metrics::render_edge_tls(&mut text, tls);
             }
             respond(StatusCode::OK, "text/plain; version=0.0.4", text)
         }
@@ -138,10 +142,9 @@ async fn handle(
 }
 
 /// Serves the admin endpoints until `shutdown` turns true.
-pub async fn serve(
+pub(crate) async fn serve(
     listener: TcpListener,
-    pipeline: Arc<Pipeline>,
-    draining: Arc<AtomicBool>,
+    admin: Arc<Admin>,
     mut shutdown: watch::Receiver<bool>,
 ) {
     loop {
@@ -154,15 +157,13 @@ pub async fn serve(
                     continue;
                 }
             },
-            _ = crate::listener::stopped(&mut shutdown) => return,
+            _ = crate::http::io::stopped(&mut shutdown) => return,
         };
-        let pipeline = pipeline.clone();
-        let draining = draining.clone();
+        let admin = admin.clone();
         tokio::spawn(async move {
             let service = service_fn(move |req| {
-                let pipeline = pipeline.clone();
-                let draining = draining.clone();
-                async move { Ok::<_, Infallible>(handle(req, pipeline, draining).await) }
+                let admin = admin.clone();
+                async move { Ok::<_, Infallible>(handle(req, admin).await) }
             });
             let _ = http1::Builder::new()
                 .timer(TokioTimer::new())

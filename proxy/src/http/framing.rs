@@ -50,6 +50,9 @@ pub enum Violation {
     HeadTooLarge,
 }
 
+// The metrics keep one counter per reason.
+const _: () = assert!(Violation::ALL.len() == crate::metrics::MALFORMED_REASONS);
+
 impl Violation {
     /// Every violation, in a fixed order (indexes metrics).
     pub const ALL: &'static [Violation] = &[
@@ -296,6 +299,27 @@ fn is_value_byte(b: u8) -> bool {
 /// Checks a complete request head (`head`, as [`find_head_end`] delimited it) against every
 /// framing rule, and says how its body is framed.
 pub fn check_request_head(head: &[u8]) -> Result<RequestHead, Violation> {
+    check_request_head_with(head, |_, _| {}).map(|parsed| parsed.head)
+}
+
+/// A request head that passed, with its request line as slices of the head.
+#[derive(Debug, Clone, Copy)]
+pub struct ParsedHead<'a> {
+    pub head: RequestHead,
+    pub method: &'a str,
+    pub target: &'a str,
+    pub http10: bool,
+    /// `Connection: close`, or HTTP/1.0 without `Connection: keep-alive`.
+    pub close: bool,
+}
+
+/// As [`check_request_head`], handing every field (name, value without surrounding
+/// whitespace) to `field` in order as it passes: one pass over the head checks it and yields
+/// what the proxy reads of it.
+pub fn check_request_head_with<'a>(
+    head: &'a [u8],
+    mut field: impl FnMut(&'a str, &'a [u8]),
+) -> Result<ParsedHead<'a>, Violation> {
     let len = head.len();
     let mut rest = head;
     while rest.starts_with(b"\r\n") {
@@ -344,6 +368,8 @@ pub fn check_request_head(head: &[u8]) -> Result<RequestHead, Violation> {
     let mut upgrade = false;
     let mut connection_upgrade = false;
     let mut expect_continue = false;
+    let mut close = false;
+    let mut keep_alive = false;
     for line in lines {
         if line.first().is_some_and(|&b| b == b' ' || b == b'\t') {
             return Err(Violation::ObsFold);
@@ -370,6 +396,8 @@ pub fn check_request_head(head: &[u8]) -> Result<RequestHead, Violation> {
             return Err(Violation::InvalidFieldValue);
         }
         let value = value.trim_ascii();
+        // Names are tchars only (checked above): ASCII.
+        field(std::str::from_utf8(name).unwrap_or_default(), value);
         let is = |s: &str| name.eq_ignore_ascii_case(s.as_bytes());
         match name.len() {
             4 if is("host") => {
@@ -396,9 +424,16 @@ pub fn check_request_head(head: &[u8]) -> Result<RequestHead, Violation> {
             }
             7 if is("upgrade") => upgrade = true,
             10 if is("connection") => {
-                connection_upgrade |= value
-                    .split(|&b| b == b',')
-                    .any(|t| t.trim_ascii().eq_ignore_ascii_case(b"upgrade"));
+                for token in value.split(|&b| b == b',') {
+                    let token = token.trim_ascii();
+                    if token.eq_ignore_ascii_case(b"upgrade") {
+                        connection_upgrade = true;
+                    } else if token.eq_ignore_ascii_case(b"close") {
+                        close = true;
+                    } else if token.eq_ignore_ascii_case(b"keep-alive") {
+                        keep_alive = true;
+                    }
+                }
             }
             6 if is("expect") => expect_continue = value.eq_ignore_ascii_case(b"100-continue"),
             n if n == MALFORMED_FIELD.len() && is(MALFORMED_FIELD) => {
@@ -429,11 +464,18 @@ pub fn check_request_head(head: &[u8]) -> Result<RequestHead, Violation> {
             Some(n) => BodyFraming::Length(n),
         }
     };
-    Ok(RequestHead {
-        len,
-        body,
-        expect_continue,
-        tunnel: connect || (upgrade && connection_upgrade),
+    Ok(ParsedHead {
+        head: RequestHead {
+            len,
+            body,
+            expect_continue,
+            tunnel: connect || (upgrade && connection_upgrade),
+        },
+        // Checked above: tchars and visible ASCII.
+        method: std::str::from_utf8(method).unwrap_or_default(),
+        target: std::str::from_utf8(target).unwrap_or_default(),
+        http10,
+        close: close || (http10 && !keep_alive),
     })
 }
 
@@ -609,6 +651,17 @@ pub struct ChunkedBody {
     lines: u64,
 }
 
+/// What [`ChunkedBody::decode`] found.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Decoded {
+    /// Bytes of the input judged (framing and data).
+    pub consumed: usize,
+    /// Chunk data among them (empty when there was none).
+    pub data: std::ops::Range<usize>,
+    /// The message ended with the consumed bytes.
+    pub end: bool,
+}
+
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
 enum ChunkState {
     #[default]
@@ -639,173 +692,220 @@ enum ChunkState {
 impl ChunkedBody {
     /// Takes the next bytes of the body: `Some(n)` when the message ends after `n` of them.
     pub fn feed(&mut self, bytes: &[u8]) -> Result<Option<usize>, Violation> {
-        use ChunkState as S;
         let mut i = 0;
         while i < bytes.len() {
-            let b = bytes[i];
-            if matches!(
-                self.state,
-                S::ExtBws
-                    | S::ExtNameStart
-                    | S::ExtName
-                    | S::ExtAfterName
-                    | S::ExtValueStart
-                    | S::ExtToken
-                    | S::ExtQuoted
-                    | S::ExtQuotedEscape
-            ) {
-                self.extra += 1;
-                if self.extra > MAX_CHUNK_EXTRA {
-                    return Err(Violation::ChunkExtensionTooLong);
-                }
+            if let ChunkState::Data(left) = self.state {
+                let take = (bytes.len() - i).min(usize::try_from(left).unwrap_or(usize::MAX));
+                i += take;
+                self.take_data(left, take);
+                continue;
             }
-            let bad_ext = Err(Violation::InvalidChunkExtension);
-            self.state = match self.state {
-                S::Size => {
-                    if let Some(d) = (b as char).to_digit(16) {
-                        self.digits += 1;
-                        if self.digits > MAX_CHUNK_DIGITS {
-                            return Err(Violation::ChunkSizeTooLarge);
-                        }
-                        self.size = self.size * 16 + u64::from(d);
-                        S::Size
-                    } else if self.digits == 0 {
-                        return Err(Violation::InvalidChunkSize);
-                    } else if b == b'\r' {
-                        S::SizeLf
-                    } else if b == b';' {
-                        self.extra = 0;
-                        S::ExtNameStart
-                    } else if b == b' ' || b == b'\t' {
-                        self.extra = 0;
-                        S::ExtBws
-                    } else {
-                        return Err(Violation::InvalidChunkSize);
-                    }
-                }
-                S::ExtBws => match b {
-                    b' ' | b'\t' => S::ExtBws,
-                    b';' => S::ExtNameStart,
-                    b'\r' => S::SizeLf,
-                    _ => return bad_ext,
-                },
-                S::ExtNameStart => match b {
-                    b' ' | b'\t' => S::ExtNameStart,
-                    b if is_tchar(b) => S::ExtName,
-                    _ => return bad_ext,
-                },
-                S::ExtName => match b {
-                    b if is_tchar(b) => S::ExtName,
-                    b' ' | b'\t' => S::ExtAfterName,
-                    b'=' => S::ExtValueStart,
-                    b';' => S::ExtNameStart,
-                    b'\r' => S::SizeLf,
-                    _ => return bad_ext,
-                },
-                S::ExtAfterName => match b {
-                    b' ' | b'\t' => S::ExtAfterName,
-                    b'=' => S::ExtValueStart,
-                    b';' => S::ExtNameStart,
-                    b'\r' => S::SizeLf,
-                    _ => return bad_ext,
-                },
-                S::ExtValueStart => match b {
-                    b' ' | b'\t' => S::ExtValueStart,
-                    b'"' => S::ExtQuoted,
-                    b if is_tchar(b) => S::ExtToken,
-                    _ => return bad_ext,
-                },
-                S::ExtToken => match b {
-                    b if is_tchar(b) => S::ExtToken,
-                    b' ' | b'\t' => S::ExtBws,
-                    b';' => S::ExtNameStart,
-                    b'\r' => S::SizeLf,
-                    _ => return bad_ext,
-                },
-                S::ExtQuoted => match b {
-                    b'"' => S::ExtBws,
-                    b'\\' => S::ExtQuotedEscape,
-                    b'\t' | b' ' | 0x21 | 0x23..=0x5b | 0x5d..=0x7e | 0x80..=0xff => S::ExtQuoted,
-                    _ => return bad_ext,
-                },
-                S::ExtQuotedEscape => match b {
-                    b'\t' | b' ' | 0x21..=0x7e | 0x80..=0xff => S::ExtQuoted,
-                    _ => return bad_ext,
-                },
-                S::SizeLf => {
-                    if b != b'\n' {
-                        return Err(Violation::InvalidChunkSize);
-                    }
-                    self.digits = 0;
-                    self.lines += 1;
-                    if self.size == 0 {
-                        self.extra = 0;
-                        S::TrailerStart
-                    } else {
-                        S::Data(self.size)
-                    }
-                }
-                S::Data(left) => {
-                    let take = (bytes.len() - i).min(usize::try_from(left).unwrap_or(usize::MAX));
-                    i += take;
-                    let left = left - take as u64;
-                    self.state = if left == 0 { S::DataCr } else { S::Data(left) };
-                    continue;
-                }
-                S::DataCr => {
-                    if b != b'\r' {
-                        return Err(Violation::InvalidChunkData);
-                    }
-                    S::DataLf
-                }
-                S::DataLf => {
-                    if b != b'\n' {
-                        return Err(Violation::InvalidChunkData);
-                    }
-                    self.size = 0;
-                    S::Size
-                }
-                S::TrailerStart => match b {
-                    b'\r' => S::EndLf,
-                    b if is_tchar(b) => {
-                        self.trailer_byte()?;
-                        S::TrailerName
-                    }
-                    _ => return Err(Violation::InvalidTrailer),
-                },
-                S::TrailerName => {
-                    self.trailer_byte()?;
-                    match b {
-                        b':' => S::TrailerValue,
-                        b if is_tchar(b) => S::TrailerName,
-                        _ => return Err(Violation::InvalidTrailer),
-                    }
-                }
-                S::TrailerValue => {
-                    self.trailer_byte()?;
-                    match b {
-                        b'\r' => S::TrailerLf,
-                        b if is_value_byte(b) => S::TrailerValue,
-                        _ => return Err(Violation::InvalidTrailer),
-                    }
-                }
-                S::TrailerLf => {
-                    if b != b'\n' {
-                        return Err(Violation::InvalidTrailer);
-                    }
-                    S::TrailerStart
-                }
-                S::EndLf => {
-                    if b != b'\n' {
-                        return Err(Violation::InvalidTrailer);
-                    }
-                    *self = ChunkedBody::default();
-                    return Ok(Some(i + 1));
-                }
-            };
+            if self.step(bytes[i])? {
+                return Ok(Some(i + 1));
+            }
             i += 1;
         }
         Ok(None)
+    }
+
+    /// Decodes the next bytes of the body: the framing is judged and skipped, and the first
+    /// run of chunk data found is returned (as a range of `bytes`), so a caller can hand on
+    /// data without the framing. Call again with `bytes[consumed..]` for the rest.
+    pub fn decode(&mut self, bytes: &[u8]) -> Result<Decoded, Violation> {
+        let mut i = 0;
+        while i < bytes.len() {
+            if let ChunkState::Data(left) = self.state {
+                let take = (bytes.len() - i).min(usize::try_from(left).unwrap_or(usize::MAX));
+                self.take_data(left, take);
+                return Ok(Decoded {
+                    consumed: i + take,
+                    data: i..i + take,
+                    end: false,
+                });
+            }
+            if self.step(bytes[i])? {
+                return Ok(Decoded {
+                    consumed: i + 1,
+                    data: 0..0,
+                    end: true,
+                });
+            }
+            i += 1;
+        }
+        Ok(Decoded {
+            consumed: bytes.len(),
+            data: 0..0,
+            end: false,
+        })
+    }
+
+    fn take_data(&mut self, left: u64, take: usize) {
+        let left = left - take as u64;
+        self.state = if left == 0 {
+            ChunkState::DataCr
+        } else {
+            ChunkState::Data(left)
+        };
+    }
+
+    /// One byte of framing (anything but chunk data): `true` when the message ends with it.
+    fn step(&mut self, b: u8) -> Result<bool, Violation> {
+        use ChunkState as S;
+        if matches!(
+            self.state,
+            S::ExtBws
+                | S::ExtNameStart
+                | S::ExtName
+                | S::ExtAfterName
+                | S::ExtValueStart
+                | S::ExtToken
+                | S::ExtQuoted
+                | S::ExtQuotedEscape
+        ) {
+            self.extra += 1;
+            if self.extra > MAX_CHUNK_EXTRA {
+                return Err(Violation::ChunkExtensionTooLong);
+            }
+        }
+        let bad_ext = Err(Violation::InvalidChunkExtension);
+        self.state = match self.state {
+            S::Size => {
+                if let Some(d) = (b as char).to_digit(16) {
+                    self.digits += 1;
+                    if self.digits > MAX_CHUNK_DIGITS {
+                        return Err(Violation::ChunkSizeTooLarge);
+                    }
+                    self.size = self.size * 16 + u64::from(d);
+                    S::Size
+                } else if self.digits == 0 {
+                    return Err(Violation::InvalidChunkSize);
+                } else if b == b'\r' {
+                    S::SizeLf
+                } else if b == b';' {
+                    self.extra = 0;
+                    S::ExtNameStart
+                } else if b == b' ' || b == b'\t' {
+                    self.extra = 0;
+                    S::ExtBws
+                } else {
+                    return Err(Violation::InvalidChunkSize);
+                }
+            }
+            S::ExtBws => match b {
+                b' ' | b'\t' => S::ExtBws,
+                b';' => S::ExtNameStart,
+                b'\r' => S::SizeLf,
+                _ => return bad_ext,
+            },
+            S::ExtNameStart => match b {
+                b' ' | b'\t' => S::ExtNameStart,
+                b if is_tchar(b) => S::ExtName,
+                _ => return bad_ext,
+            },
+            S::ExtName => match b {
+                b if is_tchar(b) => S::ExtName,
+                b' ' | b'\t' => S::ExtAfterName,
+                b'=' => S::ExtValueStart,
+                b';' => S::ExtNameStart,
+                b'\r' => S::SizeLf,
+                _ => return bad_ext,
+            },
+            S::ExtAfterName => match b {
+                b' ' | b'\t' => S::ExtAfterName,
+                b'=' => S::ExtValueStart,
+                b';' => S::ExtNameStart,
+                b'\r' => S::SizeLf,
+                _ => return bad_ext,
+            },
+            S::ExtValueStart => match b {
+                b' ' | b'\t' => S::ExtValueStart,
+                b'"' => S::ExtQuoted,
+                b if is_tchar(b) => S::ExtToken,
+                _ => return bad_ext,
+            },
+            S::ExtToken => match b {
+                b if is_tchar(b) => S::ExtToken,
+                b' ' | b'\t' => S::ExtBws,
+                b';' => S::ExtNameStart,
+                b'\r' => S::SizeLf,
+                _ => return bad_ext,
+            },
+            S::ExtQuoted => match b {
+                b'"' => S::ExtBws,
+                b'\\' => S::ExtQuotedEscape,
+                b'\t' | b' ' | 0x21 | 0x23..=0x5b | 0x5d..=0x7e | 0x80..=0xff => S::ExtQuoted,
+                _ => return bad_ext,
+            },
+            S::ExtQuotedEscape => match b {
+                b'\t' | b' ' | 0x21..=0x7e | 0x80..=0xff => S::ExtQuoted,
+                _ => return bad_ext,
+            },
+            S::SizeLf => {
+                if b != b'\n' {
+                    return Err(Violation::InvalidChunkSize);
+                }
+                self.digits = 0;
+                self.lines += 1;
+                if self.size == 0 {
+                    self.extra = 0;
+                    S::TrailerStart
+                } else {
+                    S::Data(self.size)
+                }
+            }
+            S::Data(_) => unreachable!("data is taken by the callers"),
+            S::DataCr => {
+                if b != b'\r' {
+                    return Err(Violation::InvalidChunkData);
+                }
+                S::DataLf
+            }
+            S::DataLf => {
+                if b != b'\n' {
+                    return Err(Violation::InvalidChunkData);
+                }
+                self.size = 0;
+                S::Size
+            }
+            S::TrailerStart => match b {
+                b'\r' => S::EndLf,
+                b if is_tchar(b) => {
+                    self.trailer_byte()?;
+                    S::TrailerName
+                }
+                _ => return Err(Violation::InvalidTrailer),
+            },
+            S::TrailerName => {
+                self.trailer_byte()?;
+                match b {
+                    b':' => S::TrailerValue,
+                    b if is_tchar(b) => S::TrailerName,
+                    _ => return Err(Violation::InvalidTrailer),
+                }
+            }
+            S::TrailerValue => {
+                self.trailer_byte()?;
+                match b {
+                    b'\r' => S::TrailerLf,
+                    b if is_value_byte(b) => S::TrailerValue,
+                    _ => return Err(Violation::InvalidTrailer),
+                }
+            }
+            S::TrailerLf => {
+                if b != b'\n' {
+                    return Err(Violation::InvalidTrailer);
+                }
+                S::TrailerStart
+            }
+            S::EndLf => {
+                if b != b'\n' {
+                    return Err(Violation::InvalidTrailer);
+                }
+                *self = ChunkedBody::default();
+                return Ok(true);
+            }
+        };
+        Ok(false)
     }
 
     fn trailer_byte(&mut self) -> Result<(), Violation> {
@@ -986,6 +1086,45 @@ mod tests {
         assert_eq!(feed_all(&[&more]), Ok(Some(body.len())));
         assert_eq!(feed_all(&[b"0\r\n\r\n"]), Ok(Some(5)));
         assert_eq!(feed_all(&[b"5\r\nhel"]), Ok(None));
+    }
+
+    /// Decodes `parts` in order, returning the data and whether the message ended.
+    fn decode_all(parts: &[&[u8]]) -> Result<(Vec<u8>, bool), Violation> {
+        let mut body = ChunkedBody::default();
+        let mut data = Vec::new();
+        for part in parts {
+            let mut rest = *part;
+            while !rest.is_empty() {
+                let step = body.decode(rest)?;
+                data.extend_from_slice(&rest[step.data.clone()]);
+                if step.end {
+                    return Ok((data, true));
+                }
+                rest = &rest[step.consumed..];
+            }
+        }
+        Ok((data, false))
+    }
+
+    #[test]
+    fn decoding_yields_the_data_alone_across_any_split() {
+        let body = b"5\r\nhello\r\n1a;ext=1\r\nabcdefghijklmnopqrstuvwxyz\r\n0\r\nx-t: 1\r\n\r\n";
+        let want = b"helloabcdefghijklmnopqrstuvwxyz".to_vec();
+        for split in 0..body.len() {
+            let (a, b) = body.split_at(split);
+            assert_eq!(
+                decode_all(&[a, b]),
+                Ok((want.clone(), true)),
+                "split at {split}"
+            );
+        }
+        let bytes: Vec<&[u8]> = body.chunks(1).collect();
+        assert_eq!(decode_all(&bytes), Ok((want, true)));
+        assert_eq!(decode_all(&[b"5\r\nhel"]), Ok((b"hel".to_vec(), false)));
+        assert_eq!(
+            decode_all(&[b"5\r\nhelloX"]),
+            Err(Violation::InvalidChunkData)
+        );
     }
 
     #[test]

@@ -13,10 +13,48 @@ use ipnet::IpNet;
 use serde::de::DeserializeOwned;
 use serde::Deserialize;
 
-use crate::workspace_id::is_valid_region_id;
+mod rules;
+
+pub use rules::{compile_rule, Pattern};
+
+use domicile_wire::is_valid_region_id;
+
+/// Parses an endpoint, `host:port` or `http://host:port`, into its `host:port`.
+pub fn parse_endpoint(text: &str) -> Result<String, String> {
+    let bare = match text.split_once("://") {
+        Some(("http", rest)) => rest,
+        Some((scheme, _)) => {
+            return Err(format!(
+                "endpoint {text:?}: scheme {scheme:?} is not supported (use host:port or http://host:port)"
+            ))
+        }
+        None => text,
+    };
+    let bare = bare.trim_end_matches('/');
+    let authority: http::uri::Authority = bare
+        .parse()
+        .map_err(|_| format!("endpoint {text:?} is not host:port"))?;
+    if authority.port_u16().is_none() {
+        return Err(format!("endpoint {text:?} needs a port"));
+    }
+    if bare.contains(['/', '@']) {
+        return Err(format!(
+            "endpoint {text:?} must be host:port without path or user"
+        ));
+    }
+    Ok(authority.as_str().to_owned())
+}
 
 /// Longest timeout accepted: deadlines computed from it must never overflow a clock.
 const MAX_TIMEOUT: Duration = Duration::from_secs(7 * 24 * 3600);
+
+/// Checks of files that other parts of the proxy read and own the format of (the GeoIP
+/// database, the audit signing key), for a configuration check that reports every problem.
+/// Configuration itself reads no such file.
+pub trait FileChecks {
+    fn geoip_database(&self, path: &Path) -> Result<(), String>;
+    fn signing_key(&self, path: &Path) -> Result<(), String>;
+}
 
 /// A validated proxy configuration.
 #[derive(Debug, Clone)]
@@ -123,10 +161,6 @@ pub struct ProxySection {
     /// Threads serving client traffic. Default: the CPUs this process may run on.
     #[serde(default)]
     pub workers: Option<usize>,
-    /// Serve plain HTTP/1.1 requests without a body that go to HTTP/1.1 origins on the fast
-    /// path (raw header forwarding, no intermediate message objects). Default: true.
-    #[serde(default = "defaults::fast_path")]
-    pub fast_path: bool,
 }
 
 /// Most worker threads a proxy may be configured with.
@@ -540,10 +574,6 @@ mod defaults {
     pub fn shutdown_grace() -> Duration {
         Duration::from_secs(30)
     }
-    pub fn fast_path() -> bool {
-        true
-    }
-
     pub fn moving_retry_after() -> u32 {
         5
     }
@@ -722,6 +752,15 @@ impl Collector {
 impl ProxyConfig {
     /// Reads and validates a config file; relative paths in it are taken from its directory.
     pub fn from_file(path: &Path) -> Result<Self, ConfigErrors> {
+        Self::from_file_with(path, None)
+    }
+
+    /// As [`ProxyConfig::from_file`], also opening the files other parts read with `checks`,
+    /// so that one run reports every problem.
+    pub fn from_file_with(
+        path: &Path,
+        checks: Option<&dyn FileChecks>,
+    ) -> Result<Self, ConfigErrors> {
         let text = std::fs::read_to_string(path).map_err(|e| {
             ConfigErrors(vec![ConfigError {
                 key: path.display().to_string(),
@@ -729,11 +768,19 @@ impl ProxyConfig {
             }])
         })?;
         let base = path.parent().unwrap_or(Path::new("."));
-        Self::from_toml(&text, base)
+        Self::from_toml_with(&text, base, checks)
     }
 
     /// Parses and validates config text; relative paths are resolved against `base`.
     pub fn from_toml(text: &str, base: &Path) -> Result<Self, ConfigErrors> {
+        Self::from_toml_with(text, base, None)
+    }
+
+    fn from_toml_with(
+        text: &str,
+        base: &Path,
+        checks: Option<&dyn FileChecks>,
+    ) -> Result<Self, ConfigErrors> {
         let mut errors = Collector(Vec::new());
         let mut doc: toml::Table = match text.parse() {
             Ok(doc) => doc,
@@ -778,7 +825,12 @@ impl ProxyConfig {
             None => None,
         };
         if let Some(audit) = &audit {
-            validate_audit(audit, base, &mut errors);
+            validate_audit(audit, &mut errors);
+            if let Some(checks) = checks {
+                if let Err(e) = checks.signing_key(&base.join(&audit.signing_key)) {
+                    errors.push("audit.signing_key", e);
+                }
+            }
         }
         let tls: Option<TlsSection> = match doc.remove("tls") {
             Some(v) => errors.section("tls", v),
@@ -801,7 +853,7 @@ impl ProxyConfig {
                     if let Some(rule) =
                         errors.section::<Rule>(&format!("identify.rules[{i}]"), item)
                     {
-                        if let Err(msg) = crate::identify::check_rule(&rule) {
+                        if let Err(msg) = compile_rule(&rule) {
                             errors.push(format!("identify.rules[{i}]"), msg);
                         }
                         rules.push(rule);
@@ -823,8 +875,14 @@ impl ProxyConfig {
                     if !is_valid_region_id(&id) {
                         errors.push(&key, "region id must match [a-z][a-z0-9-]{0,31}");
                     }
-                    if let Some(route) = errors.section::<RegionRoute>(&key, value) {
+                    if let Some(mut route) = errors.section::<RegionRoute>(&key, value) {
                         validate_route(&key, &route, base, &mut errors);
+                        // Endpoints as `host:port` from here on.
+                        route.endpoints = route
+                            .endpoints
+                            .iter()
+                            .filter_map(|e| parse_endpoint(e).ok())
+                            .collect();
                         regions.insert(id, route);
                     }
                 }
@@ -853,10 +911,11 @@ impl ProxyConfig {
                     );
                 }
             }
+        }
+        if let (Some(proxy), Some(checks)) = (&proxy, checks) {
             if let Some(path) = &proxy.geoip_database {
-                let path = base.join(path);
-                if let Err(e) = crate::geoip::GeoIp::open(&path) {
-                    errors.push("proxy.geoip_database", e.to_string());
+                if let Err(e) = checks.geoip_database(&base.join(path)) {
+                    errors.push("proxy.geoip_database", e);
                 }
             }
         }
@@ -1061,7 +1120,7 @@ fn validate_control_plane(cp: &ControlPlaneSection, base: &Path, errors: &mut Co
     }
 }
 
-fn validate_audit(audit: &AuditSection, base: &Path, errors: &mut Collector) {
+fn validate_audit(audit: &AuditSection, errors: &mut Collector) {
     if audit.commit_interval.is_zero() || audit.commit_interval > Duration::from_secs(1) {
         errors.push(
             "audit.commit_interval",
@@ -1087,9 +1146,6 @@ fn validate_audit(audit: &AuditSection, base: &Path, errors: &mut Collector) {
             "audit.queue_capacity",
             "must be between 1 and 16777216 records",
         );
-    }
-    if let Err(e) = crate::audit::keys::load_signing_key(&base.join(&audit.signing_key)) {
-        errors.push("audit.signing_key", e.to_string());
     }
 }
 
@@ -1164,7 +1220,7 @@ fn validate_route(key: &str, route: &RegionRoute, base: &Path, errors: &mut Coll
         );
     }
     for (i, endpoint) in route.endpoints.iter().enumerate() {
-        if let Err(msg) = crate::upstream::parse_endpoint(endpoint) {
+        if let Err(msg) = parse_endpoint(endpoint) {
             errors.push(format!("{key}.endpoints[{i}]"), msg);
         }
     }

@@ -20,14 +20,16 @@ use arc_swap::{ArcSwap, ArcSwapOption};
 use http::HeaderValue;
 use parking_lot::{Mutex, RwLock};
 
-use crate::inflight::{InFlight, InFlightGuard};
-use crate::workspace_id::{is_valid_region_id, WorkspaceId};
+use crate::route::inflight::{InFlight, InFlightGuard};
+use crate::route::workspace_id::{is_valid_region_id, WorkspaceId};
 
 /// A region id interned for the lifetime of the process.
 pub type RegionIdx = u8;
 
 /// Most regions one process can know.
 pub const MAX_REGIONS: usize = 256;
+// The metrics keep one slot per region index.
+const _: () = assert!(MAX_REGIONS == crate::metrics::REGIONS);
 /// Largest map version an entry can carry (48 bits).
 pub const MAX_VERSION: u64 = (1 << 48) - 1;
 
@@ -618,7 +620,7 @@ impl Replica {
     }
 
     /// [`Replica::lookup`] for a request that will be forwarded: the request is registered as
-    /// in flight at the map version it reads (see [`crate::inflight`]) until the guard drops.
+    /// in flight at the map version it reads (see [`crate::route::inflight`]) until the guard drops.
     pub fn lookup_tracked(&self, id: &WorkspaceId) -> (Lookup, Option<InFlightGuard>) {
         // The table is loaded under the registration's lock: a table swapped in before the
         // heartbeat side looked is the one this request reads.

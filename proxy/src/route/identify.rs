@@ -4,12 +4,9 @@
 //! touch two workspaces' data. This module only reads the request: it never looks at the map and
 //! never allocates.
 
-use http::header::{HeaderMap, HeaderName};
-
-use crate::config::Rule;
-use crate::workspace_id::{InvalidId, WorkspaceId};
-
-const PLACEHOLDER: &str = "{workspace}";
+use crate::config::{Pattern, Rule};
+use crate::http::Fields;
+use crate::route::workspace_id::{InvalidId, WorkspaceId};
 
 /// Where an id was found.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -65,40 +62,7 @@ pub struct RequestView<'a> {
     pub host: Option<&'a str>,
     pub path: &'a str,
     pub query: Option<&'a str>,
-    pub headers: Headers<'a>,
-}
-
-/// A request's header fields, as hyper parsed them or as raw bytes from the HTTP/1.1 fast path.
-#[derive(Debug, Clone, Copy)]
-pub enum Headers<'a> {
-    Map(&'a HeaderMap),
-    Raw(&'a [httparse::Header<'a>]),
-}
-
-impl<'a> Headers<'a> {
-    /// Every value of the field `name`, in the order received.
-    pub fn values(self, name: &'a HeaderName) -> impl Iterator<Item = &'a [u8]> + 'a {
-        let (map, raw) = match self {
-            Headers::Map(map) => (Some(map.get_all(name).iter().map(|v| v.as_bytes())), None),
-            Headers::Raw(raw) => (
-                None,
-                Some(
-                    raw.iter()
-                        .filter(move |h| h.name.eq_ignore_ascii_case(name.as_str()))
-                        .map(|h| h.value),
-                ),
-            ),
-        };
-        map.into_iter().flatten().chain(raw.into_iter().flatten())
-    }
-}
-
-#[derive(Debug, Clone)]
-enum Compiled {
-    Host { prefix: String, suffix: String },
-    Path { prefix: String, suffix: String },
-    Header(HeaderName),
-    Query(String),
+    pub headers: Fields<'a>,
 }
 
 /// The path as an origin that normalizes paths would see it, for matching path rules: percent-
@@ -167,74 +131,7 @@ pub fn normalized_path(path: &str) -> std::borrow::Cow<'_, str> {
 /// Compiled identification rules.
 #[derive(Debug, Clone, Default)]
 pub struct Identifier {
-    rules: Vec<Compiled>,
-}
-
-/// Checks a rule for `check-config`; the message says what is wrong.
-pub fn check_rule(rule: &Rule) -> Result<(), String> {
-    compile(rule).map(|_| ())
-}
-
-fn split_pattern(pattern: &str) -> Result<(String, String), String> {
-    let Some(at) = pattern.find(PLACEHOLDER) else {
-        return Err(format!(
-            "pattern {pattern:?} has no {PLACEHOLDER} placeholder"
-        ));
-    };
-    let (prefix, rest) = pattern.split_at(at);
-    let suffix = &rest[PLACEHOLDER.len()..];
-    if suffix.contains(PLACEHOLDER) {
-        return Err(format!(
-            "pattern {pattern:?} has more than one {PLACEHOLDER}"
-        ));
-    }
-    Ok((prefix.to_owned(), suffix.to_owned()))
-}
-
-fn compile(rule: &Rule) -> Result<Compiled, String> {
-    match rule {
-        Rule::Host { pattern } => {
-            let (prefix, suffix) = split_pattern(pattern)?;
-            if (!prefix.is_empty() && !prefix.ends_with('.'))
-                || (!suffix.is_empty() && !suffix.starts_with('.'))
-            {
-                return Err(format!(
-                    "host pattern {pattern:?}: {PLACEHOLDER} must be a whole label (between dots)"
-                ));
-            }
-            if pattern.contains([':', '/', ' ']) {
-                return Err(format!("host pattern {pattern:?} must be a bare hostname"));
-            }
-            Ok(Compiled::Host {
-                prefix: prefix.to_ascii_lowercase(),
-                suffix: suffix.to_ascii_lowercase(),
-            })
-        }
-        Rule::Path { pattern } => {
-            let (prefix, suffix) = split_pattern(pattern)?;
-            if !prefix.starts_with('/') || !prefix.ends_with('/') {
-                return Err(format!(
-                    "path pattern {pattern:?} must start with '/' and {PLACEHOLDER} must be a whole segment"
-                ));
-            }
-            if !suffix.is_empty() && !suffix.starts_with('/') {
-                return Err(format!(
-                    "path pattern {pattern:?}: {PLACEHOLDER} must be a whole segment"
-                ));
-            }
-            Ok(Compiled::Path { prefix, suffix })
-        }
-        Rule::Header { name } => HeaderName::try_from(name.as_str())
-            .map(Compiled::Header)
-            .map_err(|_| format!("{name:?} is not a valid header name")),
-        Rule::Query { name } => {
-            if name.is_empty() || name.contains(['&', '=', '#', ' ']) {
-                Err(format!("{name:?} is not a valid query parameter name"))
-            } else {
-                Ok(Compiled::Query(name.clone()))
-            }
-        }
-    }
+    rules: Vec<Pattern>,
 }
 
 fn strip_prefix_ignore_case<'a>(s: &'a str, prefix: &str) -> Option<&'a str> {
@@ -252,7 +149,10 @@ fn strip_suffix_ignore_case<'a>(s: &'a str, suffix: &str) -> Option<&'a str> {
 impl Identifier {
     pub fn new(rules: &[Rule]) -> Result<Self, String> {
         Ok(Self {
-            rules: rules.iter().map(compile).collect::<Result<_, _>>()?,
+            rules: rules
+                .iter()
+                .map(crate::config::compile_rule)
+                .collect::<Result<_, _>>()?,
         })
     }
 
@@ -277,13 +177,13 @@ impl Identifier {
         };
         for (i, rule) in self.rules.iter().enumerate() {
             let invalid = match rule {
-                Compiled::Host { prefix, suffix } => request
+                Pattern::Host { prefix, suffix } => request
                     .host
                     .and_then(|host| strip_prefix_ignore_case(host, prefix))
                     .and_then(|rest| strip_suffix_ignore_case(rest, suffix))
                     .filter(|label| !label.contains('.'))
                     .and_then(|label| consider(Source::Host, label.as_bytes())),
-                Compiled::Path { prefix, suffix } => strip_prefix_ignore_case(request.path, prefix)
+                Pattern::Path { prefix, suffix } => strip_prefix_ignore_case(request.path, prefix)
                     .and_then(|rest| {
                         let end = rest.find('/').unwrap_or(rest.len());
                         let (segment, after) = rest.split_at(end);
@@ -292,16 +192,16 @@ impl Identifier {
                         (tail_ok && !segment.is_empty()).then_some(segment)
                     })
                     .and_then(|segment| consider(Source::Path, segment.as_bytes())),
-                Compiled::Header(name) => {
+                Pattern::Header(name) => {
                     let mut invalid = None;
-                    for value in request.headers.values(name) {
+                    for value in request.headers.values(name.as_str()) {
                         if let Some(bad) = consider(Source::Header(i), value.trim_ascii()) {
                             invalid.get_or_insert(bad);
                         }
                     }
                     invalid
                 }
-                Compiled::Query(name) => {
+                Pattern::Query(name) => {
                     let mut invalid = None;
                     if let Some(query) = request.query {
                         for (key, value) in form_urlencoded::parse(query.as_bytes()) {
@@ -331,8 +231,8 @@ impl Identifier {
             (Source::Host, _) => "the host".to_owned(),
             (Source::Path, _) => "the path".to_owned(),
             (Source::Header(i), rules) | (Source::Query(i), rules) => match rules.get(i) {
-                Some(Compiled::Header(name)) => format!("header {name}"),
-                Some(Compiled::Query(name)) => format!("query parameter {name}"),
+                Some(Pattern::Header(name)) => format!("header {name}"),
+                Some(Pattern::Query(name)) => format!("query parameter {name}"),
                 _ => "a rule".to_owned(),
             },
         }
@@ -342,7 +242,8 @@ impl Identifier {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use http::HeaderValue;
+    use crate::config::compile_rule;
+    use http::{HeaderMap, HeaderValue};
 
     fn demo() -> Identifier {
         Identifier::new(&[
@@ -383,7 +284,7 @@ mod tests {
             host: case.host,
             path: case.path,
             query: case.query,
-            headers: Headers::Map(&headers),
+            headers: Fields::Map(&headers),
         })
     }
 
@@ -612,7 +513,7 @@ mod tests {
             },
             Rule::Query { name: "a=b".into() },
         ] {
-            assert!(check_rule(&rule).is_err(), "{rule:?}");
+            assert!(compile_rule(&rule).map(|_| ()).is_err(), "{rule:?}");
         }
     }
 }
