@@ -40,6 +40,17 @@ pub enum Load {
         connections: u32,
         streams: u32,
     },
+    /// Keep-alive requests over TLS on the HTTPS port (h2load): HTTP/1.1 (`streams: None`, one
+    /// request at a time per connection) or HTTP/2 with `streams` per connection, a POST of
+    /// `body_bytes` when not zero. `tls_origin`: to the proxy configured with TLS origins that
+    /// prove their region.
+    Https {
+        path: &'static str,
+        connections: u32,
+        streams: Option<u32>,
+        body_bytes: usize,
+        tls_origin: bool,
+    },
     /// TLS 1.3 handshakes on the HTTPS port (h2load, HTTP/1.1 over TLS, one request per
     /// connection), in batches until the run's time is up. `resumed`: each client closes
     /// after every request (`Connection: close`) and h2load resumes its session on the next
@@ -71,8 +82,23 @@ const fn wrk(
     }
 }
 
+const fn https(
+    connections: u32,
+    streams: Option<u32>,
+    body_bytes: usize,
+    tls_origin: bool,
+) -> Load {
+    Load::Https {
+        path: "/",
+        connections,
+        streams,
+        body_bytes,
+        tls_origin,
+    }
+}
+
 /// The closed-loop workloads, measured first; `get-small` also finds the knee.
-pub const THROUGHPUT: [Workload; 8] = [
+pub const THROUGHPUT: [Workload; 12] = [
     Workload {
         name: "get-small",
         description: "GET, 29-byte response, keep-alive, 64 connections (wrk)",
@@ -107,6 +133,26 @@ pub const THROUGHPUT: [Workload; 8] = [
             connections: 16,
             streams: 16,
         },
+    },
+    Workload {
+        name: "https-h1",
+        description: "GET over TLS 1.3, HTTP/1.1 keep-alive, 32 connections (h2load --h1)",
+        load: https(32, None, 0, false),
+    },
+    Workload {
+        name: "https-h2",
+        description: "GET over TLS 1.3, HTTP/2, 16 connections x 16 streams (h2load)",
+        load: https(16, Some(16), 0, false),
+    },
+    Workload {
+        name: "https-post-64k",
+        description: "POST of 64 KiB over TLS 1.3, HTTP/1.1 keep-alive, 32 connections (h2load --h1)",
+        load: https(32, None, 64 * 1024, false),
+    },
+    Workload {
+        name: "tls-origin",
+        description: "GET over TLS 1.3 to origins over TLS that prove their region, HTTP/1.1 keep-alive, 32 connections (h2load --h1)",
+        load: https(32, None, 0, true),
     },
     Workload {
         name: "tls-full",
@@ -458,6 +504,49 @@ impl Bench<'_> {
                     .arg(format!("http://{h2}{path}"));
                 Ok(Some(tools::parse_h2load(&output_of(command, "h2load")?)?))
             }
+            Load::Https {
+                path,
+                connections,
+                streams,
+                body_bytes,
+                tls_origin,
+            } => {
+                let serving = if tls_origin {
+                    match target.tls_origin.as_deref() {
+                        Some(serving) => serving,
+                        None => return Ok(None),
+                    }
+                } else {
+                    target
+                };
+                let Some(tls) = serving.tls else {
+                    return Ok(None);
+                };
+                let mut command = peers::pinned(self.load_cpu, Path::new("h2load"));
+                command.args(["-t", "1", "-c"]).arg(connections.to_string());
+                match streams {
+                    Some(streams) => {
+                        command.arg("-m").arg(streams.to_string());
+                    }
+                    None => {
+                        command.arg("--h1");
+                    }
+                }
+                if body_bytes > 0 {
+                    let file = self.dir.join(format!("body-{body_bytes}.bin"));
+                    if !file.exists() {
+                        std::fs::write(&file, vec![b'x'; body_bytes])?;
+                    }
+                    command.arg("-d").arg(&file);
+                }
+                command
+                    .arg("-D")
+                    .arg(seconds.to_string())
+                    .arg("-H")
+                    .arg(format!(":authority: {EU_HOST}"))
+                    .arg(format!("https://{tls}{path}"));
+                Ok(Some(tools::parse_h2load(&output_of(command, "h2load")?)?))
+            }
             Load::Tls {
                 connections,
                 resumed,
@@ -505,10 +594,20 @@ impl Bench<'_> {
         target: &mut Running,
         rate: Option<u64>,
     ) -> Result<Option<Sample>> {
-        let before = target.pid().map(procs::cpu_seconds);
+        // The process that serves the load is the one measured.
+        let measured = match load {
+            Load::Https {
+                tls_origin: true, ..
+            } => target.tls_origin.as_ref().and_then(|t| t.pid()),
+            _ => target.pid(),
+        };
+        let before = measured.map(procs::cpu_seconds);
         let result = self.run_once(load, target, rate)?;
-        let after = target.pid().map(procs::cpu_seconds);
+        let after = measured.map(procs::cpu_seconds);
         target.check_alive()?;
+        if let Some(secondary) = target.tls_origin.as_mut() {
+            secondary.check_alive()?;
+        }
         let Some(load) = result else { return Ok(None) };
         let cpu_seconds = before.zip(after).map(|(b, a)| a - b);
         let cpu_seconds_per_million = cpu_seconds
@@ -674,7 +773,7 @@ fn idle_memory(target: &mut Running, n: usize) -> Result<MemoryRow> {
     })
 }
 
-fn start_origin(load_cpu: usize, dir: &Path) -> Result<(Child, Upstreams)> {
+fn start_origin(load_cpu: usize, dir: &Path, certs: &Path) -> Result<(Child, Upstreams)> {
     let exe = std::env::current_exe().context("locating the loadtest binary")?;
     let log = std::fs::File::create(dir.join("origin.log"))?;
     let mut child = Command::new("taskset")
@@ -687,7 +786,13 @@ fn start_origin(load_cpu: usize, dir: &Path) -> Result<(Child, Upstreams)> {
             "eu=127.0.0.1:0",
             "--pool",
             "us=127.0.0.1:0",
+            "--tls-pool",
+            "eu=127.0.0.1:0",
+            "--tls-pool",
+            "us=127.0.0.1:0",
+            "--certs",
         ])
+        .arg(certs)
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(log)
@@ -706,6 +811,8 @@ fn start_origin(load_cpu: usize, dir: &Path) -> Result<(Child, Upstreams)> {
     let upstreams = Upstreams {
         eu: addr("eu")?,
         us: addr("us")?,
+        eu_tls: addr("eu+tls")?,
+        us_tls: addr("us+tls")?,
     };
     Ok((child, upstreams))
 }
@@ -806,9 +913,9 @@ pub fn run(options: &Options) -> Result<(PathBuf, PathBuf, bool)> {
     let options = &options;
     let dir = std::env::temp_dir().join(format!("domicile-compare-{}", std::process::id()));
     std::fs::create_dir_all(&dir)?;
-    let (mut origin, upstreams) = start_origin(load_cpu, &dir)?;
+    let tls = peers::tls_files(&dir, &domicile)?;
+    let (mut origin, upstreams) = start_origin(load_cpu, &dir, &tls.dir)?;
     let result = (|| -> Result<(PathBuf, PathBuf, bool)> {
-        let tls = peers::tls_files(&dir, &domicile)?;
         let setup = peers::Setup {
             dir: &dir,
             cpu: proxy_cpu,
@@ -817,24 +924,50 @@ pub fn run(options: &Options) -> Result<(PathBuf, PathBuf, bool)> {
             fd_limit,
             tls: &tls,
         };
+        let wanted = |w: &Workload| {
+            options
+                .workloads
+                .as_ref()
+                .is_none_or(|names| names.iter().any(|n| n == w.name))
+        };
+        let with_tls_origins = THROUGHPUT.iter().any(|w| {
+            wanted(w)
+                && matches!(
+                    w.load,
+                    Load::Https {
+                        tls_origin: true,
+                        ..
+                    }
+                )
+        });
         let mut targets = Vec::new();
         for kind in &options.kinds {
-            let mut target = peers::start(*kind, &setup)?;
+            let mut target = peers::start(*kind, &setup, false)?;
             wait_routing(&mut target)
                 .with_context(|| format!("see the logs in {}", dir.join(kind.name()).display()))?;
             eprintln!("compare: {} ready on {}", kind.name(), target.http);
+            if with_tls_origins && *kind != Kind::Direct {
+                let mut secondary = peers::start(*kind, &setup, true)?;
+                wait_routing(&mut secondary).with_context(|| {
+                    format!(
+                        "{} with TLS origins: see the logs in {}",
+                        kind.name(),
+                        dir.join(format!("{}-tls-origin", kind.name())).display()
+                    )
+                })?;
+                eprintln!(
+                    "compare: {} with TLS origins ready on {}",
+                    kind.name(),
+                    secondary.http
+                );
+                target.tls_origin = Some(Box::new(secondary));
+            }
             targets.push(target);
         }
         let bench = Bench {
             options,
             dir: &dir,
             load_cpu,
-        };
-        let wanted = |w: &Workload| {
-            options
-                .workloads
-                .as_ref()
-                .is_none_or(|names| names.iter().any(|n| n == w.name))
         };
 
         // Throughput first: `get-small` finds the knee for the fixed-rate rows.
@@ -935,6 +1068,9 @@ pub fn run(options: &Options) -> Result<(PathBuf, PathBuf, bool)> {
             scale,
         };
         for target in &mut targets {
+            if let Some(secondary) = target.tls_origin.as_mut() {
+                secondary.stop();
+            }
             target.stop();
         }
         let all_valid = report

@@ -103,7 +103,10 @@ fn main() -> ExitCode {
     let outcome = match cli.command {
         Command::Compare(args) => compare(args),
         Command::MapMemory(args) => map_memory(&args),
-        Command::Origin(args) => loadtest::origin::run(&args.pools).map(|()| ExitCode::SUCCESS),
+        Command::Origin(args) => {
+            loadtest::origin::run(&args.pools, &args.tls_pools, args.certs.as_deref())
+                .map(|()| ExitCode::SUCCESS)
+        }
         Command::ControlPlane(args) => control_plane(args),
         Command::Moves(args) => moves(args),
     };
@@ -225,6 +228,12 @@ struct OriginArgs {
     /// `name=address` of one upstream group, e.g. `eu=127.0.0.1:0`; repeatable.
     #[arg(long = "pool", value_parser = parse_pool, required = true)]
     pools: Vec<(String, std::net::SocketAddr)>,
+    /// `name=address` of a group that also listens for TLS with its region's certificate.
+    #[arg(long = "tls-pool", value_parser = parse_pool)]
+    tls_pools: Vec<(String, std::net::SocketAddr)>,
+    /// The `domicile certs dev` directory with `origin-<group>.pem` for each TLS group.
+    #[arg(long)]
+    certs: Option<std::path::PathBuf>,
 }
 
 fn parse_pool(text: &str) -> Result<(String, std::net::SocketAddr), String> {

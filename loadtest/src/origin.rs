@@ -5,6 +5,10 @@
 //! same bodies and says which group it is in `x-origin-pool`, which is how `compare` checks
 //! that each proxy routes as configured before it measures anything. Bodies are built once and
 //! shared: a response costs a reference count, not a copy.
+//!
+//! With `--tls-pool`, a group also listens for TLS with its region's certificate
+//! (`origin-<group>.pem` from `domicile certs dev`, naming `<group>.region.<domain>`), for the
+//! rows whose proxies must reach origins over TLS and check the region's identity.
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -77,7 +81,7 @@ async fn answer(
     Ok(response)
 }
 
-async fn serve(listener: TcpListener, bodies: Bodies) {
+async fn serve(listener: TcpListener, bodies: Bodies, tls: Option<tokio_rustls::TlsAcceptor>) {
     loop {
         let (stream, _) = match listener.accept().await {
             Ok(accepted) => accepted,
@@ -89,18 +93,34 @@ async fn serve(listener: TcpListener, bodies: Bodies) {
         };
         let _ = stream.set_nodelay(true);
         let bodies = bodies.clone();
+        let tls = tls.clone();
         tokio::task::spawn_local(async move {
             let service = service_fn(move |req| answer(bodies.clone(), req));
             let mut http = hyper::server::conn::http1::Builder::new();
             http.timer(TokioTimer::new()).keep_alive(true);
-            let _ = http.serve_connection(TokioIo::new(stream), service).await;
+            match tls {
+                None => {
+                    let _ = http.serve_connection(TokioIo::new(stream), service).await;
+                }
+                Some(acceptor) => {
+                    if let Ok(stream) = acceptor.accept(stream).await {
+                        let _ = http.serve_connection(TokioIo::new(stream), service).await;
+                    }
+                }
+            }
         });
     }
 }
 
-/// Serves the groups named in `pools` (one listener each, port 0 unless given) on the current
-/// thread until the process is killed. Prints one line, `origin <pool>=<addr> ...`, when ready.
-pub fn run(pools: &[(String, SocketAddr)]) -> anyhow::Result<()> {
+/// Serves the groups named in `pools` (one listener each, port 0 unless given), and those in
+/// `tls_pools` over TLS with the certificates in `certs`, on the current thread until the
+/// process is killed. Prints one line, `origin <pool>=<addr> ... <pool>+tls=<addr> ...`, when
+/// ready.
+pub fn run(
+    pools: &[(String, SocketAddr)],
+    tls_pools: &[(String, SocketAddr)],
+    certs: Option<&std::path::Path>,
+) -> anyhow::Result<()> {
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
@@ -110,7 +130,23 @@ pub fn run(pools: &[(String, SocketAddr)]) -> anyhow::Result<()> {
         for (pool, addr) in pools {
             let listener = TcpListener::bind(addr).await?;
             line.push_str(&format!(" {pool}={}", listener.local_addr()?));
-            tokio::task::spawn_local(serve(listener, Bodies::new(pool)?));
+            tokio::task::spawn_local(serve(listener, Bodies::new(pool)?, None));
+        }
+        for (pool, addr) in tls_pools {
+            let certs = certs.ok_or_else(|| anyhow::anyhow!("--tls-pool needs --certs"))?;
+            let layout = domicile_certs::dev::DevLayout::new(certs);
+            let (cert, key) = layout.origin(pool);
+            let tls = domicile_certs::ServerTls::load(
+                vec![domicile_certs::CertSource { cert, key }],
+                domicile_certs::UnknownName::Default,
+                &domicile_certs::ServerOptions::default(),
+            )?;
+            let mut config = (*tls.config()).clone();
+            config.alpn_protocols = vec![b"http/1.1".to_vec()];
+            let acceptor = tokio_rustls::TlsAcceptor::from(std::sync::Arc::new(config));
+            let listener = TcpListener::bind(addr).await?;
+            line.push_str(&format!(" {pool}+tls={}", listener.local_addr()?));
+            tokio::task::spawn_local(serve(listener, Bodies::new(pool)?, Some(acceptor)));
         }
         println!("{line}");
         std::future::pending::<()>().await;

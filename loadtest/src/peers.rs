@@ -100,6 +100,14 @@ pub fn free_port() -> Result<u16> {
 pub struct Upstreams {
     pub eu: SocketAddr,
     pub us: SocketAddr,
+    /// The same groups over TLS, each with its region's certificate.
+    pub eu_tls: SocketAddr,
+    pub us_tls: SocketAddr,
+}
+
+/// The name an origin of `pool` proves in its certificate (`domicile certs dev` issues it).
+pub fn origin_identity(pool: &str) -> String {
+    format!("{pool}.region.bench.test")
 }
 
 /// A proxy process under test.
@@ -114,6 +122,9 @@ pub struct Running {
     pub tls: Option<SocketAddr>,
     pub child: Option<Child>,
     pub version: String,
+    /// The same proxy configured with TLS to origins that prove their region (a process of
+    /// its own, on the same CPU), for the rows that measure it.
+    pub tls_origin: Option<Box<Running>>,
 }
 
 impl Running {
@@ -213,6 +224,10 @@ pub struct TlsFiles {
     pub key: PathBuf,
     /// Certificate and key in one file, for HAProxy.
     pub combined: PathBuf,
+    /// The CA that signed every certificate (the origins' too).
+    pub ca: PathBuf,
+    /// The directory `domicile certs dev` wrote.
+    pub dir: PathBuf,
 }
 
 pub fn tls_files(dir: &Path, domicile: &Path) -> Result<TlsFiles> {
@@ -220,7 +235,7 @@ pub fn tls_files(dir: &Path, domicile: &Path) -> Result<TlsFiles> {
     let status = Command::new(domicile)
         .args(["certs", "dev"])
         .arg(&certs)
-        .args(["--domain", "bench.test", "--force"])
+        .args(["--domain", "bench.test", "--regions", "eu,us", "--force"])
         .stdout(Stdio::null())
         .status()
         .context("domicile certs dev")?;
@@ -231,6 +246,8 @@ pub fn tls_files(dir: &Path, domicile: &Path) -> Result<TlsFiles> {
         cert: certs.join("edge.pem"),
         key: certs.join("edge-key.pem"),
         combined: certs.join("edge-combined.pem"),
+        ca: certs.join("ca.pem"),
+        dir: certs.clone(),
     };
     let combined = format!(
         "{}{}",
@@ -241,10 +258,23 @@ pub fn tls_files(dir: &Path, domicile: &Path) -> Result<TlsFiles> {
     Ok(files)
 }
 
-pub fn start(kind: Kind, setup: &Setup<'_>) -> Result<Running> {
-    let dir = setup.dir.join(kind.name());
+/// Starts `kind` with cleartext upstreams, or (`tls_origins`) with TLS to origins that must
+/// prove their region's identity (`eu.region.bench.test`), verified against the run's CA.
+pub fn start(kind: Kind, setup: &Setup<'_>, tls_origins: bool) -> Result<Running> {
+    let name = if tls_origins {
+        format!("{}-tls-origin", kind.name())
+    } else {
+        kind.name().to_owned()
+    };
+    let dir = setup.dir.join(&name);
     std::fs::create_dir_all(&dir)?;
-    let ups = setup.upstreams;
+    let mut ups = setup.upstreams;
+    if tls_origins {
+        ups.eu = ups.eu_tls;
+        ups.us = ups.us_tls;
+    }
+    let ca = setup.tls.ca.display().to_string();
+    let (eu_id, us_id) = (origin_identity("eu"), origin_identity("us"));
     match kind {
         Kind::Direct => Ok(Running {
             kind,
@@ -253,6 +283,7 @@ pub fn start(kind: Kind, setup: &Setup<'_>) -> Result<Running> {
             tls: None,
             child: None,
             version: "origin only".into(),
+            tls_origin: None,
         }),
         Kind::Domicile | Kind::DomicileAudit => {
             let (port, tls_port) = (free_port()?, free_port()?);
@@ -276,9 +307,10 @@ idle_timeout = "60s"
 
 [regions.eu]
 endpoints = ["{eu}"]
-
+{eu_tls}
 [regions.us]
 endpoints = ["{us}"]
+{us_tls}
 
 [tls]
 listen = "127.0.0.1:{tls_port}"
@@ -288,6 +320,16 @@ key = "{key}"
 "#,
                 eu = ups.eu,
                 us = ups.us,
+                eu_tls = if tls_origins {
+                    format!("tls = {{ ca = \"{ca}\", identity = \"{eu_id}\" }}\n")
+                } else {
+                    String::new()
+                },
+                us_tls = if tls_origins {
+                    format!("tls = {{ ca = \"{ca}\", identity = \"{us_id}\" }}\n")
+                } else {
+                    String::new()
+                },
                 cert = setup.tls.cert.display(),
                 key = setup.tls.key.display(),
             );
@@ -350,6 +392,7 @@ http {{
   upstream eu {{ server {eu}; keepalive 256; keepalive_requests 10000000; }}
   upstream us {{ server {us}; keepalive 256; keepalive_requests 10000000; }}
   map $host $pool {{ default ""; {EU_HOST} eu; {US_HOST} us; }}
+  map $host $origin_name {{ default ""; {EU_HOST} {eu_id}; {US_HOST} {us_id}; }}
   server {{
     listen 127.0.0.1:{port};
     listen 127.0.0.1:{h2} http2;
@@ -361,8 +404,8 @@ http {{
     ssl_session_tickets on;
     location / {{
       if ($pool = "") {{ return 421; }}
-      proxy_pass http://$pool;
-      proxy_http_version 1.1;
+      proxy_pass {scheme}://$pool;
+{origin_tls}      proxy_http_version 1.1;
       proxy_set_header Connection "";
       proxy_set_header Host $host;
       proxy_set_header X-Forwarded-For $proxy_add_x_forwarded_for;
@@ -374,6 +417,12 @@ http {{
 "#,
                 eu = ups.eu,
                 us = ups.us,
+                scheme = if tls_origins { "https" } else { "http" },
+                origin_tls = if tls_origins {
+                    format!("      proxy_ssl_verify on;\n      proxy_ssl_trusted_certificate {ca};\n      proxy_ssl_server_name on;\n      proxy_ssl_name $origin_name;\n      proxy_ssl_session_reuse on;\n      proxy_ssl_protocols TLSv1.2 TLSv1.3;\n")
+                } else {
+                    String::new()
+                },
                 fd_limit = setup.fd_limit,
                 worker_connections = setup.fd_limit.saturating_sub(100).max(1000),
                 cert = setup.tls.cert.display(),
@@ -419,13 +468,23 @@ frontend edge
   use_backend us if {{ req.hdr(host),field(1,:) -i {US_HOST} }}
 
 backend eu
-  server eu1 {eu}
+  server eu1 {eu}{eu_tls}
 
 backend us
-  server us1 {us}
+  server us1 {us}{us_tls}
 "#,
                 eu = ups.eu,
                 us = ups.us,
+                eu_tls = if tls_origins {
+                    format!(" ssl verify required ca-file {ca} sni str({eu_id}) verifyhost {eu_id} alpn http/1.1")
+                } else {
+                    String::new()
+                },
+                us_tls = if tls_origins {
+                    format!(" ssl verify required ca-file {ca} sni str({us_id}) verifyhost {us_id} alpn http/1.1")
+                } else {
+                    String::new()
+                },
                 // Two descriptors per proxied connection, and some to spare.
                 maxconn = (setup.fd_limit.saturating_sub(200) / 2).max(1000),
                 combined = setup.tls.combined.display(),
@@ -448,10 +507,17 @@ backend us
         Kind::Caddy => {
             let (port, tls_port) = (free_port()?, free_port()?);
             // The same routes on the cleartext and the HTTPS site.
+            let upstream = |addr: SocketAddr, identity: &str| {
+                if tls_origins {
+                    format!("reverse_proxy {addr} {{\n      transport http {{\n        tls\n        tls_trusted_ca_certs {ca}\n        tls_server_name {identity}\n      }}\n    }}")
+                } else {
+                    format!("reverse_proxy {addr}")
+                }
+            };
             let routes = format!(
-                "  @eu host {EU_HOST}\n  @us host {US_HOST}\n  handle @eu {{\n    reverse_proxy {eu}\n  }}\n  handle @us {{\n    reverse_proxy {us}\n  }}\n  handle {{\n    respond 421\n  }}\n",
-                eu = ups.eu,
-                us = ups.us,
+                "  @eu host {EU_HOST}\n  @us host {US_HOST}\n  handle @eu {{\n    {eu}\n  }}\n  handle @us {{\n    {us}\n  }}\n  handle {{\n    respond 421\n  }}\n",
+                eu = upstream(ups.eu, &eu_id),
+                us = upstream(ups.us, &us_id),
             );
             let config = format!(
                 r#"{{
@@ -531,6 +597,7 @@ fn launch(
         tls: tls.map(|port| ([127, 0, 0, 1], port).into()),
         child: Some(child),
         version,
+        tls_origin: None,
     })
 }
 

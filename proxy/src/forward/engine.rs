@@ -172,7 +172,7 @@ impl Engine {
                     peer,
                     forward: &forward,
                     request_id: &request_id,
-                    regions: self.replica.regions(),
+                    region_id: &pool.region_id,
                     host: head.authority,
                     upgrade,
                     join_cookies: head.version == Version::Http2

@@ -18,7 +18,6 @@ use http::{HeaderMap, HeaderName, HeaderValue};
 use crate::http::peer::Peer;
 use crate::http::{Fields, RequestId};
 use crate::route::decide::Forward;
-use crate::route::map::Regions;
 
 /// Where the fields of a head go.
 pub(crate) trait FieldSink {
@@ -28,10 +27,7 @@ pub(crate) trait FieldSink {
 /// The bytes of an HTTP/1.1 head.
 impl FieldSink for Vec<u8> {
     fn field(&mut self, name: &[u8], value: &[u8]) {
-        self.extend_from_slice(name);
-        self.extend_from_slice(b": ");
-        self.extend_from_slice(value);
-        self.extend_from_slice(b"\r\n");
+        crate::http::push_field(self, name, value);
     }
 }
 
@@ -118,7 +114,7 @@ impl<'a> Named<'a> {
             overflow: false,
         };
         for (name, value) in fields.iter() {
-            if classify(name.as_bytes()) != Class::Connection {
+            if !name.eq_ignore_ascii_case("connection") {
                 continue;
             }
             for token in value.split(|&b| b == b',') {
@@ -159,7 +155,8 @@ pub(crate) struct Forwarding<'a> {
     pub peer: &'a Peer,
     pub forward: &'a Forward,
     pub request_id: &'a RequestId,
-    pub regions: &'a Regions,
+    /// The home region's id (`x-domicile-region`).
+    pub region_id: &'a str,
     /// The host the request was identified by (for `Forwarded: host=`).
     pub host: Option<&'a str>,
     /// An upgrade goes on: `Upgrade` stays.
@@ -265,9 +262,7 @@ pub(crate) fn request_fields(fields: Fields<'_>, f: &Forwarding<'_>, sink: &mut 
     if let Some(workspace) = &f.forward.workspace {
         sink.field(b"x-domicile-workspace", workspace.as_bytes());
     }
-    if let Some(region) = f.regions.header_value(f.forward.region) {
-        sink.field(b"x-domicile-region", region.as_bytes());
-    }
+    sink.field(b"x-domicile-region", f.region_id.as_bytes());
     let mut digits = itoa::Buffer::new();
     if let Some(epoch) = f.forward.epoch {
         sink.field(b"x-domicile-epoch", digits.format(epoch).as_bytes());
@@ -358,7 +353,6 @@ fn http_date(f: impl FnOnce(&[u8])) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::route::map::Regions;
 
     fn raw(pairs: &[(&'static str, &'static str)]) -> Vec<httparse::Header<'static>> {
         pairs
@@ -403,17 +397,14 @@ mod tests {
             ("content-length", "5"),
             ("accept", "*/*"),
         ]);
-        let regions = Regions::default();
-        let region = regions.intern("us").unwrap();
-        let mut fwd = forward();
-        fwd.region = region;
+        let fwd = forward();
         let peer = Peer::new("203.0.113.7:5555".parse().unwrap(), &[], false);
         let id = RequestId::new();
         let f = Forwarding {
             peer: &peer,
             forward: &fwd,
             request_id: &id,
-            regions: &regions,
+            region_id: "us",
             host: Some("acme.localhost"),
             upgrade: false,
             join_cookies: false,
@@ -453,7 +444,6 @@ mod tests {
             ("cookie", "a=1"),
             ("cookie", "b=2"),
         ]);
-        let regions = Regions::default();
         let trusted = vec!["10.0.0.0/8".parse().unwrap()];
         let peer = Peer::new("10.0.0.2:5555".parse().unwrap(), &trusted, false);
         let id = RequestId::new();
@@ -462,7 +452,7 @@ mod tests {
             peer: &peer,
             forward: &fwd,
             request_id: &id,
-            regions: &regions,
+            region_id: "us",
             host: None,
             upgrade: false,
             join_cookies: true,

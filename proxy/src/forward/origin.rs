@@ -54,7 +54,9 @@ impl<C: ClientSide> Exchange<'_, C> {
     pub(crate) async fn attempt(&mut self, endpoint: &Endpoint) -> Attempt {
         match self.pool.protocol {
             UpstreamProtocol::Http1 => self.attempt_h1(endpoint).await,
-            UpstreamProtocol::H2c => self.attempt_h2(endpoint).await,
+            // Boxed: its state (HTTP/2 streams, flow control) would otherwise make every
+            // request's future larger, and the HTTP/1.1 path is the common one.
+            UpstreamProtocol::H2c => Box::pin(self.attempt_h2(endpoint)).await,
         }
     }
 
@@ -149,7 +151,6 @@ impl<C: ClientSide> Exchange<'_, C> {
         let idempotent = self.head.is_idempotent();
         let bodiless = self.head.body.is_none();
         let mut rbuf = PooledBuf::empty();
-        let mut deadline = Deadline::new();
         // A pooled connection can turn out closed by the origin (many close idle connections
         // after a while); the request then goes out again on another, as long as the origin
         // cannot have acted on it. Only a new connection's failure counts as the endpoint's.
@@ -160,17 +161,17 @@ impl<C: ClientSide> Exchange<'_, C> {
             } else {
                 None
             };
-            let (mut io, reused) = match pooled {
-                Some(io) => (io, true),
+            let (mut conn, reused) = match pooled {
+                Some(conn) => (conn, true),
                 // Boxed: connecting is the rare path, and its state would otherwise make every
                 // request's future larger.
                 None => match Box::pin(target.connect()).await {
-                    Ok(io) => (io, false),
+                    Ok(io) => (pool::Http1::new(io), false),
                     Err(e) => return Attempt::Failed(Failure::connect(e)),
                 },
             };
-            let sent =
-                conn_io::write_all(&mut io, &mut [&self.h1_head.0], &mut deadline, stall).await;
+            let pool::Http1 { io, deadline } = &mut conn;
+            let sent = conn_io::write_all(io, &mut [&self.h1_head.0], deadline, stall).await;
             if let Err(e) = sent {
                 if reused {
                     stale += 1;
@@ -188,12 +189,12 @@ impl<C: ClientSide> Exchange<'_, C> {
                 if self.client.send_continue().await.is_err() {
                     return Attempt::Failed(Failure::client(BodyError::Gone));
                 }
-                match self.pump_h1(&mut io, rbuf, &mut deadline).await {
+                match self.pump_h1(io, rbuf, deadline).await {
                     Ok(Pumped::Whole) | Ok(Pumped::Answered) => {}
                     Err(failure) => return Attempt::Failed(failure),
                 }
             }
-            if let Err(e) = conn_io::flush(&mut io, &mut deadline, stall).await {
+            if let Err(e) = conn_io::flush(io, deadline, stall).await {
                 return Attempt::Failed(Failure::new(
                     Step::Write,
                     true,
@@ -228,7 +229,7 @@ impl<C: ClientSide> Exchange<'_, C> {
                         }
                     }
                 }
-                match conn_io::read_some(&mut io, rbuf, &mut deadline).await {
+                match conn_io::read_some(io, rbuf, deadline).await {
                     Ok(0) if rbuf.is_empty() && reused && bodiless && idempotent => {
                         // Closed as it was taken, before a byte of answer: not the endpoint's
                         // failure, and the request can go out again.
@@ -275,7 +276,9 @@ impl<C: ClientSide> Exchange<'_, C> {
                 continue;
             }
             return self
-                .relay_h1(io, target.key, rbuf, status, framing, reusable, body_start)
+                .relay_h1(
+                    conn, target.key, rbuf, status, framing, reusable, body_start,
+                )
                 .await;
         }
     }
@@ -379,7 +382,7 @@ impl<C: ClientSide> Exchange<'_, C> {
     #[allow(clippy::too_many_arguments)]
     async fn relay_h1(
         &mut self,
-        mut io: OriginIo,
+        mut conn: pool::Http1,
         key: crate::upstream::connect::EndpointKey,
         rbuf: &mut Vec<u8>,
         status: u16,
@@ -400,7 +403,7 @@ impl<C: ClientSide> Exchange<'_, C> {
                 return Attempt::Done(Served::Close);
             }
             let from_origin = &rbuf[body_start..];
-            self.client.tunnel(&mut io, from_origin).await;
+            self.client.tunnel(&mut conn.io, from_origin).await;
             return Attempt::Done(Served::Tunneled);
         }
         let raw = framing == Framing::Chunked && self.client.takes_chunked();
@@ -416,7 +419,6 @@ impl<C: ClientSide> Exchange<'_, C> {
         let mut head_sent = false;
         let mut pos = body_start;
         let stall = self.stall();
-        let mut deadline = Deadline::new();
         loop {
             // Everything read so far, one run at a time.
             while !done && pos < rbuf.len() {
@@ -464,8 +466,7 @@ impl<C: ClientSide> Exchange<'_, C> {
             if rbuf.capacity() < conn_io::BODY_CHUNK {
                 rbuf.reserve(conn_io::BODY_CHUNK);
             }
-            deadline.after(stall);
-            match conn_io::read_some(&mut io, rbuf, &mut deadline).await {
+            match conn_io::read_stalling(&mut conn.io, rbuf, &mut conn.deadline, stall).await {
                 Ok(n) if n > 0 => {}
                 // The origin closed: the end of a body delimited by close, a cut in any other.
                 Ok(_) if framing == Framing::UntilClose => {
@@ -479,7 +480,7 @@ impl<C: ClientSide> Exchange<'_, C> {
             }
         }
         if reusable {
-            pool::give_back_http1(key, io);
+            pool::give_back_http1(key, conn);
         }
         Attempt::Done(Served::KeepAlive)
     }
@@ -802,7 +803,6 @@ async fn write_watching(
         if first == parts.len() {
             return Ok(Watched::Written);
         }
-        deadline.after(stall);
         let live = &parts[first..];
         let step = poll_fn(|cx| {
             let start = rbuf.len();
@@ -831,7 +831,7 @@ async fn write_watching(
                 .poll_write_vectored(cx, &slices[..live.len().min(3)])
                 .map(|written| written.map(Some))
         });
-        let written = match deadline.run(step).await {
+        let written = match deadline.within(stall, step).await {
             Some(Ok(Some(n))) => n,
             Some(Ok(None)) => return Ok(Watched::Answered),
             Some(Err(e)) => return Err(e),

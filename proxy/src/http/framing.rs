@@ -286,9 +286,31 @@ pub fn find_head_end(buf: &[u8], scanned: &mut usize) -> Result<Option<usize>, V
     Ok(None)
 }
 
+/// A table of which bytes belong to a class, built at compile time: one load per byte.
+const fn byte_class(extra: &[u8]) -> [bool; 256] {
+    let mut table = [false; 256];
+    let mut b = 0;
+    while b < 256 {
+        let c = b as u8;
+        table[b] = c.is_ascii_alphanumeric();
+        b += 1;
+    }
+    let mut i = 0;
+    while i < extra.len() {
+        table[extra[i] as usize] = true;
+        i += 1;
+    }
+    table
+}
+
+/// RFC 9110 `tchar`.
+static TCHAR: [bool; 256] = byte_class(b"!#$%&'*+-.^_`|~");
+/// A reg-name byte of a host (RFC 3986): unreserved, percent-encoded, sub-delimiters.
+static HOST_BYTE: [bool; 256] = byte_class(b"-._~%!$&'()*+,;=");
+
 /// RFC 9110 `tchar`.
 pub fn is_tchar(b: u8) -> bool {
-    b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b)
+    TCHAR[usize::from(b)]
 }
 
 /// A field value byte (RFC 9110 `field-vchar`, SP, HTAB; obs-text allowed).
@@ -492,6 +514,35 @@ pub fn parse_content_length(value: &[u8]) -> Option<u64> {
 /// `uri-host [ ":" port ]` (RFC 9110 section 7.2): a bracketed IP literal or a reg-name of
 /// unreserved, percent-encoded and sub-delimiter characters, and a decimal port.
 pub fn check_host(value: &[u8]) -> Result<(), Violation> {
+    // The common case in one pass: a reg-name, perhaps a port.
+    if let Some(&first) = value.first() {
+        if first != b'[' {
+            let mut colon = None;
+            let mut plain = true;
+            for (i, &b) in value.iter().enumerate() {
+                if b == b':' && colon.is_none() {
+                    colon = Some(i);
+                } else if !(HOST_BYTE[usize::from(b)] || (colon.is_some() && b.is_ascii_digit())) {
+                    plain = false;
+                    break;
+                }
+            }
+            if plain {
+                return match colon {
+                    None => Ok(()),
+                    Some(0) => Err(Violation::InvalidHost),
+                    Some(at) => {
+                        let port = &value[at + 1..];
+                        if port.len() <= 5 && port.iter().all(u8::is_ascii_digit) {
+                            Ok(())
+                        } else {
+                            Err(Violation::InvalidHost)
+                        }
+                    }
+                };
+            }
+        }
+    }
     if value.contains(&b'@') {
         return Err(Violation::HostUserinfo);
     }
@@ -524,11 +575,7 @@ pub fn check_host(value: &[u8]) -> Result<(), Violation> {
     if host.is_empty() {
         return Err(Violation::InvalidHost);
     }
-    if host[0] != b'['
-        && !host
-            .iter()
-            .all(|&b| b.is_ascii_alphanumeric() || b"-._~%!$&'()*+,;=".contains(&b))
-    {
+    if host[0] != b'[' && !host.iter().all(|&b| HOST_BYTE[usize::from(b)]) {
         return Err(Violation::InvalidHost);
     }
     if let Some(port) = port {

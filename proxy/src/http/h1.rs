@@ -31,7 +31,7 @@ use crate::metrics::Metrics;
 use crate::refusal::{Refusal, RefusalCode};
 
 /// Fields kept on the stack per head; a head with more is parsed again onto the heap.
-const STACK_FIELDS: usize = 100;
+const STACK_FIELDS: usize = 32;
 
 /// What an HTTP/1.1 connection needs to know beyond its bytes.
 pub(crate) struct Settings<'a> {
@@ -55,29 +55,26 @@ pub(crate) async fn serve<T: Transport, H: Handler>(
     let mut out = PooledBuf::empty();
     let mut deadline = Deadline::new();
     let head_cap = limits.head_buffer_cap();
+    // One wait for shutdown for the connection's life: registered once, polled between
+    // requests (making it anew for every idle wait would cost a registration each time).
+    let mut stop = std::pin::pin!(conn_io::stopped(&mut shutdown));
+    // A head found whose chunked body's first size line has not arrived yet.
+    let mut found: Option<usize> = None;
+    let mut head_deadline_set = false;
     loop {
         // Wait for a whole head.
         let mut scanned = 0;
-        let mut found = None;
-        let mut head_deadline_set = false;
+        if found.is_none() {
+            head_deadline_set = false;
+        }
         let head_len = loop {
+            if let Some(len) = found {
+                // The head was judged; more bytes came for its chunked body's first line.
+                break len;
+            }
             if !buf.0.is_empty() {
-                let end = match found {
-                    Some(len) => Ok(Some(len)),
-                    None => framing::find_head_end(&buf.0, &mut scanned),
-                };
-                match end {
-                    // A chunked body's first size line is judged before the request goes
-                    // anywhere (unless the client waits for `100 Continue` to send it), so a
-                    // body malformed from its first line never reaches an origin.
-                    Ok(Some(len)) => match first_chunk_line(&buf.0, len) {
-                        FirstLine::NotChunked | FirstLine::Passed => break len,
-                        FirstLine::Bad(violation) => {
-                            refuse_malformed(&mut io, violation, settings, &mut deadline).await;
-                            return linger(&mut io).await;
-                        }
-                        FirstLine::Wait => found = Some(len),
-                    },
+                match framing::find_head_end(&buf.0, &mut scanned) {
+                    Ok(Some(len)) => break len,
                     Ok(None) => {}
                     Err(violation) => {
                         refuse_malformed(&mut io, violation, settings, &mut deadline).await;
@@ -102,9 +99,6 @@ pub(crate) async fn serve<T: Transport, H: Handler>(
                     }
                 }
             }
-            if *shutdown.borrow() {
-                return;
-            }
             // Idle: the buffers go back to the worker until the next request arrives, so an
             // idle connection holds none.
             buf.release();
@@ -113,8 +107,9 @@ pub(crate) async fn serve<T: Transport, H: Handler>(
             deadline.after(limits.idle_timeout);
             loop {
                 let ready = tokio::select! {
+                    biased;
+                    _ = stop.as_mut() => return,
                     ready = deadline.run(io.socket().readable()) => ready,
-                    _ = conn_io::stopped(&mut shutdown) => return,
                 };
                 match ready {
                     Some(Ok(())) => {}
@@ -135,7 +130,7 @@ pub(crate) async fn serve<T: Transport, H: Handler>(
 
         // The request itself lives on the heap for its lifetime only: an idle connection's
         // task keeps room for nothing of it (its fields, the engine's state).
-        let request = Box::pin(one_request(
+        let request = one_request(
             &mut io,
             &buf.0,
             head_len,
@@ -144,11 +139,25 @@ pub(crate) async fn serve<T: Transport, H: Handler>(
             &mut deadline,
             handler,
             settings,
-        ));
+        );
+        let request = Box::pin(request);
         let done = match request.await {
-            Some(done) => done,
-            None => return linger(&mut io).await,
+            Request::Done(done) => done,
+            Request::Refused => return linger(&mut io).await,
+            Request::FirstChunkLine => {
+                // Read on (within the head's deadline), then judge the head again.
+                found = Some(head_len);
+                match read_more(&mut io, buf.ensure(), &mut deadline).await {
+                    Ok(0) | Err(Read::Failed) => return,
+                    Ok(_) => continue,
+                    Err(Read::TimedOut) => {
+                        answer_timeout(&mut io, &mut deadline).await;
+                        return;
+                    }
+                }
+            }
         };
+        found = None;
         match done.served {
             Served::Tunneled => return,
             Served::Close => return linger(&mut io).await,
@@ -168,34 +177,14 @@ pub(crate) async fn serve<T: Transport, H: Handler>(
     }
 }
 
-/// Where a chunked body's first size line stands.
-enum FirstLine {
-    /// The request has no chunked body, or its client waits for `100 Continue`.
-    NotChunked,
-    /// Not all here yet.
-    Wait,
-    Passed,
-    Bad(Violation),
-}
-
-fn first_chunk_line(buf: &[u8], head_len: usize) -> FirstLine {
-    let Ok(head) = framing::check_request_head(&buf[..head_len]) else {
-        // Judged again, and answered, with the fields.
-        return FirstLine::NotChunked;
-    };
-    if head.body != BodyFraming::Chunked || head.expect_continue {
-        return FirstLine::NotChunked;
-    }
-    let mut chunks = ChunkedBody::default();
-    let mut rest = &buf[head_len..];
-    while !rest.is_empty() {
-        match chunks.decode(rest) {
-            Ok(step) if step.end || chunks.first_line_done() => return FirstLine::Passed,
-            Ok(step) => rest = &rest[step.consumed..],
-            Err(violation) => return FirstLine::Bad(violation),
-        }
-    }
-    FirstLine::Wait
+/// What became of a request handed to [`one_request`].
+enum Request {
+    Done(Done),
+    /// The head broke the rules (answered) or its chunked body's first size line did.
+    Refused,
+    /// The head asks for a chunked body whose first size line has not arrived yet: judged
+    /// before anything goes to an origin, so the head is read again when more has arrived.
+    FirstChunkLine,
 }
 
 /// How an exchange on a connection ended.
@@ -216,7 +205,7 @@ enum Rest {
 }
 
 /// Judges a complete head (`buf[..head_len]`), takes its fields as slices of `buf`, and hands
-/// the request to the engine. `None` when the head broke the rules (it was answered).
+/// the request to the engine.
 #[allow(clippy::too_many_arguments)]
 async fn one_request<T: Transport, H: Handler>(
     io: &mut T,
@@ -227,7 +216,7 @@ async fn one_request<T: Transport, H: Handler>(
     deadline: &mut Deadline,
     handler: &H,
     settings: &Settings<'_>,
-) -> Option<Done> {
+) -> Request {
     let head_bytes = &buf[..head_len];
     let mut stack = [httparse::EMPTY_HEADER; STACK_FIELDS];
     let mut count = 0;
@@ -244,9 +233,32 @@ async fn one_request<T: Transport, H: Handler>(
         Ok(parsed) => parsed,
         Err(violation) => {
             refuse_malformed(io, violation, settings, deadline).await;
-            return None;
+            return Request::Refused;
         }
     };
+    // A chunked body's first size line is judged before the request goes anywhere (unless
+    // the client waits for `100 Continue` to send it), so a body malformed from its first
+    // line never reaches an origin.
+    if parsed.head.body == BodyFraming::Chunked && !parsed.head.expect_continue {
+        let mut chunks = ChunkedBody::default();
+        let mut rest = &buf[head_len..];
+        let passed = loop {
+            if rest.is_empty() {
+                break false;
+            }
+            match chunks.decode(rest) {
+                Ok(step) if step.end || chunks.first_line_done() => break true,
+                Ok(step) => rest = &rest[step.consumed..],
+                Err(violation) => {
+                    refuse_malformed(io, violation, settings, deadline).await;
+                    return Request::Refused;
+                }
+            }
+        };
+        if !passed {
+            return Request::FirstChunkLine;
+        }
+    }
     let heap: Vec<httparse::Header<'_>>;
     let fields: &[httparse::Header<'_>] = if overflow {
         let mut all = Vec::with_capacity(count * 2);
@@ -292,7 +304,7 @@ async fn one_request<T: Transport, H: Handler>(
     } else {
         Rest::InMore(exchange.more_pos)
     };
-    Some(Done {
+    Request::Done(Done {
         served,
         reusable,
         rest,
@@ -509,8 +521,7 @@ impl<T: Transport> ClientSide for Exchange<'_, T> {
                 if self.more.capacity() < conn_io::BODY_CHUNK {
                     self.more.reserve(conn_io::BODY_CHUNK);
                 }
-                self.deadline.after(self.stall);
-                match conn_io::read_some(self.io, self.more, self.deadline).await {
+                match conn_io::read_stalling(self.io, self.more, self.deadline, self.stall).await {
                     Ok(0) => {
                         self.body = Body::Failed;
                         return Err(BodyError::Gone);
@@ -576,11 +587,7 @@ impl<T: Transport> ClientSide for Exchange<'_, T> {
     }
 
     fn head_field(&mut self, name: &[u8], value: &[u8]) {
-        let out = &mut *self.out;
-        out.extend_from_slice(name);
-        out.extend_from_slice(b": ");
-        out.extend_from_slice(value);
-        out.extend_from_slice(b"\r\n");
+        crate::http::push_field(self.out, name, value);
     }
 
     async fn send_head(&mut self, body: ResponseBody, first: &[u8], end: bool) -> io::Result<()> {

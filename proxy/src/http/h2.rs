@@ -8,11 +8,13 @@
 //! stream for `idle_timeout` is closed with GOAWAY; one whose client stops answering PINGs is
 //! dropped. On shutdown, GOAWAY, and the streams in flight finish.
 
-use std::future::poll_fn;
+use std::future::{poll_fn, Future};
 use std::io;
 use std::time::Duration;
 
 use bytes::Bytes;
+use std::task::Poll;
+
 use futures_util::stream::{FuturesUnordered, StreamExt};
 use h2::server::SendResponse;
 use h2::{Ping, RecvStream, SendStream};
@@ -63,63 +65,82 @@ pub(crate) async fn serve<T: Transport, H: Handler>(
     let idle_timeout = limits.idle_timeout;
     let mut idle = Box::pin(tokio::time::sleep(idle_timeout));
     let mut draining = false;
+    let mut stop = std::pin::pin!(super::io::stopped(&mut shutdown));
     // A PING sent and not yet answered, and when the answer is due.
     let mut pong_due: Option<std::pin::Pin<Box<tokio::time::Sleep>>> = None;
     loop {
-        tokio::select! {
-            event = poll_fn(|cx| if draining {
+        // One pass per wake-up: every stream that can move does (what they write is only
+        // buffered), then the connection reads what arrived and flushes everything in one
+        // write. Polling the connection after each stream would cost a write per response.
+        let event = poll_fn(|cx| {
+            let had_streams = !streams.is_empty();
+            while let Poll::Ready(Some(())) = streams.poll_next_unpin(cx) {}
+            if had_streams && streams.is_empty() {
+                idle.as_mut()
+                    .reset(tokio::time::Instant::now() + idle_timeout);
+            }
+            let conn_event = if draining {
                 conn.poll_closed(cx).map(ConnEvent::Closed)
             } else {
                 conn.poll_accept(cx).map(ConnEvent::Accepted)
-            }) => match event {
-                ConnEvent::Accepted(Some(Ok((request, respond)))) => {
-                    streams.push(serve_stream(handler, request, respond, limits));
+            };
+            if let Poll::Ready(event) = conn_event {
+                return Poll::Ready(event);
+            }
+            if !draining {
+                if stop.as_mut().poll(cx).is_ready() {
+                    return Poll::Ready(ConnEvent::Stop);
                 }
-                ConnEvent::Accepted(Some(Err(e))) | ConnEvent::Closed(Err(e)) => {
-                    tracing::debug!("http2 connection ended: {e}");
-                    break;
-                }
-                ConnEvent::Accepted(None) | ConnEvent::Closed(Ok(())) => break,
-            },
-            Some(()) = streams.next(), if !streams.is_empty() => {
-                if streams.is_empty() {
-                    idle.as_mut().reset(tokio::time::Instant::now() + idle_timeout);
+                if idle.as_mut().poll(cx).is_ready() {
+                    return Poll::Ready(ConnEvent::Idle);
                 }
             }
-            _ = super::io::stopped(&mut shutdown), if !draining => {
+            if let Some(due) = pong_due.as_mut() {
+                if let Some(ping) = ping.as_mut() {
+                    if let Poll::Ready(pong) = ping.poll_pong(cx) {
+                        return Poll::Ready(ConnEvent::Pong(pong.is_ok()));
+                    }
+                }
+                if due.as_mut().poll(cx).is_ready() {
+                    return Poll::Ready(ConnEvent::PongLate);
+                }
+            }
+            Poll::Pending
+        })
+        .await;
+        match event {
+            ConnEvent::Accepted(Some(Ok((request, respond)))) => {
+                streams.push(serve_stream(handler, request, respond, limits));
+            }
+            ConnEvent::Accepted(Some(Err(e))) | ConnEvent::Closed(Err(e)) => {
+                tracing::debug!("http2 connection ended: {e}");
+                break;
+            }
+            ConnEvent::Accepted(None) | ConnEvent::Closed(Ok(())) => break,
+            ConnEvent::Stop => {
                 draining = true;
                 conn.graceful_shutdown();
             }
-            () = &mut idle, if !draining => {
-                if streams.is_empty() {
-                    draining = true;
-                    conn.graceful_shutdown();
-                } else {
-                    // Streams are open: ask the client whether it is still there.
-                    idle.as_mut().reset(tokio::time::Instant::now() + idle_timeout);
-                    if pong_due.is_none() {
-                        if let Some(ping) = ping.as_mut() {
-                            if ping.send_ping(Ping::opaque()).is_ok() {
-                                pong_due = Some(Box::pin(tokio::time::sleep(limits.h2_keep_alive_timeout)));
-                            }
+            ConnEvent::Idle if streams.is_empty() => {
+                draining = true;
+                conn.graceful_shutdown();
+            }
+            ConnEvent::Idle => {
+                // Streams are open: ask the client whether it is still there.
+                idle.as_mut()
+                    .reset(tokio::time::Instant::now() + idle_timeout);
+                if pong_due.is_none() {
+                    if let Some(ping) = ping.as_mut() {
+                        if ping.send_ping(Ping::opaque()).is_ok() {
+                            pong_due =
+                                Some(Box::pin(tokio::time::sleep(limits.h2_keep_alive_timeout)));
                         }
                     }
                 }
             }
-            pong = poll_fn(|cx| match ping.as_mut() {
-                Some(ping) => ping.poll_pong(cx),
-                None => std::task::Poll::Pending,
-            }), if pong_due.is_some() => {
-                pong_due = None;
-                if pong.is_err() {
-                    break;
-                }
-            }
-            () = async {
-                if let Some(due) = pong_due.as_mut() {
-                    due.await;
-                }
-            }, if pong_due.is_some() => {
+            ConnEvent::Pong(true) => pong_due = None,
+            ConnEvent::Pong(false) => break,
+            ConnEvent::PongLate => {
                 tracing::debug!("http2 client did not answer a PING in time; closing");
                 conn.abrupt_shutdown(h2::Reason::NO_ERROR);
                 break;
@@ -127,12 +148,14 @@ pub(crate) async fn serve<T: Transport, H: Handler>(
         }
     }
     // The streams still in flight finish with the connection driven alongside them.
-    while !streams.is_empty() {
-        tokio::select! {
-            _ = streams.next() => {}
-            _ = poll_fn(|cx| conn.poll_closed(cx)) => break,
+    poll_fn(|cx| {
+        while let Poll::Ready(Some(())) = streams.poll_next_unpin(cx) {}
+        if streams.is_empty() {
+            return Poll::Ready(());
         }
-    }
+        conn.poll_closed(cx).map(|_| ())
+    })
+    .await;
 }
 
 /// A stream the client opened: its request and the handle to answer it.
@@ -143,6 +166,14 @@ type Accepted = (http::Request<RecvStream>, SendResponse<Bytes>);
 enum ConnEvent {
     Accepted(Option<Result<Accepted, h2::Error>>),
     Closed(Result<(), h2::Error>),
+    /// Shutdown: GOAWAY, and the streams in flight finish.
+    Stop,
+    /// No stream for `idle_timeout`, or streams and silence.
+    Idle,
+    /// The answer to our PING (`false`: the connection failed).
+    Pong(bool),
+    /// No answer to our PING in time.
+    PongLate,
 }
 
 /// One stream: its request head for the engine, its body and its answer.

@@ -90,6 +90,29 @@ impl Deadline {
         .await
     }
 
+    /// Runs `work`, giving it `within` from the moment it first has to wait: a wait that
+    /// never blocks (the common case for a write, or a read whose bytes are here) reads no
+    /// clock and moves no timer.
+    pub(crate) async fn within<F: Future>(
+        &mut self,
+        within: Duration,
+        work: F,
+    ) -> Option<F::Output> {
+        let mut work = pin!(work);
+        let mut armed = false;
+        poll_fn(|cx| {
+            if let Poll::Ready(output) = work.as_mut().poll(cx) {
+                return Poll::Ready(Some(output));
+            }
+            if !armed {
+                armed = true;
+                self.after(within);
+            }
+            self.poll_expired(cx).map(|()| None)
+        })
+        .await
+    }
+
     /// Ready once the deadline has passed.
     pub(crate) fn poll_expired(&mut self, cx: &mut Context<'_>) -> Poll<()> {
         while self.sleep.as_mut().poll(cx).is_ready() {
@@ -120,12 +143,31 @@ pub(crate) async fn read_some<T: Transport>(
     buf: &mut Vec<u8>,
     deadline: &mut Deadline,
 ) -> io::Result<usize> {
-    if buf.capacity() - buf.len() < READ_RESERVE / 4 {
-        buf.reserve(READ_RESERVE);
-    }
+    reserve(buf);
     match deadline.run(io.read_buf(buf)).await {
         Some(read) => read,
         None => Err(timed_out("no bytes arrived in time")),
+    }
+}
+
+/// As [`read_some`], failing when no byte arrives for `stall` (from when the read has to
+/// wait).
+pub(crate) async fn read_stalling<T: Transport>(
+    io: &mut T,
+    buf: &mut Vec<u8>,
+    deadline: &mut Deadline,
+    stall: Duration,
+) -> io::Result<usize> {
+    reserve(buf);
+    match deadline.within(stall, io.read_buf(buf)).await {
+        Some(read) => read,
+        None => Err(timed_out("no bytes arrived in time")),
+    }
+}
+
+fn reserve(buf: &mut Vec<u8>) {
+    if buf.capacity() - buf.len() < READ_RESERVE / 4 {
+        buf.reserve(READ_RESERVE);
     }
 }
 
@@ -145,24 +187,21 @@ pub(crate) async fn write_all<T: Transport>(
         if first == parts.len() {
             return Ok(());
         }
-        deadline.after(stall);
         let live = &parts[first..];
         let written = {
             let write = poll_fn(|cx| {
+                if live.len() == 1 {
+                    return Pin::new(&mut *io).poll_write(cx, live[0]);
+                }
                 let slices: [IoSlice<'_>; 4] = [
                     IoSlice::new(live.first().copied().unwrap_or_default()),
                     IoSlice::new(live.get(1).copied().unwrap_or_default()),
                     IoSlice::new(live.get(2).copied().unwrap_or_default()),
                     IoSlice::new(live.get(3).copied().unwrap_or_default()),
                 ];
-                let count = live.len().min(4);
-                if count == 1 {
-                    Pin::new(&mut *io).poll_write(cx, live[0])
-                } else {
-                    Pin::new(&mut *io).poll_write_vectored(cx, &slices[..count])
-                }
+                Pin::new(&mut *io).poll_write_vectored(cx, &slices[..live.len().min(4)])
             });
-            match deadline.run(write).await {
+            match deadline.within(stall, write).await {
                 Some(written) => written?,
                 None => return Err(timed_out("the peer stopped reading")),
             }
@@ -186,9 +225,7 @@ pub(crate) async fn write_all<T: Transport>(
 /// One read attempt that does not wait: what has arrived goes into `buf`'s spare room
 /// (`Pending`: nothing has). The caller waits for readiness itself.
 pub(crate) fn read_now<T: Transport>(io: &mut T, buf: &mut Vec<u8>) -> Poll<io::Result<usize>> {
-    if buf.capacity() - buf.len() < READ_RESERVE / 4 {
-        buf.reserve(READ_RESERVE);
-    }
+    reserve(buf);
     let mut cx = Context::from_waker(std::task::Waker::noop());
     let read = io.read_buf(buf);
     let mut read = pin!(read);
@@ -201,9 +238,8 @@ pub(crate) async fn flush<T: Transport>(
     deadline: &mut Deadline,
     stall: Duration,
 ) -> io::Result<()> {
-    deadline.after(stall);
     match deadline
-        .run(poll_fn(|cx| Pin::new(&mut *io).poll_flush(cx)))
+        .within(stall, poll_fn(|cx| Pin::new(&mut *io).poll_flush(cx)))
         .await
     {
         Some(flushed) => flushed,

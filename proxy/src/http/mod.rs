@@ -42,19 +42,14 @@ pub enum Fields<'a> {
 
 impl<'a> Fields<'a> {
     /// Every value of the field `name` (lowercase), in the order received.
-    pub fn values(self, name: &'a str) -> impl Iterator<Item = &'a [u8]> + 'a {
-        let (map, raw) = match self {
-            Fields::Map(map) => (Some(map.get_all(name).iter().map(|v| v.as_bytes())), None),
-            Fields::Raw(raw) => (
-                None,
-                Some(
-                    raw.iter()
-                        .filter(move |h| h.name.eq_ignore_ascii_case(name))
-                        .map(|h| h.value),
-                ),
-            ),
-        };
-        map.into_iter().flatten().chain(raw.into_iter().flatten())
+    pub fn values(self, name: &'a str) -> Values<'a> {
+        match self {
+            Fields::Map(map) => Values::Map(map.get_all(name).iter()),
+            Fields::Raw(raw) => Values::Raw {
+                fields: raw.iter(),
+                name,
+            },
+        }
     }
 
     /// The first value of `name` (lowercase).
@@ -63,15 +58,11 @@ impl<'a> Fields<'a> {
     }
 
     /// Every field as (name, value), in the order received (names of a map are lowercase).
-    pub fn iter(self) -> impl Iterator<Item = (&'a str, &'a [u8])> + 'a {
-        let (map, raw) = match self {
-            Fields::Map(map) => (
-                Some(map.iter().map(|(k, v)| (k.as_str(), v.as_bytes()))),
-                None,
-            ),
-            Fields::Raw(raw) => (None, Some(raw.iter().map(|h| (h.name, h.value)))),
-        };
-        map.into_iter().flatten().chain(raw.into_iter().flatten())
+    pub fn iter(self) -> Iter<'a> {
+        match self {
+            Fields::Map(map) => Iter::Map(map.iter()),
+            Fields::Raw(raw) => Iter::Raw(raw.iter()),
+        }
     }
 
     pub fn len(self) -> usize {
@@ -83,6 +74,57 @@ impl<'a> Fields<'a> {
 
     pub fn is_empty(self) -> bool {
         self.len() == 0
+    }
+}
+
+/// Appends `name: value` and CRLF to an HTTP/1.1 head: room first, then the separators as
+/// single bytes, so a field costs two copies.
+pub(crate) fn push_field(out: &mut Vec<u8>, name: &[u8], value: &[u8]) {
+    out.reserve(name.len() + value.len() + 4);
+    out.extend_from_slice(name);
+    out.push(b':');
+    out.push(b' ');
+    out.extend_from_slice(value);
+    out.push(b'\r');
+    out.push(b'\n');
+}
+
+/// The values of one field: [`Fields::values`].
+pub enum Values<'a> {
+    Map(http::header::ValueIter<'a, http::HeaderValue>),
+    Raw {
+        fields: std::slice::Iter<'a, httparse::Header<'a>>,
+        name: &'a str,
+    },
+}
+
+impl<'a> Iterator for Values<'a> {
+    type Item = &'a [u8];
+
+    fn next(&mut self) -> Option<&'a [u8]> {
+        match self {
+            Values::Map(values) => values.next().map(|v| v.as_bytes()),
+            Values::Raw { fields, name } => fields
+                .find(|h| h.name.eq_ignore_ascii_case(name))
+                .map(|h| h.value),
+        }
+    }
+}
+
+/// Every field: [`Fields::iter`].
+pub enum Iter<'a> {
+    Map(http::header::Iter<'a, http::HeaderValue>),
+    Raw(std::slice::Iter<'a, httparse::Header<'a>>),
+}
+
+impl<'a> Iterator for Iter<'a> {
+    type Item = (&'a str, &'a [u8]);
+
+    fn next(&mut self) -> Option<(&'a str, &'a [u8])> {
+        match self {
+            Iter::Map(fields) => fields.next().map(|(k, v)| (k.as_str(), v.as_bytes())),
+            Iter::Raw(fields) => fields.next().map(|h| (h.name, h.value)),
+        }
     }
 }
 

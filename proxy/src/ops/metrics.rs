@@ -30,7 +30,7 @@ pub(crate) fn render(m: &Metrics, replica: &Replica, upstreams: &Upstreams) -> S
             RefusalCode::ALL[outcome - 1].as_str()
         };
         for slot in 0..REGION_SLOTS {
-            let n = m.requests[outcome * REGION_SLOTS + slot].load(Ordering::Relaxed);
+            let n = m.sum(|c| &c.requests[outcome * REGION_SLOTS + slot]);
             if n > 0 {
                 let _ = writeln!(
                     out,
@@ -47,13 +47,13 @@ pub(crate) fn render(m: &Metrics, replica: &Replica, upstreams: &Upstreams) -> S
     out.push_str("# TYPE domicile_request_duration_seconds histogram\n");
     let mut cumulative = 0;
     for (i, bound) in BUCKETS.iter().enumerate() {
-        cumulative += m.latency_buckets[i].load(Ordering::Relaxed);
+        cumulative += m.sum(|c| &c.latency_buckets[i]);
         let _ = writeln!(
             out,
             "domicile_request_duration_seconds_bucket{{le=\"{bound}\"}} {cumulative}"
         );
     }
-    let count = m.latency_count.load(Ordering::Relaxed);
+    let count = m.sum(|c| &c.latency_count);
     let _ = writeln!(
         out,
         "domicile_request_duration_seconds_bucket{{le=\"+Inf\"}} {count}"
@@ -61,7 +61,7 @@ pub(crate) fn render(m: &Metrics, replica: &Replica, upstreams: &Upstreams) -> S
     let _ = writeln!(
         out,
         "domicile_request_duration_seconds_sum {}",
-        m.latency_sum_micros.load(Ordering::Relaxed) as f64 / 1e6
+        m.sum(|c| &c.latency_sum_micros) as f64 / 1e6
     );
     let _ = writeln!(out, "domicile_request_duration_seconds_count {count}");
 

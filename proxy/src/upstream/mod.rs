@@ -75,8 +75,13 @@ impl Endpoint {
         self.health.store(v, Ordering::Relaxed);
     }
 
-    fn is_available(&self, now_ms: u64) -> bool {
-        self.is_healthy() && self.ejected_until_ms.load(Ordering::Relaxed) <= now_ms
+    fn is_available(&self, now: impl Fn() -> u64) -> bool {
+        if !self.is_healthy() {
+            return false;
+        }
+        // The clock is read only for an endpoint that was ejected at some point.
+        let until = self.ejected_until_ms.load(Ordering::Relaxed);
+        until == 0 || until <= now()
     }
 }
 
@@ -107,8 +112,9 @@ impl RegionPool {
 
     /// Whether any endpoint can take a request now.
     pub fn is_up(&self) -> bool {
-        let now = self.now_ms();
-        self.endpoints.iter().any(|e| e.is_available(now))
+        self.endpoints
+            .iter()
+            .any(|e| e.is_available(|| self.now_ms()))
     }
 
     /// Whether the route has TLS to its origins.
@@ -119,13 +125,15 @@ impl RegionPool {
     /// The next available endpoint, round robin, skipping `tried` (a bit set of indexes).
     pub fn pick(&self, tried: u64) -> Option<(usize, &Arc<Endpoint>)> {
         let n = self.endpoints.len();
-        let start = self.next.fetch_add(1, Ordering::Relaxed);
-        let now = self.now_ms();
+        // Round robin without a locked instruction: workers racing on the counter at worst
+        // pick the same endpoint twice, which is no worse than any other order.
+        let start = self.next.load(Ordering::Relaxed);
+        self.next.store(start.wrapping_add(1), Ordering::Relaxed);
         (0..n)
             .map(|k| (start + k) % n)
             .filter(|&i| i >= 64 || tried & (1 << i) == 0)
             .map(|i| (i, &self.endpoints[i]))
-            .find(|(_, e)| e.is_available(now))
+            .find(|(_, e)| e.is_available(|| self.now_ms()))
     }
 
     /// An exchange with this endpoint failed by the endpoint's doing (no connection, a
@@ -137,7 +145,8 @@ impl RegionPool {
             + 1;
         if failures >= self.ejection.consecutive_failures {
             endpoint.consecutive_failures.store(0, Ordering::Relaxed);
-            let until = self.now_ms() + self.ejection.duration.as_millis() as u64;
+            // At least 1: 0 means "never ejected".
+            let until = (self.now_ms() + self.ejection.duration.as_millis() as u64).max(1);
             endpoint.ejected_until_ms.store(until, Ordering::Relaxed);
             endpoint.ejections.fetch_add(1, Ordering::Relaxed);
             tracing::warn!(region = %self.region_id, endpoint = %endpoint.authority(), "endpoint ejected after {failures} consecutive failures");

@@ -18,7 +18,23 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 
 use super::connect::{EndpointKey, OriginIo};
-use crate::http::io::idle_usable;
+use crate::http::io::{idle_usable, Deadline};
+
+/// An HTTP/1.1 origin connection with the timer its exchanges use (kept with it, so that an
+/// exchange sets a deadline without registering a timer).
+pub(crate) struct Http1 {
+    pub io: OriginIo,
+    pub deadline: Deadline,
+}
+
+impl Http1 {
+    pub(crate) fn new(io: OriginIo) -> Self {
+        Self {
+            io,
+            deadline: Deadline::new(),
+        }
+    }
+}
 
 /// Idle HTTP/1.1 connections kept per endpoint and worker; more are closed.
 pub(crate) const MAX_IDLE_PER_ENDPOINT: usize = 512;
@@ -31,7 +47,7 @@ type Fast = foldhash::fast::RandomState;
 
 #[derive(Default)]
 struct Idle {
-    http1: HashMap<EndpointKey, Vec<(OriginIo, Instant)>, Fast>,
+    http1: HashMap<EndpointKey, Vec<(Http1, Instant)>, Fast>,
     h2: HashMap<EndpointKey, h2::client::SendRequest<Bytes>, Fast>,
 }
 
@@ -40,14 +56,14 @@ thread_local! {
 }
 
 /// The most recently used idle HTTP/1.1 connection to `key` that is still usable.
-pub(crate) fn take_http1(key: EndpointKey) -> Option<OriginIo> {
+pub(crate) fn take_http1(key: EndpointKey) -> Option<Http1> {
     IDLE.with(|idle| {
         let mut idle = idle.borrow_mut();
         let list = idle.http1.get_mut(&key)?;
         let now = Instant::now();
-        while let Some((mut io, since)) = list.pop() {
-            if now.duration_since(since) < IDLE_TIMEOUT && idle_usable(&mut io) {
-                return Some(io);
+        while let Some((mut conn, since)) = list.pop() {
+            if now.duration_since(since) < IDLE_TIMEOUT && idle_usable(&mut conn.io) {
+                return Some(conn);
             }
         }
         None
@@ -55,12 +71,12 @@ pub(crate) fn take_http1(key: EndpointKey) -> Option<OriginIo> {
 }
 
 /// Keeps an HTTP/1.1 connection whose exchange ended cleanly for the next request.
-pub(crate) fn give_back_http1(key: EndpointKey, io: OriginIo) {
+pub(crate) fn give_back_http1(key: EndpointKey, conn: Http1) {
     let _ = IDLE.try_with(|idle| {
         let mut idle = idle.borrow_mut();
         let list = idle.http1.entry(key).or_default();
         if list.len() < MAX_IDLE_PER_ENDPOINT {
-            list.push((io, Instant::now()));
+            list.push((conn, Instant::now()));
         }
     });
 }
