@@ -224,16 +224,22 @@ async fn handle(
     tls: Option<Arc<Option<String>>>,
 ) -> Result<Response<Body>, Infallible> {
     let authority = req.uri().authority().map(|a| a.as_str().to_owned());
-    let headers: BTreeMap<String, String> = req
-        .headers()
-        .iter()
-        .map(|(k, v)| {
-            (
-                k.as_str().to_owned(),
-                String::from_utf8_lossy(v.as_bytes()).into_owned(),
-            )
-        })
-        .collect();
+    // A field sent several times is reported once, its values joined as a recipient may
+    // combine them (`; ` for cookies, RFC 9113 section 8.2.3; `, ` for the rest).
+    let mut headers: BTreeMap<String, String> = BTreeMap::new();
+    for (k, v) in req.headers() {
+        let value = String::from_utf8_lossy(v.as_bytes());
+        match headers.entry(k.as_str().to_owned()) {
+            std::collections::btree_map::Entry::Vacant(slot) => {
+                slot.insert(value.into_owned());
+            }
+            std::collections::btree_map::Entry::Occupied(mut slot) => {
+                let joined = slot.get_mut();
+                joined.push_str(if k == header::COOKIE { "; " } else { ", " });
+                joined.push_str(&value);
+            }
+        }
+    }
     let method = req.method().to_string();
     let path = req.uri().path().to_owned();
 

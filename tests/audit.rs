@@ -73,7 +73,7 @@ async fn every_decision_is_recorded_with_what_happened() {
         .start()
         .await;
     let url = proxy.url("/");
-    // The fast path, hyper with a body, HTTP/2, and refusals of several kinds.
+    // A bodiless GET, an upload, HTTP/2, and refusals of several kinds.
     let r = get(
         &url,
         &[

@@ -780,3 +780,102 @@ async fn several_workers_share_the_port_and_drain_together() {
 async fn get_owned(url: String, workspace: &'static str) -> u16 {
     get(&url, &[("x-workspace-id", workspace)]).await.status
 }
+
+#[tokio::test]
+async fn upgrades_pass_between_http1_ends_only() {
+    use common::h2frames::*;
+    let us = origin("us").await;
+    let eu = origin("eu").await;
+    let proxy = proxy()
+        .route("us", &[&us])
+        .route_addrs("eu", &[eu.addr], "protocol = \"h2c\"")
+        .start()
+        .await;
+    let upgrade = |workspace: &str| {
+        format!(
+            "GET /w/{workspace}/socket HTTP/1.1\r\nhost: edge.test\r\nconnection: upgrade\r\nupgrade: websocket\r\nsec-websocket-version: 13\r\nsec-websocket-key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n"
+        )
+    };
+    // HTTP/1.1 on both sides: the origin's 101 comes back and the connection is a tunnel.
+    let answer = raw(
+        proxy.addr(),
+        upgrade("acme").as_bytes(),
+        Duration::from_millis(500),
+    )
+    .await;
+    assert_eq!(raw_status(&answer), Some(101), "{answer}");
+    assert_eq!(us.seen_requests()[0].headers["upgrade"], "websocket");
+    // To an HTTP/2 origin there is no upgrade: the request goes as a plain one, without the
+    // upgrade fields, and the client gets the origin's ordinary answer (RFC 9110 section 7.8
+    // lets a server ignore Upgrade).
+    let answer = raw(
+        proxy.addr(),
+        upgrade("globex").as_bytes(),
+        Duration::from_millis(500),
+    )
+    .await;
+    assert_eq!(raw_status(&answer), Some(200), "{answer}");
+    let seen = eu.seen_requests();
+    assert_eq!(seen.len(), 1);
+    assert!(
+        !seen[0].headers.contains_key("upgrade"),
+        "{:?}",
+        seen[0].headers
+    );
+    assert!(!seen[0].headers.contains_key("connection"));
+    // HTTP/2 clients have no Upgrade (RFC 9113 section 8.2.2), and the proxy does not offer
+    // WebSockets over HTTP/2 (RFC 8441): its SETTINGS leave SETTINGS_ENABLE_CONNECT_PROTOCOL
+    // unset, and a CONNECT is refused.
+    let mut h2 = TcpStream::connect(proxy.addr()).await.unwrap();
+    let mut hello = PREFACE.to_vec();
+    hello.extend(frame(SETTINGS, 0, 0, &[]));
+    hello.extend(frame(
+        HEADERS,
+        END_HEADERS | END_STREAM,
+        1,
+        &header_block(&[
+            (b":method", b"CONNECT"),
+            (b":authority", b"acme.localhost:443"),
+        ]),
+    ));
+    h2.write_all(&hello).await.unwrap();
+    let (frames, _) = read_frames(&mut h2, Duration::from_millis(500)).await;
+    let settings = frames
+        .iter()
+        .find(|(kind, flags, _, _)| *kind == SETTINGS && flags & ACK == 0)
+        .expect("the proxy's SETTINGS");
+    let enable_connect = settings
+        .3
+        .chunks(6)
+        .any(|s| s[..2] == [0, 8] && s[2..] != [0, 0, 0, 0]);
+    assert!(!enable_connect, "{:?}", settings.3);
+    assert!(
+        frames
+            .iter()
+            .any(|(kind, _, stream, _)| *kind == HEADERS && *stream == 1),
+        "an answer to the CONNECT: {frames:?}"
+    );
+    let body: Vec<u8> = frames
+        .iter()
+        .filter(|(kind, _, stream, _)| *kind == DATA && *stream == 1)
+        .flat_map(|f| f.3.clone())
+        .collect();
+    let body: serde_json::Value = serde_json::from_slice(&body).expect("a JSON refusal");
+    assert_eq!(body["error"]["code"], "bad_request", "{body}");
+    assert!(
+        body["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("CONNECT"),
+        "{body}"
+    );
+    assert_eq!(us.seen_requests().len(), 1, "the CONNECT reached no origin");
+    drop(h2);
+    // An idle HTTP/2 client that answers the GOAWAY's PING does not hold shutdown for the
+    // grace period (5 s here).
+    let mut idle = common::tls::Sender::cleartext(proxy.addr(), true).await;
+    assert_eq!(idle.get("acme.localhost", "/", &[]).await.status, 200);
+    tokio::time::timeout(Duration::from_secs(3), proxy.running.shutdown())
+        .await
+        .expect("shutdown closes idle HTTP/2 connections");
+}

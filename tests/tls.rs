@@ -3,6 +3,7 @@
 
 mod common;
 
+use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::Command;
 use std::time::{Duration, SystemTime};
@@ -146,7 +147,7 @@ async fn curl_speaks_http1_and_h2_to_the_edge() {
             .arg(format!("globex.localhost:{}:127.0.0.1", addr.port()))
             .args(["-w", "\n%{http_version}"])
             .arg(format!("https://globex.localhost:{}/docs", addr.port()))
-            .args(["-m", "20"])
+            .args(["-m", "4", "-v"])
             .output()
             .expect("curl runs (scripts/setup.sh installs it)");
         let stdout = String::from_utf8_lossy(&out.stdout);
@@ -867,4 +868,143 @@ async fn a_proxy_follows_an_https_control_plane_with_its_client_certificate() {
     }
     proxy.running.shutdown().await;
     cp.running.shutdown().await;
+}
+
+#[tokio::test]
+async fn health_checks_over_tls_count_only_origins_that_prove_the_region() {
+    for h2 in [false, true] {
+        let builder = proxy();
+        let layout = pki(builder.dir());
+        let (us_cert, us_key) = layout.origin("us");
+        let (eu_cert, eu_key) = layout.origin("eu");
+        let ca = layout.ca();
+        let impostor = Origin::start_tls("us", LOOPBACK, &eu_cert, &eu_key, Some(&ca))
+            .await
+            .unwrap();
+        let good = Origin::start_tls("us", LOOPBACK, &us_cert, &us_key, Some(&ca))
+            .await
+            .unwrap();
+        let protocol = if h2 { "protocol = \"h2c\"\n" } else { "" };
+        let proxy = builder
+            .route_addrs(
+                "us",
+                &[impostor.addr, good.addr],
+                &format!(
+                    "health = {{ interval = \"50ms\", timeout = \"500ms\" }}\n{protocol}{}",
+                    origin_tls(&layout, "us.region.example.test")
+                ),
+            )
+            .start()
+            .await;
+        // The proxy starts once every endpoint has had its first check: from the first
+        // moment, the impostor is not healthy and the origin that proves the region is.
+        let text = metrics(&proxy).await;
+        let healthy = |addr: SocketAddr| {
+            metric(
+                &text,
+                &format!("domicile_upstream_endpoint_healthy{{region=\"us\",endpoint=\"{addr}\"}}"),
+            )
+        };
+        assert_eq!(healthy(impostor.addr), Some(0.0), "h2 {h2}: {text}");
+        assert_eq!(healthy(good.addr), Some(1.0), "h2 {h2}: {text}");
+        // Checks go through the data path's connector: TLS with the proxy's client
+        // certificate, the region's protocol, the endpoint as host.
+        let check = good
+            .seen()
+            .into_iter()
+            .find(|s| s.path == "/healthz")
+            .expect("a health check reached the good origin");
+        assert_eq!(check.headers["user-agent"], "domicile-health-check");
+        if !h2 {
+            assert_eq!(check.headers["host"], good.addr.to_string());
+        }
+        assert!(
+            impostor.seen().is_empty(),
+            "nothing is sent to the impostor"
+        );
+        // Every request goes to the origin that proved the region, none is refused.
+        for _ in 0..6 {
+            let reply = get(&proxy.url("/"), &[("host", "acme.localhost")]).await;
+            assert_eq!(reply.status, 200);
+            assert_eq!(
+                reply.json()["tls"]["client"],
+                "urn:domicile:proxy:test-edge"
+            );
+            assert_eq!(reply.json()["authority"].is_string(), h2);
+        }
+        // And the impostor stays out while checks go on.
+        let before = good.seen().len();
+        assert!(eventually(Duration::from_secs(5), || good.seen().len() > before + 6).await);
+        let text = metrics(&proxy).await;
+        assert_eq!(
+            metric(
+                &text,
+                &format!(
+                    "domicile_upstream_endpoint_healthy{{region=\"us\",endpoint=\"{}\"}}",
+                    impostor.addr
+                )
+            ),
+            Some(0.0)
+        );
+        proxy.running.shutdown().await;
+    }
+}
+
+/// A client whose request leaves in the same TCP write as its handshake's Finished (TLS 1.3
+/// allows it; busy clients and loaded machines make it common). The edge reads both at once:
+/// the request is then held decrypted in the TLS session while the socket has nothing more to
+/// say, and must be served from there.
+#[tokio::test]
+async fn a_request_sent_with_the_clients_finished_is_answered() {
+    use std::io::{Read, Write};
+    let (_us, _eu, proxy, layout) = https_proxy("").await;
+    let addr = proxy.running.tls_addr.unwrap();
+    let config = client_config(&layout.ca(), &[b"http/1.1"]);
+    let answer = tokio::task::spawn_blocking(move || {
+        let name = rustls::pki_types::ServerName::try_from("globex.localhost").unwrap();
+        let mut conn = rustls::ClientConnection::new(config, name).unwrap();
+        // Written before the handshake: rustls sends it right after the client's Finished.
+        conn.writer()
+            .write_all(
+                b"GET /first HTTP/1.1\r\nhost: globex.localhost\r\nconnection: close\r\n\r\n",
+            )
+            .unwrap();
+        let mut tcp = std::net::TcpStream::connect(addr).unwrap();
+        tcp.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        let mut answer = Vec::new();
+        loop {
+            // Everything pending in one write: Finished and the request together.
+            let mut out = Vec::new();
+            while conn.wants_write() {
+                conn.write_tls(&mut out).unwrap();
+            }
+            if !out.is_empty() {
+                tcp.write_all(&out).unwrap();
+            }
+            match conn.read_tls(&mut tcp) {
+                Ok(0) => break,
+                Ok(_) => {}
+                Err(e) => panic!(
+                    "no answer: {e} (so far {:?})",
+                    String::from_utf8_lossy(&answer)
+                ),
+            }
+            conn.process_new_packets().unwrap();
+            let mut plain = [0u8; 4096];
+            loop {
+                match conn.reader().read(&mut plain) {
+                    Ok(0) => return answer,
+                    Ok(n) => answer.extend_from_slice(&plain[..n]),
+                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
+                    Err(_) => return answer,
+                }
+            }
+        }
+        answer
+    })
+    .await
+    .unwrap();
+    let text = String::from_utf8_lossy(&answer);
+    assert_eq!(raw_status(&text), Some(200), "{text}");
+    assert!(text.contains("\"path\": \"/first\""), "{text}");
 }

@@ -2,6 +2,7 @@
 #![allow(dead_code)]
 
 pub mod cp;
+pub mod h2frames;
 pub mod scripted;
 pub mod tls;
 

@@ -126,19 +126,35 @@ pub fn tls_error(e: &std::io::Error) -> Option<&rustls::Error> {
 /// stays usable through the returned sender.
 pub enum Sender {
     H1(hyper::client::conn::http1::SendRequest<Full<Bytes>>),
-    H2(hyper::client::conn::http2::SendRequest<Full<Bytes>>),
+    /// With the `:scheme` of the connection.
+    H2(
+        hyper::client::conn::http2::SendRequest<Full<Bytes>>,
+        &'static str,
+    ),
 }
 
 impl Sender {
     pub async fn open(session: Session) -> Sender {
         let h2 = session.alpn().as_deref() == Some(b"h2");
-        let io = TokioIo::new(session.stream);
+        Self::over(session.stream, h2, "https").await
+    }
+
+    /// A cleartext connection to `addr`: HTTP/2 with prior knowledge when `h2`.
+    pub async fn cleartext(addr: SocketAddr, h2: bool) -> Sender {
+        Self::over(TcpStream::connect(addr).await.expect("connect"), h2, "http").await
+    }
+
+    async fn over<I>(io: I, h2: bool, scheme: &'static str) -> Sender
+    where
+        I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+    {
+        let io = TokioIo::new(io);
         if h2 {
             let (sender, conn) = hyper::client::conn::http2::handshake(TokioExecutor::new(), io)
                 .await
                 .expect("h2 handshake");
             tokio::spawn(conn);
-            Sender::H2(sender)
+            Sender::H2(sender, scheme)
         } else {
             let (sender, conn) = hyper::client::conn::http1::handshake(io)
                 .await
@@ -149,18 +165,31 @@ impl Sender {
     }
 
     pub async fn get(&mut self, host: &str, path: &str, headers: &[(&str, &str)]) -> Reply {
-        let mut builder = Request::get(path);
+        self.send("GET", host, path, headers, Bytes::new()).await
+    }
+
+    /// A request with `body` (sent with its length), the host as `Host` in HTTP/1.1 and as
+    /// `:authority` in HTTP/2.
+    pub async fn send(
+        &mut self,
+        method: &str,
+        host: &str,
+        path: &str,
+        headers: &[(&str, &str)],
+        body: Bytes,
+    ) -> Reply {
+        let mut builder = Request::builder().method(method).uri(path);
         match self {
             Sender::H1(_) => builder = builder.header("host", host),
-            Sender::H2(_) => builder = builder.uri(format!("https://{host}{path}")),
+            Sender::H2(_, scheme) => builder = builder.uri(format!("{scheme}://{host}{path}")),
         }
         for (k, v) in headers {
             builder = builder.header(*k, *v);
         }
-        let request = builder.body(Full::new(Bytes::new())).expect("request");
+        let request = builder.body(Full::new(body)).expect("request");
         let response = match self {
             Sender::H1(s) => s.send_request(request).await,
-            Sender::H2(s) => s.send_request(request).await,
+            Sender::H2(s, _) => s.send_request(request).await,
         };
         collect(response.expect("response")).await
     }

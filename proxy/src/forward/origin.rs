@@ -582,6 +582,16 @@ impl<C: ClientSide> Exchange<'_, C> {
             Err(e) if e.reason() == Some(h2::Reason::REFUSED_STREAM) => Attempt::Failed(
                 Failure::new(Step::ReadHead, false, format!("stream refused: {e}")),
             ),
+            // The origin's GOAWAY reaches only the streams above its last processed one
+            // (RFC 9113 section 6.8): this one was not processed either.
+            Err(e) if e.is_go_away() && e.is_remote() => {
+                pool::drop_h2(key);
+                Attempt::Failed(Failure::new(
+                    Step::ReadHead,
+                    false,
+                    format!("the origin went away before processing the request: {e}"),
+                ))
+            }
             Err(e) => {
                 if e.is_io() || e.is_go_away() {
                     pool::drop_h2(key);

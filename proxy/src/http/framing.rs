@@ -11,8 +11,8 @@
 //! chunked bodies ([`ChunkedBody`]): chunk sizes are hex digits within bounds, extensions follow
 //! the grammar, every line ends with CRLF.
 //!
-//! [`check_request_head`] is pure (no I/O) so that it can be fuzzed; [`crate::screen`] applies
-//! it to every HTTP/1.1 connection hyper serves, and the fast path forwards nothing it refuses.
+//! [`check_request_head`] is pure (no I/O) so that it can be fuzzed; the HTTP/1.1 server codec
+//! ([`crate::http::h1`]) applies it to every request head before anything acts on it.
 
 /// Why a request's framing was refused. Every variant is answered with 400 `bad_request` (and
 /// the connection closed), except [`Violation::HeadTooLarge`] (431 `headers_too_large`).
@@ -211,8 +211,8 @@ impl std::fmt::Display for Violation {
 
 impl std::error::Error for Violation {}
 
-/// A reserved field name: the screen uses it to hand a refusal to the service, so no client
-/// may send it.
+/// A field name reserved to the proxy's own use: a request carrying it is refused
+/// ([`Violation::ReservedField`]), so that no client can pose as the proxy to an origin.
 pub const MALFORMED_FIELD: &str = "x-domicile-internal-malformed";
 
 /// How a request's body is framed.
@@ -632,8 +632,8 @@ fn check_target(
     }
 }
 
-/// The framing fields of an origin's response, by the same rules on the fast path and on
-/// hyper's connections: one `Transfer-Encoding: chunked` at most, `Content-Length` digits only
+/// The framing fields of an HTTP/1.1 origin's response (the origin codec and the health checks
+/// both read responses by these rules): one `Transfer-Encoding: chunked` at most, `Content-Length` digits only
 /// (repeated only with the same value), never both, and no 101 unless an upgrade was asked for.
 /// Returns (chunked, length).
 pub fn check_response_fields(

@@ -106,15 +106,17 @@ pub(crate) async fn serve<T: Transport, H: Handler>(
             out.release();
             deadline.after(limits.idle_timeout);
             loop {
-                let ready = tokio::select! {
-                    biased;
-                    _ = stop.as_mut() => return,
-                    ready = deadline.run(io.socket().readable()) => ready,
-                };
-                match ready {
-                    Some(Ok(())) => {}
-                    // Idle for `idle_timeout`, or the socket failed: closed without a word.
-                    None | Some(Err(_)) => return,
+                if !io.holds_input() {
+                    let ready = tokio::select! {
+                        biased;
+                        _ = stop.as_mut() => return,
+                        ready = deadline.run(io.socket().readable()) => ready,
+                    };
+                    match ready {
+                        Some(Ok(())) => {}
+                        // Idle for `idle_timeout`, or the socket failed: closed without a word.
+                        None | Some(Err(_)) => return,
+                    }
                 }
                 // Readiness can be stale (bytes taken earlier, a TLS record with no data):
                 // a buffer is held only once bytes are really here.

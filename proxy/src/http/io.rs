@@ -17,6 +17,14 @@ use tokio::time::{Instant, Sleep};
 pub(crate) trait Transport: AsyncRead + AsyncWrite + Unpin + Send {
     /// The socket underneath (readiness without reading, half-close).
     fn socket(&self) -> &TcpStream;
+
+    /// Whether input is already held above the socket: a TLS session that has decrypted
+    /// data (or the peer's close) the caller has not read. A read then returns at once, and
+    /// the socket may never become readable again for it, so waiting on the socket's
+    /// readiness would wait for nothing.
+    fn holds_input(&self) -> bool {
+        false
+    }
 }
 
 impl Transport for TcpStream {
@@ -29,17 +37,31 @@ impl Transport for tokio_rustls::server::TlsStream<TcpStream> {
     fn socket(&self) -> &TcpStream {
         self.get_ref().0
     }
+
+    fn holds_input(&self) -> bool {
+        // After the handshake a session wants no more from the socket only while it holds
+        // plaintext or has the peer's close_notify.
+        !self.get_ref().1.wants_read()
+    }
 }
 
 impl Transport for tokio_rustls::client::TlsStream<TcpStream> {
     fn socket(&self) -> &TcpStream {
         self.get_ref().0
     }
+
+    fn holds_input(&self) -> bool {
+        !self.get_ref().1.wants_read()
+    }
 }
 
 impl<T: Transport + ?Sized> Transport for Box<T> {
     fn socket(&self) -> &TcpStream {
         (**self).socket()
+    }
+
+    fn holds_input(&self) -> bool {
+        (**self).holds_input()
     }
 }
 
@@ -253,7 +275,7 @@ pub(crate) async fn flush<T: Transport>(
 /// data (session tickets) are taken in passing.
 pub(crate) fn idle_usable<T: Transport>(io: &mut T) -> bool {
     let mut cx = Context::from_waker(std::task::Waker::noop());
-    if io.socket().poll_read_ready(&mut cx).is_pending() {
+    if !io.holds_input() && io.socket().poll_read_ready(&mut cx).is_pending() {
         return true;
     }
     let mut probe = [0u8; 1];
