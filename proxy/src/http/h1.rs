@@ -77,14 +77,25 @@ pub(crate) async fn serve<T: Transport, H: Handler>(
                     Ok(Some(len)) => break len,
                     Ok(None) => {}
                     Err(violation) => {
-                        refuse_malformed(&mut io, violation, settings, &mut deadline).await;
-                        return linger(&mut io).await;
+                        Box::pin(refuse_malformed(
+                            &mut io,
+                            violation,
+                            settings,
+                            &mut deadline,
+                        ))
+                        .await;
+                        return Box::pin(linger(&mut io)).await;
                     }
                 }
                 if buf.0.len() > head_cap {
-                    refuse_malformed(&mut io, Violation::HeadTooLarge, settings, &mut deadline)
-                        .await;
-                    return linger(&mut io).await;
+                    Box::pin(refuse_malformed(
+                        &mut io,
+                        Violation::HeadTooLarge,
+                        settings,
+                        &mut deadline,
+                    ))
+                    .await;
+                    return Box::pin(linger(&mut io)).await;
                 }
                 if !head_deadline_set {
                     head_deadline_set = true;
@@ -94,7 +105,7 @@ pub(crate) async fn serve<T: Transport, H: Handler>(
                     Ok(0) | Err(Read::Failed) => return,
                     Ok(_) => continue,
                     Err(Read::TimedOut) => {
-                        answer_timeout(&mut io, &mut deadline).await;
+                        Box::pin(answer_timeout(&mut io, &mut deadline)).await;
                         return;
                     }
                 }
@@ -145,7 +156,7 @@ pub(crate) async fn serve<T: Transport, H: Handler>(
         let request = Box::pin(request);
         let done = match request.await {
             Request::Done(done) => done,
-            Request::Refused => return linger(&mut io).await,
+            Request::Refused => return Box::pin(linger(&mut io)).await,
             Request::FirstChunkLine => {
                 // Read on (within the head's deadline), then judge the head again.
                 found = Some(head_len);
@@ -153,7 +164,7 @@ pub(crate) async fn serve<T: Transport, H: Handler>(
                     Ok(0) | Err(Read::Failed) => return,
                     Ok(_) => continue,
                     Err(Read::TimedOut) => {
-                        answer_timeout(&mut io, &mut deadline).await;
+                        Box::pin(answer_timeout(&mut io, &mut deadline)).await;
                         return;
                     }
                 }
@@ -162,8 +173,8 @@ pub(crate) async fn serve<T: Transport, H: Handler>(
         found = None;
         match done.served {
             Served::Tunneled => return,
-            Served::Close => return linger(&mut io).await,
-            Served::KeepAlive if !done.reusable => return linger(&mut io).await,
+            Served::Close => return Box::pin(linger(&mut io)).await,
+            Served::KeepAlive if !done.reusable => return Box::pin(linger(&mut io)).await,
             Served::KeepAlive => {}
         }
         // What the exchange did not consume begins the next request.

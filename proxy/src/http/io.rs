@@ -101,38 +101,23 @@ impl Deadline {
     }
 
     /// Runs `work` until it finishes (`Some`) or the deadline passes (`None`).
-    pub(crate) async fn run<F: Future>(&mut self, work: F) -> Option<F::Output> {
-        let mut work = pin!(work);
-        poll_fn(|cx| {
-            if let Poll::Ready(output) = work.as_mut().poll(cx) {
-                return Poll::Ready(Some(output));
-            }
-            self.poll_expired(cx).map(|()| None)
-        })
-        .await
+    pub(crate) fn run<F: Future>(&mut self, work: F) -> Run<'_, F> {
+        Run {
+            deadline: self,
+            within: None,
+            work,
+        }
     }
 
     /// Runs `work`, giving it `within` from the moment it first has to wait: a wait that
     /// never blocks (the common case for a write, or a read whose bytes are here) reads no
     /// clock and moves no timer.
-    pub(crate) async fn within<F: Future>(
-        &mut self,
-        within: Duration,
-        work: F,
-    ) -> Option<F::Output> {
-        let mut work = pin!(work);
-        let mut armed = false;
-        poll_fn(|cx| {
-            if let Poll::Ready(output) = work.as_mut().poll(cx) {
-                return Poll::Ready(Some(output));
-            }
-            if !armed {
-                armed = true;
-                self.after(within);
-            }
-            self.poll_expired(cx).map(|()| None)
-        })
-        .await
+    pub(crate) fn within<F: Future>(&mut self, within: Duration, work: F) -> Run<'_, F> {
+        Run {
+            deadline: self,
+            within: Some(within),
+            work,
+        }
     }
 
     /// Ready once the deadline has passed.
@@ -145,6 +130,34 @@ impl Deadline {
             self.sleep.as_mut().reset(at);
         }
         Poll::Pending
+    }
+}
+
+pin_project_lite::pin_project! {
+    /// `work` bounded by a [`Deadline`] ([`Deadline::run`], [`Deadline::within`]). A named
+    /// future rather than an `async fn`, which would keep `work` twice in its state: every
+    /// connection's future carries one of these while it waits.
+    pub(crate) struct Run<'a, F> {
+        deadline: &'a mut Deadline,
+        // `Some`: arm the deadline this far ahead the first time `work` has to wait.
+        within: Option<Duration>,
+        #[pin]
+        work: F,
+    }
+}
+
+impl<F: Future> Future for Run<'_, F> {
+    type Output = Option<F::Output>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let this = self.project();
+        if let Poll::Ready(output) = this.work.poll(cx) {
+            return Poll::Ready(Some(output));
+        }
+        if let Some(within) = this.within.take() {
+            this.deadline.after(within);
+        }
+        this.deadline.poll_expired(cx).map(|()| None)
     }
 }
 
