@@ -941,6 +941,19 @@ fn origin_cases() -> Vec<OriginCase> {
             "upstream_error",
         ),
         bad(
+            // Cut off at the limit, not read until the response timeout.
+            "a response head that never ends",
+            |_| {
+                let mut r = b"HTTP/1.1 200 OK\r\n".to_vec();
+                r.extend(
+                    b"x-more: aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa\r\n"
+                        .repeat(2_000),
+                );
+                (r, false)
+            },
+            "upstream_error",
+        ),
+        bad(
             "a flood of interim responses",
             |_| {
                 let mut r = b"HTTP/1.1 100 Continue\r\n\r\n".repeat(1_000);

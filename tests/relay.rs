@@ -432,3 +432,62 @@ async fn heads_arriving_in_pieces_are_served_and_endless_lines_are_cut_off() {
     assert_eq!(us.seen_requests().len(), 1);
     proxy.running.shutdown().await;
 }
+
+#[tokio::test]
+async fn an_origin_answering_before_the_body_ends_does_not_get_the_next_request_on_that_connection()
+{
+    // The origin refuses the upload at its head, leaves the body unread and keeps the
+    // connection open; a proxy that reused it would hand the next request to an origin still
+    // expecting body bytes.
+    let origin = scripted(|head| {
+        if head.starts_with("POST") {
+            (
+                b"HTTP/1.1 413 Payload Too Large\r\ncontent-length: 0\r\n\r\n".to_vec(),
+                false,
+            )
+        } else {
+            (
+                b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok".to_vec(),
+                false,
+            )
+        }
+    })
+    .await;
+    let proxy = proxy_to(origin.addr).await;
+    let (tx, pending) = streaming_post(&proxy.url("/upload"), "acme");
+    let feeder = tokio::spawn(async move {
+        for _ in 0..4 {
+            let chunk = hyper::body::Frame::data(bytes::Bytes::from(vec![b'x'; 16 * 1024]));
+            if tx.send(Ok(chunk)).await.is_err() {
+                return;
+            }
+        }
+        // The body never ends: the proxy has the answer before it would.
+        std::future::pending::<()>().await;
+    });
+    let response = tokio::time::timeout(Duration::from_secs(5), pending)
+        .await
+        .expect("answered before the body ended")
+        .unwrap()
+        .expect("a response");
+    assert_eq!(response.status(), 413);
+    feeder.abort();
+    for _ in 0..2 {
+        let answer = raw(
+            proxy.addr(),
+            request("GET", "connection: close\r\n").as_bytes(),
+            Duration::from_secs(5),
+        )
+        .await;
+        assert_eq!(raw_status(&answer), Some(200), "{answer}");
+    }
+    // The upload's connection was closed; the two GETs shared one new connection.
+    assert_eq!(origin.accepted.load(Ordering::SeqCst), 2);
+    assert!(origin
+        .heads
+        .lock()
+        .unwrap()
+        .iter()
+        .all(|h| h.starts_with("POST") || h.starts_with("GET")));
+    proxy.running.shutdown().await;
+}

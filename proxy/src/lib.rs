@@ -2,7 +2,7 @@
 //!
 //! Read the folders in the order a request travels:
 //!
-//! 1. [`listen`]: accept on the cleartext and HTTPS ports, the connection limit, the TLS
+//! 1. `listen`: accept on the cleartext and HTTPS ports, the connection limit, the TLS
 //!    handshake, HTTP/1.1 or HTTP/2.
 //! 2. [`http`]: the client's protocol, an adapter that turns bytes into one request head for
 //!    the engine, under the strict framing rules.
@@ -13,8 +13,8 @@
 //!    HTTP/1.1 and HTTP/2 to origins, health checks.
 //! 6. [`audit`]: one record per decision, chained, signed, verifiable.
 //!
-//! Beside the path: [`config`] (text to typed to validated, below everything), [`refusal`]
-//! (the public refusal codes), [`metrics`] (counters), [`sync`] (follows the control plane),
+//! Beside the path: [`config`] (text to typed to validated, below everything), `refusal`
+//! (the public refusal codes), `metrics` (counters), [`sync`] (follows the control plane),
 //! `ops` (admin listener, metrics rendering), and `server`, which assembles the parts.
 
 pub mod audit;
@@ -23,10 +23,10 @@ mod forward;
 #[doc(hidden)]
 pub mod fuzzing;
 pub mod http;
-pub mod listen;
-pub mod metrics;
+mod listen;
+mod metrics;
 mod ops;
-pub mod refusal;
+mod refusal;
 pub mod route;
 mod server;
 pub mod sync;

@@ -185,12 +185,16 @@ impl<C: ClientSide> Exchange<'_, C> {
             }
             let rbuf = rbuf.ensure();
             rbuf.clear();
+            // An origin that answers before the body's end may not have read the rest: the
+            // connection cannot carry another request.
+            let mut body_cut = false;
             if !bodiless {
                 if self.client.send_continue().await.is_err() {
                     return Attempt::Failed(Failure::client(BodyError::Gone));
                 }
                 match self.pump_h1(io, rbuf, deadline).await {
-                    Ok(Pumped::Whole) | Ok(Pumped::Answered) => {}
+                    Ok(Pumped::Whole) => {}
+                    Ok(Pumped::Answered) => body_cut = true,
                     Err(failure) => return Attempt::Failed(failure),
                 }
             }
@@ -221,7 +225,8 @@ impl<C: ClientSide> Exchange<'_, C> {
                                 self.request_id,
                                 &mut ClientHead(self.client),
                             );
-                            break (head.status, head.framing, head.reusable, head.body_start);
+                            let reusable = head.reusable && !body_cut;
+                            break (head.status, head.framing, reusable, head.body_start);
                         }
                         Ok(Parsed::Partial) => {}
                         Err(detail) => {
@@ -315,7 +320,7 @@ impl<C: ClientSide> Exchange<'_, C> {
                     if skip_interim(rbuf) {
                         continue;
                     }
-                    return Ok(Pumped::Answered);
+                    return Ok(self.answered(chunked));
                 }
                 Err(Err(e)) => {
                     return Err(Failure::new(
@@ -364,7 +369,7 @@ impl<C: ClientSide> Exchange<'_, C> {
                     if skip_interim(rbuf) {
                         continue;
                     }
-                    return Ok(Pumped::Answered);
+                    return Ok(self.answered(chunked));
                 }
                 Err(e) => {
                     return Err(Failure::new(
@@ -374,6 +379,17 @@ impl<C: ClientSide> Exchange<'_, C> {
                     ))
                 }
             }
+        }
+    }
+
+    /// What an origin's answer during the body means: a body by length whose last byte has
+    /// gone was sent whole (the origin answering the moment it has it is the common case);
+    /// otherwise the origin answered early and may not read the rest.
+    fn answered(&self, chunked: bool) -> Pumped {
+        if !chunked && self.head.body.length() == Some(self.body_read) {
+            Pumped::Whole
+        } else {
+            Pumped::Answered
         }
     }
 

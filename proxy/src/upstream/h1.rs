@@ -81,6 +81,10 @@ pub(crate) fn parse_response<'a>(
     let mut response = httparse::Response::new(fields);
     let len = match response.parse(&buf[start..]) {
         Ok(httparse::Status::Complete(n)) => n,
+        // A head that never ends is cut off at the limit, not read until the timeout.
+        Ok(httparse::Status::Partial) if buf.len() - start > MAX_RESPONSE_HEAD => {
+            return Err("response head too large".into())
+        }
         Ok(httparse::Status::Partial) => return Ok(Parsed::Partial),
         Err(e) => return Err(format!("malformed response head: {e}")),
     };
