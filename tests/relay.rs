@@ -491,3 +491,74 @@ async fn an_origin_answering_before_the_body_ends_does_not_get_the_next_request_
         .all(|h| h.starts_with("POST") || h.starts_with("GET")));
     proxy.running.shutdown().await;
 }
+
+#[tokio::test]
+async fn an_unasked_100_continue_in_the_middle_of_a_body_loses_none_of_it() {
+    const SIZE: usize = 16 << 20;
+    // An origin that reads part of the body slowly, through a small receive window, then says
+    // `100 Continue` unasked, so that it arrives while the proxy is in the middle of writing a
+    // piece of the body.
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.set_recv_buffer_size(4096).unwrap();
+    socket.bind(LOOPBACK).unwrap();
+    let listener = socket.listen(16).unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        let (mut stream, _) = listener.accept().await.unwrap();
+        let mut got = Vec::new();
+        let mut buf = vec![0u8; 64 * 1024];
+        let head_end = loop {
+            let n = stream.read(&mut buf).await.unwrap();
+            assert!(n > 0, "closed before the head");
+            got.extend_from_slice(&buf[..n]);
+            if let Some(end) = got.windows(4).position(|w| w == b"\r\n\r\n") {
+                break end + 4;
+            }
+        };
+        let head = String::from_utf8_lossy(&got[..head_end]).to_ascii_lowercase();
+        assert!(head.contains(&format!("content-length: {SIZE}")), "{head}");
+        // Some of the body first, so that the proxy is blocked writing the rest of a piece.
+        let mut body = got.len() - head_end;
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        while body < 100_000 {
+            body += stream.read(&mut buf[..4096]).await.unwrap();
+        }
+        stream
+            .write_all(b"HTTP/1.1 100 Continue\r\n\r\n")
+            .await
+            .unwrap();
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        while body < SIZE {
+            let Ok(n) = tokio::time::timeout(Duration::from_secs(3), stream.read(&mut buf)).await
+            else {
+                break;
+            };
+            match n.unwrap() {
+                0 => break,
+                n => body += n,
+            }
+        }
+        let text = body.to_string();
+        let answer = format!(
+            "HTTP/1.1 200 OK\r\ncontent-length: {}\r\n\r\n{text}",
+            text.len()
+        );
+        stream.write_all(answer.as_bytes()).await.unwrap();
+    });
+    let proxy = proxy_to(addr).await;
+    let reply = common::request(
+        "POST",
+        &proxy.url("/upload"),
+        &[("x-workspace-id", "acme")],
+        Box::leak(vec![b'b'; SIZE].into_boxed_slice()),
+    )
+    .await;
+    assert_eq!(
+        reply.status,
+        200,
+        "{}",
+        String::from_utf8_lossy(&reply.body)
+    );
+    assert_eq!(String::from_utf8_lossy(&reply.body), SIZE.to_string());
+    proxy.running.shutdown().await;
+}

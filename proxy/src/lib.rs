@@ -33,7 +33,4 @@ pub mod sync;
 mod upstream;
 
 pub use config::ProxyConfig;
-pub use forward::Engine;
-pub use ops::admin::Readiness;
 pub use server::{check_config, start, RunningProxy, StartError};
-pub use upstream::{Endpoint, Health, RegionPool, Upstreams};

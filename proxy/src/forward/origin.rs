@@ -332,10 +332,18 @@ impl<C: ClientSide> Exchange<'_, C> {
                 Ok(Err(error)) => return Err(Failure::client(error)),
                 Ok(Ok(None)) => {
                     if chunked {
-                        return match write_watching(io, &mut [b"0\r\n\r\n"], rbuf, deadline, stall)
-                            .await
-                        {
-                            Ok(_) => Ok(Pumped::Whole),
+                        let mut last: [&[u8]; 1] = [b"0\r\n\r\n"];
+                        let written = loop {
+                            match write_watching(io, &mut last, rbuf, deadline, stall).await {
+                                Ok(Watched::Answered) if skip_interim(rbuf) => continue,
+                                other => break other,
+                            }
+                        };
+                        return match written {
+                            Ok(Watched::Written) => Ok(Pumped::Whole),
+                            // Answered before the last chunk went: the origin's view of the
+                            // body is unfinished.
+                            Ok(Watched::Answered) => Ok(Pumped::Answered),
                             Err(e) => Err(Failure::new(
                                 Step::Write,
                                 true,
@@ -357,20 +365,21 @@ impl<C: ClientSide> Exchange<'_, C> {
                 entry.add_bytes_in(n as u64);
             }
             let mut line = [0u8; 20];
-            let written = if chunked {
-                let size = chunk_line(n, &mut line);
-                write_watching(io, &mut [size, piece, b"\r\n"], rbuf, deadline, stall).await
+            let mut framed: [&[u8]; 3] = if chunked {
+                [chunk_line(n, &mut line), piece, b"\r\n"]
             } else {
-                write_watching(io, &mut [piece], rbuf, deadline, stall).await
+                [piece, &[], &[]]
+            };
+            // An interim answer interrupts the write, not the piece: the rest of it still goes.
+            let written = loop {
+                match write_watching(io, &mut framed, rbuf, deadline, stall).await {
+                    Ok(Watched::Answered) if skip_interim(rbuf) => continue,
+                    other => break other,
+                }
             };
             match written {
                 Ok(Watched::Written) => {}
-                Ok(Watched::Answered) => {
-                    if skip_interim(rbuf) {
-                        continue;
-                    }
-                    return Ok(self.answered(chunked));
-                }
+                Ok(Watched::Answered) => return Ok(self.answered(chunked)),
                 Err(e) => {
                     return Err(Failure::new(
                         Step::Write,
