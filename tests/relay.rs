@@ -12,6 +12,7 @@ use std::time::Duration;
 use common::scripted::*;
 use common::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
 
 async fn proxy_to(addr: SocketAddr) -> TestProxy {
     proxy()
@@ -560,5 +561,52 @@ async fn an_unasked_100_continue_in_the_middle_of_a_body_loses_none_of_it() {
         String::from_utf8_lossy(&reply.body)
     );
     assert_eq!(String::from_utf8_lossy(&reply.body), SIZE.to_string());
+    proxy.running.shutdown().await;
+}
+
+#[tokio::test]
+async fn an_http2_upload_ending_in_an_empty_frame_ends_its_chunked_body_once() {
+    use common::h2frames::*;
+    // HTTP/2 clients that do not know a body's length often end it with an empty DATA frame;
+    // to an HTTP/1.1 origin the body goes chunked, and an empty piece must not become an
+    // early last chunk (the origin would read the real one as the start of the next request).
+    let us = origin("us").await;
+    let proxy = proxy_to(us.addr).await;
+    let mut h2 = TcpStream::connect(proxy.addr()).await.unwrap();
+    let mut bytes = PREFACE.to_vec();
+    bytes.extend(frame(SETTINGS, 0, 0, &[]));
+    bytes.extend(frame(
+        HEADERS,
+        END_HEADERS,
+        1,
+        &header_block(&[
+            (b":method", b"POST"),
+            (b":scheme", b"http"),
+            (b":authority", b"acme.localhost"),
+            (b":path", b"/up"),
+        ]),
+    ));
+    bytes.extend(frame(DATA, 0, 1, b"hello"));
+    bytes.extend(frame(DATA, END_STREAM, 1, b""));
+    h2.write_all(&bytes).await.unwrap();
+    let (frames, _) = read_frames(&mut h2, Duration::from_millis(500)).await;
+    assert!(
+        frames.iter().any(|f| f.0 == HEADERS && f.2 == 1),
+        "{frames:?}"
+    );
+    // The origin connection goes back to the pool and carries the next requests cleanly.
+    for _ in 0..3 {
+        let reply = get(&proxy.url("/next"), &[("x-workspace-id", "acme")]).await;
+        assert_eq!(
+            reply.status,
+            200,
+            "{}",
+            String::from_utf8_lossy(&reply.body)
+        );
+    }
+    let seen = us.seen_requests();
+    assert_eq!(seen[0].body_bytes, 5);
+    assert_eq!(seen.len(), 4);
+    drop(h2);
     proxy.running.shutdown().await;
 }

@@ -357,6 +357,11 @@ impl<C: ClientSide> Exchange<'_, C> {
             };
             // `piece` borrows the client; what follows touches other fields only.
             let n = piece.len();
+            if n == 0 {
+                // An empty piece (an HTTP/2 client's empty DATA frame) carries nothing, and as
+                // a chunk it would be the body's end.
+                continue;
+            }
             self.body_read += n as u64;
             if self.body_read > self.pool.max_body_bytes {
                 return Err(Failure::client(BodyError::TooLarge));
@@ -379,7 +384,9 @@ impl<C: ClientSide> Exchange<'_, C> {
             };
             match written {
                 Ok(Watched::Written) => {}
-                Ok(Watched::Answered) => return Ok(self.answered(chunked)),
+                // Part of this piece is still unsent: the body is unfinished, whatever was
+                // counted.
+                Ok(Watched::Answered) => return Ok(Pumped::Answered),
                 Err(e) => {
                     return Err(Failure::new(
                         Step::Write,
@@ -391,9 +398,10 @@ impl<C: ClientSide> Exchange<'_, C> {
         }
     }
 
-    /// What an origin's answer during the body means: a body by length whose last byte has
-    /// gone was sent whole (the origin answering the moment it has it is the common case);
-    /// otherwise the origin answered early and may not read the rest.
+    /// What an origin's answer between two pieces of the body means (every piece before it
+    /// went whole): a body by length whose last byte has gone was sent whole (the origin
+    /// answering the moment it has it is the common case); otherwise the origin answered early
+    /// and may not read the rest.
     fn answered(&self, chunked: bool) -> Pumped {
         if !chunked && self.head.body.length() == Some(self.body_read) {
             Pumped::Whole

@@ -7,8 +7,10 @@
 use std::future::Future;
 use std::io;
 use std::net::SocketAddr;
+use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use tokio::net::{TcpListener, TcpStream};
@@ -102,12 +104,40 @@ pub(crate) async fn accept<F, Fut>(
         let metrics = accepting.metrics.clone();
         metrics.connections_accepted.fetch_add(1, Ordering::Relaxed);
         metrics.connections_active.fetch_add(1, Ordering::Relaxed);
-        let connection = serve(stream, peer);
-        tokio::spawn(async move {
-            connection.await;
-            metrics.connections_active.fetch_sub(1, Ordering::Relaxed);
-            drop(guard);
+        tokio::spawn(Tracked {
+            connection: serve(stream, peer),
+            metrics,
+            _guard: guard,
         });
+    }
+}
+
+pin_project_lite::pin_project! {
+    /// A connection's task: its future, counted as active until it ends (or is dropped with
+    /// its worker). A named future rather than an `async` block around the connection, which
+    /// would keep the connection's whole state twice in every task.
+    struct Tracked<F> {
+        #[pin]
+        connection: F,
+        metrics: Arc<Metrics>,
+        _guard: TrackerGuard,
+    }
+
+    impl<F> PinnedDrop for Tracked<F> {
+        fn drop(this: Pin<&mut Self>) {
+            this.project()
+                .metrics
+                .connections_active
+                .fetch_sub(1, Ordering::Relaxed);
+        }
+    }
+}
+
+impl<F: Future<Output = ()>> Future for Tracked<F> {
+    type Output = ();
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
+        self.project().connection.poll(cx)
     }
 }
 

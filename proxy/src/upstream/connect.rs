@@ -236,4 +236,11 @@ impl Transport for OriginIo {
             OriginIo::Tls(s) => s.get_ref().0,
         }
     }
+
+    fn holds_input(&self) -> bool {
+        match self {
+            OriginIo::Plain(_) => false,
+            OriginIo::Tls(s) => s.holds_input(),
+        }
+    }
 }

@@ -67,6 +67,9 @@ pub(crate) fn parse_response<'a>(
             }
             Err(e) => return Err(format!("malformed response head: {e}")),
         };
+        if len > MAX_RESPONSE_HEAD {
+            return Err("response head too large".into());
+        }
         match probe.code {
             Some(code) if code != 101 && (100..200).contains(&code) => {
                 interim += 1;
