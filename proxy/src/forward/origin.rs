@@ -911,9 +911,49 @@ fn skip_interim(rbuf: &mut Vec<u8>) -> bool {
             {
                 start += n
             }
+            // The start of what can still be an interim head, cut by the read: drop what came
+            // before it and go on; the rest of it comes with a later read.
+            Ok(httparse::Status::Partial) if may_be_interim(&rbuf[start..]) => {
+                rbuf.drain(..start);
+                return true;
+            }
             _ => return false,
         }
     }
     rbuf.clear();
     true
+}
+
+/// Whether `head`, the start of a response head, can still turn out to be an interim one
+/// (`1xx` other than `101`).
+fn may_be_interim(head: &[u8]) -> bool {
+    const LINE: &[u8] = b"HTTP/1.? 1";
+    let prefix = head.iter().zip(LINE).all(|(&b, &p)| p == b'?' || b == p);
+    prefix && head.get(9..12) != Some(b"101".as_slice())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_cut_head_is_kept_only_while_it_can_be_interim() {
+        for head in [
+            &b"H"[..],
+            b"HTTP/1.",
+            b"HTTP/1.1 ",
+            b"HTTP/1.1 1",
+            b"HTTP/1.0 103 Ea",
+        ] {
+            assert!(may_be_interim(head), "{}", String::from_utf8_lossy(head));
+        }
+        for head in [&b"X"[..], b"HTTP/2", b"HTTP/1.1 2", b"HTTP/1.1 101 Sw"] {
+            assert!(!may_be_interim(head), "{}", String::from_utf8_lossy(head));
+        }
+        let mut rbuf = b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 100 Con".to_vec();
+        assert!(skip_interim(&mut rbuf));
+        assert_eq!(rbuf, b"HTTP/1.1 100 Con");
+        rbuf.extend_from_slice(b"tinue\r\n\r\nHTTP/1.1 200 OK\r\n");
+        assert!(!skip_interim(&mut rbuf), "a final head is an answer");
+    }
 }
