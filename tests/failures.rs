@@ -15,7 +15,6 @@ use common::h2frames::*;
 use common::scripted::scripted;
 use common::tls::*;
 use common::*;
-use domicile::origin::Origin;
 use tokio::io::AsyncWriteExt;
 use tokio::net::{TcpListener, TcpStream};
 
@@ -213,15 +212,7 @@ async fn an_origin_without_the_home_region_identity_gets_nothing_on_either_proto
     for origin_h2 in [false, true] {
         let builder = proxy();
         let layout = pki(builder.dir());
-        let (us_cert, us_key) = layout.origin("us");
-        let (eu_cert, eu_key) = layout.origin("eu");
-        let ca = layout.ca();
-        let impostor = Origin::start_tls("us", LOOPBACK, &eu_cert, &eu_key, Some(&ca))
-            .await
-            .unwrap();
-        let good = Origin::start_tls("us", LOOPBACK, &us_cert, &us_key, Some(&ca))
-            .await
-            .unwrap();
+        let (impostor, good) = impostor_and_good(&layout).await;
         let protocol = if origin_h2 {
             "protocol = \"h2c\"\n"
         } else {
@@ -286,20 +277,7 @@ async fn a_client_gone_mid_body_blames_no_endpoint_and_no_origin_gets_a_whole_re
         .unwrap();
         // HTTP/2: half a body, then the stream is reset.
         let mut h2 = TcpStream::connect(proxy.addr()).await.unwrap();
-        let mut bytes = PREFACE.to_vec();
-        bytes.extend(frame(SETTINGS, 0, 0, &[]));
-        bytes.extend(frame(
-            HEADERS,
-            END_HEADERS,
-            1,
-            &header_block(&[
-                (b":method", b"POST"),
-                (b":scheme", b"http"),
-                (b":authority", b"acme.localhost"),
-                (b":path", b"/cut"),
-                (b"content-length", b"100"),
-            ]),
-        ));
+        let mut bytes = request_start(b"POST", b"/cut", &[(b"content-length", b"100")], 0);
         bytes.extend(frame(DATA, 0, 1, b"only ten.."));
         h2.write_all(&bytes).await.unwrap();
         drop(h1);

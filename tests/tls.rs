@@ -875,15 +875,7 @@ async fn health_checks_over_tls_count_only_origins_that_prove_the_region() {
     for h2 in [false, true] {
         let builder = proxy();
         let layout = pki(builder.dir());
-        let (us_cert, us_key) = layout.origin("us");
-        let (eu_cert, eu_key) = layout.origin("eu");
-        let ca = layout.ca();
-        let impostor = Origin::start_tls("us", LOOPBACK, &eu_cert, &eu_key, Some(&ca))
-            .await
-            .unwrap();
-        let good = Origin::start_tls("us", LOOPBACK, &us_cert, &us_key, Some(&ca))
-            .await
-            .unwrap();
+        let (impostor, good) = impostor_and_good(&layout).await;
         let protocol = if h2 { "protocol = \"h2c\"\n" } else { "" };
         let proxy = builder
             .route_addrs(

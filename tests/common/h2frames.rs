@@ -62,6 +62,27 @@ pub fn frame(kind: u8, flags: u8, stream: u32, payload: &[u8]) -> Vec<u8> {
     out
 }
 
+/// The client's preface, its SETTINGS and one request head on stream 1 (`:scheme http`,
+/// `:authority acme.localhost`), with `flags` on the HEADERS frame.
+pub fn request_start(method: &[u8], path: &[u8], extra: &[(&[u8], &[u8])], flags: u8) -> Vec<u8> {
+    let mut fields: Vec<(&[u8], &[u8])> = vec![
+        (b":method", method),
+        (b":scheme", b"http"),
+        (b":authority", b"acme.localhost"),
+        (b":path", path),
+    ];
+    fields.extend_from_slice(extra);
+    let mut bytes = PREFACE.to_vec();
+    bytes.extend(frame(SETTINGS, 0, 0, &[]));
+    bytes.extend(frame(
+        HEADERS,
+        END_HEADERS | flags,
+        1,
+        &header_block(&fields),
+    ));
+    bytes
+}
+
 /// Takes the whole frames off the front of `buf`.
 pub fn split_frames(buf: &mut Vec<u8>, frames: &mut Vec<Frame>) {
     while buf.len() >= 9 {

@@ -36,6 +36,24 @@ pub fn pki(dir: &Path) -> DevLayout {
     DevLayout::new(certs)
 }
 
+/// Two TLS origins answering as region `us`: an impostor with the eu certificate (the right CA,
+/// the wrong region), and one with the us certificate.
+pub async fn impostor_and_good(
+    layout: &DevLayout,
+) -> (domicile::origin::Origin, domicile::origin::Origin) {
+    use domicile::origin::Origin;
+    let (us_cert, us_key) = layout.origin("us");
+    let (eu_cert, eu_key) = layout.origin("eu");
+    let ca = layout.ca();
+    let impostor = Origin::start_tls("us", super::LOOPBACK, &eu_cert, &eu_key, Some(&ca))
+        .await
+        .unwrap();
+    let good = Origin::start_tls("us", super::LOOPBACK, &us_cert, &us_key, Some(&ca))
+        .await
+        .unwrap();
+    (impostor, good)
+}
+
 /// A `[tls]` section serving `certs` (in order; the first is the default) on port 0.
 pub fn tls_section(certs: &[(PathBuf, PathBuf)], extra: &str) -> String {
     let mut text =
