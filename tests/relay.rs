@@ -108,6 +108,62 @@ async fn a_response_delimited_by_close_ends_the_client_connection_too() {
 }
 
 #[tokio::test]
+async fn a_client_that_asked_to_close_is_closed_at_once_unless_it_sent_more() {
+    let origin = scripted(|_| {
+        (
+            b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok".to_vec(),
+            false,
+        )
+    })
+    .await;
+    let proxy = proxy_to(origin.addr).await;
+
+    // Asked to close and sent nothing more: the connection is closed outright, not lingered
+    // on (lingering reads on for 300 ms), so bytes sent after the answer meet a closed socket:
+    // it resets, and the next write fails.
+    let mut stream = TcpStream::connect(proxy.addr()).await.unwrap();
+    stream
+        .write_all(request("GET", "connection: close\r\n").as_bytes())
+        .await
+        .unwrap();
+    let mut answer = Vec::new();
+    tokio::time::timeout(Duration::from_secs(5), stream.read_to_end(&mut answer))
+        .await
+        .expect("the answer, then the close")
+        .unwrap();
+    let answer = String::from_utf8_lossy(&answer).into_owned();
+    assert!(answer.starts_with("HTTP/1.1 200 OK\r\n"), "{answer}");
+    assert!(answer.contains("connection: close\r\n"), "{answer}");
+    assert!(answer.ends_with("\r\n\r\nok"), "{answer}");
+    let refused = tokio::time::timeout(Duration::from_millis(200), async {
+        loop {
+            if let Err(e) = stream.write_all(b"x").await {
+                break e.kind();
+            }
+            tokio::task::yield_now().await;
+        }
+    })
+    .await;
+    assert_eq!(
+        refused.ok(),
+        Some(std::io::ErrorKind::BrokenPipe),
+        "nothing lingers on a connection whose client is done"
+    );
+
+    // Sent more after asking to close (a pipelined request): the connection lingers, so the
+    // kernel does not reset it and the answer arrives whole.
+    let ask = format!(
+        "{}{}",
+        request("GET", "connection: close\r\n"),
+        request("GET", "")
+    );
+    let answer = raw(proxy.addr(), ask.as_bytes(), Duration::from_secs(5)).await;
+    assert_eq!(answer.matches("HTTP/1.1 200 OK\r\n").count(), 1, "{answer}");
+    assert!(answer.ends_with("\r\n\r\nok"), "{answer}");
+    proxy.running.shutdown().await;
+}
+
+#[tokio::test]
 async fn head_204_and_304_responses_have_no_body_and_keep_the_connections() {
     let origin = scripted(|head| {
         let reply: &[u8] = if head.starts_with("HEAD ") {

@@ -173,9 +173,11 @@ pub(crate) async fn serve<T: Transport, H: Handler>(
         found = None;
         match done.served {
             Served::Tunneled => return,
-            Served::Close => return Box::pin(linger(&mut io)).await,
-            Served::KeepAlive if !done.reusable => return Box::pin(linger(&mut io)).await,
-            Served::KeepAlive => {}
+            Served::KeepAlive if done.reusable => {}
+            Served::Close | Served::KeepAlive if done.quiet => {
+                return Box::pin(close_quietly(&mut io)).await
+            }
+            Served::Close | Served::KeepAlive => return Box::pin(linger(&mut io)).await,
         }
         // What the exchange did not consume begins the next request.
         match done.rest {
@@ -206,6 +208,10 @@ struct Done {
     /// The connection may serve another request: the body was read to its end, the response
     /// written whole, and nobody asked to close.
     reusable: bool,
+    /// The client asked to close (so it sends nothing more), its request was read to the end
+    /// and answered whole, and nothing past it arrived: the connection closes without
+    /// lingering.
+    quiet: bool,
     rest: Rest,
 }
 
@@ -317,9 +323,16 @@ async fn one_request<T: Transport, H: Handler>(
     } else {
         Rest::InMore(exchange.more_pos)
     };
+    let quiet = parsed.close
+        && exchange.body.is_done()
+        && exchange.response == Response::Done
+        && exchange.taken >= exchange.pending.len()
+        && exchange.more_pos >= exchange.more.len()
+        && !exchange.io.holds_input();
     Request::Done(Done {
         served,
         reusable,
+        quiet,
         rest,
     })
 }
@@ -780,6 +793,15 @@ async fn answer_timeout<T: Transport>(io: &mut T, deadline: &mut Deadline) {
         let _ = conn_io::flush(io, deadline, stall).await;
     }
     let _ = tokio::time::timeout(stall, io.shutdown()).await;
+}
+
+/// Closes a connection whose client said it would send nothing more, and did not: the
+/// kernel sends what is queued and then the FIN, so there is nothing to linger for (a TLS
+/// session sends its `close_notify` first).
+async fn close_quietly<T: Transport>(io: &mut T) {
+    if io.ends_in_band() {
+        let _ = tokio::time::timeout(Duration::from_millis(300), io.shutdown()).await;
+    }
 }
 
 /// Lingering close. When this side closes a connection the client is still sending on (a body

@@ -513,4 +513,12 @@ impl<T: Transport> Transport for Prefixed<T> {
     fn socket(&self) -> &tokio::net::TcpStream {
         self.inner.socket()
     }
+
+    fn holds_input(&self) -> bool {
+        self.pos < self.prefix.len() || self.inner.holds_input()
+    }
+
+    fn ends_in_band(&self) -> bool {
+        self.inner.ends_in_band()
+    }
 }

@@ -25,6 +25,12 @@ pub(crate) trait Transport: AsyncRead + AsyncWrite + Unpin + Send {
     fn holds_input(&self) -> bool {
         false
     }
+
+    /// Whether ending the stream takes a message of its own (a TLS session's
+    /// `close_notify`); a TCP socket's close says it all.
+    fn ends_in_band(&self) -> bool {
+        false
+    }
 }
 
 impl Transport for TcpStream {
@@ -36,6 +42,10 @@ impl Transport for TcpStream {
 impl Transport for tokio_rustls::server::TlsStream<TcpStream> {
     fn socket(&self) -> &TcpStream {
         self.get_ref().0
+    }
+
+    fn ends_in_band(&self) -> bool {
+        true
     }
 
     fn holds_input(&self) -> bool {
@@ -50,6 +60,10 @@ impl Transport for tokio_rustls::client::TlsStream<TcpStream> {
         self.get_ref().0
     }
 
+    fn ends_in_band(&self) -> bool {
+        true
+    }
+
     fn holds_input(&self) -> bool {
         !self.get_ref().1.wants_read()
     }
@@ -62,6 +76,10 @@ impl<T: Transport + ?Sized> Transport for Box<T> {
 
     fn holds_input(&self) -> bool {
         (**self).holds_input()
+    }
+
+    fn ends_in_band(&self) -> bool {
+        (**self).ends_in_band()
     }
 }
 

@@ -243,4 +243,8 @@ impl Transport for OriginIo {
             OriginIo::Tls(s) => s.holds_input(),
         }
     }
+
+    fn ends_in_band(&self) -> bool {
+        matches!(self, OriginIo::Tls(_))
+    }
 }
