@@ -13,7 +13,7 @@
 
 use std::cell::RefCell;
 
-use http::{HeaderMap, HeaderName, HeaderValue};
+use http::HeaderMap;
 
 use crate::http::peer::Peer;
 use crate::http::{Fields, RequestId};
@@ -31,14 +31,10 @@ impl FieldSink for Vec<u8> {
     }
 }
 
-/// An HTTP/2 header map (names are lowercased; a field that is not valid is left out).
+/// An HTTP/2 header map ([`crate::http::append_h2_field`]).
 impl FieldSink for HeaderMap {
     fn field(&mut self, name: &[u8], value: &[u8]) {
-        if let (Ok(name), Ok(value)) =
-            (HeaderName::from_bytes(name), HeaderValue::from_bytes(value))
-        {
-            self.append(name, value);
-        }
+        crate::http::append_h2_field(self, name, value);
     }
 }
 

@@ -18,7 +18,7 @@ use std::task::Poll;
 use futures_util::stream::{FuturesUnordered, StreamExt};
 use h2::server::SendResponse;
 use h2::{Ping, RecvStream, SendStream};
-use http::{HeaderMap, HeaderName, HeaderValue, Response, StatusCode};
+use http::{HeaderMap, HeaderValue, Response, StatusCode};
 use tokio::sync::watch;
 
 use super::io::Transport;
@@ -378,12 +378,7 @@ impl ClientSide for Exchange {
         let Some(head) = self.head.as_mut() else {
             return;
         };
-        // HTTP/2 field names are lowercase; HeaderName lowercases them.
-        if let (Ok(name), Ok(value)) =
-            (HeaderName::from_bytes(name), HeaderValue::from_bytes(value))
-        {
-            head.headers_mut().append(name, value);
-        }
+        super::append_h2_field(head.headers_mut(), name, value);
     }
 
     async fn send_head(&mut self, body: ResponseBody, first: &[u8], end: bool) -> io::Result<()> {

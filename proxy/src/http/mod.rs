@@ -89,6 +89,25 @@ pub(crate) fn push_field(out: &mut Vec<u8>, name: &[u8], value: &[u8]) {
     out.push(b'\n');
 }
 
+/// The one field every message Domicile sends carries that no standard name covers.
+static REQUEST_ID: http::HeaderName = http::HeaderName::from_static("x-request-id");
+
+/// Appends `name: value` to an HTTP/2 head (names are lowercased; a field that is not valid is
+/// left out). `x-request-id` is unique to each message: indexing it in the peer's HPACK table
+/// would only evict the fields that repeat, so it goes as never-indexed (as nghttp2 sends such
+/// fields), under a name that is neither parsed nor copied.
+pub(crate) fn append_h2_field(map: &mut HeaderMap, name: &[u8], value: &[u8]) {
+    let Ok(mut value) = http::HeaderValue::from_bytes(value) else {
+        return;
+    };
+    if name.eq_ignore_ascii_case(REQUEST_ID.as_str().as_bytes()) {
+        value.set_sensitive(true);
+        map.append(REQUEST_ID.clone(), value);
+    } else if let Ok(name) = http::HeaderName::from_bytes(name) {
+        map.append(name, value);
+    }
+}
+
 /// The values of one field: [`Fields::values`].
 pub enum Values<'a> {
     Map(http::header::ValueIter<'a, http::HeaderValue>),
@@ -377,4 +396,24 @@ pub(crate) trait Handler: Send + Sync {
         head: &RequestHead<'_>,
         client: &mut C,
     ) -> impl Future<Output = Served> + Send;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn http2_fields_keep_request_ids_out_of_the_hpack_table() {
+        let mut map = HeaderMap::new();
+        append_h2_field(&mut map, b"X-Request-Id", b"abc");
+        append_h2_field(&mut map, b"x-origin", b"eu");
+        append_h2_field(&mut map, b"bad name", b"x");
+        append_h2_field(&mut map, b"x-bad-value", b"a\nb");
+        assert_eq!(map.len(), 2, "{map:?}");
+        let id = map.get("x-request-id").expect("the request id, lowercased");
+        assert_eq!(id, "abc");
+        assert!(id.is_sensitive(), "sent as never-indexed");
+        let origin = map.get("x-origin").expect("another field");
+        assert!(!origin.is_sensitive(), "other fields may be indexed");
+    }
 }
