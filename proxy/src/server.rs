@@ -499,6 +499,10 @@ fn bind_std(addr: SocketAddr, reuse_port: bool) -> Result<std::net::TcpListener,
         socket.set_reuse_port(true).map_err(err)?;
     }
     socket.set_nonblocking(true).map_err(err)?;
+    // Client connections answer as soon as an answer is written. On Linux an accepted socket
+    // inherits this from its listener, which saves a system call per connection
+    // (`listen::accept` sets it per connection elsewhere).
+    socket.set_nodelay(true).map_err(err)?;
     socket.bind(&addr.into()).map_err(err)?;
     socket.listen(4096).map_err(err)?;
     Ok(socket.into())
@@ -557,5 +561,26 @@ impl RunningProxy {
     /// Connections currently open.
     pub fn live_connections(&self) -> u64 {
         self.tracker.live()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn accepted_connections_send_without_delay() {
+        let listener = bind_std("127.0.0.1:0".parse().unwrap(), false).unwrap();
+        let addr = listener.local_addr().unwrap();
+        let listener = TcpListener::from_std(listener).unwrap();
+        let _client = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let (accepted, _) = listener.accept().await.unwrap();
+        if cfg!(target_os = "linux") {
+            // Inherited from the listener: the accept loop does not set it again.
+            assert!(
+                accepted.nodelay().unwrap(),
+                "TCP_NODELAY on the accepted socket"
+            );
+        }
     }
 }

@@ -99,6 +99,8 @@ pub(crate) async fn accept<F, Fut>(
             refuse(&stream, &accepting);
             continue;
         }
+        // Linux accepted sockets inherit `TCP_NODELAY` from the listener (`server::bind_std`).
+        #[cfg(not(target_os = "linux"))]
         let _ = stream.set_nodelay(true);
         let guard = accepting.tracker.enter();
         let metrics = accepting.metrics.clone();
