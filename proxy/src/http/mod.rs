@@ -42,6 +42,7 @@ pub enum Fields<'a> {
 
 impl<'a> Fields<'a> {
     /// Every value of the field `name` (lowercase), in the order received.
+    #[inline]
     pub fn values(self, name: &'a str) -> Values<'a> {
         match self {
             Fields::Map(map) => Values::Map(map.get_all(name).iter()),
@@ -58,6 +59,7 @@ impl<'a> Fields<'a> {
     }
 
     /// Every field as (name, value), in the order received (names of a map are lowercase).
+    #[inline]
     pub fn iter(self) -> Iter<'a> {
         match self {
             Fields::Map(map) => Iter::Map(map.iter()),
@@ -120,6 +122,7 @@ pub enum Values<'a> {
 impl<'a> Iterator for Values<'a> {
     type Item = &'a [u8];
 
+    #[inline]
     fn next(&mut self) -> Option<&'a [u8]> {
         match self {
             Values::Map(values) => values.next().map(|v| v.as_bytes()),
@@ -139,6 +142,8 @@ pub enum Iter<'a> {
 impl<'a> Iterator for Iter<'a> {
     type Item = (&'a str, &'a [u8]);
 
+    // Called per field on every request's hot path, from several modules.
+    #[inline]
     fn next(&mut self) -> Option<(&'a str, &'a [u8])> {
         match self {
             Iter::Map(fields) => fields.next().map(|(k, v)| (k.as_str(), v.as_bytes())),
