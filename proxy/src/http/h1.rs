@@ -323,12 +323,12 @@ async fn one_request<T: Transport, H: Handler>(
     } else {
         Rest::InMore(exchange.more_pos)
     };
+    let nothing_after = matches!(rest, Rest::InMore(from) if from >= exchange.more.len())
+        && !exchange.io.holds_input();
     let quiet = parsed.close
         && exchange.body.is_done()
         && exchange.response == Response::Done
-        && exchange.taken >= exchange.pending.len()
-        && exchange.more_pos >= exchange.more.len()
-        && !exchange.io.holds_input();
+        && nothing_after;
     Request::Done(Done {
         served,
         reusable,
