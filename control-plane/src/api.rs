@@ -82,6 +82,8 @@ pub struct AppState {
     pub stopping: tokio::sync::watch::Receiver<bool>,
     /// The move driver (woken by heartbeats and move requests).
     pub moves: crate::moves::Driver,
+    /// The newest changes, read once for every change stream of this replica.
+    pub tail: crate::feed::Tail,
 }
 
 /// An API error: status, stable code, message.
@@ -124,7 +126,10 @@ impl From<StoreError> for ApiError {
                 lines,
             },
             StoreError::Gone { .. } => Self::new(StatusCode::GONE, "changes_expired", message),
-            StoreError::Db(_) | StoreError::Migrate(_) | StoreError::BadUrl(_) => {
+            StoreError::Db(_)
+            | StoreError::Migrate(_)
+            | StoreError::BadUrl(_)
+            | StoreError::Unavailable(_) => {
                 tracing::error!("store error: {message}");
                 Self::new(
                     StatusCode::SERVICE_UNAVAILABLE,
@@ -779,9 +784,6 @@ struct ChangesQuery {
     after: u64,
 }
 
-/// How many changes one read of the log takes.
-const FEED_BATCH: u32 = 2000;
-
 async fn changes(
     State(s): State<AppState>,
     headers: HeaderMap,
@@ -800,130 +802,17 @@ async fn changes(
             format!("`after` {} is larger than any map version", q.after),
         ));
     }
-    // Checked before the stream starts, so a position past the window is a plain 410.
-    let first = s.store.changes(q.after, FEED_BATCH).await?;
+    // A position the tail's window holds streams from memory; any other is read from the
+    // store before the stream starts, so a position past the retained log is a plain 410.
+    let window = s.tail.current();
+    let first = if window.holds(q.after, s.store.change_floor(window.end())) {
+        None
+    } else {
+        Some(s.store.changes(q.after, crate::feed::FEED_BATCH).await?)
+    };
     let (tx, rx) = mpsc::channel(16);
-    tokio::spawn(feed(s, q.after, first, tx));
+    tokio::spawn(crate::feed::stream(s, q.after, first, tx));
     Ok(ndjson(rx))
-}
-
-/// Streams changes after `cursor` until the client goes away or falls out of the window.
-async fn feed(
-    s: AppState,
-    mut cursor: u64,
-    mut batch: Vec<(u64, String)>,
-    tx: mpsc::Sender<Result<Bytes, std::io::Error>>,
-) {
-    let metrics = s.metrics.clone();
-    metrics.feed_streams_open.fetch_add(1, Ordering::Relaxed);
-    let _open = scopeguard(move || {
-        metrics.feed_streams_open.fetch_sub(1, Ordering::Relaxed);
-    });
-    let mut head = s.store.subscribe();
-    let epoch = s.store.epoch().to_owned();
-    let line = |l: &domicile_wire::FeedLine| {
-        let mut text = serde_json::to_vec(l).expect("feed lines serialise");
-        text.push(b'\n');
-        Ok(Bytes::from(text))
-    };
-    // The head from the store itself: this replica's watch may not have caught up with a
-    // commit made through another replica, and a proxy reads a head below its own version as
-    // the map going backwards.
-    let Ok(fresh) = s.store.head().await else {
-        return;
-    };
-    head.borrow_and_update();
-    let hello = domicile_wire::FeedLine::Hello {
-        epoch: epoch.clone(),
-        head: fresh.version.max(batch.last().map_or(0, |c| c.0)),
-    };
-    let mut stopping = s.stopping.clone();
-    if tx.send(line(&hello)).await.is_err() {
-        return;
-    }
-    loop {
-        if !batch.is_empty() {
-            if Some(batch[0].0) != cursor.checked_add(1) {
-                // Cannot happen with versions committed in order; end the stream rather than
-                // send a gap, and let the client resync.
-                return;
-            }
-            let mut out = Vec::with_capacity(batch.iter().map(|c| c.1.len() + 1).sum());
-            for (version, text) in &batch {
-                out.extend_from_slice(text.as_bytes());
-                out.push(b'\n');
-                cursor = *version;
-            }
-            s.metrics
-                .feed_lines_sent
-                .fetch_add(batch.len() as u64, Ordering::Relaxed);
-            tokio::select! {
-                sent = tx.send(Ok(Bytes::from(out))) => if sent.is_err() { return },
-                () = stopped(&mut stopping) => return,
-            }
-            if batch.len() == FEED_BATCH as usize {
-                batch = match s.store.changes(cursor, FEED_BATCH).await {
-                    Ok(b) => b,
-                    Err(_) => return,
-                };
-                continue;
-            }
-        }
-        // Wait for a newer head, sending heartbeats meanwhile.
-        loop {
-            if *head.borrow_and_update() > cursor {
-                break;
-            }
-            tokio::select! {
-                changed = head.changed() => {
-                    if changed.is_err() {
-                        return;
-                    }
-                }
-                () = tokio::time::sleep(s.config.feed_heartbeat) => {
-                    let beat = domicile_wire::FeedLine::Heartbeat {
-                        epoch: epoch.clone(),
-                        head: (*head.borrow()).max(cursor),
-                    };
-                    if tx.send(line(&beat)).await.is_err() {
-                        return;
-                    }
-                }
-                () = tx.closed() => return,
-                () = stopped(&mut stopping) => return,
-            }
-        }
-        batch = match s.store.changes(cursor, FEED_BATCH).await {
-            Ok(b) => b,
-            Err(StoreError::Gone { .. }) => return,
-            Err(e) => {
-                tracing::warn!("change stream ends on a store error: {e}");
-                return;
-            }
-        };
-        if batch.is_empty() {
-            // The head said there was more but the read found none: do not spin on it.
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-    }
-}
-
-/// Resolves once the replica is stopping.
-async fn stopped(stopping: &mut tokio::sync::watch::Receiver<bool>) {
-    let _ = stopping.wait_for(|s| *s).await;
-}
-
-/// Runs `f` when dropped.
-fn scopeguard(f: impl FnOnce()) -> impl Drop {
-    struct Guard<F: FnOnce()>(Option<F>);
-    impl<F: FnOnce()> Drop for Guard<F> {
-        fn drop(&mut self) {
-            if let Some(f) = self.0.take() {
-                f();
-            }
-        }
-    }
-    Guard(Some(f))
 }
 
 #[derive(Deserialize)]
@@ -1500,6 +1389,12 @@ async fn metrics(State(s): State<AppState>) -> Response {
             "Snapshots served.",
             "counter",
             load(&m.snapshots),
+        ),
+        (
+            "domicile_cp_store_operations_total",
+            "Store operations begun (each one statement or one transaction).",
+            "counter",
+            s.store.operations(),
         ),
         (
             "domicile_cp_moves_started_total",

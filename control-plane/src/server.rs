@@ -104,6 +104,7 @@ pub async fn start(config: ControlPlaneConfig) -> anyhow::Result<RunningControlP
         metrics,
         stopping: stopped.clone(),
         moves,
+        tail: crate::feed::Tail::spawn(store.clone(), stopped.clone()),
     };
     let app = api::router(state);
     let tls = match &config.tls {
@@ -138,9 +139,15 @@ pub async fn start(config: ControlPlaneConfig) -> anyhow::Result<RunningControlP
         ),
         None => (
             tokio::spawn(async move {
-                let serve = axum::serve(listener, app).with_graceful_shutdown(async move {
-                    let _ = stopped.changed().await;
-                });
+                // A make-service that clones the router (an `Arc`) per connection: serving
+                // the `Router` itself rebuilds its route table for every connection, 12 KiB
+                // each (heaptrack), which a fleet of proxies holding streams open pays per
+                // proxy.
+                let serve = axum::serve(listener, app.into_make_service()).with_graceful_shutdown(
+                    async move {
+                        let _ = stopped.changed().await;
+                    },
+                );
                 if let Err(e) = serve.await {
                     tracing::error!("control-plane listener failed: {e}");
                 }

@@ -59,6 +59,9 @@ pub enum StoreError {
     Lines { total: usize, lines: Vec<LineError> },
     #[error("the change feed no longer serves versions after {after} (it serves from {oldest}); fetch a snapshot")]
     Gone { after: u64, oldest: u64 },
+    /// The store could not do it now (a failed batched write, a closing store).
+    #[error("{0}")]
+    Unavailable(String),
 }
 
 /// The map head: what `meta` holds.
@@ -163,6 +166,10 @@ struct Dialect {
     existing: &'static str,
     /// One page of the snapshot as ready-made lines: ids after $1, at most $2 of them.
     snapshot_page: &'static str,
+    /// Heartbeats as one JSON array ($1) of `[proxy_id, edge_region, applied, drained,
+    /// checksum, epoch, token]`, seen at $2; returns the proxy ids written (a row another
+    /// token owns is left alone).
+    upsert_fleet: &'static str,
 }
 
 const SQLITE: Dialect = Dialect {
@@ -185,6 +192,14 @@ const SQLITE: Dialect = Dialect {
         count(*) AS n FROM (SELECT id, json_object('type', 'workspace', 'id', id, \
         'region', region, 'state', state, 'epoch', epoch, 'version', version) AS line \
         FROM workspaces WHERE id > $1 ORDER BY id LIMIT $2)",
+    upsert_fleet: "INSERT INTO fleet (proxy_id, edge_region, applied_version, drained_version, \
+        checksum, epoch, first_seen, last_seen, token) \
+        SELECT value->>0, value->>1, value->>2, value->>3, value->>4, value->>5, $2, $2, \
+        value->>6 FROM json_each($1) WHERE true \
+        ON CONFLICT (proxy_id) DO UPDATE SET edge_region = excluded.edge_region, \
+        applied_version = excluded.applied_version, drained_version = excluded.drained_version, \
+        checksum = excluded.checksum, epoch = excluded.epoch, last_seen = excluded.last_seen \
+        WHERE fleet.token = excluded.token RETURNING proxy_id",
 };
 
 const POSTGRES: Dialect = Dialect {
@@ -211,6 +226,14 @@ const POSTGRES: Dialect = Dialect {
         '\",\"region\":\"' || region || '\",\"state\":\"' || state || '\",\"epoch\":' || \
         epoch || ',\"version\":' || version || '}' AS line \
         FROM workspaces WHERE id > $1 ORDER BY id LIMIT $2) AS page",
+    upsert_fleet: "INSERT INTO fleet (proxy_id, edge_region, applied_version, drained_version, \
+        checksum, epoch, first_seen, last_seen, token) \
+        SELECT x->>0, x->>1, (x->>2)::bigint, (x->>3)::bigint, x->>4, x->>5, $2, $2, x->>6 \
+        FROM jsonb_array_elements($1::jsonb) AS x \
+        ON CONFLICT (proxy_id) DO UPDATE SET edge_region = excluded.edge_region, \
+        applied_version = excluded.applied_version, drained_version = excluded.drained_version, \
+        checksum = excluded.checksum, epoch = excluded.epoch, last_seen = excluded.last_seen \
+        WHERE fleet.token = excluded.token RETURNING proxy_id",
 };
 
 enum Backend {
@@ -221,7 +244,10 @@ enum Backend {
 /// Runs `$body` with `$pool` (writer pool), `$read` (reader pool) and `$d` (the [`Dialect`])
 /// bound for whichever backend the store uses; the body is compiled once per backend.
 macro_rules! on_backend {
-    ($store:expr, |$pool:ident, $read:ident, $d:ident| $body:expr) => {
+    ($store:expr, |$pool:ident, $read:ident, $d:ident| $body:expr) => {{
+        $store
+            .operations
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         match &$store.backend {
             Backend::Sqlite { write, read } => {
                 let $pool = write;
@@ -238,7 +264,7 @@ macro_rules! on_backend {
                 $body
             }
         }
-    };
+    }};
 }
 
 /// Store settings.
@@ -280,7 +306,29 @@ struct Inner {
     /// Snapshots hold a read connection for as long as the client reads: at most this many
     /// at once, so they never take every connection the API needs.
     snapshots: Arc<tokio::sync::Semaphore>,
+    /// Store operations begun (each one statement or one transaction): what `/metrics`
+    /// reports, so that the cost of a change can be read per change and per proxy.
+    operations: std::sync::atomic::AtomicU64,
+    /// Heartbeats on their way to the batched writer (`beats`).
+    beats: mpsc::UnboundedSender<beats::Beat>,
+    /// Live tokens by hash, as last read from the store.
+    tokens: std::sync::Mutex<TokenCache>,
 }
+
+/// Live tokens by hash, as last read. Emptied when this replica creates or deletes a token,
+/// and when the head watch sees the token set change (another replica's doing): a deleted
+/// token stops working everywhere within the poll interval. Only hits are kept, at most
+/// [`TOKEN_CACHE_MAX`].
+#[derive(Default)]
+struct TokenCache {
+    live: HashMap<String, (String, Role)>,
+    /// What the token table looked like when the cache was last emptied: (rows, newest).
+    seen: Option<(i64, i64)>,
+    /// Bumped at every emptying, so that a read racing one is not cached.
+    generation: u64,
+}
+
+const TOKEN_CACHE_MAX: usize = 10_000;
 
 impl std::fmt::Debug for Store {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -301,6 +349,15 @@ fn new_epoch() -> String {
     use rand::Rng;
     let bytes: [u8; 8] = rand::thread_rng().gen();
     hex::encode(bytes)
+}
+
+/// The one row a query on the read pool returned. Reads there use `fetch_all`, never
+/// `fetch_one` or `fetch_optional`: on SQLite a statement left unfinished holds its read
+/// transaction open, and the pooled connection then sees the database as it was until that
+/// statement is next used (a replica's poll would read the token table, or a workspace, from
+/// the past).
+fn only<R>(rows: Vec<R>) -> Result<R, sqlx::Error> {
+    rows.into_iter().next().ok_or(sqlx::Error::RowNotFound)
 }
 
 fn u(v: i64) -> u64 {
@@ -792,6 +849,7 @@ macro_rules! write_entry {
 }
 
 // After the macros above: the module uses them.
+mod beats;
 mod moves;
 pub use moves::{AuditCursor, AuditEntry, AuditQuery, Move, MoveRequest, Phase};
 
@@ -829,6 +887,7 @@ impl Store {
         } else {
             return Err(StoreError::BadUrl(url.to_owned()));
         };
+        let (beats, beats_rx) = mpsc::unbounded_channel();
         let mut store = Self {
             inner: Arc::new(Inner {
                 backend,
@@ -837,6 +896,9 @@ impl Store {
                 head: watch::channel(0).0,
                 closing: watch::channel(false).0,
                 snapshots: Arc::new(tokio::sync::Semaphore::new(SNAPSHOTS_AT_ONCE)),
+                operations: 0.into(),
+                beats,
+                tokens: Default::default(),
             }),
         };
         on_backend!(store.inner, |pool, _read, _d| {
@@ -853,6 +915,7 @@ impl Store {
         inner.epoch = head.epoch.clone();
         inner.head.send_replace(head.version);
         store.spawn_head_watch(options.poll_interval);
+        beats::spawn(Arc::downgrade(&store.inner), beats_rx);
         Ok(store)
     }
 
@@ -861,6 +924,13 @@ impl Store {
         self.inner
             .change_retention
             .store(versions.max(1), std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// Store operations begun since the store opened.
+    pub fn operations(&self) -> u64 {
+        self.inner
+            .operations
+            .load(std::sync::atomic::Ordering::Relaxed)
     }
 
     pub fn backend_name(&self) -> &'static str {
@@ -947,6 +1017,11 @@ impl Store {
                 tick.tick().await;
                 let Some(inner) = weak.upgrade() else { return };
                 let store = Store { inner };
+                if let Err(e) = store.check_tokens().await {
+                    // Nothing cached outlives what the store could not be asked about.
+                    tracing::debug!("cannot look at the token set: {e}");
+                    store.forget_tokens(None);
+                }
                 if let Ok(head) = store.head().await {
                     let known = *store.inner.head.borrow();
                     if head.version < known {
@@ -982,9 +1057,9 @@ impl Store {
     pub async fn head(&self) -> Result<Head, StoreError> {
         on_backend!(self.inner, |_pool, read, _d| {
             let row = sqlx::query("SELECT version, checksum, epoch FROM meta WHERE id = 1")
-                .fetch_one(read)
+                .fetch_all(read)
                 .await?;
-            Ok(head_from_row(&row)?)
+            Ok(head_from_row(&only(row)?)?)
         })
     }
 
@@ -1005,8 +1080,10 @@ impl Store {
         on_backend!(self.inner, |_pool, read, _d| {
             let row = sqlx::query("SELECT id, name, jurisdiction FROM regions WHERE id = $1")
                 .bind(id)
-                .fetch_optional(read)
-                .await?;
+                .fetch_all(read)
+                .await?
+                .into_iter()
+                .next();
             match row {
                 Some(row) => Ok(region_from_row(&row)?),
                 None => Err(StoreError::NotFound {
@@ -1146,8 +1223,10 @@ impl Store {
                 "SELECT id, region, state, epoch, version FROM workspaces WHERE id = $1",
             )
             .bind(id)
-            .fetch_optional(read)
-            .await?;
+            .fetch_all(read)
+            .await?
+            .into_iter()
+            .next();
             match row {
                 Some(row) => Ok(workspace_from_row(&row)?),
                 None => Err(StoreError::NotFound {
@@ -1501,6 +1580,15 @@ impl Store {
         })
     }
 
+    /// The oldest version the feed serves changes after, when the head is `head`.
+    pub fn change_floor(&self, head: u64) -> u64 {
+        head.saturating_sub(
+            self.inner
+                .change_retention
+                .load(std::sync::atomic::Ordering::Relaxed),
+        )
+    }
+
     /// Streams the whole map at one version, in the map-file format, as chunks of lines.
     /// The first line names the version, epoch, entry count and checksum.
     pub fn snapshot(&self) -> mpsc::Receiver<Result<Bytes, StoreError>> {
@@ -1640,47 +1728,6 @@ impl Store {
 
     // ---- fleet ----
 
-    /// Records a heartbeat sent with the token `token`. A proxy id belongs to the token that
-    /// first reported it, so one proxy's token cannot speak for another proxy; `Conflict`
-    /// when it tries (remove the proxy from the fleet to hand its id over).
-    pub async fn heartbeat(&self, hb: &Heartbeat, token: &str) -> Result<(), StoreError> {
-        let written = on_backend!(self.inner, |pool, _read, _d| {
-            let now = now_ms();
-            sqlx::query(
-                "INSERT INTO fleet (proxy_id, edge_region, applied_version, drained_version, \
-                 checksum, epoch, first_seen, last_seen, token) \
-                 VALUES ($1, $2, $3, $4, $5, $6, $7, $7, $8) \
-                 ON CONFLICT (proxy_id) DO UPDATE SET edge_region = excluded.edge_region, \
-                 applied_version = excluded.applied_version, \
-                 drained_version = excluded.drained_version, checksum = excluded.checksum, \
-                 epoch = excluded.epoch, last_seen = excluded.last_seen \
-                 WHERE fleet.token = excluded.token",
-            )
-            .bind(&hb.proxy_id)
-            .bind(&hb.edge_region)
-            .bind(i(hb.applied_version))
-            .bind(hb.drained_version.map(i))
-            .bind(&hb.checksum)
-            .bind(&hb.epoch)
-            .bind(now)
-            .bind(token)
-            .execute(pool)
-            .await?
-            .rows_affected()
-        });
-        if written == 0 {
-            return Err(StoreError::Conflict {
-                code: "proxy_id_taken",
-                message: format!(
-                    "proxy id {:?} is reported by another token; remove it from the fleet \
-                     (DELETE /v1/fleet/{}) to hand the id over",
-                    hb.proxy_id, hb.proxy_id
-                ),
-            });
-        }
-        Ok(())
-    }
-
     pub async fn fleet(&self) -> Result<Vec<FleetRow>, StoreError> {
         on_backend!(self.inner, |_pool, read, _d| {
             let rows = sqlx::query(
@@ -1742,25 +1789,73 @@ impl Store {
             }
             Ok::<(), StoreError>(())
         })?;
+        self.forget_tokens(None);
         Ok(secret)
     }
 
     /// The token's name and role, if the secret is a live token.
     pub async fn authenticate(&self, secret: &str) -> Result<Option<(String, Role)>, StoreError> {
         let hash = hash_token(secret);
-        on_backend!(self.inner, |_pool, read, _d| {
+        let generation = {
+            let cache = self.inner.tokens.lock().expect("token cache");
+            if let Some(hit) = cache.live.get(&hash) {
+                return Ok(Some(hit.clone()));
+            }
+            cache.generation
+        };
+        let found = on_backend!(self.inner, |_pool, read, _d| {
             let row = sqlx::query("SELECT name, role FROM tokens WHERE hash = $1")
                 .bind(&hash)
-                .fetch_optional(read)
-                .await?;
+                .fetch_all(read)
+                .await?
+                .into_iter()
+                .next();
             match row {
-                None => Ok(None),
+                None => Ok::<_, StoreError>(None),
                 Some(row) => {
                     let role: String = row.try_get("role")?;
                     Ok(Role::parse(&role).map(|r| (row.try_get("name").unwrap_or_default(), r)))
                 }
             }
-        })
+        })?;
+        if let Some(hit) = &found {
+            let mut cache = self.inner.tokens.lock().expect("token cache");
+            if cache.generation == generation && cache.live.len() < TOKEN_CACHE_MAX {
+                cache.live.insert(hash, hit.clone());
+            }
+        }
+        Ok(found)
+    }
+
+    /// Forgets every cached token (the token set changed), remembering what it looked like.
+    fn forget_tokens(&self, seen: Option<(i64, i64)>) {
+        let mut cache = self.inner.tokens.lock().expect("token cache");
+        cache.live.clear();
+        cache.generation += 1;
+        if seen.is_some() {
+            cache.seen = seen;
+        }
+    }
+
+    /// Empties the token cache when the token table changed since it was last looked at.
+    async fn check_tokens(&self) -> Result<(), StoreError> {
+        let seen = on_backend!(self.inner, |_pool, read, _d| {
+            let row = sqlx::query(
+                "SELECT count(*) AS n, coalesce(max(created_at), 0) AS newest FROM tokens",
+            )
+            .fetch_all(read)
+            .await
+            .and_then(only)?;
+            Ok::<_, StoreError>((
+                row.try_get::<i64, _>("n")?,
+                row.try_get::<i64, _>("newest")?,
+            ))
+        })?;
+        let changed = self.inner.tokens.lock().expect("token cache").seen != Some(seen);
+        if changed {
+            self.forget_tokens(Some(seen));
+        }
+        Ok(())
     }
 
     pub async fn tokens(&self) -> Result<Vec<TokenInfo>, StoreError> {
@@ -1785,24 +1880,28 @@ impl Store {
     }
 
     pub async fn delete_token(&self, name: &str) -> Result<bool, StoreError> {
-        on_backend!(self.inner, |pool, _read, _d| {
-            Ok(sqlx::query("DELETE FROM tokens WHERE name = $1")
-                .bind(name)
-                .execute(pool)
-                .await?
-                .rows_affected()
-                > 0)
-        })
+        let deleted = on_backend!(self.inner, |pool, _read, _d| {
+            Ok::<_, StoreError>(
+                sqlx::query("DELETE FROM tokens WHERE name = $1")
+                    .bind(name)
+                    .execute(pool)
+                    .await?
+                    .rows_affected()
+                    > 0,
+            )
+        })?;
+        self.forget_tokens(None);
+        Ok(deleted)
     }
 
     /// Whether any token with the admin role exists.
     pub async fn has_admin(&self) -> Result<bool, StoreError> {
         on_backend!(self.inner, |_pool, read, _d| {
             Ok(
-                sqlx::query("SELECT name FROM tokens WHERE role = 'admin' LIMIT 1")
-                    .fetch_optional(read)
+                !sqlx::query("SELECT name FROM tokens WHERE role = 'admin' LIMIT 1")
+                    .fetch_all(read)
                     .await?
-                    .is_some(),
+                    .is_empty(),
             )
         })
     }

@@ -45,6 +45,7 @@ both!(
     concurrent_writers_give_every_watcher_every_version_once_in_order,
     tokens_are_stored_hashed_and_checked,
     the_fleet_keeps_one_row_per_proxy,
+    heartbeats_arriving_together_are_written_together,
     moves_write_their_phases_and_map_changes_together,
 );
 
@@ -580,6 +581,100 @@ async fn the_fleet_keeps_one_row_per_proxy(store: &Store) {
     assert!(store.fleet().await.unwrap().is_empty());
     // Once removed, the id can be reported by another token.
     store.heartbeat(&hb, "edge-2-token").await.unwrap();
+}
+
+async fn heartbeats_arriving_together_are_written_together(store: &Store) {
+    let beat = |n: usize, version: u64| Heartbeat {
+        proxy_id: format!("edge-{n}"),
+        edge_region: "us".into(),
+        applied_version: version,
+        drained_version: Some(version),
+        checksum: Checksum::default().to_hex(),
+        epoch: store.epoch().into(),
+    };
+    // edge-0 belongs to another token: its claim fails alone, in the middle of the batch.
+    store.heartbeat(&beat(0, 1), "other-token").await.unwrap();
+    let before = store.operations();
+    let beats: Vec<_> = (0..300)
+        .map(|n| {
+            let store = store.clone();
+            let hb = beat(n, 7);
+            tokio::spawn(async move { store.heartbeat(&hb, "fleet-token").await })
+        })
+        .collect();
+    for (n, beat) in beats.into_iter().enumerate() {
+        match (n, beat.await.unwrap()) {
+            (0, Err(StoreError::Conflict { code, .. })) => assert_eq!(code, "proxy_id_taken"),
+            (0, other) => panic!("edge-0 was written for another token: {other:?}"),
+            (_, result) => result.unwrap(),
+        }
+    }
+    // The same proxy under two tokens in one batch: each claim is judged on its own.
+    let again = beat(0, 9);
+    let (theirs, ours) = tokio::join!(
+        store.heartbeat(&again, "fleet-token"),
+        store.heartbeat(&again, "other-token")
+    );
+    assert!(
+        matches!(theirs, Err(StoreError::Conflict { .. })),
+        "{theirs:?}"
+    );
+    ours.unwrap();
+    let written = store.operations() - before;
+    assert!(
+        written < 60,
+        "302 heartbeats took {written} store operations: they were not batched"
+    );
+    let fleet = store.fleet().await.unwrap();
+    assert_eq!(fleet.len(), 300);
+    for member in &fleet {
+        let want = if member.proxy_id == "edge-0" { 9 } else { 7 };
+        assert_eq!(member.applied_version, want, "{}", member.proxy_id);
+    }
+}
+
+/// A token deleted through one replica stops working on another within its poll interval,
+/// though the other had it cached; one deleted locally stops at once.
+async fn deleted_tokens_stop_working_on_every_replica(t: &common::TestStore) {
+    let other = Store::open(&t.url, domicile_control_plane::testing::options())
+        .await
+        .unwrap();
+    let secret = t.store.create_token("edge", Role::Proxy).await.unwrap();
+    let local = t.store.create_token("local", Role::Proxy).await.unwrap();
+    let found = Some(("edge".to_owned(), Role::Proxy));
+    assert_eq!(other.authenticate(&secret).await.unwrap(), found);
+    // Cached: asking again costs the store nothing.
+    let before = other.operations();
+    for _ in 0..20 {
+        assert_eq!(other.authenticate(&secret).await.unwrap(), found);
+    }
+    assert!(other.operations() - before <= 2, "the token was not cached");
+    t.store.delete_token("edge").await.unwrap();
+    let started = std::time::Instant::now();
+    while other.authenticate(&secret).await.unwrap().is_some() {
+        assert!(
+            started.elapsed() < std::time::Duration::from_secs(5),
+            "the deleted token still works on the other replica"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+    assert!(other.authenticate(&local).await.unwrap().is_some());
+    other.delete_token("local").await.unwrap();
+    assert_eq!(other.authenticate(&local).await.unwrap(), None);
+    other.close().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn deleted_tokens_stop_working_on_every_replica_sqlite() {
+    deleted_tokens_stop_working_on_every_replica(&common::sqlite().await).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn deleted_tokens_stop_working_on_every_replica_postgres() {
+    let Some(t) = common::postgres().await else {
+        return;
+    };
+    deleted_tokens_stop_working_on_every_replica(&t).await;
 }
 
 fn move_to(workspace: &str, to: &str) -> MoveRequest {

@@ -5,6 +5,7 @@
 
 pub mod compare;
 pub mod control_plane;
+pub mod fleet;
 pub mod moves;
 pub mod origin;
 pub mod peers;

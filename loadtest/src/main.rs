@@ -36,6 +36,102 @@ enum Command {
     /// What a move costs its workspace's users: write pause and read availability during
     /// moves with an instant data copy. Writes loadtest/results/<date>-<host>-moves.json and .md.
     Moves(MovesArgs),
+    /// The control plane with a fleet of N proxies on two replicas and PostgreSQL:
+    /// propagation, moves, a reconnect storm, memory and store operations per proxy. Writes
+    /// loadtest/results/<date>-<host>-fleet.json and .md.
+    Fleet(FleetArgs),
+    /// One process of `fleet`'s simulated proxies (started by `fleet`; commands on stdin).
+    #[command(hide = true)]
+    FleetAgent(FleetAgentArgs),
+}
+
+#[derive(Debug, Args)]
+struct FleetArgs {
+    /// Proxies in the fleet.
+    #[arg(long, default_value_t = 10_000)]
+    proxies: usize,
+    /// 1,000 proxies, 20 changes, 3 moves.
+    #[arg(long)]
+    quick: bool,
+    /// Writes timed for propagation.
+    #[arg(long, default_value_t = 100)]
+    changes: usize,
+    /// Moves timed.
+    #[arg(long, default_value_t = 10)]
+    moves: usize,
+    /// Workspaces in the map.
+    #[arg(long, default_value_t = 1000)]
+    workspaces: u64,
+    /// Proxies per agent process (each holds two sockets per proxy).
+    #[arg(long, default_value_t = 2500)]
+    per_agent: usize,
+    /// Control-plane replicas.
+    #[arg(long, default_value_t = 2)]
+    replicas: usize,
+    /// The domicile binary (default: build it with cargo build --release).
+    #[arg(long)]
+    domicile: Option<std::path::PathBuf>,
+    /// Appended to the results file names.
+    #[arg(long)]
+    label: Option<String>,
+}
+
+#[derive(Debug, Args)]
+struct FleetAgentArgs {
+    #[arg(long)]
+    first: usize,
+    #[arg(long)]
+    count: usize,
+    #[arg(long, value_delimiter = ',')]
+    control_planes: Vec<String>,
+    #[arg(long)]
+    token_file: std::path::PathBuf,
+    #[arg(long)]
+    lkg_dir: std::path::PathBuf,
+    #[arg(long)]
+    head: u64,
+}
+
+fn fleet(args: FleetArgs) -> Result<ExitCode> {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    let results_dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("results");
+    let (proxies, changes, moves) = if args.quick {
+        (1000, 20, 3)
+    } else {
+        (args.proxies, args.changes, args.moves)
+    };
+    runtime.block_on(loadtest::fleet::run(loadtest::fleet::Options {
+        proxies: proxies.max(1),
+        changes: changes.max(1),
+        moves,
+        workspaces: args.workspaces.max(1),
+        per_agent: args.per_agent.max(1),
+        replicas: args.replicas.max(1),
+        domicile: args.domicile,
+        results_dir,
+        label: args.label,
+    }))?;
+    Ok(ExitCode::SUCCESS)
+}
+
+fn fleet_agent(args: FleetAgentArgs) -> Result<ExitCode> {
+    if args.control_planes.is_empty() {
+        bail!("--control-planes names no control plane");
+    }
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    runtime.block_on(loadtest::fleet::agent(loadtest::fleet::AgentOptions {
+        first: args.first,
+        count: args.count,
+        control_planes: args.control_planes,
+        token_file: args.token_file,
+        lkg_dir: args.lkg_dir,
+        head: args.head,
+    }))?;
+    Ok(ExitCode::SUCCESS)
 }
 
 #[derive(Debug, Args)]
@@ -109,6 +205,8 @@ fn main() -> ExitCode {
         }
         Command::ControlPlane(args) => control_plane(args),
         Command::Moves(args) => moves(args),
+        Command::Fleet(args) => fleet(args),
+        Command::FleetAgent(args) => fleet_agent(args),
     };
     match outcome {
         Ok(code) => code,

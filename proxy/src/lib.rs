@@ -33,4 +33,6 @@ pub mod sync;
 mod upstream;
 
 pub use config::ProxyConfig;
+/// The proxy's counters, which [`sync::start`] counts in.
+pub use metrics::Metrics;
 pub use server::{check_config, start, RunningProxy, StartError};

@@ -8,6 +8,8 @@ use domicile_control_plane::Store;
 /// A store and what it lives in.
 pub struct TestStore {
     pub store: Store,
+    /// Where the store lives, for a second replica on it.
+    pub url: String,
     _dir: Option<tempfile::TempDir>,
     _schema: Option<testing::Schema>,
 }
@@ -20,6 +22,7 @@ pub async fn sqlite() -> TestStore {
         .expect("open sqlite store");
     TestStore {
         store,
+        url,
         _dir: Some(dir),
         _schema: None,
     }
@@ -29,6 +32,7 @@ pub async fn postgres() -> Option<TestStore> {
     let (store, schema) = testing::postgres().await?;
     Some(TestStore {
         store,
+        url: schema.url.clone(),
         _dir: None,
         _schema: Some(schema),
     })
