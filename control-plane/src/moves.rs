@@ -219,7 +219,7 @@ impl Driver {
         if open.is_empty() {
             return Ok(());
         }
-        let mut fleet_view: Option<(Head, Vec<FleetRow>)> = None;
+        let mut head_view: Option<Head> = None;
         for m in open {
             match m.phase {
                 Phase::Requested => {
@@ -240,16 +240,16 @@ impl Driver {
                     let Some(version) = m.awaited_version() else {
                         continue;
                     };
-                    if fleet_view.is_none() {
-                        fleet_view = Some((store.head().await?, store.fleet().await?));
+                    if head_view.is_none() {
+                        head_view = Some(store.head().await?);
                     }
-                    let (head, fleet) = fleet_view.as_ref().expect("just read");
-                    let waiting = lagging(fleet, head, version);
-                    if waiting.is_empty() {
-                        let detail = format!(
-                            "all {} fleet member(s) drained version {version}",
-                            fleet.len()
-                        );
+                    let head = head_view.as_ref().expect("just read");
+                    // The count first: the whole fleet is read only to say who a stalled
+                    // move waits for.
+                    let (members, behind) = store.fleet_lagging(&head.epoch, version).await?;
+                    if behind == 0 {
+                        let detail =
+                            format!("all {members} fleet member(s) drained version {version}");
                         let advanced = if m.phase == Phase::Freezing {
                             store.move_frozen(m.id, &detail).await?
                         } else {
@@ -265,6 +265,7 @@ impl Driver {
                     } else if m.stalled_at_ms.is_none()
                         && now_ms() - m.phase_started_ms() > m.timeout_ms as i64
                     {
+                        let waiting = lagging(&store.fleet().await?, head, version);
                         let detail = describe(&waiting, now_ms());
                         if let Some(m) = store.move_stalled(m.id, m.phase, &detail).await? {
                             self.metrics.stalled.fetch_add(1, Ordering::Relaxed);

@@ -1728,6 +1728,28 @@ impl Store {
 
     // ---- fleet ----
 
+    /// How many proxies the fleet has, and how many of them have not drained `version` of
+    /// the store with epoch `epoch` (the rule of `moves::lagging`, counted by the database so
+    /// that a move waiting on ten thousand proxies reads one row, not ten thousand).
+    pub async fn fleet_lagging(&self, epoch: &str, version: u64) -> Result<(u64, u64), StoreError> {
+        on_backend!(self.inner, |_pool, read, _d| {
+            let row = sqlx::query(
+                "SELECT count(*) AS total, coalesce(sum(CASE WHEN epoch <> $1 \
+                 OR drained_version IS NULL OR drained_version < $2 THEN 1 ELSE 0 END), 0) \
+                 AS lagging FROM fleet",
+            )
+            .bind(epoch)
+            .bind(i(version))
+            .fetch_all(read)
+            .await
+            .and_then(only)?;
+            Ok((
+                u(row.try_get::<i64, _>("total")?),
+                u(row.try_get::<i64, _>("lagging")?),
+            ))
+        })
+    }
+
     pub async fn fleet(&self) -> Result<Vec<FleetRow>, StoreError> {
         on_backend!(self.inner, |_pool, read, _d| {
             let rows = sqlx::query(

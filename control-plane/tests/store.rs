@@ -46,6 +46,7 @@ both!(
     tokens_are_stored_hashed_and_checked,
     the_fleet_keeps_one_row_per_proxy,
     heartbeats_arriving_together_are_written_together,
+    the_store_counts_lagging_proxies_as_moves_judge_them,
     moves_write_their_phases_and_map_changes_together,
 );
 
@@ -631,6 +632,41 @@ async fn heartbeats_arriving_together_are_written_together(store: &Store) {
         let want = if member.proxy_id == "edge-0" { 9 } else { 7 };
         assert_eq!(member.applied_version, want, "{}", member.proxy_id);
     }
+}
+
+async fn the_store_counts_lagging_proxies_as_moves_judge_them(store: &Store) {
+    let epoch = store.epoch().to_owned();
+    let members = [
+        ("drained-ahead", Some(12), epoch.as_str()),
+        ("drained-exactly", Some(10), epoch.as_str()),
+        ("drained-behind", Some(9), epoch.as_str()),
+        ("no-drained", None, epoch.as_str()),
+        ("other-store", Some(50), "0123456789abcdef"),
+    ];
+    for (id, drained, epoch) in members {
+        let hb = Heartbeat {
+            proxy_id: id.into(),
+            edge_region: "us".into(),
+            applied_version: 12,
+            drained_version: drained,
+            checksum: Checksum::default().to_hex(),
+            epoch: epoch.into(),
+        };
+        store.heartbeat(&hb, "fleet-token").await.unwrap();
+    }
+    let mut head = store.head().await.unwrap();
+    head.epoch = epoch.clone();
+    for version in [0, 9, 10, 11, 12, 13] {
+        let by_rows =
+            domicile_control_plane::moves::lagging(&store.fleet().await.unwrap(), &head, version)
+                .len() as u64;
+        assert_eq!(
+            store.fleet_lagging(&epoch, version).await.unwrap(),
+            (5, by_rows),
+            "version {version}"
+        );
+    }
+    assert_eq!(store.fleet_lagging(&epoch, 10).await.unwrap(), (5, 3));
 }
 
 /// A token deleted through one replica stops working on another within its poll interval,
