@@ -49,7 +49,7 @@ pub(crate) enum Served {
     Lines(Bytes, u64, usize),
     /// Nothing newer yet.
     UpToDate,
-    /// The cursor is before the window (or after it): ask the store.
+    /// The cursor is before the window (or older than the feed keeps): ask the store.
     NotHeld,
 }
 
@@ -77,11 +77,13 @@ impl Window {
     }
 
     pub(crate) fn serve(&self, cursor: u64, floor: u64) -> Served {
+        if cursor >= self.end {
+            // At the head, or ahead of what this replica has read (a commit through another
+            // replica it has not heard of yet): the tail brings what follows.
+            return Served::UpToDate;
+        }
         if !self.holds(cursor, floor) {
             return Served::NotHeld;
-        }
-        if cursor == self.end {
-            return Served::UpToDate;
         }
         let skip = (cursor - self.start()) as usize;
         let n = self.lines.len() - skip;
@@ -235,9 +237,8 @@ pub(crate) async fn stream(
     };
     let hello = domicile_wire::FeedLine::Hello {
         epoch: epoch.clone(),
-        head: head
-            .max(cursor)
-            .max(batch.as_ref().and_then(|b| b.last()).map_or(0, |c| c.0)),
+        // Never raised to the cursor: a head below it tells the proxy the store went back.
+        head: head.max(batch.as_ref().and_then(|b| b.last()).map_or(0, |c| c.0)),
     };
     let mut stopping = s.stopping.clone();
     if tx.send(line(&hello)).await.is_err() {
@@ -363,40 +364,71 @@ mod tests {
                 3
             )
         );
-        // Before the window, after it, or older than the feed keeps: the store answers.
+        // Before the window, or older than the feed keeps: the store answers.
         assert_eq!(w.serve(9, 0), Served::NotHeld);
-        assert_eq!(w.serve(14, 0), Served::NotHeld);
         assert_eq!(w.serve(11, 12), Served::NotHeld);
+        // Ahead of what the tail has read: wait for it (the stream began with a store read).
+        assert_eq!(w.serve(14, 0), Served::UpToDate);
+        assert!(!w.holds(14, 0));
     }
 
-    /// Every stream at the head gets every change, and the store is read once per change
-    /// however many streams follow it.
-    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn streams_at_the_head_cost_the_store_nothing_per_stream() {
+    /// A replica's state on a new SQLite store with region `us`, without the store's poll
+    /// (its reads are not the streams').
+    async fn replica() -> (AppState, tempfile::TempDir, watch::Sender<bool>) {
         let dir = tempfile::tempdir().unwrap();
         let url = format!("sqlite://{}", dir.path().join("cp.db").display());
-        // No poll during the test: its reads are not the streams'.
         let options = crate::StoreOptions {
             poll_interval: Duration::from_secs(3600),
             ..crate::StoreOptions::default()
         };
         let store = Store::open(&url, options).await.unwrap();
-        let actor = crate::store::Actor::new("test");
         let region = domicile_wire::Region {
             id: "us".into(),
             name: "US".into(),
             jurisdiction: vec!["US".into()],
         };
-        store.put_region(region, &actor).await.unwrap();
-        let (_stop, stopping) = watch::channel(false);
+        store
+            .put_region(region, &crate::store::Actor::new("test"))
+            .await
+            .unwrap();
+        let (stop, stopping) = watch::channel(false);
         let state = AppState {
             store: store.clone(),
             config: Arc::new(crate::ControlPlaneConfig::default()),
             metrics: Arc::default(),
             stopping: stopping.clone(),
             moves: crate::moves::Driver::spawn(store.clone(), stopping.clone()),
-            tail: Tail::spawn(store.clone(), stopping),
+            tail: Tail::spawn(store, stopping),
         };
+        (state, dir, stop)
+    }
+
+    /// A proxy ahead of the store (one restored from a backup) is told the store's head, not
+    /// its own version, so that it sees the map went back and fetches a snapshot.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_stream_ahead_of_the_store_hears_the_store_s_head() {
+        let (state, _dir, _stop) = replica().await;
+        let head = state.store.head().await.unwrap().version;
+        let ahead = head + 100;
+        assert!(!state.tail.current().holds(ahead, 0));
+        let first = state.store.changes(ahead, FEED_BATCH).await.unwrap();
+        let (tx, mut rx) = mpsc::channel(16);
+        tokio::spawn(stream(state.clone(), ahead, Some(first), tx));
+        let hello = rx.recv().await.unwrap().unwrap();
+        let hello: domicile_wire::FeedLine = serde_json::from_slice(&hello).unwrap();
+        match hello {
+            domicile_wire::FeedLine::Hello { head: said, .. } => assert_eq!(said, head),
+            other => panic!("{other:?}"),
+        }
+    }
+
+    /// Every stream at the head gets every change, and the store is read once per change
+    /// however many streams follow it.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn streams_at_the_head_cost_the_store_nothing_per_stream() {
+        let (state, _dir, _stop) = replica().await;
+        let store = state.store.clone();
+        let actor = crate::store::Actor::new("test");
         // Changes made while `streams` streams follow the head: the store operations they
         // took, and whether every stream saw every change.
         let round = async |streams: usize, tag: &str| -> u64 {

@@ -316,19 +316,22 @@ struct Inner {
 }
 
 /// Live tokens by hash, as last read. Emptied when this replica creates or deletes a token,
-/// and when the head watch sees the token set change (another replica's doing): a deleted
-/// token stops working everywhere within the poll interval. Only hits are kept, at most
+/// and when the head watch sees the store's `tokens_version` move (another replica's doing):
+/// a deleted token stops working everywhere within the poll interval. Only hits are kept, at most
 /// [`TOKEN_CACHE_MAX`].
 #[derive(Default)]
 struct TokenCache {
     live: HashMap<String, (String, Role)>,
-    /// What the token table looked like when the cache was last emptied: (rows, newest).
-    seen: Option<(i64, i64)>,
+    /// The store's `tokens_version` when the cache was last emptied.
+    seen: Option<i64>,
     /// Bumped at every emptying, so that a read racing one is not cached.
     generation: u64,
 }
 
 const TOKEN_CACHE_MAX: usize = 10_000;
+
+/// Every token creation and deletion bumps this, in its transaction.
+const BUMP_TOKENS: &str = "UPDATE meta SET tokens_version = tokens_version + 1 WHERE id = 1";
 
 impl std::fmt::Debug for Store {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -1551,8 +1554,9 @@ impl Store {
             let mut tx = read.begin_with(d.begin_snapshot).await?;
             let head = head_from_row(
                 &sqlx::query("SELECT version, checksum, epoch FROM meta WHERE id = 1")
-                    .fetch_one(&mut *tx)
-                    .await?,
+                    .fetch_all(&mut *tx)
+                    .await
+                    .and_then(only)?,
             )?;
             let retention = self
                 .inner
@@ -1626,12 +1630,14 @@ impl Store {
             let mut tx = read.begin_with(d.begin_snapshot).await?;
             let head = head_from_row(
                 &sqlx::query("SELECT version, checksum, epoch FROM meta WHERE id = 1")
-                    .fetch_one(&mut *tx)
-                    .await?,
+                    .fetch_all(&mut *tx)
+                    .await
+                    .and_then(only)?,
             )?;
             let count: i64 = sqlx::query("SELECT COUNT(*) AS n FROM workspaces")
-                .fetch_one(&mut *tx)
-                .await?
+                .fetch_all(&mut *tx)
+                .await
+                .and_then(only)?
                 .try_get("n")?;
             let mut buf = String::with_capacity(CHUNK + 256);
             buf.push_str(
@@ -1666,8 +1672,9 @@ impl Store {
                 let page = sqlx::query(d.snapshot_page)
                     .bind(&after)
                     .bind(SNAPSHOT_PAGE)
-                    .fetch_one(&mut *tx)
-                    .await?;
+                    .fetch_all(&mut *tx)
+                    .await
+                    .and_then(only)?;
                 let n: i64 = page.try_get("n")?;
                 if n == 0 {
                     break;
@@ -1792,7 +1799,8 @@ impl Store {
     /// Creates a token and returns its secret (shown once; only its hash is stored).
     pub async fn create_token(&self, name: &str, role: Role) -> Result<String, StoreError> {
         let secret = new_token();
-        on_backend!(self.inner, |pool, _read, _d| {
+        on_backend!(self.inner, |pool, _read, d| {
+            let mut tx = pool.begin_with(d.begin_write).await?;
             let done = sqlx::query(
                 "INSERT INTO tokens (name, role, hash, created_at) VALUES ($1, $2, $3, $4) \
                  ON CONFLICT (name) DO NOTHING",
@@ -1801,8 +1809,10 @@ impl Store {
             .bind(role.as_str())
             .bind(hash_token(&secret))
             .bind(now_ms())
-            .execute(pool)
+            .execute(&mut *tx)
             .await?;
+            sqlx::query(BUMP_TOKENS).execute(&mut *tx).await?;
+            tx.commit().await?;
             if done.rows_affected() == 0 {
                 return Err(StoreError::Conflict {
                     code: "token_exists",
@@ -1850,7 +1860,7 @@ impl Store {
     }
 
     /// Forgets every cached token (the token set changed), remembering what it looked like.
-    fn forget_tokens(&self, seen: Option<(i64, i64)>) {
+    fn forget_tokens(&self, seen: Option<i64>) {
         let mut cache = self.inner.tokens.lock().expect("token cache");
         cache.live.clear();
         cache.generation += 1;
@@ -1859,19 +1869,15 @@ impl Store {
         }
     }
 
-    /// Empties the token cache when the token table changed since it was last looked at.
+    /// Empties the token cache when a token was created or deleted since it was last
+    /// looked at.
     async fn check_tokens(&self) -> Result<(), StoreError> {
         let seen = on_backend!(self.inner, |_pool, read, _d| {
-            let row = sqlx::query(
-                "SELECT count(*) AS n, coalesce(max(created_at), 0) AS newest FROM tokens",
-            )
-            .fetch_all(read)
-            .await
-            .and_then(only)?;
-            Ok::<_, StoreError>((
-                row.try_get::<i64, _>("n")?,
-                row.try_get::<i64, _>("newest")?,
-            ))
+            let row = sqlx::query("SELECT tokens_version FROM meta WHERE id = 1")
+                .fetch_all(read)
+                .await
+                .and_then(only)?;
+            Ok::<_, StoreError>(row.try_get::<i64, _>("tokens_version")?)
         })?;
         let changed = self.inner.tokens.lock().expect("token cache").seen != Some(seen);
         if changed {
@@ -1902,15 +1908,17 @@ impl Store {
     }
 
     pub async fn delete_token(&self, name: &str) -> Result<bool, StoreError> {
-        let deleted = on_backend!(self.inner, |pool, _read, _d| {
-            Ok::<_, StoreError>(
-                sqlx::query("DELETE FROM tokens WHERE name = $1")
-                    .bind(name)
-                    .execute(pool)
-                    .await?
-                    .rows_affected()
-                    > 0,
-            )
+        let deleted = on_backend!(self.inner, |pool, _read, d| {
+            let mut tx = pool.begin_with(d.begin_write).await?;
+            let deleted = sqlx::query("DELETE FROM tokens WHERE name = $1")
+                .bind(name)
+                .execute(&mut *tx)
+                .await?
+                .rows_affected()
+                > 0;
+            sqlx::query(BUMP_TOKENS).execute(&mut *tx).await?;
+            tx.commit().await?;
+            Ok::<_, StoreError>(deleted)
         })?;
         self.forget_tokens(None);
         Ok(deleted)

@@ -243,9 +243,11 @@ macro_rules! load_move {
     ($tx:expr, $id:expr) => {{
         sqlx::query(&format!("SELECT {MOVE_COLUMNS} FROM moves WHERE id = $1"))
             .bind(i($id))
-            .fetch_optional(&mut *$tx)
+            // `fetch_all`: see `only` in the store module.
+            .fetch_all(&mut *$tx)
             .await?
-            .map(|r| move_from_row(&r))
+            .first()
+            .map(move_from_row)
             .transpose()?
             .ok_or_else(|| StoreError::NotFound {
                 what: "move",
