@@ -145,38 +145,12 @@ async fn run_store(store: &str, url: &str, options: &Options) -> Result<StoreRes
         .context("a fresh store makes an admin token")?;
     let base = format!("http://{}", cp.addr);
     let admin = AdminClient::new(&base, Some(token));
-    for (id, codes) in [("us", ["US"]), ("eu", ["DE"])] {
-        admin
-            .send_json(
-                Method::PUT,
-                &format!("/v1/regions/{id}"),
-                &json!({ "jurisdiction": codes }),
-            )
-            .await?;
-    }
+    two_regions(&admin).await?;
 
     // Import.
-    let mut ndjson = String::with_capacity(options.entries as usize * 48);
-    for i in 0..options.entries {
-        let region = if home_is_eu(i) { "eu" } else { "us" };
-        ndjson.push_str(&format!(
-            "{{\"id\":\"{}\",\"region\":\"{region}\"}}\n",
-            workspace_id(i)
-        ));
-    }
-    eprintln!(
-        "[{store}] importing {} workspaces ({} MB)",
-        options.entries,
-        ndjson.len() >> 20
-    );
+    eprintln!("[{store}] importing {} workspaces", options.entries);
     let started = Instant::now();
-    admin
-        .send(
-            Method::POST,
-            "/v1/workspaces:import",
-            Some((Bytes::from(ndjson), "application/x-ndjson")),
-        )
-        .await?;
+    import(&admin, options.entries, home_is_eu).await?;
     let import_seconds = started.elapsed().as_secs_f64();
     eprintln!("[{store}] import: {import_seconds:.1} s");
 
@@ -359,6 +333,41 @@ pub(crate) fn write_report<T: Serialize>(
     std::fs::write(&md_path, md)?;
     print!("{md}");
     Ok(md_path)
+}
+
+/// Regions `us` (US) and `eu` (DE).
+pub(crate) async fn two_regions(admin: &AdminClient) -> Result<()> {
+    for (id, codes) in [("us", ["US"]), ("eu", ["DE"])] {
+        admin
+            .send_json(
+                Method::PUT,
+                &format!("/v1/regions/{id}"),
+                &json!({ "jurisdiction": codes }),
+            )
+            .await?;
+    }
+    Ok(())
+}
+
+/// Workspaces `workspace_id(0..n)` as one NDJSON import, in `eu` where `is_eu` says so and
+/// in `us` otherwise.
+pub(crate) async fn import(admin: &AdminClient, n: u64, is_eu: impl Fn(u64) -> bool) -> Result<()> {
+    let mut ndjson = String::with_capacity(n as usize * 48);
+    for i in 0..n {
+        let region = if is_eu(i) { "eu" } else { "us" };
+        ndjson.push_str(&format!(
+            "{{\"id\":\"{}\",\"region\":\"{region}\"}}\n",
+            workspace_id(i)
+        ));
+    }
+    admin
+        .send(
+            Method::POST,
+            "/v1/workspaces:import",
+            Some((Bytes::from(ndjson), "application/x-ndjson")),
+        )
+        .await?;
+    Ok(())
 }
 
 /// A token of role `proxy` for the bench's proxies.

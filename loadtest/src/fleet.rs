@@ -34,7 +34,6 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
-use bytes::Bytes;
 use domicile::client::AdminClient;
 use domicile_proxy::config::ControlPlaneSection;
 use domicile_proxy::route::map::Replica;
@@ -293,30 +292,8 @@ pub async fn run(options: Options) -> Result<PathBuf> {
         .trim()
         .to_owned();
     let admin = AdminClient::new(&cps[0].url, Some(token));
-    for (id, codes) in [("us", ["US"]), ("eu", ["DE"])] {
-        admin
-            .send_json(
-                Method::PUT,
-                &format!("/v1/regions/{id}"),
-                &json!({ "jurisdiction": codes }),
-            )
-            .await?;
-    }
-    let mut ndjson = String::new();
-    for i in 0..options.workspaces {
-        let region = if i % 2 == 0 { "us" } else { "eu" };
-        ndjson.push_str(&format!(
-            "{{\"id\":\"{}\",\"region\":\"{region}\"}}\n",
-            workspace_id(i)
-        ));
-    }
-    admin
-        .send(
-            Method::POST,
-            "/v1/workspaces:import",
-            Some((Bytes::from(ndjson), "application/x-ndjson")),
-        )
-        .await?;
+    crate::control_plane::two_regions(&admin).await?;
+    crate::control_plane::import(&admin, options.workspaces, |i| i % 2 == 1).await?;
     let proxy_token = crate::control_plane::proxy_token(&admin).await?;
     let proxy_token_file = dir.path().join("proxy.token");
     std::fs::write(&proxy_token_file, &proxy_token)?;
@@ -481,46 +458,18 @@ pub async fn run(options: Options) -> Result<PathBuf> {
             "us"
         };
         let started = Instant::now();
-        let m = admin
-            .send_json(
-                Method::POST,
-                "/v1/moves",
-                &json!({ "workspace": workspace, "to": to, "reason": "loadtest fleet" }),
-            )
-            .await?;
-        let id = m["id"].as_u64().context("move id")?;
-        let mut completed = false;
-        let finished = loop {
-            let m = admin.get_json(&format!("/v1/moves/{id}")).await?;
-            match m["phase"].as_str() {
-                Some("frozen") if !completed => {
-                    admin
-                        .send_json(
-                            Method::POST,
-                            &format!("/v1/moves/{id}/complete"),
-                            &json!({}),
-                        )
-                        .await?;
-                    completed = true;
-                }
-                Some("done") => break m,
-                Some("aborted") => bail!("move {id} aborted: {m}"),
-                _ => {}
-            }
-            if started.elapsed() > STEP_TIMEOUT {
-                bail!("move {id} did not finish in {STEP_TIMEOUT:?}: {m}");
-            }
-            tokio::time::sleep(Duration::from_millis(5)).await;
-        };
+        let finished = crate::moves::move_with_instant_copy(
+            &admin,
+            &workspace,
+            to,
+            "loadtest fleet",
+            // Each look at a waiting move reads the fleet's wait list: not every millisecond.
+            Duration::from_millis(5),
+            STEP_TIMEOUT,
+        )
+        .await?;
         move_samples.push(started.elapsed());
-        let at = |phase: &str| {
-            finished["at"][phase]
-                .as_str()
-                .and_then(|t| humantime::parse_rfc3339(t).ok())
-        };
-        if let (Some(freezing), Some(frozen), Some(switching), Some(done)) =
-            (at("freezing"), at("frozen"), at("switching"), at("done"))
-        {
+        if let Some((freezing, frozen, switching, done)) = crate::moves::phase_times(&finished) {
             freeze_drains.push(frozen.duration_since(freezing).unwrap_or_default());
             switch_drains.push(done.duration_since(switching).unwrap_or_default());
         }

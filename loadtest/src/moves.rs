@@ -16,7 +16,7 @@
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime};
 
 use anyhow::{Context, Result};
 use bytes::Bytes;
@@ -93,6 +93,67 @@ async fn send(
         }
         Err(_) => (0, None),
     }
+}
+
+/// Moves `workspace` to `to` with an instant data copy (`complete` the moment it is frozen)
+/// and returns the move as `GET /v1/moves/{id}` shows it once done, asking every `poll`.
+pub(crate) async fn move_with_instant_copy(
+    admin: &AdminClient,
+    workspace: &str,
+    to: &str,
+    reason: &str,
+    poll: Duration,
+    timeout: Duration,
+) -> Result<serde_json::Value> {
+    let m = admin
+        .send_json(
+            Method::POST,
+            "/v1/moves",
+            &json!({ "workspace": workspace, "to": to, "reason": reason }),
+        )
+        .await?;
+    let id = m["id"].as_u64().context("move id")?;
+    let started = Instant::now();
+    let mut completed = false;
+    loop {
+        let m = admin.get_json(&format!("/v1/moves/{id}")).await?;
+        match m["phase"].as_str() {
+            Some("frozen") if !completed => {
+                admin
+                    .send_json(
+                        Method::POST,
+                        &format!("/v1/moves/{id}/complete"),
+                        &json!({}),
+                    )
+                    .await?;
+                completed = true;
+            }
+            Some("done") => return Ok(m),
+            Some("aborted") => anyhow::bail!("move {id} aborted: {m}"),
+            _ => {}
+        }
+        if started.elapsed() > timeout {
+            anyhow::bail!("move {id} did not finish in {timeout:?}: {m}");
+        }
+        tokio::time::sleep(poll).await;
+    }
+}
+
+/// When a finished move entered `freezing`, `frozen`, `switching` and `done`.
+pub(crate) fn phase_times(
+    m: &serde_json::Value,
+) -> Option<(SystemTime, SystemTime, SystemTime, SystemTime)> {
+    let at = |phase: &str| {
+        m["at"][phase]
+            .as_str()
+            .and_then(|t| humantime::parse_rfc3339(t).ok())
+    };
+    Some((
+        at("freezing")?,
+        at("frozen")?,
+        at("switching")?,
+        at("done")?,
+    ))
 }
 
 /// Runs the moves and writes the report; returns the Markdown path.
@@ -207,39 +268,15 @@ pub async fn run(options: Options) -> Result<PathBuf> {
             })
         };
         tokio::time::sleep(Duration::from_millis(20)).await;
-        let m = admin
-            .send_json(
-                Method::POST,
-                "/v1/moves",
-                &json!({ "workspace": workspace, "to": to, "reason": "loadtest" }),
-            )
-            .await?;
-        let id = m["id"].as_u64().context("move id")?;
-        let started = Instant::now();
-        // The data mover: completes the moment the move is frozen.
-        let mut completed = false;
-        let finished = loop {
-            let m = admin.get_json(&format!("/v1/moves/{id}")).await?;
-            match m["phase"].as_str() {
-                Some("frozen") if !completed => {
-                    admin
-                        .send_json(
-                            Method::POST,
-                            &format!("/v1/moves/{id}/complete"),
-                            &json!({}),
-                        )
-                        .await?;
-                    completed = true;
-                }
-                Some("done") => break m,
-                Some("aborted") => anyhow::bail!("move {id} aborted: {m}"),
-                _ => {}
-            }
-            if started.elapsed() > Duration::from_secs(60) {
-                anyhow::bail!("move {id} did not finish in 60 s: {m}");
-            }
-            tokio::time::sleep(Duration::from_millis(1)).await;
-        };
+        let finished = move_with_instant_copy(
+            &admin,
+            &workspace,
+            to,
+            "loadtest",
+            Duration::from_millis(1),
+            Duration::from_secs(60),
+        )
+        .await?;
         // A little traffic after the unfreeze, then the writer's log.
         tokio::time::sleep(Duration::from_millis(30)).await;
         done.store(true, Ordering::Relaxed);
@@ -259,14 +296,7 @@ pub async fn run(options: Options) -> Result<PathBuf> {
                 (false, false) => failed += 1,
             }
         }
-        let at = |phase: &str| {
-            finished["at"][phase]
-                .as_str()
-                .and_then(|t| humantime::parse_rfc3339(t).ok())
-        };
-        if let (Some(freezing), Some(frozen), Some(switching), Some(done)) =
-            (at("freezing"), at("frozen"), at("switching"), at("done"))
-        {
+        if let Some((freezing, frozen, switching, done)) = phase_times(&finished) {
             cp_pauses.push(done.duration_since(freezing).unwrap_or_default());
             freeze_drains.push(frozen.duration_since(freezing).unwrap_or_default());
             switch_drains.push(done.duration_since(switching).unwrap_or_default());
