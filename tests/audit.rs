@@ -281,7 +281,7 @@ struct Seen {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigkill_under_load_leaves_an_open_tail_and_every_answered_request_before_it() {
-    let (_us, _eu, builder) = audited().await;
+    let (us, eu, builder) = audited().await;
     let (config, dir) = builder
         .audit("commit_interval = \"5ms\"\ncheckpoint_interval = \"200ms\"")
         .write();
@@ -407,12 +407,132 @@ async fn sigkill_under_load_leaves_an_open_tail_and_every_answered_request_befor
         .collect();
     assert!(missing.is_empty(), "answered but not on disk: {missing:?}");
 
-    // A restart continues the log and acknowledges the crash.
+    // A restart continues the log and acknowledges the crash, and records from the forward
+    // journal what the crash took: every request an origin saw has exactly one record now.
     let config = domicile_proxy::ProxyConfig::from_file(&config).unwrap();
     let restarted = domicile_proxy::start(config).await.unwrap();
     restarted.shutdown().await;
     let report = verify(&audit_dir, &public_key(dir.path()), None).unwrap();
     assert_eq!(report.verdict, Verdict::Intact, "{}", report.to_text());
+    let after = records(&audit_dir);
+    let mut per_id: HashMap<&str, Vec<&Record>> = HashMap::new();
+    for r in &after {
+        per_id.entry(r.request_id.as_str()).or_default().push(r);
+    }
+    let served: Vec<(String, &str)> = us
+        .seen_requests()
+        .into_iter()
+        .map(|s| (s, "us"))
+        .chain(eu.seen_requests().into_iter().map(|s| (s, "eu")))
+        .filter_map(|(s, region)| Some((s.headers.get("x-request-id")?.clone(), region)))
+        .collect();
+    assert!(served.len() > 1000);
+    let mut recovered = 0;
+    for (id, region) in &served {
+        let rs = per_id.get(id.as_str()).map_or(&[][..], |v| &v[..]);
+        assert_eq!(
+            rs.len(),
+            1,
+            "{id} served in {region} has {} records",
+            rs.len()
+        );
+        assert_eq!(
+            rs[0].upstream_region.as_deref(),
+            Some(*region),
+            "{:?}",
+            rs[0]
+        );
+        if rs[0].recovered {
+            recovered += 1;
+            assert!(!logged.contains(id), "{id} was in the log already");
+            assert!(!rs[0].complete && rs[0].status.is_none(), "{:?}", rs[0]);
+        }
+    }
+    // The kill came mid-load: some forwards were in flight or still in the queue.
+    assert!(recovered > 0, "no forward was recovered from the journal");
+    let journals = std::fs::read_dir(&audit_dir)
+        .unwrap()
+        .flatten()
+        .filter(|e| e.file_name().to_string_lossy().starts_with("journal-"))
+        .count();
+    assert_eq!(journals, 0, "a clean stop leaves no journal behind");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_forward_in_flight_at_a_kill_is_recorded_at_the_next_start() {
+    let (us, _eu, builder) = audited().await;
+    let (config_path, dir) = builder.audit("").write();
+    let (mut child, addr) = spawn_proxy(&config_path);
+    let audit_dir = dir.path().join("audit");
+    // An upload the origin holds for 3 s before it answers: in flight when the proxy dies.
+    let request = Request::builder()
+        .method("POST")
+        .uri(format!("http://{addr}/w/acme/slow"))
+        .header("x-request-id", "in-flight-1")
+        .header("x-origin-delay-ms", "3000")
+        .body(Full::new(Bytes::from_static(b"the data that left")))
+        .unwrap();
+    let pending = tokio::spawn(async move {
+        let client: Client<_, Full<Bytes>> = Client::builder(TokioExecutor::new()).build_http();
+        client.request(request).await.map(|r| r.status())
+    });
+    // The decision is in the journal before the request leaves for the origin.
+    let journal_len = || -> u64 {
+        std::fs::read_dir(&audit_dir)
+            .map(|entries| {
+                entries
+                    .flatten()
+                    .filter(|e| e.file_name().to_string_lossy().starts_with("journal-"))
+                    .filter_map(|e| e.metadata().ok())
+                    .map(|m| m.len())
+                    .sum()
+            })
+            .unwrap_or(0)
+    };
+    assert!(
+        eventually(Duration::from_secs(10), || journal_len() > 0).await,
+        "nothing was journaled"
+    );
+    let pid = rustix::process::Pid::from_raw(child.pid() as i32).unwrap();
+    rustix::process::kill_process(pid, rustix::process::Signal::KILL).unwrap();
+    let _ = child.0.wait();
+    assert!(
+        pending.await.unwrap().is_err(),
+        "the client lost its answer with the proxy"
+    );
+    assert!(
+        records(&audit_dir)
+            .iter()
+            .all(|r| r.request_id != "in-flight-1"),
+        "no record yet: the request never ended"
+    );
+
+    let start = || async {
+        let config = domicile_proxy::ProxyConfig::from_file(&config_path).unwrap();
+        let proxy = domicile_proxy::start(config).await.unwrap();
+        proxy.shutdown().await;
+        records(&audit_dir)
+            .into_iter()
+            .filter(|r| r.request_id == "in-flight-1")
+            .collect::<Vec<Record>>()
+    };
+    let found = start().await;
+    assert_eq!(found.len(), 1, "{found:?}");
+    let r = &found[0];
+    assert!(r.recovered);
+    assert_eq!(r.decision, "forwarded");
+    assert_eq!(r.workspace.as_deref(), Some("acme"));
+    assert_eq!(r.home_region.as_deref(), Some("us"));
+    assert_eq!(r.upstream_region.as_deref(), Some("us"));
+    assert_eq!(r.upstream.as_deref(), Some(us.addr.to_string().as_str()));
+    assert_eq!(r.method, "POST");
+    assert_eq!(r.path, "/w/acme/slow");
+    assert!(r.status.is_none() && !r.complete, "{r:?}");
+    let report = verify(&audit_dir, &public_key(dir.path()), None).unwrap();
+    assert_eq!(report.verdict, Verdict::Intact, "{}", report.to_text());
+    assert_eq!(journal_len(), 0, "the recovered journal was removed");
+    // A second start finds nothing more to recover: the record is not written twice.
+    assert_eq!(start().await.len(), 1);
 }
 
 /// One GET through the proxy, kept with its answer (request id, status, refusal).

@@ -26,6 +26,23 @@ pub struct Schema {
     name: String,
 }
 
+impl Schema {
+    /// Cuts every open connection to this schema from the server side
+    /// (`pg_terminate_backend`), as a database failover or an administrator would; returns
+    /// how many were cut.
+    pub async fn terminate_connections(&self) -> Result<i64, sqlx::Error> {
+        let mut conn = sqlx::PgConnection::connect(&self.base).await?;
+        let (cut,): (i64,) = sqlx::query_as(
+            "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity \
+             WHERE application_name = $1 AND pid <> pg_backend_pid()",
+        )
+        .bind(&self.name)
+        .fetch_one(&mut conn)
+        .await?;
+        Ok(cut)
+    }
+}
+
 impl Drop for Schema {
     fn drop(&mut self) {
         let (base, schema) = (self.base.clone(), self.name.clone());
@@ -74,8 +91,9 @@ pub async fn postgres_schema() -> Option<Schema> {
         .execute(&mut conn)
         .await
         .expect("create test schema");
+    // Every connection to the schema carries its name, so a test can find (and cut) them.
     let sep = if base.contains('?') { '&' } else { '?' };
-    let url = format!("{base}{sep}options[search_path]={schema}");
+    let url = format!("{base}{sep}options[search_path]={schema}&application_name={schema}");
     Some(Schema {
         url,
         base,

@@ -111,23 +111,35 @@ pub struct Report {
 }
 
 /// A `domicile control-plane` process.
-struct ControlPlane {
-    child: Child,
-    pid: u32,
-    url: String,
+pub(crate) struct ControlPlane {
+    pub(crate) child: Child,
+    pub(crate) pid: u32,
+    pub(crate) url: String,
 }
 
-async fn start_control_plane(
+/// Starts replica `index` on `store` with the configuration file `config`, if any; its
+/// standard error goes to `control-plane-<index>.log` in `dir` (appended to, so a restarted
+/// replica's log follows the one before). Replica 0 writes the first admin token to
+/// `token_file`.
+pub(crate) async fn start_control_plane(
     domicile: &Path,
     dir: &Path,
     index: usize,
     store: &str,
     token_file: &Path,
+    config: Option<&Path>,
 ) -> Result<ControlPlane> {
-    let log = std::fs::File::create(dir.join(format!("control-plane-{index}.log")))?;
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(dir.join(format!("control-plane-{index}.log")))?;
     let mut command = Command::new(domicile);
+    command.arg("control-plane");
+    if let Some(config) = config {
+        command.arg("--config").arg(config);
+    }
     command
-        .args(["control-plane", "--listen", "127.0.0.1:0"])
+        .args(["--listen", "127.0.0.1:0"])
         .env("DOMICILE_STORE", store)
         .env("RUST_LOG", "warn")
         .stdin(Stdio::null())
@@ -285,7 +297,9 @@ pub async fn run(options: Options) -> Result<PathBuf> {
     let token_file = dir.path().join("admin.token");
     let mut cps = Vec::new();
     for i in 0..options.replicas {
-        cps.push(start_control_plane(&domicile, dir.path(), i, &schema.url, &token_file).await?);
+        cps.push(
+            start_control_plane(&domicile, dir.path(), i, &schema.url, &token_file, None).await?,
+        );
     }
     let token = std::fs::read_to_string(&token_file)
         .context("the first replica wrote no admin token")?

@@ -3,6 +3,7 @@
 //! benches (the synthetic workspace population both use, so that the bench and `map-memory`
 //! measure the same map).
 
+pub mod chaos;
 pub mod compare;
 pub mod control_plane;
 pub mod fleet;

@@ -40,6 +40,11 @@ enum Command {
     /// propagation, moves, a reconnect storm, memory and store operations per proxy. Writes
     /// loadtest/results/<date>-<host>-fleet.json and .md.
     Fleet(FleetArgs),
+    /// The residency promise under faults: 3 proxies, 2 control-plane replicas on PostgreSQL,
+    /// origins for 3 regions, traffic, and moves, kill -9, stopped origins, a cut-off control
+    /// plane and cut database connections on a seeded schedule; judged from the origins' logs,
+    /// the map history and the audit logs. Exits 1 on any violation.
+    Chaos(ChaosArgs),
     /// One process of `fleet`'s simulated proxies (started by `fleet`; commands on stdin).
     #[command(hide = true)]
     FleetAgent(FleetAgentArgs),
@@ -74,6 +79,71 @@ struct FleetArgs {
     /// Appended to the results file names.
     #[arg(long)]
     label: Option<String>,
+}
+
+#[derive(Debug, Args)]
+struct ChaosArgs {
+    /// Seed of the fault schedule and the traffic (default: drawn from the clock, and printed).
+    #[arg(long)]
+    seed: Option<u64>,
+    /// How long traffic and faults run.
+    #[arg(long, default_value = "5m", value_parser = humantime::parse_duration)]
+    duration: std::time::Duration,
+    /// 90 seconds.
+    #[arg(long)]
+    quick: bool,
+    /// Concurrent client loops.
+    #[arg(long, default_value_t = 6)]
+    clients: usize,
+    /// Workspaces in the map.
+    #[arg(long, default_value_t = 30)]
+    workspaces: usize,
+    /// The domicile binary (default: build it with cargo build --release).
+    #[arg(long)]
+    domicile: Option<std::path::PathBuf>,
+    /// Where the logs are kept (default: a new directory in the system's temporary directory).
+    #[arg(long)]
+    logs: Option<std::path::PathBuf>,
+    /// Appended to the results file names.
+    #[arg(long)]
+    label: Option<String>,
+}
+
+fn chaos(args: ChaosArgs) -> Result<ExitCode> {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    let seed = args.seed.unwrap_or_else(|| {
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(1, |d| d.as_nanos() as u64)
+    });
+    let logs = args.logs.unwrap_or_else(|| {
+        std::env::temp_dir().join(format!("domicile-chaos-{seed}-{}", std::process::id()))
+    });
+    let duration = if args.quick {
+        std::time::Duration::from_secs(90)
+    } else {
+        args.duration
+    };
+    let outcome = runtime.block_on(loadtest::chaos::run(loadtest::chaos::Options {
+        seed,
+        duration,
+        clients: args.clients.max(1),
+        workspaces: args.workspaces.max(1),
+        domicile: loadtest::peers::domicile_binary(args.domicile)?,
+        dir: logs,
+        results_dir: Some(std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("results")),
+        label: args
+            .label
+            .or_else(|| args.quick.then(|| "quick".to_owned())),
+    }))?;
+    println!("chaos seed {seed}: {}", outcome.report.verdict.line());
+    Ok(if outcome.report.verdict.ok() {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    })
 }
 
 #[derive(Debug, Args)]
@@ -198,6 +268,7 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let outcome = match cli.command {
         Command::Compare(args) => compare(args),
+        Command::Chaos(args) => chaos(args),
         Command::MapMemory(args) => map_memory(&args),
         Command::Origin(args) => {
             loadtest::origin::run(&args.pools, &args.tls_pools, args.certs.as_deref())

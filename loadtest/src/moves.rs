@@ -67,6 +67,14 @@ pub struct Report {
 
 type HttpClient = Client<hyper_util::client::legacy::connect::HttpConnector, Full<Bytes>>;
 
+/// The refusal code an answer carries (`x-domicile-refusal`), if any.
+pub(crate) fn refusal_code(headers: &http::HeaderMap) -> Option<String> {
+    headers
+        .get("x-domicile-refusal")
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_owned)
+}
+
 /// Sends one request for `workspace`; returns the status and the refusal code, if any.
 async fn send(
     client: &HttpClient,
@@ -83,11 +91,7 @@ async fn send(
     match client.request(request).await {
         Ok(response) => {
             let status = response.status().as_u16();
-            let refusal = response
-                .headers()
-                .get("x-domicile-refusal")
-                .and_then(|v| v.to_str().ok())
-                .map(str::to_owned);
+            let refusal = refusal_code(response.headers());
             let _ = response.into_body().collect().await;
             (status, refusal)
         }

@@ -121,6 +121,10 @@ pub struct Record {
     pub complete: bool,
     pub client_country: Option<String>,
     pub client_ip: Option<IpAddr>,
+    /// Rebuilt at start from the forward journal of a run that did not stop: the request was
+    /// sent (or about to be sent) to `upstream_region`; how it ended is not known.
+    #[serde(default)]
+    pub recovered: bool,
     pub prev: String,
 }
 

@@ -17,6 +17,7 @@
 //! the outage in a signed checkpoint.
 
 pub mod format;
+mod journal;
 pub mod keys;
 mod record;
 #[cfg(test)]
@@ -57,6 +58,9 @@ struct Queue {
     /// Queued records, one after another ([`Fixed`] then its strings).
     bytes: Vec<u8>,
     records: usize,
+    /// The journal files of the queued records that were journaled (one holder each), let go
+    /// by the writer once their records are on disk.
+    journaled: Vec<Arc<journal::JournalFile>>,
 }
 
 /// fsync latency buckets, in seconds.
@@ -82,6 +86,9 @@ struct Shared {
     refused_last: AtomicU64,
     /// Requests served without a record (`on_failure = "serve"`) since the last checkpoint.
     unrecorded: AtomicU64,
+    /// The forward journal being appended to (none until the writer opened it).
+    journal: arc_swap::ArcSwapOption<journal::JournalFile>,
+    journal_errors: AtomicU64,
     /// The latest checkpoint line written and synced.
     latest_checkpoint: Mutex<String>,
     // Counters for the metrics.
@@ -180,6 +187,8 @@ impl Audit {
             refused_first: AtomicU64::new(0),
             refused_last: AtomicU64::new(0),
             unrecorded: AtomicU64::new(0),
+            journal: arc_swap::ArcSwapOption::empty(),
+            journal_errors: AtomicU64::new(0),
             latest_checkpoint: Mutex::new(String::new()),
             refused_total: AtomicU64::new(0),
             unrecorded_total: AtomicU64::new(0),
@@ -295,7 +304,7 @@ impl Audit {
         let s = &self.shared;
         let load = |c: &AtomicU64| c.load(Ordering::Relaxed);
         let queued = s.queue.lock().records + s.unsynced_records.load(Ordering::Relaxed);
-        let rows: [(&str, &str, &str, u64); 10] = [
+        let rows: [(&str, &str, &str, u64); 11] = [
             (
                 "domicile_audit_records_written_total",
                 "counter",
@@ -343,6 +352,12 @@ impl Audit {
                 "counter",
                 "Failed audit writes and fsyncs.",
                 load(&s.write_errors),
+            ),
+            (
+                "domicile_audit_journal_errors_total",
+                "counter",
+                "Forwards the journal could not hold (their records survive a clean stop, not a crash).",
+                load(&s.journal_errors),
             ),
             (
                 "domicile_audit_healthy",
@@ -415,6 +430,8 @@ pub struct Entry {
     strings: Vec<u8>,
     started: Instant,
     shared: Arc<Shared>,
+    /// The journal file this decision went into, if it was forwarded.
+    journal: Option<Arc<journal::JournalFile>>,
 }
 
 thread_local! {
@@ -436,6 +453,7 @@ impl Entry {
             strings,
             started: Instant::now(),
             shared,
+            journal: None,
         }
     }
 
@@ -477,6 +495,23 @@ impl Entry {
         self.fixed.upstream_endpoint = u16::try_from(endpoint).unwrap_or(NONE16);
     }
 
+    /// The request is about to be sent to `endpoint` of `region`: the decision goes into the
+    /// forward journal first, so that a crash from here on cannot take its record along
+    /// ([`journal`]). Called before every attempt (a retry names its new endpoint).
+    pub fn sending(&mut self, region: &str, endpoint: &str) {
+        let Some(file) = self.shared.journal.load_full() else {
+            return;
+        };
+        match file.append(&self.fixed, &self.strings, region, endpoint) {
+            Ok(()) => self.journal = Some(file),
+            Err(e) => {
+                if self.shared.journal_errors.fetch_add(1, Ordering::Relaxed) == 0 {
+                    tracing::warn!("cannot write the audit's forward journal: {e}");
+                }
+            }
+        }
+    }
+
     /// The status the client is answered with.
     pub fn status(&mut self, status: u16) {
         self.fixed.status = status;
@@ -509,6 +544,9 @@ impl Entry {
             .extend_from_slice(bytemuck::bytes_of(&self.fixed));
         queue.bytes.extend_from_slice(&self.strings);
         queue.records += 1;
+        if let Some(file) = self.journal.take() {
+            queue.journaled.push(file);
+        }
         drop(queue);
         if was_empty {
             self.shared.wake_writer();

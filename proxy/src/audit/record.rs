@@ -27,6 +27,8 @@ pub(super) const COMPLETE: u32 = 1 << 2;
 pub(super) const PATH_TRUNCATED: u32 = 1 << 3;
 pub(super) const HOST_TRUNCATED: u32 = 1 << 4;
 pub(super) const HAS_HOST: u32 = 1 << 5;
+/// Rebuilt at start from the forward journal of a run that did not stop ([`super::journal`]).
+pub(super) const RECOVERED: u32 = 1 << 6;
 
 /// Longest path kept in a record; longer ones are cut here and flagged.
 pub(super) const MAX_PATH: usize = 1024;
@@ -194,7 +196,20 @@ pub(super) struct Queued<'a> {
     strings: &'a [u8],
 }
 
+/// Region and endpoint names given as text rather than as indices of this run's tables: a
+/// recovered record's come from the journal of an earlier run, whose indices meant other
+/// things.
+pub(super) struct Names<'a> {
+    pub home_region: Option<&'a [u8]>,
+    pub upstream_region: &'a [u8],
+    pub upstream: &'a [u8],
+}
+
 impl<'a> Queued<'a> {
+    pub fn new(fixed: Fixed, strings: &'a [u8]) -> Self {
+        Self { fixed, strings }
+    }
+
     /// The record at the start of `bytes`, and the bytes after it.
     pub fn split(bytes: &'a [u8]) -> Option<(Self, &'a [u8])> {
         let fixed: Fixed = bytemuck::try_pod_read_unaligned(bytes.get(..FIXED)?).ok()?;
@@ -211,6 +226,18 @@ impl<'a> Queued<'a> {
 
     /// Appends the record's JSON line (without its newline) to `out`.
     pub fn write_line(&self, seq: u64, prev: &[u8; 32], ctx: &LineContext, out: &mut Vec<u8>) {
+        self.write_line_named(seq, prev, ctx, None, out);
+    }
+
+    /// [`Queued::write_line`], with the regions and endpoint named by `names` when given.
+    pub fn write_line_named(
+        &self,
+        seq: u64,
+        prev: &[u8; 32],
+        ctx: &LineContext,
+        names: Option<&Names<'_>>,
+        out: &mut Vec<u8>,
+    ) {
         let f = &self.fixed;
         let mut at = 0;
         let mut take = |n: usize| {
@@ -240,7 +267,14 @@ impl<'a> Queued<'a> {
         out.extend_from_slice(key!("workspace"));
         put_opt_str(out, (f.workspace_len > 0).then_some(workspace));
         out.extend_from_slice(key!("home_region"));
-        region(out, f.home_region);
+        match names {
+            Some(Names {
+                home_region: Some(home),
+                ..
+            }) => put_json_str(out, home),
+            Some(_) => out.extend_from_slice(b"null"),
+            None => region(out, f.home_region),
+        }
         out.extend_from_slice(key!("decision"));
         match f.decision {
             0 => out.extend_from_slice(b"\"forwarded\""),
@@ -255,15 +289,21 @@ impl<'a> Queued<'a> {
             }
         }
         out.extend_from_slice(key!("upstream_region"));
-        region(out, f.upstream_region);
-        out.extend_from_slice(key!("upstream"));
-        let endpoint = ctx
-            .endpoints
-            .get(f.upstream_region as usize)
-            .and_then(|list| list.get(f.upstream_endpoint as usize));
-        match endpoint {
-            Some(quoted) => out.extend_from_slice(quoted),
-            None => out.extend_from_slice(b"null"),
+        if let Some(names) = names {
+            put_json_str(out, names.upstream_region);
+            out.extend_from_slice(key!("upstream"));
+            put_json_str(out, names.upstream);
+        } else {
+            region(out, f.upstream_region);
+            out.extend_from_slice(key!("upstream"));
+            let endpoint = ctx
+                .endpoints
+                .get(f.upstream_region as usize)
+                .and_then(|list| list.get(f.upstream_endpoint as usize));
+            match endpoint {
+                Some(quoted) => out.extend_from_slice(quoted),
+                None => out.extend_from_slice(b"null"),
+            }
         }
         out.extend_from_slice(key!("map_version"));
         put_opt_u64(
@@ -319,6 +359,10 @@ impl<'a> Queued<'a> {
                 put_ip(out, ip);
             }
             None => out.extend_from_slice(b"null"),
+        }
+        if f.flags & RECOVERED != 0 {
+            out.extend_from_slice(key!("recovered"));
+            out.extend_from_slice(b"true");
         }
         out.extend_from_slice(key!("prev"));
         out.push(b'"');

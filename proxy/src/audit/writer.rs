@@ -27,7 +27,8 @@ use ed25519_dalek::{Signer, SigningKey};
 use super::format::{
     self, key, line_hash, put_hex, put_json_str, put_time, put_u64, Outage, Reason, Recovered,
 };
-use super::record::{LineContext, Queued};
+use super::journal::{self, JournalFile};
+use super::record::{LineContext, Names, Queued, COMPLETE, NONE16, RECOVERED};
 use super::{AuditError, Identity, Shared};
 use crate::config::AuditSection;
 use crate::route::geoip::GeoIp;
@@ -87,6 +88,10 @@ pub(super) struct Writer {
     last_refusal_report: Option<Instant>,
     /// After a failed rotation, when to try again.
     rotation_retry_at: Option<Instant>,
+    /// The number of the newest forward journal file of this run.
+    journal_number: u64,
+    /// Journal files of records taken from the queue and not yet synced.
+    journaled: Vec<Arc<JournalFile>>,
 }
 
 /// What a directory holds of an earlier run.
@@ -174,6 +179,8 @@ impl Writer {
             outage: None,
             last_refusal_report: None,
             rotation_retry_at: None,
+            journal_number: 0,
+            journaled: Vec::new(),
         };
         if let Some(recovered) = &found.recovered {
             tracing::warn!(
@@ -191,6 +198,13 @@ impl Writer {
                 format!("cannot write the first checkpoint: {error}"),
             ));
         }
+        writer.recover_journal()?;
+        writer.open_journal().map_err(|e| {
+            dir_error(
+                &writer.dir,
+                format!("cannot create the forward journal: {e}"),
+            )
+        })?;
         tracing::info!(
             dir = %writer.dir.display(),
             segment = writer.segment.number,
@@ -199,6 +213,94 @@ impl Writer {
             "audit log open"
         );
         Ok(writer)
+    }
+
+    /// Writes a `recovered` record for every decision an earlier run journaled and did not
+    /// get into the log, then deletes that run's journal files.
+    fn recover_journal(&mut self) -> Result<(), AuditError> {
+        let files = journal::files(&self.dir)
+            .map_err(|e| dir_error(&self.dir, format!("cannot list the forward journal: {e}")))?;
+        if files.is_empty() {
+            return Ok(());
+        }
+        let read =
+            journal::read(&files).and_then(|entries| journal::missing_from_log(&self.dir, entries));
+        let missing = match read {
+            Ok(missing) => missing,
+            Err(e) => {
+                // Kept for the next start; this run goes on with a journal of its own.
+                tracing::error!("cannot read the forward journal of the last run: {e}");
+                return Ok(());
+            }
+        };
+        for entry in &missing {
+            let mut fixed = entry.fixed;
+            fixed.flags = (fixed.flags | RECOVERED) & !COMPLETE;
+            fixed.status = 0;
+            fixed.duration_us = 0;
+            let names = Names {
+                home_region: (fixed.home_region != NONE16).then_some(&entry.region[..]),
+                upstream_region: &entry.region,
+                upstream: &entry.endpoint,
+            };
+            self.seq += 1;
+            let start = self.unsynced.len();
+            Queued::new(fixed, &entry.strings).write_line_named(
+                self.seq,
+                &self.head,
+                &self.ctx,
+                Some(&names),
+                &mut self.unsynced,
+            );
+            self.head = line_hash(&self.unsynced[start..]);
+            self.unsynced.push(b'\n');
+        }
+        if !missing.is_empty() {
+            if !self.commit() {
+                let error = self.outage.take().map(|o| o.error).unwrap_or_default();
+                return Err(dir_error(
+                    &self.dir,
+                    format!("cannot write the records recovered from the forward journal: {error}"),
+                ));
+            }
+            self.shared
+                .records_written
+                .fetch_add(missing.len() as u64, Ordering::Relaxed);
+            tracing::warn!(
+                records = missing.len(),
+                "the last run ended with forwards not in the log; recorded them from its forward journal"
+            );
+        }
+        for file in files {
+            if let Err(e) = std::fs::remove_file(&file) {
+                tracing::warn!("cannot remove {}: {e}", file.display());
+            }
+        }
+        Ok(())
+    }
+
+    /// Starts the next journal file; the one it replaces goes once its last holder lets go.
+    fn open_journal(&mut self) -> io::Result<()> {
+        self.journal_number += 1;
+        let file = JournalFile::create(&self.dir, &self.run, self.journal_number)?;
+        if let Some(old) = self.shared.journal.swap(Some(Arc::new(file))) {
+            old.retire();
+        }
+        Ok(())
+    }
+
+    fn rotate_journal_if_due(&mut self) {
+        let due = self
+            .shared
+            .journal
+            .load()
+            .as_ref()
+            .is_some_and(|j| j.len() >= journal::ROTATE_BYTES);
+        if due {
+            if let Err(e) = self.open_journal() {
+                tracing::warn!("cannot start a new forward journal file: {e}");
+            }
+        }
     }
 
     pub fn run(mut self) {
@@ -230,12 +332,17 @@ impl Writer {
                     self.checkpoint(Reason::Interval, None);
                 }
                 self.rotate_if_due();
+                self.rotate_journal_if_due();
             }
             if stopping {
                 let empty = self.shared.queue.lock().records == 0;
                 if self.outage.is_none() && empty {
                     self.checkpoint(Reason::Shutdown, None);
                     if self.outage.is_none() {
+                        // Every record is on disk: the journal has nothing left to prove.
+                        if let Some(file) = self.shared.journal.swap(None) {
+                            file.retire();
+                        }
                         tracing::info!(
                             seq = self.seq,
                             segment = self.segment.number,
@@ -294,6 +401,7 @@ impl Writer {
                 return;
             }
             std::mem::swap(&mut queue.bytes, &mut self.batch);
+            self.journaled.append(&mut queue.journaled);
             std::mem::take(&mut queue.records)
         };
         self.ctx.regions(&self.replica.regions().snapshot());
@@ -350,6 +458,7 @@ impl Writer {
 
     /// Everything in `unsynced` is on disk.
     fn synced(&mut self) {
+        self.journaled.clear();
         self.segment.synced_len += self.unsynced.len() as u64;
         self.unsynced.clear();
         self.written = 0;

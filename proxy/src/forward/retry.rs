@@ -92,6 +92,11 @@ impl<'a, C: ClientSide> Exchange<'a, C> {
             };
             tried |= 1u64.checked_shl(index as u32).unwrap_or(0);
             self.endpoint = index;
+            // Into the forward journal before any byte leaves: a crash from here on must not
+            // take the decision's record along.
+            if let Some(entry) = self.audit.as_mut() {
+                entry.sending(&self.pool.region_id, endpoint.authority());
+            }
             let failure = match self.attempt(endpoint).await {
                 Attempt::Done(served) => {
                     self.pool.record_success(endpoint);
