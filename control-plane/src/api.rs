@@ -84,6 +84,8 @@ pub struct AppState {
     pub moves: crate::moves::Driver,
     /// The newest changes, read once for every change stream of this replica.
     pub tail: crate::feed::Tail,
+    /// The NATS fan-out tier's counters (zero without `[nats]`).
+    pub nats: Arc<crate::fanout::NatsMetrics>,
 }
 
 /// An API error: status, stable code, message.
@@ -138,6 +140,24 @@ impl From<StoreError> for ApiError {
                 )
             }
         }
+    }
+}
+
+impl ApiError {
+    pub(crate) fn status(&self) -> StatusCode {
+        self.status
+    }
+
+    /// The JSON body the error is answered with.
+    pub(crate) fn body(self) -> Vec<u8> {
+        serde_json::to_vec(&ErrorBody {
+            error: ErrorDetail {
+                code: self.code.to_owned(),
+                message: self.message,
+                lines: self.lines,
+            },
+        })
+        .expect("error bodies serialise")
     }
 }
 
@@ -855,8 +875,18 @@ async fn heartbeat(
     headers: HeaderMap,
     body: Bytes,
 ) -> ApiResult<Response> {
-    let caller = authorize(&s, &headers, &[Role::Proxy]).await?;
-    let hb: Heartbeat = json_body(&body)?;
+    Ok(Json(take_heartbeat(&s, &headers, &body).await?).into_response())
+}
+
+/// A heartbeat, from `POST /v1/fleet/heartbeat` or from the NATS fan-out tier: authorized
+/// (role `proxy`), checked, written, and answered with the replica's head once written.
+pub(crate) async fn take_heartbeat(
+    s: &AppState,
+    headers: &HeaderMap,
+    body: &Bytes,
+) -> ApiResult<HeartbeatReply> {
+    let caller = authorize(s, headers, &[Role::Proxy]).await?;
+    let hb: Heartbeat = json_body(body)?;
     if !domicile_wire::is_valid_proxy_id(&hb.proxy_id) {
         return Err(ApiError::bad_request(
             "invalid_body",
@@ -887,11 +917,10 @@ async fn heartbeat(
     s.store.heartbeat(&hb, &caller.name).await?;
     s.metrics.heartbeats.fetch_add(1, Ordering::Relaxed);
     s.moves.wake();
-    Ok(Json(HeartbeatReply {
+    Ok(HeartbeatReply {
         epoch: s.store.epoch().to_owned(),
         head: *s.store.subscribe().borrow(),
     })
-    .into_response())
 }
 
 /// The fleet as `GET /v1/fleet` reports it.
@@ -1389,6 +1418,42 @@ async fn metrics(State(s): State<AppState>) -> Response {
             "Snapshots served.",
             "counter",
             load(&m.snapshots),
+        ),
+        (
+            "domicile_cp_nats_connected",
+            "1 while connected to the NATS fan-out tier (0 without one).",
+            "gauge",
+            load(&s.nats.connected),
+        ),
+        (
+            "domicile_cp_nats_published_total",
+            "Changes the NATS stream stored from this replica.",
+            "counter",
+            load(&s.nats.published),
+        ),
+        (
+            "domicile_cp_nats_duplicates_total",
+            "Changes this replica published that the stream already held (from the other replica).",
+            "counter",
+            load(&s.nats.duplicates),
+        ),
+        (
+            "domicile_cp_nats_stream_version",
+            "The newest version this replica knows the NATS stream holds.",
+            "gauge",
+            load(&s.nats.stream_version),
+        ),
+        (
+            "domicile_cp_nats_heartbeats_total",
+            "Heartbeats received through NATS and written.",
+            "counter",
+            load(&s.nats.heartbeats),
+        ),
+        (
+            "domicile_cp_nats_errors_total",
+            "NATS publishing and setup errors (each retried).",
+            "counter",
+            load(&s.nats.errors),
         ),
         (
             "domicile_cp_store_operations_total",

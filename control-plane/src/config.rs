@@ -41,6 +41,29 @@ pub struct ControlPlaneConfig {
     /// Serve the API over HTTPS; cleartext when absent.
     #[serde(default)]
     pub tls: Option<TlsConfig>,
+    /// Also publish the change feed to NATS JetStream and take heartbeats from it, for
+    /// proxies that follow the map through NATS instead of a stream each from a replica.
+    #[serde(default)]
+    pub nats: Option<NatsConfig>,
+}
+
+/// The NATS fan-out tier (docs/control-plane.md, "The NATS fan-out tier").
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NatsConfig {
+    /// `nats://host:port` or `tls://host:port`; `user:password@` in it when the server asks.
+    pub url: String,
+    /// The subjects' prefix, and the stream's name (`<prefix>-map`). Every replica and every
+    /// proxy of one control plane uses the same. Default: `domicile`.
+    #[serde(default = "defaults::nats_prefix")]
+    pub prefix: String,
+    /// For `tls://`: the CA (PEM) the NATS server's certificate is signed by.
+    #[serde(default)]
+    pub ca: Option<PathBuf>,
+    /// How many of the newest changes the stream keeps; a proxy further behind fetches a
+    /// snapshot over HTTP. Default: 100,000.
+    #[serde(default = "defaults::nats_keep")]
+    pub keep: u64,
 }
 
 /// The API's HTTPS listener.
@@ -81,6 +104,12 @@ mod defaults {
     pub fn max_import_bytes() -> u64 {
         2 << 30
     }
+    pub fn nats_prefix() -> String {
+        domicile_wire::fanout::DEFAULT_PREFIX.to_owned()
+    }
+    pub fn nats_keep() -> u64 {
+        100_000
+    }
 }
 
 impl Default for ControlPlaneConfig {
@@ -103,6 +132,9 @@ impl ControlPlaneConfig {
             tls.cert = base.join(&tls.cert);
             tls.key = base.join(&tls.key);
             tls.client_ca = tls.client_ca.as_ref().map(|p| base.join(p));
+        }
+        if let Some(nats) = config.nats.as_mut() {
+            nats.ca = nats.ca.as_ref().map(|p| base.join(p));
         }
         if let Some(file) = config.store.strip_prefix("sqlite://") {
             let file = Path::new(file.split('?').next().unwrap_or(file));
@@ -145,6 +177,28 @@ impl ControlPlaneConfig {
             if let Some(ca) = &tls.client_ca {
                 if let Err(e) = domicile_certs::pem::load_roots(ca) {
                     errors.push(format!("tls.client_ca: {e}"));
+                }
+            }
+        }
+        if let Some(nats) = &self.nats {
+            if !(nats.url.starts_with("nats://") || nats.url.starts_with("tls://")) {
+                errors.push(format!(
+                    "nats.url: {:?} is not a NATS URL (expected nats://host:port or tls://host:port)",
+                    crate::server::redact(&nats.url)
+                ));
+            }
+            if !domicile_wire::fanout::is_valid_prefix(&nats.prefix) {
+                errors.push(format!(
+                    "nats.prefix: {:?} is not valid (1 to 32 of A-Z a-z 0-9 _ -)",
+                    nats.prefix
+                ));
+            }
+            if nats.keep == 0 || nats.keep > i64::MAX as u64 {
+                errors.push("nats.keep: must be at least 1".to_owned());
+            }
+            if let Some(ca) = &nats.ca {
+                if let Err(e) = domicile_certs::pem::load_roots(ca) {
+                    errors.push(format!("nats.ca: {e}"));
                 }
             }
         }
@@ -192,6 +246,21 @@ mod tests {
             err.contains("store:") && err.contains("change_retention"),
             "{err}"
         );
+        std::fs::write(
+            &path,
+            "[nats]\nurl = \"http://x:4222\"\nprefix = \"a.b\"\nkeep = 0\n",
+        )
+        .unwrap();
+        let err = ControlPlaneConfig::from_file(&path)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("nats.url") && err.contains("nats.prefix") && err.contains("nats.keep"),
+            "{err}"
+        );
+        std::fs::write(&path, "[nats]\nurl = \"nats://127.0.0.1:4222\"\n").unwrap();
+        let nats = ControlPlaneConfig::from_file(&path).unwrap().nats.unwrap();
+        assert_eq!((nats.prefix.as_str(), nats.keep), ("domicile", 100_000));
         std::fs::write(&path, "colour = \"red\"\n").unwrap();
         let err = ControlPlaneConfig::from_file(&path)
             .unwrap_err()

@@ -101,6 +101,19 @@ impl Window {
         Served::Lines(bytes, self.end, n)
     }
 
+    /// Each line after `cursor` with its version (`None` when the window does not hold
+    /// `cursor`), for the NATS publisher, which sends one message per change.
+    pub(crate) fn lines_after(&self, cursor: u64) -> Option<Vec<(u64, Bytes)>> {
+        if cursor >= self.end {
+            return Some(Vec::new());
+        }
+        if cursor < self.start() {
+            return None;
+        }
+        let skip = (cursor - self.start()) as usize;
+        Some(self.lines.range(skip..).cloned().collect())
+    }
+
     /// The window with `batch` (which must follow `end`) appended and the oldest lines
     /// dropped past the window's size.
     fn extended(&self, batch: &[(u64, String)]) -> Self {
@@ -149,6 +162,11 @@ impl Tail {
 
     pub(crate) fn current(&self) -> Arc<Window> {
         self.window.borrow().clone()
+    }
+
+    /// The window as it changes.
+    pub(crate) fn watch(&self) -> watch::Receiver<Arc<Window>> {
+        self.window.clone()
     }
 }
 
@@ -370,6 +388,19 @@ mod tests {
         // Ahead of what the tail has read: wait for it (the stream began with a store read).
         assert_eq!(w.serve(14, 0), Served::UpToDate);
         assert!(!w.holds(14, 0));
+        // One message per change for the NATS publisher.
+        let versions = |c: u64| {
+            w.lines_after(c)
+                .map(|l| l.into_iter().map(|(v, _)| v).collect::<Vec<_>>())
+        };
+        assert_eq!(versions(11), Some(vec![12, 13]));
+        assert_eq!(versions(10), Some(vec![11, 12, 13]));
+        assert_eq!(versions(13), Some(vec![]));
+        assert_eq!(versions(9), None);
+        assert_eq!(
+            w.lines_after(12).unwrap()[0].1,
+            Bytes::from_static(b"change 13\n")
+        );
     }
 
     /// A replica's state on a new SQLite store with region `us`, without the store's poll
@@ -399,6 +430,7 @@ mod tests {
             stopping: stopping.clone(),
             moves: crate::moves::Driver::spawn(store.clone(), stopping.clone()),
             tail: Tail::spawn(store, stopping),
+            nats: Arc::default(),
         };
         (state, dir, stop)
     }

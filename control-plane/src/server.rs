@@ -105,7 +105,14 @@ pub async fn start(config: ControlPlaneConfig) -> anyhow::Result<RunningControlP
         stopping: stopped.clone(),
         moves,
         tail: crate::feed::Tail::spawn(store.clone(), stopped.clone()),
+        nats: Arc::default(),
     };
+    if let Some(nats) = &config.nats {
+        crate::fanout::start(state.clone(), nats.clone())
+            .await
+            .context("nats")?;
+        tracing::info!(url = %redact(&nats.url), prefix = nats.prefix, "publishing the change feed to NATS");
+    }
     let app = api::router(state);
     let tls = match &config.tls {
         Some(tls) => {

@@ -57,6 +57,8 @@ pub struct Options {
     pub workspaces: u64,
     pub per_agent: usize,
     pub replicas: usize,
+    /// The NATS fan-out tier's URL: the proxies follow it instead of a stream each.
+    pub nats: Option<String>,
     pub domicile: Option<PathBuf>,
     pub results_dir: PathBuf,
     pub label: Option<String>,
@@ -77,12 +79,24 @@ pub struct Report {
     pub replicas: usize,
     pub agents: usize,
     pub workspaces: u64,
+    /// How the proxies follow the map: `http` (a change stream each from a replica) or
+    /// `nats` (the NATS fan-out tier).
+    pub fanout: &'static str,
+    /// With `nats`: the NATS server's memory before the proxies connected and with all
+    /// connected, its share per proxy, and its CPU per change and over the storm.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub nats: Option<NatsFigures>,
     /// Start with no map until the last proxy routes with the head, seconds.
     pub connect_seconds: f64,
     /// The replicas' resident memory before the proxies connected and with all connected.
     pub replica_rss_before_bytes: u64,
     pub replica_rss_connected_bytes: u64,
+    /// 6 s after the last proxy routed (the first heartbeats and snapshots settled).
     pub memory_per_proxy_kib: f64,
+    /// The replicas' memory after the idle window as well (16 s after), and per proxy: what
+    /// stays once the start-up burst's memory has gone back, or not.
+    pub replica_rss_settled_bytes: u64,
+    pub memory_per_proxy_settled_kib: f64,
     pub idle_store_operations_per_second: f64,
     pub idle_replica_cpu_percent: f64,
     pub changes: usize,
@@ -106,8 +120,31 @@ pub struct Report {
     /// CPU seconds over the storm: the replicas' and the proxies'.
     pub storm_replica_cpu_seconds: f64,
     pub storm_proxies_cpu_seconds: f64,
-    /// Members the control plane reported SYNCED after the storm (of `proxies`).
+    /// Members the control plane reported SYNCED after the storm (of `proxies`), and when
+    /// it first reported all of them (or gave up, a minute after all followed), from the
+    /// restart.
     pub synced_after_storm: usize,
+    pub storm_all_synced_seconds: f64,
+}
+
+#[derive(Debug, Serialize)]
+pub struct NatsFigures {
+    pub rss_before_bytes: u64,
+    pub rss_connected_bytes: u64,
+    pub memory_per_proxy_kib: f64,
+    pub rss_settled_bytes: u64,
+    pub memory_per_proxy_settled_kib: f64,
+    pub cpu_ms_per_change: f64,
+    pub storm_cpu_seconds: f64,
+}
+
+/// The NATS server's process, found by name (it is the machine's own service, not ours).
+fn nats_server_pid() -> Option<u32> {
+    std::fs::read_dir("/proc").ok()?.flatten().find_map(|e| {
+        let pid: u32 = e.file_name().to_str()?.parse().ok()?;
+        let comm = std::fs::read_to_string(e.path().join("comm")).ok()?;
+        (comm.trim() == "nats-server").then_some(pid)
+    })
 }
 
 /// A `domicile control-plane` process.
@@ -295,12 +332,28 @@ pub async fn run(options: Options) -> Result<PathBuf> {
     };
     let dir = tempfile::tempdir()?;
     let token_file = dir.path().join("admin.token");
+    let nats = match &options.nats {
+        Some(url) => {
+            let prefix = format!("fleet-{}", std::process::id());
+            let config = dir.path().join("control-plane.toml");
+            std::fs::write(
+                &config,
+                format!("[nats]\nurl = \"{url}\"\nprefix = \"{prefix}\"\n"),
+            )?;
+            let pid = nats_server_pid()
+                .context("--nats: no nats-server process on this machine to measure")?;
+            Some((url.clone(), prefix, config, pid))
+        }
+        None => None,
+    };
     let mut cps = Vec::new();
     for i in 0..options.replicas {
+        let config = nats.as_ref().map(|n| n.2.as_path());
         cps.push(
-            start_control_plane(&domicile, dir.path(), i, &schema.url, &token_file, None).await?,
+            start_control_plane(&domicile, dir.path(), i, &schema.url, &token_file, config).await?,
         );
     }
+    let nats_pid = nats.as_ref().map(|n| n.3);
     let token = std::fs::read_to_string(&token_file)
         .context("the first replica wrote no admin token")?
         .trim()
@@ -318,6 +371,7 @@ pub async fn run(options: Options) -> Result<PathBuf> {
     // Connect: every agent starts its proxies with no map.
     tokio::time::sleep(Duration::from_millis(500)).await;
     let rss_before = rss(&cps);
+    let nats_rss_before = nats_pid.map_or(0, crate::procs::rss_bytes);
     let urls: Vec<&str> = cps.iter().map(|c| c.url.as_str()).collect();
     let exe = std::env::current_exe()?;
     let per_agent = options.per_agent.max(1);
@@ -348,6 +402,9 @@ pub async fn run(options: Options) -> Result<PathBuf> {
             .arg(&lkg)
             .arg("--head")
             .arg(head.to_string())
+            .args(nats.iter().flat_map(|(url, prefix, _, _)| {
+                ["--nats", url.as_str(), "--nats-prefix", prefix.as_str()]
+            }))
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(log)
@@ -399,6 +456,16 @@ pub async fn run(options: Options) -> Result<PathBuf> {
     let memory_per_proxy_kib =
         rss_connected.saturating_sub(rss_before) as f64 / 1024.0 / options.proxies as f64;
     eprintln!("fleet: {memory_per_proxy_kib:.1} KiB per connected proxy");
+    let nats_rss_connected = nats_pid.map_or(0, crate::procs::rss_bytes);
+    if nats_pid.is_some() {
+        eprintln!(
+            "fleet: the NATS server: {:.1} KiB per connected proxy",
+            nats_rss_connected.saturating_sub(nats_rss_before) as f64
+                / 1024.0
+                / options.proxies as f64
+        );
+    }
+    let nats_cpu = || nats_pid.map_or(0.0, crate::procs::cpu_seconds);
 
     // Idle.
     let (ops0, cpu0, t0) = (
@@ -411,6 +478,10 @@ pub async fn run(options: Options) -> Result<PathBuf> {
     let idle_seconds = t0.elapsed().as_secs_f64();
     let idle_rate = (ops1 - ops0) as f64 / idle_seconds;
     let idle_cpu = (cpu1 - cpu0) / idle_seconds * 100.0;
+    let rss_settled = rss(&cps);
+    let memory_per_proxy_settled_kib =
+        rss_settled.saturating_sub(rss_before) as f64 / 1024.0 / options.proxies as f64;
+    let nats_rss_settled = nats_pid.map_or(0, crate::procs::rss_bytes);
     eprintln!("fleet: idle {idle_rate:.0} store operations/s, replicas {idle_cpu:.0} % CPU");
 
     // Propagation.
@@ -420,6 +491,7 @@ pub async fn run(options: Options) -> Result<PathBuf> {
         .collect();
     let (ops_before, t_changes) = (store_operations(&cps).await?, Instant::now());
     let (replica_cpu0, proxies_cpu0) = (cpu_seconds(&cps), agents.cpu_seconds());
+    let nats_cpu0 = nats_cpu();
     let mut samples = Vec::with_capacity(options.changes);
     for k in 0..options.changes {
         let region = if k % 2 == 0 { "eu" } else { "us" };
@@ -447,6 +519,7 @@ pub async fn run(options: Options) -> Result<PathBuf> {
         (cpu_seconds(&cps) - replica_cpu0) * 1000.0 / options.changes.max(1) as f64;
     let proxies_cpu_ms_per_change =
         (agents.cpu_seconds() - proxies_cpu0) * 1000.0 / options.changes.max(1) as f64;
+    let nats_cpu_ms_per_change = (nats_cpu() - nats_cpu0) * 1000.0 / options.changes.max(1) as f64;
     let ops_changes = store_operations(&cps).await? - ops_before;
     let changes = options.changes.max(1) as f64;
     let store_operations_per_change_raw = ops_changes as f64 / changes;
@@ -520,6 +593,7 @@ pub async fn run(options: Options) -> Result<PathBuf> {
         })
     };
     let (replica_cpu0, proxies_cpu0) = (cpu_seconds(&cps), agents.cpu_seconds());
+    let nats_cpu0 = nats_cpu();
     agents.send(&format!("storm {head}")).await?;
     let restarted = agents
         .gather(|e| match e {
@@ -535,16 +609,28 @@ pub async fn run(options: Options) -> Result<PathBuf> {
         .await?;
     let storm_replica_cpu_seconds = cpu_seconds(&cps) - replica_cpu0;
     let storm_proxies_cpu_seconds = agents.cpu_seconds() - proxies_cpu0;
+    let storm_nats_cpu_seconds = nats_cpu() - nats_cpu0;
     sampling.store(false, std::sync::atomic::Ordering::Relaxed);
     let (peak_cpu, peak_rss) = sampler.await?;
     let from = restarted.iter().min().copied().unwrap_or(0);
     let storm_seconds = (synced.iter().max().copied().unwrap_or(from) - from) as f64 / 1e9;
-    let fleet = admin.get_json("/v1/fleet").await?;
-    let synced_after_storm = fleet["members"]
-        .as_array()
-        .map_or(0, |m| m.iter().filter(|m| m["status"] == "SYNCED").count());
+    // Then until the control plane sees every proxy SYNCED (their heartbeats written), or
+    // a minute.
+    let give_up = Instant::now() + Duration::from_secs(60);
+    let (synced_after_storm, all_synced_ns) = loop {
+        let fleet = admin.get_json("/v1/fleet").await?;
+        let at = now_ns();
+        let n = fleet["members"]
+            .as_array()
+            .map_or(0, |m| m.iter().filter(|m| m["status"] == "SYNCED").count());
+        if n >= options.proxies || Instant::now() > give_up {
+            break (n, at);
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    };
+    let storm_all_synced_seconds = (all_synced_ns.saturating_sub(from)) as f64 / 1e9;
     eprintln!(
-        "fleet: reconnect storm: all following again in {storm_seconds:.2} s, replicas peaked at {peak_cpu:.0} % CPU and {} MiB; {synced_after_storm} SYNCED",
+        "fleet: reconnect storm: all following again in {storm_seconds:.2} s, replicas peaked at {peak_cpu:.0} % CPU and {} MiB; {synced_after_storm} SYNCED after {storm_all_synced_seconds:.2} s",
         peak_rss >> 20
     );
 
@@ -557,6 +643,14 @@ pub async fn run(options: Options) -> Result<PathBuf> {
     }
     let _ = std::fs::remove_dir_all(&lkg);
     drop(schema);
+    if let Some((url, prefix, _, _)) = &nats {
+        // The run's stream goes with it.
+        if let Ok(client) = async_nats::connect(url.as_str()).await {
+            let _ = async_nats::jetstream::new(client)
+                .delete_stream(domicile_wire::fanout::stream_name(prefix))
+                .await;
+        }
+    }
 
     let now = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)?
@@ -570,10 +664,26 @@ pub async fn run(options: Options) -> Result<PathBuf> {
         replicas: options.replicas,
         agents: options.proxies.div_ceil(per_agent),
         workspaces: options.workspaces,
+        fanout: if nats.is_some() { "nats" } else { "http" },
+        nats: nats_pid.map(|_| NatsFigures {
+            rss_before_bytes: nats_rss_before,
+            rss_connected_bytes: nats_rss_connected,
+            memory_per_proxy_kib: nats_rss_connected.saturating_sub(nats_rss_before) as f64
+                / 1024.0
+                / options.proxies as f64,
+            rss_settled_bytes: nats_rss_settled,
+            memory_per_proxy_settled_kib: nats_rss_settled.saturating_sub(nats_rss_before) as f64
+                / 1024.0
+                / options.proxies as f64,
+            cpu_ms_per_change: nats_cpu_ms_per_change,
+            storm_cpu_seconds: storm_nats_cpu_seconds,
+        }),
         connect_seconds,
         replica_rss_before_bytes: rss_before,
         replica_rss_connected_bytes: rss_connected,
         memory_per_proxy_kib,
+        replica_rss_settled_bytes: rss_settled,
+        memory_per_proxy_settled_kib,
         idle_store_operations_per_second: idle_rate,
         idle_replica_cpu_percent: idle_cpu,
         changes: options.changes,
@@ -592,6 +702,7 @@ pub async fn run(options: Options) -> Result<PathBuf> {
         storm_replica_cpu_seconds,
         storm_proxies_cpu_seconds,
         synced_after_storm,
+        storm_all_synced_seconds,
     };
     let mut stem = format!("{}-{}-fleet", report.date, report.host);
     if let Some(label) = &options.label {
@@ -617,14 +728,18 @@ fn percentiles_or_zero(samples: Vec<Duration>) -> Percentiles {
 
 fn markdown(r: &Report) -> String {
     let mib = |b: u64| b as f64 / (1024.0 * 1024.0);
-    format!(
+    let tier = match r.fanout {
+        "nats" => "The proxies follow the map through the NATS fan-out tier (JetStream).",
+        _ => "Each proxy follows a change stream from a replica.",
+    };
+    let mut md = format!(
         "# Fleet: {proxies} proxies on {replicas} control-plane replicas, {date} on {host} ({cpus} CPUs)\n\n\
          Command: `cargo run --release -p loadtest -- {command}`. PostgreSQL store, \
-         {workspaces} workspaces, proxies in {agents} agent processes.\n\n\
+         {workspaces} workspaces, proxies in {agents} agent processes. {tier}\n\n\
          | what | figure |\n| --- | --- |\n\
          | connect: start with no map until the last proxy routes with the head | {connect:.2} s |\n\
          | replica memory before / with all connected | {before:.0} MiB / {after:.0} MiB |\n\
-         | memory per connected proxy | {per:.1} KiB |\n\
+         | memory per connected proxy, 6 s / 16 s after the last connected | {per:.1} / {per_settled:.1} KiB |\n\
          | idle: store operations per second / replica CPU | {idle_ops:.0} / {idle_cpu:.0} % |\n\
          | propagation, write to the last of {proxies} routing it: p50 / p90 / p99 / max over {changes} | {p50:.0} / {p90:.0} / {p99:.0} / {pmax:.0} ms |\n\
          | store operations per change (less the idle rate; all) | {per_change:.1} ({raw:.1}) |\n\
@@ -634,7 +749,7 @@ fn markdown(r: &Report) -> String {
          | reconnect storm: restart until all follow the stream again | {storm:.2} s |\n\
          | storm: replicas' peak CPU / peak memory | {scpu:.0} % / {srss:.0} MiB |\n\
          | storm: CPU of the replicas / of the proxies | {srcpu:.1} s / {spcpu:.1} s |\n\
-         | SYNCED after the storm | {synced} of {proxies} |\n",
+         | reconnect storm: restart until the control plane sees all SYNCED | {all_synced:.2} s ({synced} of {proxies}) |\n",
         proxies = r.proxies,
         replicas = r.replicas,
         date = r.date,
@@ -647,6 +762,7 @@ fn markdown(r: &Report) -> String {
         before = mib(r.replica_rss_before_bytes),
         after = mib(r.replica_rss_connected_bytes),
         per = r.memory_per_proxy_kib,
+        per_settled = r.memory_per_proxy_settled_kib,
         idle_ops = r.idle_store_operations_per_second,
         idle_cpu = r.idle_replica_cpu_percent,
         changes = r.changes,
@@ -669,7 +785,22 @@ fn markdown(r: &Report) -> String {
         srcpu = r.storm_replica_cpu_seconds,
         spcpu = r.storm_proxies_cpu_seconds,
         synced = r.synced_after_storm,
-    )
+        all_synced = r.storm_all_synced_seconds,
+    );
+    if let Some(n) = &r.nats {
+        md.push_str(&format!(
+            "| the NATS server: memory before / with all connected | {:.0} MiB / {:.0} MiB |\n\
+             | the NATS server: memory per connected proxy, 6 s / 16 s after | {:.1} / {:.1} KiB |\n\
+             | the NATS server: CPU per change / over the storm | {:.0} ms / {:.1} s |\n",
+            mib(n.rss_before_bytes),
+            mib(n.rss_connected_bytes),
+            n.memory_per_proxy_kib,
+            n.memory_per_proxy_settled_kib,
+            n.cpu_ms_per_change,
+            n.storm_cpu_seconds,
+        ));
+    }
+    md
 }
 
 // ---- the agent: `loadtest fleet-agent` ----
@@ -684,6 +815,8 @@ pub struct AgentOptions {
     pub lkg_dir: PathBuf,
     /// The head version at start: `ready` once every proxy routes with it.
     pub head: u64,
+    /// The NATS fan-out tier's URL and subject prefix, when the proxies follow it.
+    pub nats: Option<(String, String)>,
 }
 
 struct SimProxy {
@@ -725,6 +858,13 @@ pub async fn agent(options: AgentOptions) -> Result<()> {
                 request_timeout: Duration::from_secs(10),
                 backoff_initial: Duration::from_millis(100),
                 backoff_max: Duration::from_secs(10),
+                nats: options.nats.as_ref().map(|(url, prefix)| {
+                    domicile_proxy::config::NatsSection {
+                        url: url.clone(),
+                        prefix: prefix.clone(),
+                        ca: None,
+                    }
+                }),
             };
             SimProxy {
                 id,

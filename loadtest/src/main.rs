@@ -73,6 +73,10 @@ struct FleetArgs {
     /// Control-plane replicas.
     #[arg(long, default_value_t = 2)]
     replicas: usize,
+    /// Follow the map through the NATS fan-out tier at this URL (JetStream enabled), not a
+    /// change stream per proxy from the replicas.
+    #[arg(long)]
+    nats: Option<String>,
     /// The domicile binary (default: build it with cargo build --release).
     #[arg(long)]
     domicile: Option<std::path::PathBuf>,
@@ -160,6 +164,11 @@ struct FleetAgentArgs {
     lkg_dir: std::path::PathBuf,
     #[arg(long)]
     head: u64,
+    /// The NATS fan-out tier's URL and subject prefix.
+    #[arg(long, requires = "nats_prefix")]
+    nats: Option<String>,
+    #[arg(long)]
+    nats_prefix: Option<String>,
 }
 
 fn fleet(args: FleetArgs) -> Result<ExitCode> {
@@ -179,6 +188,7 @@ fn fleet(args: FleetArgs) -> Result<ExitCode> {
         workspaces: args.workspaces.max(1),
         per_agent: args.per_agent.max(1),
         replicas: args.replicas.max(1),
+        nats: args.nats,
         domicile: args.domicile,
         results_dir,
         label: args.label,
@@ -200,6 +210,7 @@ fn fleet_agent(args: FleetAgentArgs) -> Result<ExitCode> {
         token_file: args.token_file,
         lkg_dir: args.lkg_dir,
         head: args.head,
+        nats: args.nats.zip(args.nats_prefix),
     }))?;
     Ok(ExitCode::SUCCESS)
 }

@@ -8,6 +8,8 @@
 
 use serde::{Deserialize, Serialize};
 
+pub mod fanout;
+
 /// Longest workspace id accepted, in bytes.
 pub const MAX_WORKSPACE_ID_LEN: usize = 64;
 /// Longest region id accepted, in bytes.

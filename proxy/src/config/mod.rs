@@ -228,6 +228,25 @@ pub struct ControlPlaneSection {
     /// Longest reconnect delay. Default: 10 s.
     #[serde(default = "defaults::backoff_max", with = "humantime_serde")]
     pub backoff_max: Duration,
+    /// Follow the map through the control plane's NATS fan-out tier instead of a change
+    /// stream from a replica; heartbeats go through NATS too. Snapshots still come from
+    /// `url`.
+    #[serde(default)]
+    pub nats: Option<NatsSection>,
+}
+
+/// `[control_plane.nats]`: the fan-out tier the control plane publishes to.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NatsSection {
+    /// `nats://host:port` or `tls://host:port`; `user:password@` in it when the server asks.
+    pub url: String,
+    /// The subject prefix the control plane publishes under. Default: `domicile`.
+    #[serde(default = "defaults::nats_prefix")]
+    pub prefix: String,
+    /// For `tls://`: the CA (PEM) the NATS server's certificate is signed by.
+    #[serde(default)]
+    pub ca: Option<PathBuf>,
 }
 
 impl ControlPlaneSection {
@@ -555,6 +574,9 @@ mod defaults {
     }
     pub fn last_known_good() -> std::path::PathBuf {
         "last-known-good.map".into()
+    }
+    pub fn nats_prefix() -> String {
+        domicile_wire::fanout::DEFAULT_PREFIX.to_owned()
     }
     pub fn heartbeat_interval() -> Duration {
         Duration::from_secs(5)
@@ -1002,6 +1024,9 @@ impl ProxyConfig {
                     cp.cert = cp.cert.map(|p| base.join(p));
                     cp.key = cp.key.map(|p| base.join(p));
                     cp.last_known_good = base.join(&cp.last_known_good);
+                    if let Some(nats) = cp.nats.as_mut() {
+                        nats.ca = nats.ca.as_ref().map(|p| base.join(p));
+                    }
                     cp
                 });
                 if proxy.id.is_none() {
@@ -1117,6 +1142,34 @@ fn validate_control_plane(cp: &ControlPlaneSection, base: &Path, errors: &mut Co
             "control_plane.backoff_initial",
             "must not be longer than backoff_max",
         );
+    }
+    if let Some(nats) = &cp.nats {
+        if !(nats.url.starts_with("nats://") || nats.url.starts_with("tls://")) {
+            errors.push(
+                "control_plane.nats.url",
+                "is not a NATS URL (expected nats://host:port or tls://host:port)",
+            );
+        }
+        if !domicile_wire::fanout::is_valid_prefix(&nats.prefix) {
+            errors.push(
+                "control_plane.nats.prefix",
+                format!(
+                    "{:?} is not valid (1 to 32 of A-Z a-z 0-9 _ -)",
+                    nats.prefix
+                ),
+            );
+        }
+        if let Some(ca) = &nats.ca {
+            if let Err(e) = domicile_certs::pem::load_roots(&base.join(ca)) {
+                errors.push("control_plane.nats.ca", e.to_string());
+            }
+        }
+        if cp.cert.is_some() && cp.token.is_none() && cp.token_file.is_none() {
+            errors.push(
+                "control_plane.nats",
+                "heartbeats through NATS authenticate with the proxy's token: set token_file (a client certificate does not reach the control plane through NATS)",
+            );
+        }
     }
 }
 
@@ -1338,6 +1391,33 @@ helth = {}
                 keys.iter().any(|k| k.starts_with(want)),
                 "{want} not reported in:\n{err}"
             );
+        }
+    }
+
+    #[test]
+    fn the_nats_section_is_checked_and_its_paths_resolved() {
+        let base = MINIMAL.to_owned() + "[control_plane]\nurl = \"http://cp:7700\"\n";
+        let ok = base.clone() + "[control_plane.nats]\nurl = \"nats://nats:4222\"\n";
+        let cfg = ProxyConfig::from_toml(&ok, Path::new("/etc/domicile")).unwrap();
+        let nats = cfg.control_plane.unwrap().nats.unwrap();
+        assert_eq!(
+            (nats.url.as_str(), nats.prefix.as_str()),
+            ("nats://nats:4222", "domicile")
+        );
+        let bad = base
+            + "[control_plane.nats]\nurl = \"http://nats:4222\"\nprefix = \"a.b\"\n\
+               ca = \"missing-ca.pem\"\ncolour = 1\n";
+        let err = ProxyConfig::from_toml(&bad, Path::new("/nonexistent")).unwrap_err();
+        assert!(err.to_string().contains("colour"), "{err}");
+        let bad = bad.replace("colour = 1\n", "");
+        let err = ProxyConfig::from_toml(&bad, Path::new("/nonexistent")).unwrap_err();
+        let keys: Vec<_> = err.0.iter().map(|e| e.key.as_str()).collect();
+        for want in [
+            "control_plane.nats.url",
+            "control_plane.nats.prefix",
+            "control_plane.nats.ca",
+        ] {
+            assert!(keys.contains(&want), "{want} not reported in:\n{err}");
         }
     }
 

@@ -7,6 +7,7 @@
 //!   │
 //!   └─► loop: [no map, 410, gap, version backwards, new epoch] ─► GET /v1/map/snapshot
 //!             GET /v1/map/changes?after=V ─► apply ─► append to journal + fsync ─► heartbeat
+//!               (or, with [control_plane.nats], the NATS fan-out tier: [`nats`])
 //!             error ─► reconnect after a jittered, doubling delay
 //! ```
 //!
@@ -38,6 +39,8 @@ use crate::metrics::Metrics;
 use crate::route::map::{CatalogueRegion, MapEntry, MapTable, Regions, Replica, WorkspaceState};
 use crate::route::mapfile::{self, entry_hash, MapBuilder, MapFileError};
 use crate::route::workspace_id::WorkspaceId;
+
+mod nats;
 
 /// Where the proxy's map stands, as the sync task last published it.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -106,6 +109,8 @@ enum SyncError {
     Stalled(Duration),
     #[error("the change stream ended")]
     Ended,
+    #[error("NATS: {0}")]
+    Nats(String),
     #[error("stopping")]
     Stopped,
 }
@@ -520,7 +525,13 @@ fn build_client(cfg: &ControlPlaneSection) -> Result<HttpClient, String> {
         .https_or_http()
         .enable_all_versions()
         .wrap_connector(connector);
-    Ok(Client::builder(TokioExecutor::new()).build(https))
+    let mut builder = Client::builder(TokioExecutor::new());
+    if cfg.nats.is_some() {
+        // Through NATS the client fetches only the odd snapshot: no connection is kept open
+        // on a replica between them.
+        builder.pool_max_idle_per_host(0);
+    }
+    Ok(builder.build(https))
 }
 
 /// What the sync applies to and counts in: this proxy's map replica and its counters.
@@ -531,6 +542,8 @@ struct Local {
 
 struct Syncer {
     cfg: ControlPlaneSection,
+    /// Set when the map is followed through the NATS fan-out tier.
+    nats: Option<Arc<nats::Nats>>,
     local: Arc<Local>,
     client: HttpClient,
     base: String,
@@ -597,6 +610,7 @@ pub fn start(
             .store(v, Ordering::Relaxed);
     }
     let (state, state_rx) = watch::channel(initial);
+    let state_rx_task = state_rx.clone();
     let (stop_tx, stop) = watch::channel(false);
     // The configuration was checked (every file loads); a file broken since is reported and
     // the client falls back to one that fails every request, which the sync loop retries.
@@ -608,27 +622,49 @@ pub fn start(
         build_client(&cleartext).unwrap_or_else(|e| unreachable!("cleartext client: {e}"))
     });
     let base = cfg.url.trim_end_matches('/').to_owned();
-    let heartbeat = tokio::spawn(heartbeats(
-        cfg.clone(),
-        client.clone(),
-        base.clone(),
-        proxy_id.clone(),
-        edge_region.clone(),
-        local.clone(),
-        state_rx.clone(),
-        stop.clone(),
-    ));
-    let syncer = Syncer {
-        cfg,
-        local,
-        client,
-        base,
-        pos,
-        lkg: Some(lkg),
-        state,
-        stop,
-    };
     let task = tokio::spawn(async move {
+        let mut stop = stop;
+        let nats = match &cfg.nats {
+            None => None,
+            Some(section) => {
+                let mut backoff = Backoff::new(cfg.backoff_initial, cfg.backoff_max);
+                loop {
+                    match nats::Nats::connect(section, &cfg).await {
+                        Ok(nats) => break Some(nats),
+                        Err(e) => {
+                            local.metrics.sync_errors.fetch_add(1, Ordering::Relaxed);
+                            tracing::error!("cannot set up the NATS client: {e}; retrying");
+                            tokio::select! {
+                                () = tokio::time::sleep(backoff.next()) => {}
+                                _ = stop.wait_for(|s| *s) => return,
+                            }
+                        }
+                    }
+                }
+            }
+        };
+        let heartbeat = tokio::spawn(heartbeats(
+            cfg.clone(),
+            client.clone(),
+            nats.clone(),
+            base.clone(),
+            proxy_id,
+            edge_region,
+            local.clone(),
+            state_rx_task,
+            stop.clone(),
+        ));
+        let syncer = Syncer {
+            cfg,
+            nats,
+            local,
+            client,
+            base,
+            pos,
+            lkg: Some(lkg),
+            state,
+            stop,
+        };
         syncer.run().await;
         let _ = heartbeat.await;
     });
@@ -667,7 +703,10 @@ impl Syncer {
                     }
                 }
             }
-            let followed = self.follow(&mut backoff).await;
+            let followed = match self.nats.clone() {
+                Some(nats) => self.follow_nats(nats, &mut backoff).await,
+                None => self.follow(&mut backoff).await,
+            };
             self.state.send_modify(|s| s.streaming = false);
             match followed {
                 Ok(reason) => {
@@ -951,24 +990,30 @@ impl Syncer {
                 }
             }
             pending.drain(..start);
-            if !journal.is_empty() {
-                let version = self.pos.as_ref().map_or(0, |p| p.version);
-                self.local
-                    .metrics
-                    .map_applied_version
-                    .store(version, Ordering::Relaxed);
-                self.state.send_modify(|s| s.applied = Some(version));
-                if let Err(e) = self.persist_changes(journal).await {
-                    self.persist_failed(&e);
-                }
-            } else if self.lkg.as_ref().is_some_and(|l| l.file.is_none()) {
-                // The last base write failed and nothing has changed since: try again now.
-                if let Err(e) = self.persist_base().await {
-                    self.persist_failed(&e);
-                }
-            }
+            self.applied(journal).await;
             if let Some(reason) = outcome {
                 return Ok(reason);
+            }
+        }
+    }
+
+    /// After a round of changes (their lines in `journal`, possibly none): the version they
+    /// reached is published and persisted.
+    async fn applied(&mut self, journal: Vec<u8>) {
+        if !journal.is_empty() {
+            let version = self.pos.as_ref().map_or(0, |p| p.version);
+            self.local
+                .metrics
+                .map_applied_version
+                .store(version, Ordering::Relaxed);
+            self.state.send_modify(|s| s.applied = Some(version));
+            if let Err(e) = self.persist_changes(journal).await {
+                self.persist_failed(&e);
+            }
+        } else if self.lkg.as_ref().is_some_and(|l| l.file.is_none()) {
+            // The last base write failed and nothing has changed since: try again now.
+            if let Err(e) = self.persist_base().await {
+                self.persist_failed(&e);
             }
         }
     }
@@ -989,6 +1034,7 @@ const DRAIN_POLL: std::time::Duration = std::time::Duration::from_millis(5);
 async fn heartbeats(
     cfg: ControlPlaneSection,
     client: HttpClient,
+    nats: Option<Arc<nats::Nats>>,
     base: String,
     proxy_id: String,
     edge_region: String,
@@ -997,8 +1043,17 @@ async fn heartbeats(
     mut stop: watch::Receiver<bool>,
 ) {
     let in_flight = || local.replica.in_flight();
+    let mut token = TokenCache::default();
+    // After a failed beat the next one is due sooner than `heartbeat_interval` (a proxy
+    // that restarted before the control plane answered is not left unreported for a whole
+    // period), backing off up to that period.
+    let mut retry = Backoff::new(
+        cfg.backoff_initial.min(cfg.heartbeat_interval),
+        cfg.heartbeat_interval,
+    );
     loop {
         let current = state.borrow_and_update().clone();
+        let mut failed_now = false;
         // What this beat says has drained: checked when it is built, after the version was
         // persisted and published.
         let mut drained = None;
@@ -1014,8 +1069,19 @@ async fn heartbeats(
                 checksum: checksum.to_hex(),
                 epoch,
             };
-            match send_heartbeat(&cfg, &client, &base, &hb).await {
+            let sent = match token.get(&cfg).await {
+                Err(e) => Err(e),
+                Ok(secret) => match &nats {
+                    Some(nats) => match serde_json::to_vec(&hb) {
+                        Ok(body) => nats.heartbeat(secret, body).await,
+                        Err(e) => Err(e.to_string()),
+                    },
+                    None => send_heartbeat(&cfg, &client, &base, secret, &hb).await,
+                },
+            };
+            match sent {
                 Ok(_reply) => {
+                    retry.reset();
                     local.metrics.heartbeats_ok.fetch_add(1, Ordering::Relaxed);
                     local
                         .metrics
@@ -1023,6 +1089,9 @@ async fn heartbeats(
                         .store(now_ms(), Ordering::Relaxed);
                 }
                 Err(e) => {
+                    // A rotated or revoked token shows here first: read the file again.
+                    token.forget();
+                    failed_now = true;
                     let failed = local
                         .metrics
                         .heartbeats_failed
@@ -1037,7 +1106,12 @@ async fn heartbeats(
                 }
             }
         }
-        let next_beat = tokio::time::Instant::now() + cfg.heartbeat_interval;
+        let next_beat = tokio::time::Instant::now()
+            + if failed_now {
+                retry.next()
+            } else {
+                cfg.heartbeat_interval
+            };
         loop {
             // Requests older than the persisted version still in flight: look again soon, and
             // beat as soon as they finished (a move waits for exactly that).
@@ -1062,13 +1136,43 @@ async fn heartbeats(
     }
 }
 
+/// How long a token read from its file is used before the file is read again.
+const TOKEN_REREAD: Duration = Duration::from_secs(10);
+
+/// The proxy's token for heartbeats: read off the runtime's threads, at most every
+/// [`TOKEN_REREAD`] and again after a failed beat, not from the file on every beat.
+#[derive(Default)]
+struct TokenCache {
+    read: Option<(tokio::time::Instant, Option<String>)>,
+}
+
+impl TokenCache {
+    async fn get(&mut self, cfg: &ControlPlaneSection) -> Result<Option<String>, String> {
+        if let Some((at, token)) = &self.read {
+            if at.elapsed() < TOKEN_REREAD {
+                return Ok(token.clone());
+            }
+        }
+        let cfg = cfg.clone();
+        let token = tokio::task::spawn_blocking(move || cfg.read_token())
+            .await
+            .map_err(|e| e.to_string())??;
+        self.read = Some((tokio::time::Instant::now(), token.clone()));
+        Ok(token)
+    }
+
+    fn forget(&mut self) {
+        self.read = None;
+    }
+}
+
 async fn send_heartbeat(
     cfg: &ControlPlaneSection,
     client: &HttpClient,
     base: &str,
+    token: Option<String>,
     hb: &Heartbeat,
 ) -> Result<HeartbeatReply, String> {
-    let token = cfg.read_token()?;
     let body = serde_json::to_vec(hb).map_err(|e| e.to_string())?;
     let mut request = Request::builder()
         .method(Method::POST)
