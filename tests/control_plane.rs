@@ -901,3 +901,65 @@ async fn the_fleet_view_tells_synced_behind_and_stale_apart() {
     );
     cp.running.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_proxy_beats_once_per_persisted_version_not_once_per_state_change() {
+    let cp = control_plane(None, LOOPBACK, |_| {}).await;
+    seed(&cp.admin).await;
+    let proxy_token = token(&cp.admin, "edge-1", "proxy").await;
+    let (us, eu) = (origin("us").await, origin("eu").await);
+    // No periodic beat within the test: every beat it sees was woken by the sync.
+    let proxy = proxy()
+        .map(None)
+        .route("us", &[&us])
+        .route("eu", &[&eu])
+        .section(&format!(
+            "[control_plane]\nurl = \"{}\"\ntoken = \"{proxy_token}\"\n\
+             last_known_good = \"lkg.map\"\nheartbeat_interval = \"1h\"\n\
+             stall_timeout = \"2h\"\nrequest_timeout = \"1s\"\n",
+            cp.url()
+        ))
+        .start()
+        .await;
+    reported(&cp, head(&cp).await).await;
+    let before = beats(&cp).await;
+    let changes = 10;
+    for i in 0..changes {
+        put(
+            &cp.admin,
+            &format!("/v1/workspaces/beat-{i}"),
+            json!({"region": "eu"}),
+        )
+        .await;
+        // Each change is applied, persisted and reported before the next is written.
+        reported(&cp, head(&cp).await).await;
+    }
+    let sent = beats(&cp).await - before;
+    // Applying a version and persisting it are two state changes; only the second is news.
+    assert_eq!(sent, changes, "{sent} heartbeats for {changes} changes");
+    proxy.running.shutdown().await;
+    cp.running.shutdown().await;
+}
+
+/// Heartbeats the control plane has received.
+async fn beats(cp: &Cp) -> u64 {
+    let text = get(&format!("{}/metrics", cp.url()), &[]).await;
+    String::from_utf8_lossy(&text.body)
+        .lines()
+        .find_map(|l| l.strip_prefix("domicile_cp_heartbeats_total "))
+        .and_then(|v| v.trim().parse::<u64>().ok())
+        .expect("the heartbeat counter")
+}
+
+/// Waits until the (one) proxy's heartbeat reporting `version` is written.
+async fn reported(cp: &Cp, version: u64) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let fleet = cp.admin.get_json("/v1/fleet").await.unwrap();
+        if fleet["members"][0]["applied_version"] == json!(version) {
+            return;
+        }
+        assert!(Instant::now() < deadline, "{version} never reported: {fleet}");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}

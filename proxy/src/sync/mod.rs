@@ -1121,7 +1121,11 @@ async fn heartbeats(
                     if changed.is_err() {
                         return;
                     }
-                    break;
+                    // A version applied but not yet persisted, or the stream opened or
+                    // closed, is nothing new to report: beat when it is persisted.
+                    if reported(&state.borrow()) != reported(&current) {
+                        break;
+                    }
                 }
                 () = tokio::time::sleep_until(next_beat) => break,
                 () = tokio::time::sleep(DRAIN_POLL), if draining => {
@@ -1134,6 +1138,11 @@ async fn heartbeats(
             }
         }
     }
+}
+
+/// What a heartbeat reports of the sync's state: a change of anything else wakes no beat.
+fn reported(state: &SyncState) -> (Option<u64>, Option<&str>, Option<Checksum>) {
+    (state.persisted, state.epoch.as_deref(), state.checksum)
 }
 
 /// How long a token read from its file is used before the file is read again.
