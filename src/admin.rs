@@ -471,6 +471,12 @@ pub async fn fleet(conn: &Connection) -> anyhow::Result<()> {
         s(&v["head"]),
         s(&v["epoch"])
     );
+    if let Some(expected) = v["expected_version"].as_u64() {
+        println!(
+            "expected from every proxy: version {expected}  (committed over {} s ago)",
+            v["behind_after_seconds"].as_f64().unwrap_or(0.0)
+        );
+    }
     let rows = v["members"]
         .as_array()
         .map(|a| {
@@ -717,11 +723,18 @@ fn print_move(m: &Value) {
     println!("  next: {}", s(&m["next"]));
 }
 
+/// How many proxies a move waits for (older control planes send only the list).
+fn waiting_count(m: &Value) -> u64 {
+    m["waiting_count"]
+        .as_u64()
+        .unwrap_or_else(|| m["waiting_for"].as_array().map_or(0, |w| w.len() as u64))
+}
+
 fn print_waiting(m: &Value) {
     if let Some(waiting) = m["waiting_for"].as_array().filter(|w| !w.is_empty()) {
+        let count = waiting_count(m);
         println!(
-            "  waiting for {} proxy(ies) to drain version {}:",
-            waiting.len(),
+            "  waiting for {count} proxy(ies) to drain version {}:",
             s(&m["awaiting_version"])
         );
         for p in waiting {
@@ -731,6 +744,10 @@ fn print_waiting(m: &Value) {
                 s(&p["edge_region"]),
                 s(&p["why"])
             );
+        }
+        let unnamed = count.saturating_sub(waiting.len() as u64);
+        if unnamed > 0 {
+            println!("    and {unnamed} more");
         }
     }
 }
@@ -750,11 +767,11 @@ async fn follow(
         let phase = s(&m["phase"]);
         let seen = (
             phase.clone(),
-            m["waiting_for"].to_string(),
+            format!("{} {}", waiting_count(&m), m["waiting_for"]),
             m["stalled"].as_bool() == Some(true),
         );
         if seen != last && !conn.json {
-            let waiting = m["waiting_for"].as_array().map_or(0, Vec::len);
+            let waiting = waiting_count(&m);
             println!(
                 "{:>8.3}s  move {id}  {phase}{}{}",
                 started.elapsed().as_secs_f64(),

@@ -847,7 +847,9 @@ async fn a_proxy_that_cannot_persist_keeps_routing_and_never_reports_an_unpersis
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_fleet_view_tells_synced_behind_and_stale_apart() {
     let cp = control_plane(None, LOOPBACK, |c| {
-        c.stale_after = Duration::from_millis(300)
+        c.stale_after = Duration::from_millis(300);
+        // The head itself is expected of every member.
+        c.behind_after = Duration::ZERO;
     })
     .await;
     seed(&cp.admin).await;
@@ -893,6 +895,7 @@ async fn the_fleet_view_tells_synced_behind_and_stale_apart() {
         (Behind, None)
     );
     assert_eq!(by_id("diverged").checksum_ok, Some(false));
+    assert_eq!(fleet.expected_version, head.version);
     let metrics = get(&format!("{}/metrics", cp.url()), &[]).await;
     let text = String::from_utf8_lossy(&metrics.body);
     assert!(
@@ -903,63 +906,55 @@ async fn the_fleet_view_tells_synced_behind_and_stale_apart() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_proxy_beats_once_per_persisted_version_not_once_per_state_change() {
-    let cp = control_plane(None, LOOPBACK, |_| {}).await;
+async fn a_proxy_short_of_changes_newer_than_behind_after_is_not_behind() {
+    let cp = control_plane(None, LOOPBACK, |c| {
+        c.behind_after = Duration::from_secs(3600)
+    })
+    .await;
     seed(&cp.admin).await;
-    let proxy_token = token(&cp.admin, "edge-1", "proxy").await;
-    let (us, eu) = (origin("us").await, origin("eu").await);
-    // No periodic beat within the test: every beat it sees was woken by the sync.
-    let proxy = proxy()
-        .map(None)
-        .route("us", &[&us])
-        .route("eu", &[&eu])
-        .section(&format!(
-            "[control_plane]\nurl = \"{}\"\ntoken = \"{proxy_token}\"\n\
-             last_known_good = \"lkg.map\"\nheartbeat_interval = \"1h\"\n\
-             stall_timeout = \"2h\"\nrequest_timeout = \"1s\"\n",
-            cp.url()
-        ))
-        .start()
-        .await;
-    reported(&cp, head(&cp).await).await;
-    let before = beats(&cp).await;
-    let changes = 10;
-    for i in 0..changes {
-        put(
-            &cp.admin,
-            &format!("/v1/workspaces/beat-{i}"),
-            json!({"region": "eu"}),
+    let store = &cp.running.store;
+    let seeded = store.head().await.unwrap();
+    // Commit times a millisecond apart, so that each version has its own moment.
+    tokio::time::sleep(Duration::from_millis(2)).await;
+    let before = domicile_control_plane::store::now_ms();
+    tokio::time::sleep(Duration::from_millis(2)).await;
+    put(
+        &cp.admin,
+        "/v1/workspaces/just-now",
+        json!({"region": "eu"}),
+    )
+    .await;
+    let head = store.head().await.unwrap();
+    assert_eq!(store.version_at(before).await.unwrap(), seeded.version);
+    assert_eq!(
+        store
+            .version_at(domicile_control_plane::store::now_ms())
+            .await
+            .unwrap(),
+        head.version
+    );
+    assert_eq!(store.version_at(0).await.unwrap(), 0);
+
+    // A member one change short of the head, heard from just now: the change is younger
+    // than an hour, so the member is not BEHIND.
+    store
+        .heartbeat(
+            &domicile_wire::Heartbeat {
+                proxy_id: "edge".into(),
+                edge_region: "us".into(),
+                applied_version: seeded.version,
+                drained_version: Some(seeded.version),
+                checksum: seeded.checksum.to_hex(),
+                epoch: head.epoch.clone(),
+            },
+            "t",
         )
-        .await;
-        // Each change is applied, persisted and reported before the next is written.
-        reported(&cp, head(&cp).await).await;
-    }
-    let sent = beats(&cp).await - before;
-    // Applying a version and persisting it are two state changes; only the second is news.
-    assert_eq!(sent, changes, "{sent} heartbeats for {changes} changes");
-    proxy.running.shutdown().await;
+        .await
+        .unwrap();
+    let fleet: domicile_wire::Fleet =
+        serde_json::from_value(cp.admin.get_json("/v1/fleet").await.unwrap()).unwrap();
+    assert_eq!((fleet.head, fleet.expected_version), (head.version, 0));
+    assert_eq!(fleet.behind_after_seconds, 3600.0);
+    assert_eq!(fleet.members[0].status, domicile_wire::SyncStatus::Synced);
     cp.running.shutdown().await;
-}
-
-/// Heartbeats the control plane has received.
-async fn beats(cp: &Cp) -> u64 {
-    let text = get(&format!("{}/metrics", cp.url()), &[]).await;
-    String::from_utf8_lossy(&text.body)
-        .lines()
-        .find_map(|l| l.strip_prefix("domicile_cp_heartbeats_total "))
-        .and_then(|v| v.trim().parse::<u64>().ok())
-        .expect("the heartbeat counter")
-}
-
-/// Waits until the (one) proxy's heartbeat reporting `version` is written.
-async fn reported(cp: &Cp, version: u64) {
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        let fleet = cp.admin.get_json("/v1/fleet").await.unwrap();
-        if fleet["members"][0]["applied_version"] == json!(version) {
-            return;
-        }
-        assert!(Instant::now() < deadline, "{version} never reported: {fleet}");
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
 }

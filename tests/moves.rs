@@ -805,3 +805,141 @@ async fn replicas_on_one_postgres_advance_a_move_exactly_once() {
     a.running.shutdown().await;
     b.running.shutdown().await;
 }
+
+/// Heartbeats the control plane has received.
+async fn beats(cp: &Cp) -> u64 {
+    let text = get(&format!("{}/metrics", cp.url()), &[]).await;
+    String::from_utf8_lossy(&text.body)
+        .lines()
+        .find_map(|l| l.strip_prefix("domicile_cp_heartbeats_total "))
+        .and_then(|v| v.trim().parse::<u64>().ok())
+        .expect("the heartbeat counter")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_proxy_reports_a_move_s_steps_at_once_and_other_changes_on_its_periodic_beat() {
+    let cp = control_plane(None, LOOPBACK, |_| {}).await;
+    seed(&cp.admin).await;
+    let (us, eu) = (origin("us").await, origin("eu").await);
+    let secret = token(&cp.admin, "edge", "proxy").await;
+    // No periodic beat within the test: every beat after the first is one the sync asked for.
+    let proxy = proxy()
+        .map(None)
+        .route("us", &[&us])
+        .route("eu", &[&eu])
+        .section(&format!(
+            "[control_plane]\nurl = \"{}\"\ntoken = \"{secret}\"\n\
+             last_known_good = \"lkg.map\"\nheartbeat_interval = \"1h\"\n\
+             stall_timeout = \"2h\"\nrequest_timeout = \"1s\"\n",
+            cp.url()
+        ))
+        .start()
+        .await;
+    // The first beat, at start.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while beats(&cp).await == 0 {
+        assert!(Instant::now() < deadline, "the proxy never reported");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let before = beats(&cp).await;
+
+    // Ten ordinary changes: routed with at once, reported at the next periodic beat.
+    for i in 0..10 {
+        put(
+            &cp.admin,
+            &format!("/v1/workspaces/beat-{i}"),
+            json!({"region": "eu"}),
+        )
+        .await;
+    }
+    synced(&proxy, head_version(&cp).await).await;
+    assert_eq!(routed(&proxy, "beat-9").await, "eu");
+    // Not yet reported, and not yet due: the fleet view does not call the proxy BEHIND.
+    let fleet = cp.admin.get_json("/v1/fleet").await.unwrap();
+    assert!(
+        fleet["members"][0]["applied_version"].as_u64() < fleet["head"].as_u64(),
+        "{fleet}"
+    );
+    assert_eq!(fleet["members"][0]["status"], "SYNCED", "{fleet}");
+
+    // A move: its freeze and its switch are each reported at once, so it never waits for the
+    // hour-long period.
+    let id = start_move(&cp.admin, json!({"workspace": "acme", "to": "eu"})).await["id"]
+        .as_u64()
+        .unwrap();
+    wait_phase(&cp.admin, id, "frozen").await;
+    post(&cp.admin, &format!("/v1/moves/{id}/complete"))
+        .await
+        .unwrap();
+    wait_phase(&cp.admin, id, "done").await;
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while beats(&cp).await < before + 2 {
+        assert!(Instant::now() < deadline, "the switch's beat never counted");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    // Two beats in all: the freeze and the switch (nothing was in flight, so each drained as
+    // it was applied). None for the ten changes, nor for the move's final unfreeze.
+    assert_eq!(beats(&cp).await - before, 2);
+    proxy.running.shutdown().await;
+    cp.running.shutdown().await;
+}
+
+/// The region a workspace's GET is routed to.
+async fn routed(proxy: &TestProxy, workspace: &str) -> String {
+    get(&proxy.url("/"), &[("x-workspace-id", workspace)])
+        .await
+        .region()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_move_waiting_on_a_large_fleet_counts_it_and_names_the_furthest_behind() {
+    let cp = control_plane(None, LOOPBACK, |_| {}).await;
+    seed(&cp.admin).await;
+    let store = &cp.running.store;
+    let head = store.head().await.unwrap();
+    let member = |n: usize, version: u64| domicile_wire::Heartbeat {
+        proxy_id: format!("edge-{n:03}"),
+        edge_region: "us".into(),
+        applied_version: version,
+        drained_version: Some(version),
+        checksum: head.checksum.to_hex(),
+        epoch: head.epoch.clone(),
+    };
+    // Heartbeats arriving together are written together, as a fleet's do.
+    let report = |members: Vec<domicile_wire::Heartbeat>| async move {
+        let written =
+            futures_util::future::join_all(members.iter().map(|m| store.heartbeat(m, "t")));
+        for result in written.await {
+            result.unwrap();
+        }
+    };
+    // 250 members at the head; a move's freeze then waits for all of them.
+    report((0..250).map(|n| member(n, head.version)).collect()).await;
+    let id = start_move(&cp.admin, json!({"workspace": "acme", "to": "eu"})).await["id"]
+        .as_u64()
+        .unwrap();
+    let m = wait_phase(&cp.admin, id, "freezing").await;
+    let vf = m["versions"]["freeze"].as_u64().unwrap();
+    // Member 7 fell further behind (it reports an older version) and 60 others drained.
+    report(vec![member(7, head.version - 1)]).await;
+    report((100..160).map(|n| member(n, vf)).collect()).await;
+    let m = get_move(&cp.admin, id).await;
+    assert_eq!(m["waiting_count"], 190, "{m}");
+    let named = waiting_ids(&m);
+    assert_eq!(named.len(), 100, "the view names at most 100");
+    assert_eq!(named[0], "edge-007", "the furthest behind first");
+    assert!(
+        named
+            .iter()
+            .all(|id| !("edge-100".."edge-160").contains(&id.as_str())),
+        "{named:?}"
+    );
+    // Every member drains: the move goes on.
+    report((0..250).map(|n| member(n, vf)).collect()).await;
+    let m = wait_phase(&cp.admin, id, "frozen").await;
+    assert_eq!(
+        (m["waiting_count"].as_u64(), waiting_ids(&m).len()),
+        (Some(0), 0)
+    );
+    cp.running.shutdown().await;
+}

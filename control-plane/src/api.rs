@@ -916,7 +916,7 @@ pub(crate) async fn take_heartbeat(
     }
     s.store.heartbeat(&hb, &caller.name).await?;
     s.metrics.heartbeats.fetch_add(1, Ordering::Relaxed);
-    s.moves.wake();
+    s.moves.heard();
     Ok(HeartbeatReply {
         epoch: s.store.epoch().to_owned(),
         head: *s.store.subscribe().borrow(),
@@ -924,9 +924,18 @@ pub(crate) async fn take_heartbeat(
 }
 
 /// The fleet as `GET /v1/fleet` reports it.
-pub async fn fleet_status(store: &Store, stale_after: Duration) -> Result<Fleet, StoreError> {
+pub async fn fleet_status(store: &Store, config: &ControlPlaneConfig) -> Result<Fleet, StoreError> {
+    let (stale_after, behind_after) = (config.stale_after, config.behind_after);
     let head = store.head().await?;
     let now = now_ms();
+    // What every member should have reported by now: proxies report a change at their next
+    // periodic heartbeat (a move's freeze and switch at once).
+    let expected = if behind_after.is_zero() {
+        head.version
+    } else {
+        let cutoff = now - i64::try_from(behind_after.as_millis()).unwrap_or(i64::MAX);
+        store.version_at(cutoff).await?.min(head.version)
+    };
     let members = store
         .fleet()
         .await?
@@ -936,7 +945,7 @@ pub async fn fleet_status(store: &Store, stale_after: Duration) -> Result<Fleet,
             let same_epoch = m.epoch == head.epoch;
             let status = if age_ms as u128 > stale_after.as_millis() {
                 SyncStatus::Stale
-            } else if !same_epoch || m.applied_version < head.version {
+            } else if !same_epoch || m.applied_version < expected {
                 SyncStatus::Behind
             } else {
                 SyncStatus::Synced
@@ -959,13 +968,15 @@ pub async fn fleet_status(store: &Store, stale_after: Duration) -> Result<Fleet,
         head: head.version,
         epoch: head.epoch,
         stale_after_seconds: stale_after.as_secs(),
+        behind_after_seconds: behind_after.as_secs_f64(),
+        expected_version: expected,
         members,
     })
 }
 
 async fn fleet(State(s): State<AppState>, headers: HeaderMap) -> ApiResult<Response> {
     authorize(&s, &headers, READERS).await?;
-    Ok(Json(fleet_status(&s.store, s.config.stale_after).await?).into_response())
+    Ok(Json(fleet_status(&s.store, &s.config).await?).into_response())
 }
 
 async fn forget_proxy(
@@ -1504,7 +1515,7 @@ async fn metrics(State(s): State<AppState>) -> Response {
             "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {value}"
         );
     }
-    if let Ok(fleet) = fleet_status(&s.store, s.config.stale_after).await {
+    if let Ok(fleet) = fleet_status(&s.store, &s.config).await {
         let _ = writeln!(
             out,
             "# HELP domicile_cp_fleet_members Proxies by sync status.\n# TYPE domicile_cp_fleet_members gauge"

@@ -26,6 +26,12 @@ pub struct ControlPlaneConfig {
     /// A proxy not heard from for this long is STALE. Default: 30 s.
     #[serde(default = "defaults::stale_after", with = "humantime_serde")]
     pub stale_after: Duration,
+    /// A proxy that has not reported a version committed this long ago is BEHIND. Proxies
+    /// report most changes at their next periodic heartbeat (every 5 s by default) and only
+    /// a move's freeze and switch at once, so a proxy a few seconds short of the head has
+    /// fallen behind nothing yet. Zero compares with the head alone. Default: 10 s.
+    #[serde(default = "defaults::behind_after", with = "humantime_serde")]
+    pub behind_after: Duration,
     /// How many of the newest versions `GET /v1/map/changes` serves; a proxy further behind
     /// gets 410 and fetches a snapshot (cheaper than replaying that many changes). The history
     /// itself is kept whole. Default: 1,000,000.
@@ -94,6 +100,9 @@ mod defaults {
     }
     pub fn stale_after() -> Duration {
         Duration::from_secs(30)
+    }
+    pub fn behind_after() -> Duration {
+        Duration::from_secs(10)
     }
     pub fn change_retention() -> u64 {
         1_000_000

@@ -7,7 +7,7 @@
 //! conditional write under the store's meta lock, so exactly one replica makes it (and only
 //! that replica calls the webhook).
 
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -21,9 +21,16 @@ use tokio::sync::{mpsc, watch, Notify};
 
 use crate::store::{now_ms, FleetRow, Head, Move, Phase, Store, StoreError};
 
-/// How often the driver looks again without a wake-up (heartbeats arriving at another
-/// replica, timeouts).
+/// How often the driver looks again without a wake-up (timeouts, moves requested at another
+/// replica).
 const TICK: Duration = Duration::from_millis(250);
+/// How often it looks while a move waits for the fleet to drain and nothing wakes it. Each
+/// heartbeat this replica writes wakes it, and the last member to drain reports to one of
+/// the replicas, whose driver then sees the whole fleet drained; this is the backstop.
+const AWAITING_TICK: Duration = Duration::from_millis(100);
+/// While a move waits, the least time between two looks: a fleet's heartbeats arrive by the
+/// thousand, and each look counts the fleet table.
+const AWAITING_GAP: Duration = Duration::from_millis(10);
 /// Webhook deliveries queued before new ones are dropped (and counted).
 const WEBHOOK_QUEUE: usize = 1024;
 const WEBHOOK_ATTEMPTS: u32 = 3;
@@ -82,9 +89,37 @@ fn rfc3339(ms: i64) -> String {
     humantime::format_rfc3339_millis(t).to_string()
 }
 
-fn describe(lagging: &[Lagging], now: i64) -> String {
-    let names: Vec<String> = lagging
+/// The most proxies a move's view names; `waiting_count` says how many it waits for in all.
+const WAITING_NAMED: usize = 100;
+/// The most proxies a stalled move's log line and trail entry name.
+const STALLED_NAMED: usize = 20;
+
+/// Who a move waits for: how many members, and the first of them (the furthest behind).
+#[derive(Debug, Clone, Default)]
+pub struct Waiting {
+    pub count: u64,
+    pub named: Vec<Lagging>,
+}
+
+impl Waiting {
+    /// Reads from the store who a move awaiting `version` waits for.
+    pub async fn read(store: &Store, head: &Head, version: u64) -> Result<Self, StoreError> {
+        let (_, count) = store.fleet_lagging(&head.epoch, version).await?;
+        let rows = store
+            .fleet_lagging_members(&head.epoch, version, WAITING_NAMED)
+            .await?;
+        Ok(Self {
+            count,
+            named: lagging(&rows, head, version),
+        })
+    }
+}
+
+fn describe(waiting: &Waiting, now: i64) -> String {
+    let mut names: Vec<String> = waiting
+        .named
         .iter()
+        .take(STALLED_NAMED)
         .map(|l| {
             format!(
                 "{} ({}, last seen {:.1} s ago)",
@@ -94,12 +129,16 @@ fn describe(lagging: &[Lagging], now: i64) -> String {
             )
         })
         .collect();
+    let unnamed = waiting.count.saturating_sub(names.len() as u64);
+    if unnamed > 0 {
+        names.push(format!("and {unnamed} more"));
+    }
     format!("waiting for {}", names.join(", "))
 }
 
-/// A move as the API shows it: the record, and (in the phases that wait for the fleet) which
-/// proxies it waits for.
-pub fn view(m: &Move, waiting: Option<&[Lagging]>) -> Value {
+/// A move as the API shows it: the record, and (in the phases that wait for the fleet) how
+/// many proxies it waits for and the first 100 of them.
+pub fn view(m: &Move, waiting: Option<&Waiting>) -> Value {
     let at = |ms: Option<i64>| ms.map(rfc3339);
     let now = now_ms();
     let write_pause_ms = m
@@ -132,7 +171,8 @@ pub fn view(m: &Move, waiting: Option<&[Lagging]>) -> Value {
         "awaiting_version": m.awaited_version(),
         "stalled": m.stalled_at_ms.is_some(),
         "stalled_at": at(m.stalled_at_ms),
-        "waiting_for": waiting.unwrap_or(&[]),
+        "waiting_count": waiting.map_or(0, |w| w.count),
+        "waiting_for": waiting.map_or(&[][..], |w| &w.named[..]),
         "abort_reason": m.abort_reason,
         "write_pause_ms": write_pause_ms,
         "next": next_step(m),
@@ -143,9 +183,9 @@ pub fn view(m: &Move, waiting: Option<&[Lagging]>) -> Value {
 fn next_step(m: &Move) -> &'static str {
     match m.phase {
         Phase::Requested => "the control plane writes the freeze",
-        Phase::Freezing => "every proxy drains the freeze (waiting_for lists the others)",
+        Phase::Freezing => "every proxy drains the freeze (waiting_for names those still to)",
         Phase::Frozen => "the data mover copies the workspace's data, then calls complete",
-        Phase::Switching => "every proxy drains the switch (waiting_for lists the others)",
+        Phase::Switching => "every proxy drains the switch (waiting_for names those still to)",
         Phase::Done | Phase::Aborted => "nothing: the move is over",
     }
 }
@@ -153,13 +193,10 @@ fn next_step(m: &Move) -> &'static str {
 /// A move's view with its current wait list (read from the store).
 pub async fn current_view(store: &Store, m: &Move) -> Result<Value, StoreError> {
     let waiting = match m.awaited_version() {
-        Some(version) => {
-            let head = store.head().await?;
-            Some(lagging(&store.fleet().await?, &head, version))
-        }
+        Some(version) => Some(Waiting::read(store, &store.head().await?, version).await?),
         None => None,
     };
-    Ok(view(m, waiting.as_deref()))
+    Ok(view(m, waiting.as_ref()))
 }
 
 /// One webhook call to make.
@@ -173,6 +210,9 @@ struct Delivery {
 #[derive(Clone)]
 pub struct Driver {
     wake: Arc<Notify>,
+    /// Whether an open move waits for the fleet to drain a version: only then does a
+    /// heartbeat wake the driver (a move's freeze brings one from every proxy).
+    awaiting: Arc<AtomicBool>,
     webhooks: mpsc::Sender<Delivery>,
     pub metrics: Arc<MoveMetrics>,
 }
@@ -185,6 +225,7 @@ impl Driver {
         let (webhooks, queue) = mpsc::channel(WEBHOOK_QUEUE);
         let driver = Self {
             wake,
+            awaiting: Arc::new(AtomicBool::new(false)),
             webhooks,
             metrics,
         };
@@ -193,31 +234,50 @@ impl Driver {
         driver
     }
 
-    /// Asks the driver to look at the moves now (a heartbeat arrived, a move was requested).
+    /// Asks the driver to look at the moves now (a proxy was removed, a move was requested).
     pub fn wake(&self) {
         self.wake.notify_one();
+    }
+
+    /// A heartbeat was written: a move waiting for the fleet may go on.
+    pub fn heard(&self) {
+        if self.awaiting.load(Ordering::Relaxed) {
+            self.wake.notify_one();
+        }
     }
 
     async fn run(self, store: Store, mut stopping: watch::Receiver<bool>) {
         let mut head = store.subscribe();
         loop {
-            if let Err(e) = self.pass(&store).await {
-                tracing::warn!("move driver: {e}");
+            match self.pass(&store).await {
+                Ok(awaiting) => self.awaiting.store(awaiting, Ordering::Relaxed),
+                Err(e) => tracing::warn!("move driver: {e}"),
             }
+            let tick = if self.awaiting.load(Ordering::Relaxed) {
+                tokio::select! {
+                    () = tokio::time::sleep(AWAITING_GAP) => {}
+                    _ = stopping.wait_for(|s| *s) => return,
+                }
+                AWAITING_TICK
+            } else {
+                TICK
+            };
             tokio::select! {
                 () = self.wake.notified() => {}
                 _ = head.changed() => {}
-                () = tokio::time::sleep(TICK) => {}
+                () = tokio::time::sleep(tick) => {}
                 _ = stopping.wait_for(|s| *s) => return,
             }
         }
     }
 
-    /// Looks at every open move once and advances those that can go on.
-    async fn pass(&self, store: &Store) -> Result<(), StoreError> {
+    /// Looks at every open move once and advances those that can go on. Returns whether one
+    /// is left waiting for the fleet to drain a version.
+    async fn pass(&self, store: &Store) -> Result<bool, StoreError> {
         let open = store.moves(None, true, 10_000).await?;
+        let mut awaiting = false;
         if open.is_empty() {
-            return Ok(());
+            return Ok(awaiting);
         }
         let mut head_view: Option<Head> = None;
         for m in open {
@@ -233,6 +293,7 @@ impl Driver {
                                 m.abort_reason.as_deref().unwrap_or("")
                             );
                         }
+                        awaiting |= m.phase == Phase::Freezing;
                         self.announce(&m, None);
                     }
                 }
@@ -262,39 +323,42 @@ impl Driver {
                             tracing::info!(id = m.id, workspace = m.workspace, phase = %m.phase, "move advanced");
                             self.announce(&m, None);
                         }
-                    } else if m.stalled_at_ms.is_none()
-                        && now_ms() - m.phase_started_ms() > m.timeout_ms as i64
-                    {
-                        let waiting = lagging(&store.fleet().await?, head, version);
-                        let detail = describe(&waiting, now_ms());
-                        if let Some(m) = store.move_stalled(m.id, m.phase, &detail).await? {
-                            self.metrics.stalled.fetch_add(1, Ordering::Relaxed);
-                            tracing::warn!(
-                                id = m.id,
-                                workspace = m.workspace,
-                                phase = %m.phase,
-                                "move outlived its timeout of {} s: {detail}",
-                                m.timeout_ms / 1000
-                            );
-                            self.queue(&m, "move.stalled", Some(&waiting));
+                    } else {
+                        awaiting = true;
+                        let overdue = m.stalled_at_ms.is_none()
+                            && now_ms() - m.phase_started_ms() > m.timeout_ms as i64;
+                        if overdue {
+                            let waiting = Waiting::read(store, head, version).await?;
+                            let detail = describe(&waiting, now_ms());
+                            if let Some(m) = store.move_stalled(m.id, m.phase, &detail).await? {
+                                self.metrics.stalled.fetch_add(1, Ordering::Relaxed);
+                                tracing::warn!(
+                                    id = m.id,
+                                    workspace = m.workspace,
+                                    phase = %m.phase,
+                                    "move outlived its timeout of {} s: {detail}",
+                                    m.timeout_ms / 1000
+                                );
+                                self.queue(&m, "move.stalled", Some(&waiting));
+                            }
                         }
                     }
                 }
                 Phase::Frozen | Phase::Done | Phase::Aborted => {}
             }
         }
-        Ok(())
+        Ok(awaiting)
     }
 
     /// Tells the webhook (if any) that the move reached its current phase.
-    pub fn announce(&self, m: &Move, waiting: Option<&[Lagging]>) {
+    pub fn announce(&self, m: &Move, waiting: Option<&Waiting>) {
         if m.phase == Phase::Aborted {
             self.metrics.aborted.fetch_add(1, Ordering::Relaxed);
         }
         self.queue(m, "move.phase", waiting);
     }
 
-    fn queue(&self, m: &Move, event: &'static str, waiting: Option<&[Lagging]>) {
+    fn queue(&self, m: &Move, event: &'static str, waiting: Option<&Waiting>) {
         let Some(url) = &m.webhook else {
             return;
         };

@@ -354,6 +354,26 @@ fn new_epoch() -> String {
     hex::encode(bytes)
 }
 
+/// A row of the fleet table.
+fn fleet_row<R: Row>(r: &R) -> Result<FleetRow, StoreError>
+where
+    for<'c> &'c str: sqlx::ColumnIndex<R>,
+    for<'c> String: sqlx::Decode<'c, R::Database> + sqlx::Type<R::Database>,
+    for<'c> i64: sqlx::Decode<'c, R::Database> + sqlx::Type<R::Database>,
+    for<'c> Option<i64>: sqlx::Decode<'c, R::Database> + sqlx::Type<R::Database>,
+{
+    Ok(FleetRow {
+        proxy_id: r.try_get("proxy_id")?,
+        edge_region: r.try_get("edge_region")?,
+        applied_version: u(r.try_get("applied_version")?),
+        drained_version: r.try_get::<Option<i64>, _>("drained_version")?.map(u),
+        checksum: r.try_get("checksum")?,
+        epoch: r.try_get("epoch")?,
+        first_seen_ms: r.try_get("first_seen")?,
+        last_seen_ms: r.try_get("last_seen")?,
+    })
+}
+
 /// The one row a query on the read pool returned. Reads there use `fetch_all`, never
 /// `fetch_one` or `fetch_optional`: on SQLite a statement left unfinished holds its read
 /// transaction open, and the pooled connection then sees the database as it was until that
@@ -1066,6 +1086,23 @@ impl Store {
         })
     }
 
+    /// The newest version committed at or before `at_ms` (0 when none was). Read from the
+    /// newest change backwards, so it costs as many rows as were committed since.
+    pub async fn version_at(&self, at_ms: i64) -> Result<u64, StoreError> {
+        on_backend!(self.inner, |_pool, read, _d| {
+            let rows = sqlx::query(
+                "SELECT version FROM history WHERE at <= $1 ORDER BY version DESC LIMIT 1",
+            )
+            .bind(at_ms)
+            .fetch_all(read)
+            .await?;
+            Ok(match rows.first() {
+                Some(row) => u(row.try_get("version")?),
+                None => 0,
+            })
+        })
+    }
+
     // ---- regions ----
 
     pub async fn regions(&self) -> Result<Vec<Region>, StoreError> {
@@ -1765,20 +1802,32 @@ impl Store {
             )
             .fetch_all(read)
             .await?;
-            rows.iter()
-                .map(|r| {
-                    Ok(FleetRow {
-                        proxy_id: r.try_get("proxy_id")?,
-                        edge_region: r.try_get("edge_region")?,
-                        applied_version: u(r.try_get("applied_version")?),
-                        drained_version: r.try_get::<Option<i64>, _>("drained_version")?.map(u),
-                        checksum: r.try_get("checksum")?,
-                        epoch: r.try_get("epoch")?,
-                        first_seen_ms: r.try_get("first_seen")?,
-                        last_seen_ms: r.try_get("last_seen")?,
-                    })
-                })
-                .collect()
+            rows.iter().map(fleet_row).collect()
+        })
+    }
+
+    /// At most `limit` of the members that have not drained `version` of the store with
+    /// epoch `epoch` (the rule of `moves::lagging`), the furthest behind first: what a move's
+    /// view names, without reading a fleet of ten thousand to name a hundred.
+    pub async fn fleet_lagging_members(
+        &self,
+        epoch: &str,
+        version: u64,
+        limit: usize,
+    ) -> Result<Vec<FleetRow>, StoreError> {
+        on_backend!(self.inner, |_pool, read, _d| {
+            let rows = sqlx::query(
+                "SELECT proxy_id, edge_region, applied_version, drained_version, checksum, \
+                 epoch, first_seen, last_seen FROM fleet \
+                 WHERE epoch <> $1 OR drained_version IS NULL OR drained_version < $2 \
+                 ORDER BY coalesce(drained_version, -1), proxy_id LIMIT $3",
+            )
+            .bind(epoch)
+            .bind(i(version))
+            .bind(i64::try_from(limit).unwrap_or(i64::MAX))
+            .fetch_all(read)
+            .await?;
+            rows.iter().map(fleet_row).collect()
         })
     }
 

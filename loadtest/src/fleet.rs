@@ -19,7 +19,9 @@
 //!   from the API call until the last of the N proxies routes with its version; store
 //!   operations per change (less the idle rate over the same time);
 //! - **moves**: M moves, each completed the moment it is frozen, timed from the request until
-//!   the control plane reports it done (freeze drained by all N, switch drained by all N);
+//!   the control plane reports it done (freeze drained by all N, switch drained by all N),
+//!   driven by the move's webhook as a data mover would be; and when the last proxy routed
+//!   with the freeze and with the switch;
 //! - **reconnect storm**: every proxy stops at once and starts again from its last-known-good
 //!   map; the time until all N follow the change stream again, and the replicas' peak CPU and
 //!   memory meanwhile.
@@ -109,10 +111,16 @@ pub struct Report {
     /// (all of them, on the same cores).
     pub replica_cpu_ms_per_change: f64,
     pub proxies_cpu_ms_per_change: f64,
+    /// PostgreSQL's (the postmaster and its backends), when its process is found.
+    pub postgres_cpu_ms_per_change: f64,
     pub moves: usize,
     pub move_ms: Percentiles,
     pub move_freeze_drained_ms: Percentiles,
     pub move_switch_drained_ms: Percentiles,
+    /// From the freeze's (the switch's) commit until the last proxy routes with it: what the
+    /// drained figures spend before the heartbeats that report it.
+    pub move_freeze_applied_ms: Percentiles,
+    pub move_switch_applied_ms: Percentiles,
     /// From the restart until the last proxy follows the change stream again, seconds.
     pub storm_seconds: f64,
     pub storm_peak_replica_cpu_percent: f64,
@@ -138,12 +146,19 @@ pub struct NatsFigures {
     pub storm_cpu_seconds: f64,
 }
 
-/// The NATS server's process, found by name (it is the machine's own service, not ours).
-fn nats_server_pid() -> Option<u32> {
+/// The root process of a service of this machine's, found by name (the NATS server, or
+/// PostgreSQL's postmaster: its backends are its children, so the tree counts them).
+fn service_pid(name: &str) -> Option<u32> {
+    let named = |pid: u32| {
+        std::fs::read_to_string(format!("/proc/{pid}/comm")).is_ok_and(|c| c.trim() == name)
+    };
+    let parent = |pid: u32| -> Option<u32> {
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+        stat[stat.rfind(')')? + 2..].split(' ').nth(1)?.parse().ok()
+    };
     std::fs::read_dir("/proc").ok()?.flatten().find_map(|e| {
         let pid: u32 = e.file_name().to_str()?.parse().ok()?;
-        let comm = std::fs::read_to_string(e.path().join("comm")).ok()?;
-        (comm.trim() == "nats-server").then_some(pid)
+        (named(pid) && !parent(pid).is_some_and(named)).then_some(pid)
     })
 }
 
@@ -340,7 +355,7 @@ pub async fn run(options: Options) -> Result<PathBuf> {
                 &config,
                 format!("[nats]\nurl = \"{url}\"\nprefix = \"{prefix}\"\n"),
             )?;
-            let pid = nats_server_pid()
+            let pid = service_pid("nats-server")
                 .context("--nats: no nats-server process on this machine to measure")?;
             Some((url.clone(), prefix, config, pid))
         }
@@ -354,6 +369,8 @@ pub async fn run(options: Options) -> Result<PathBuf> {
         );
     }
     let nats_pid = nats.as_ref().map(|n| n.3);
+    let postgres_pid = service_pid("postgres");
+    let postgres_cpu = || postgres_pid.map_or(0.0, crate::procs::cpu_seconds);
     let token = std::fs::read_to_string(&token_file)
         .context("the first replica wrote no admin token")?
         .trim()
@@ -492,6 +509,7 @@ pub async fn run(options: Options) -> Result<PathBuf> {
     let (ops_before, t_changes) = (store_operations(&cps).await?, Instant::now());
     let (replica_cpu0, proxies_cpu0) = (cpu_seconds(&cps), agents.cpu_seconds());
     let nats_cpu0 = nats_cpu();
+    let postgres_cpu0 = postgres_cpu();
     let mut samples = Vec::with_capacity(options.changes);
     for k in 0..options.changes {
         let region = if k % 2 == 0 { "eu" } else { "us" };
@@ -520,6 +538,8 @@ pub async fn run(options: Options) -> Result<PathBuf> {
     let proxies_cpu_ms_per_change =
         (agents.cpu_seconds() - proxies_cpu0) * 1000.0 / options.changes.max(1) as f64;
     let nats_cpu_ms_per_change = (nats_cpu() - nats_cpu0) * 1000.0 / options.changes.max(1) as f64;
+    let postgres_cpu_ms_per_change =
+        (postgres_cpu() - postgres_cpu0) * 1000.0 / options.changes.max(1) as f64;
     let ops_changes = store_operations(&cps).await? - ops_before;
     let changes = options.changes.max(1) as f64;
     let store_operations_per_change_raw = ops_changes as f64 / changes;
@@ -527,13 +547,15 @@ pub async fn run(options: Options) -> Result<PathBuf> {
         (ops_changes as f64 - idle_rate * changes_seconds).max(0.0) / changes;
     let propagation_ms = percentiles(samples);
     eprintln!(
-        "fleet: propagation to all {}: p50 {:.0} ms, p99 {:.0} ms; {store_operations_per_change:.1} store operations per change; CPU per change: replicas {replica_cpu_ms_per_change:.0} ms, proxies {proxies_cpu_ms_per_change:.0} ms",
+        "fleet: propagation to all {}: p50 {:.0} ms, p99 {:.0} ms; {store_operations_per_change:.1} store operations per change; CPU per change: replicas {replica_cpu_ms_per_change:.0} ms, proxies {proxies_cpu_ms_per_change:.0} ms, PostgreSQL {postgres_cpu_ms_per_change:.0} ms",
         options.proxies, propagation_ms.p50, propagation_ms.p99
     );
 
     // Moves.
+    let mut hook = crate::moves::Webhook::start().await?;
     let mut move_samples = Vec::new();
     let (mut freeze_drains, mut switch_drains) = (Vec::new(), Vec::new());
+    let (mut freeze_applies, mut switch_applies) = (Vec::new(), Vec::new());
     for i in 0..options.moves {
         let workspace = workspace_id(i as u64 % options.workspaces.max(1));
         let current = admin
@@ -545,20 +567,20 @@ pub async fn run(options: Options) -> Result<PathBuf> {
             "us"
         };
         let started = Instant::now();
-        let finished = crate::moves::move_with_instant_copy(
-            &admin,
-            &workspace,
-            to,
-            "loadtest fleet",
-            // Each look at a waiting move reads the fleet's wait list: not every millisecond.
-            Duration::from_millis(5),
-            STEP_TIMEOUT,
-        )
-        .await?;
+        let (finished, freeze, switch) =
+            move_watched(&admin, &mut hook, &mut agents, &workspace, to).await?;
         move_samples.push(started.elapsed());
         if let Some((freezing, frozen, switching, done)) = crate::moves::phase_times(&finished) {
             freeze_drains.push(frozen.duration_since(freezing).unwrap_or_default());
             switch_drains.push(done.duration_since(switching).unwrap_or_default());
+            let since = |at: std::time::SystemTime, ns: u64| {
+                let at_ns = at
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map_or(0, |d| d.as_nanos() as u64);
+                Duration::from_nanos(ns.saturating_sub(at_ns))
+            };
+            freeze_applies.push(since(freezing, freeze));
+            switch_applies.push(since(switching, switch));
         }
     }
     let move_ms = percentiles_or_zero(move_samples);
@@ -692,10 +714,13 @@ pub async fn run(options: Options) -> Result<PathBuf> {
         store_operations_per_change_raw,
         replica_cpu_ms_per_change,
         proxies_cpu_ms_per_change,
+        postgres_cpu_ms_per_change,
         moves: options.moves,
         move_ms,
         move_freeze_drained_ms: percentiles_or_zero(freeze_drains),
         move_switch_drained_ms: percentiles_or_zero(switch_drains),
+        move_freeze_applied_ms: percentiles_or_zero(freeze_applies),
+        move_switch_applied_ms: percentiles_or_zero(switch_applies),
         storm_seconds,
         storm_peak_replica_cpu_percent: peak_cpu,
         storm_peak_replica_rss_bytes: peak_rss,
@@ -710,6 +735,76 @@ pub async fn run(options: Options) -> Result<PathBuf> {
         stem.push_str(label);
     }
     write_report(&options.results_dir, &stem, &report, &markdown(&report))
+}
+
+/// One move, its data copied the moment it is frozen, driven by its webhook as a data mover
+/// would be (nothing polls the control plane meanwhile), and watched from both ends: the
+/// control plane's phases, and when the last proxy routed with the freeze and with the switch
+/// (wall-clock nanoseconds, as the agents report them).
+async fn move_watched(
+    admin: &AdminClient,
+    hook: &mut crate::moves::Webhook,
+    agents: &mut Agents,
+    workspace: &str,
+    to: &str,
+) -> Result<(serde_json::Value, u64, u64)> {
+    let m = admin
+        .send_json(
+            Method::POST,
+            "/v1/moves",
+            &json!({ "workspace": workspace, "to": to, "reason": "loadtest fleet",
+                     "webhook": hook.url }),
+        )
+        .await?;
+    let id = m["id"].as_u64().context("move id")?;
+    let deadline = Instant::now() + STEP_TIMEOUT;
+    let (mut freeze, mut switch, mut completed) = (None, None, false);
+    let done = loop {
+        let m = hook.next(id, deadline).await?;
+        // Each version goes to the agents as soon as it is announced (replicas announce
+        // independently, so a later phase may come first); they answer when all of their
+        // proxies route with it.
+        for (sent, key) in [(&mut freeze, "freeze"), (&mut switch, "switch")] {
+            if let (None, Some(v)) = (*sent, m["versions"][key].as_u64()) {
+                agents.send(&format!("wait {v}")).await?;
+                *sent = Some(v);
+            }
+        }
+        match m["phase"].as_str() {
+            Some("frozen") if !completed => {
+                admin
+                    .send_json(
+                        Method::POST,
+                        &format!("/v1/moves/{id}/complete"),
+                        &json!({}),
+                    )
+                    .await?;
+                completed = true;
+            }
+            Some("done") => break m,
+            Some("aborted") => bail!("move {id} aborted: {m}"),
+            _ => {}
+        }
+    };
+    // The webhook's view was taken at the phase change; the record, with every phase's time,
+    // is read once the move is over.
+    let finished = admin.get_json(&format!("/v1/moves/{}", done["id"])).await?;
+    let (freeze, switch) = (
+        freeze.context("no freeze version was announced")?,
+        switch.context("no switch version was announced")?,
+    );
+    // An agent answers its commands in order: the freeze's answer, then the switch's.
+    let mut last = Vec::new();
+    for version in [freeze, switch] {
+        let reached = agents
+            .gather(|e| match e {
+                Event::Reached(v, ns) if v == version => Some(ns),
+                _ => None,
+            })
+            .await?;
+        last.push(reached.into_iter().max().unwrap_or(0));
+    }
+    Ok((finished, last[0], last[1]))
 }
 
 fn admin_token(path: &Path) -> Option<String> {
@@ -743,9 +838,10 @@ fn markdown(r: &Report) -> String {
          | idle: store operations per second / replica CPU | {idle_ops:.0} / {idle_cpu:.0} % |\n\
          | propagation, write to the last of {proxies} routing it: p50 / p90 / p99 / max over {changes} | {p50:.0} / {p90:.0} / {p99:.0} / {pmax:.0} ms |\n\
          | store operations per change (less the idle rate; all) | {per_change:.1} ({raw:.1}) |\n\
-         | CPU per change: replicas / the {proxies} proxies | {rcpu:.0} ms / {pcpu:.0} ms |\n\
+         | CPU per change: replicas / the {proxies} proxies / PostgreSQL | {rcpu:.0} ms / {pcpu:.0} ms / {pgcpu:.0} ms |\n\
          | move, request to done (freeze and switch drained by all): p50 / max over {moves} | {m50:.0} / {mmax:.0} ms |\n\
          | freeze drained / switch drained, p50 | {f50:.0} / {s50:.0} ms |\n\
+         | freeze / switch routed with by the last proxy, p50 | {fa50:.0} / {sa50:.0} ms |\n\
          | reconnect storm: restart until all follow the stream again | {storm:.2} s |\n\
          | storm: replicas' peak CPU / peak memory | {scpu:.0} % / {srss:.0} MiB |\n\
          | storm: CPU of the replicas / of the proxies | {srcpu:.1} s / {spcpu:.1} s |\n\
@@ -774,11 +870,14 @@ fn markdown(r: &Report) -> String {
         raw = r.store_operations_per_change_raw,
         rcpu = r.replica_cpu_ms_per_change,
         pcpu = r.proxies_cpu_ms_per_change,
+        pgcpu = r.postgres_cpu_ms_per_change,
         moves = r.moves,
         m50 = r.move_ms.p50,
         mmax = r.move_ms.max,
         f50 = r.move_freeze_drained_ms.p50,
         s50 = r.move_switch_drained_ms.p50,
+        fa50 = r.move_freeze_applied_ms.p50,
+        sa50 = r.move_switch_applied_ms.p50,
         storm = r.storm_seconds,
         scpu = r.storm_peak_replica_cpu_percent,
         srss = mib(r.storm_peak_replica_rss_bytes),

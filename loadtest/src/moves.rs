@@ -143,6 +143,64 @@ pub(crate) async fn move_with_instant_copy(
     }
 }
 
+/// A data mover's webhook endpoint (docs/moves.md): it learns of each phase of a move as the
+/// control plane announces it, instead of asking. Its URL goes in the move's `webhook`.
+pub(crate) struct Webhook {
+    pub(crate) url: String,
+    calls: tokio::sync::mpsc::UnboundedReceiver<serde_json::Value>,
+    server: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for Webhook {
+    fn drop(&mut self) {
+        self.server.abort();
+    }
+}
+
+impl Webhook {
+    pub(crate) async fn start() -> Result<Self> {
+        use hyper::service::service_fn;
+        use hyper_util::rt::TokioIo;
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+        let url = format!("http://{}/moves", listener.local_addr()?);
+        let (tx, calls) = tokio::sync::mpsc::unbounded_channel();
+        let server = tokio::spawn(async move {
+            while let Ok((stream, _)) = listener.accept().await {
+                let tx = tx.clone();
+                tokio::spawn(async move {
+                    let service = service_fn(move |req: http::Request<hyper::body::Incoming>| {
+                        let tx = tx.clone();
+                        async move {
+                            let body = req.into_body().collect().await?.to_bytes();
+                            if let Ok(call) = serde_json::from_slice::<serde_json::Value>(&body) {
+                                let _ = tx.send(call["move"].clone());
+                            }
+                            Ok::<_, hyper::Error>(http::Response::new(Full::new(Bytes::new())))
+                        }
+                    });
+                    let _ = hyper::server::conn::http1::Builder::new()
+                        .serve_connection(TokioIo::new(stream), service)
+                        .await;
+                });
+            }
+        });
+        Ok(Self { url, calls, server })
+    }
+
+    /// The next call about move `id` (calls about others are dropped), as the move's view.
+    pub(crate) async fn next(&mut self, id: u64, deadline: Instant) -> Result<serde_json::Value> {
+        loop {
+            let m = tokio::time::timeout_at(deadline.into(), self.calls.recv())
+                .await
+                .with_context(|| format!("no webhook call about move {id} in time"))?
+                .context("the webhook server stopped")?;
+            if m["id"].as_u64() == Some(id) {
+                return Ok(m);
+            }
+        }
+    }
+}
+
 /// When a finished move entered `freezing`, `frozen`, `switching` and `done`.
 pub(crate) fn phase_times(
     m: &serde_json::Value,

@@ -183,7 +183,7 @@ pub fn change_stream(data: &[u8]) -> usize {
         let before = entries(&table);
         let version = pos.version;
         match sync::take_line(&replica, &mut pos, text) {
-            Ok(Taken::Applied) => {
+            Ok(Taken::Applied { .. }) => {
                 assert_eq!(pos.version, version + 1, "a change skipped a version");
                 assert_eq!(table.version(), pos.version, "the table's version lags");
                 applied += 1;

@@ -226,6 +226,13 @@ pub struct Fleet {
     pub head: u64,
     pub epoch: String,
     pub stale_after_seconds: u64,
+    /// A member that has not reported the newest version committed this long ago is
+    /// BEHIND (zero: the head itself).
+    #[serde(default)]
+    pub behind_after_seconds: f64,
+    /// That version: what every member is expected to have reported by now.
+    #[serde(default)]
+    pub expected_version: u64,
     pub members: Vec<FleetMember>,
 }
 
@@ -233,9 +240,10 @@ pub struct Fleet {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "UPPERCASE")]
 pub enum SyncStatus {
-    /// Applied the head version and heard from recently.
+    /// Heard from recently, and reported every version committed more than the control
+    /// plane's `behind_after` ago (the head itself when that is zero).
     Synced,
-    /// Heard from recently but behind the head.
+    /// Heard from recently, but has not reported a version committed that long ago.
     Behind,
     /// Not heard from within the stale interval.
     Stale,

@@ -49,6 +49,11 @@ pub struct SyncState {
     pub applied: Option<u64>,
     /// The version persisted as last-known-good (what heartbeats report).
     pub persisted: Option<u64>,
+    /// The newest persisted version that a move may be waiting for this proxy to drain: one
+    /// that froze a workspace (a move's freeze or switch), or a snapshot. Heartbeats report
+    /// it at once, and again as soon as it is drained; any other version waits for the next
+    /// periodic heartbeat.
+    pub prompt: Option<u64>,
     /// The map checksum at `persisted`.
     pub checksum: Option<Checksum>,
     /// The control-plane epoch the map came from.
@@ -259,8 +264,27 @@ fn apply_change(
 pub(crate) enum Taken {
     Hello,
     Heartbeat,
-    /// A change, applied and published: `pos.version` is its version.
-    Applied,
+    /// A change, applied and published: `pos.version` is its version. `prompt` when a move
+    /// may be waiting for it (see [`SyncState::prompt`]).
+    Applied {
+        prompt: bool,
+    },
+}
+
+/// Whether a move may wait for the fleet to drain this change: it puts a workspace in the
+/// frozen state (a move's freeze, or its switch to the new home, still frozen).
+fn awaited_by_moves(line: &FeedLine) -> bool {
+    matches!(
+        line,
+        FeedLine::Workspace {
+            op: Op::Put,
+            entry: Some(domicile_wire::WorkspaceBody {
+                state: domicile_wire::State::Frozen,
+                ..
+            }),
+            ..
+        }
+    )
 }
 
 /// Takes one line of the live change stream (without its line feed): a hello or heartbeat
@@ -315,7 +339,9 @@ pub(crate) fn take_line(
                     }
                     pos.version = version;
                     table.publish_version(version);
-                    Ok(Taken::Applied)
+                    Ok(Taken::Applied {
+                        prompt: awaited_by_moves(change),
+                    })
                 }
                 Err(e) => {
                     tracing::warn!(version, "cannot apply a change: {e}");
@@ -549,6 +575,9 @@ struct Syncer {
     base: String,
     pos: Option<Position>,
     lkg: Option<LastKnownGood>,
+    /// Applied changes include one a move may wait for (or a snapshot): the next version
+    /// persisted is reported at once.
+    prompt_pending: bool,
     state: watch::Sender<SyncState>,
     stop: watch::Receiver<bool>,
 }
@@ -662,6 +691,7 @@ pub fn start(
             base,
             pos,
             lkg: Some(lkg),
+            prompt_pending: false,
             state,
             stop,
         };
@@ -872,6 +902,8 @@ impl Syncer {
         tracing::info!(version, entries, elapsed = ?started.elapsed(), "map snapshot applied");
         // The map routes now whatever happens to the disk; until it is persisted, heartbeats
         // go on reporting the last version that is, and the base is written again later.
+        // A move may be waiting for this proxy: report the snapshot at once.
+        self.prompt_pending = true;
         if let Err(e) = self.persist_base().await {
             self.persist_failed(&e);
         }
@@ -908,10 +940,14 @@ impl Syncer {
             .fetch_add(1, Ordering::Relaxed);
         // Version, checksum and epoch change together: a heartbeat never pairs one map's
         // version with another's epoch.
+        let prompt = std::mem::take(&mut self.prompt_pending);
         self.state.send_modify(|s| {
             s.persisted = Some(version);
             s.checksum = Some(checksum);
             s.epoch = Some(epoch);
+            if prompt {
+                s.prompt = Some(version);
+            }
         });
         Ok(())
     }
@@ -940,9 +976,13 @@ impl Syncer {
         }
         let version = self.pos.as_ref().map(|p| p.version);
         let checksum = self.pos.as_ref().map(|p| p.checksum);
+        let prompt = std::mem::take(&mut self.prompt_pending);
         self.state.send_modify(|s| {
             s.persisted = version;
             s.checksum = checksum;
+            if prompt {
+                s.prompt = version;
+            }
         });
         Ok(())
     }
@@ -979,7 +1019,8 @@ impl Syncer {
                 match take_line(&self.local.replica, pos, text) {
                     Ok(Taken::Hello) => backoff.reset(),
                     Ok(Taken::Heartbeat) => {}
-                    Ok(Taken::Applied) => {
+                    Ok(Taken::Applied { prompt }) => {
+                        self.prompt_pending |= prompt;
                         journal.extend_from_slice(text);
                         journal.push(b'\n');
                     }
@@ -1028,8 +1069,44 @@ fn now_ms() -> u64 {
 /// How often a proxy with older requests in flight checks whether they finished.
 const DRAIN_POLL: std::time::Duration = std::time::Duration::from_millis(5);
 
-/// Sends a heartbeat whenever a new version is persisted, as soon as the requests routed with
-/// older versions have finished, and every `heartbeat_interval`.
+/// What a proxy's last heartbeat that got through said.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Told {
+    persisted: u64,
+    drained: u64,
+}
+
+/// Whether a heartbeat is owed before the periodic one.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Owed {
+    /// Nothing a move may wait for is unreported.
+    Nothing,
+    /// Beat now: a version a move may wait for is persisted and not yet reported, or has
+    /// just drained.
+    Now,
+    /// The version is reported but older requests are still in flight: look again soon.
+    Draining,
+}
+
+/// What `state` owes the control plane, given what was last `told` and what has drained now.
+fn owed(state: &SyncState, told: Option<Told>, drained_now: impl Fn(u64) -> u64) -> Owed {
+    let (Some(prompt), Some(persisted)) = (state.prompt, state.persisted) else {
+        return Owed::Nothing;
+    };
+    match told {
+        None => Owed::Now,
+        Some(t) if t.persisted < prompt => Owed::Now,
+        Some(t) if t.drained >= prompt => Owed::Nothing,
+        Some(_) if drained_now(persisted) >= prompt => Owed::Now,
+        Some(_) => Owed::Draining,
+    }
+}
+
+/// Sends a heartbeat every `heartbeat_interval`, reporting the persisted version and what has
+/// drained of it; and at once when a version a move may wait for ([`SyncState::prompt`]) is
+/// persisted, and again as soon as the requests routed with older versions have finished.
+/// Other versions wait for the periodic beat: a change to the map does not bring a heartbeat
+/// from every proxy of the fleet.
 #[allow(clippy::too_many_arguments)]
 async fn heartbeats(
     cfg: ControlPlaneSection,
@@ -1051,21 +1128,21 @@ async fn heartbeats(
         cfg.backoff_initial.min(cfg.heartbeat_interval),
         cfg.heartbeat_interval,
     );
+    let mut told: Option<Told> = None;
     loop {
         let current = state.borrow_and_update().clone();
         let mut failed_now = false;
-        // What this beat says has drained: checked when it is built, after the version was
-        // persisted and published.
-        let mut drained = None;
         if let (Some(version), Some(epoch), Some(checksum)) =
             (current.persisted, current.epoch.clone(), current.checksum)
         {
-            drained = Some(in_flight().drained(version));
+            // What this beat says has drained: checked when it is built, after the version
+            // was persisted and published.
+            let drained = in_flight().drained(version);
             let hb = Heartbeat {
                 proxy_id: proxy_id.clone(),
                 edge_region: edge_region.clone(),
                 applied_version: version,
-                drained_version: drained,
+                drained_version: Some(drained),
                 checksum: checksum.to_hex(),
                 epoch,
             };
@@ -1082,6 +1159,10 @@ async fn heartbeats(
             match sent {
                 Ok(_reply) => {
                     retry.reset();
+                    told = Some(Told {
+                        persisted: version,
+                        drained,
+                    });
                     local.metrics.heartbeats_ok.fetch_add(1, Ordering::Relaxed);
                     local
                         .metrics
@@ -1113,36 +1194,31 @@ async fn heartbeats(
                 cfg.heartbeat_interval
             };
         loop {
-            // Requests older than the persisted version still in flight: look again soon, and
-            // beat as soon as they finished (a move waits for exactly that).
-            let draining = matches!((drained, current.persisted), (Some(d), Some(p)) if d < p);
+            let now = state.borrow_and_update().clone();
+            // After a failure the retry's delay holds, whatever is owed, unless the change
+            // stream has come back meanwhile: the control plane answers again.
+            let owes = if !failed_now {
+                owed(&now, told, |v| in_flight().drained(v))
+            } else if now.streaming && !current.streaming {
+                Owed::Now
+            } else {
+                Owed::Nothing
+            };
+            if owes == Owed::Now {
+                break;
+            }
             tokio::select! {
                 changed = state.changed() => {
                     if changed.is_err() {
                         return;
                     }
-                    // A version applied but not yet persisted, or the stream opened or
-                    // closed, is nothing new to report: beat when it is persisted.
-                    if reported(&state.borrow()) != reported(&current) {
-                        break;
-                    }
                 }
                 () = tokio::time::sleep_until(next_beat) => break,
-                () = tokio::time::sleep(DRAIN_POLL), if draining => {
-                    let now = current.persisted.map(|p| in_flight().drained(p));
-                    if now != drained {
-                        break;
-                    }
-                }
+                () = tokio::time::sleep(DRAIN_POLL), if owes == Owed::Draining => {}
                 _ = stop.wait_for(|s| *s) => return,
             }
         }
     }
-}
-
-/// What a heartbeat reports of the sync's state: a change of anything else wakes no beat.
-fn reported(state: &SyncState) -> (Option<u64>, Option<&str>, Option<Checksum>) {
-    (state.persisted, state.epoch.as_deref(), state.checksum)
 }
 
 /// How long a token read from its file is used before the file is read again.
@@ -1212,6 +1288,71 @@ async fn send_heartbeat(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn only_a_version_a_move_may_wait_for_is_owed_before_the_periodic_beat() {
+        let state = |persisted: u64, prompt: Option<u64>| SyncState {
+            persisted: Some(persisted),
+            prompt,
+            ..SyncState::default()
+        };
+        let told = |persisted, drained| Some(Told { persisted, drained });
+        fn all_drained(v: u64) -> u64 {
+            v
+        }
+        fn still_in_flight(_: u64) -> u64 {
+            6
+        }
+        /// The sync's state, the last beat that got through, what has drained now, and
+        /// what is owed.
+        type Case = (SyncState, Option<Told>, fn(u64) -> u64, Owed);
+        let cases: [Case; 8] = [
+            // Ordinary changes persisted since the last beat: nothing owed.
+            (state(9, None), told(6, 6), all_drained, Owed::Nothing),
+            (state(9, Some(5)), told(6, 6), all_drained, Owed::Nothing),
+            // The freeze at 7 is persisted and never reported.
+            (state(9, Some(7)), told(6, 6), all_drained, Owed::Now),
+            (state(9, Some(7)), None, all_drained, Owed::Now),
+            // Reported applied, but older requests are still in flight: poll.
+            (
+                state(9, Some(7)),
+                told(9, 6),
+                still_in_flight,
+                Owed::Draining,
+            ),
+            // ... until they finish.
+            (state(9, Some(7)), told(9, 6), all_drained, Owed::Now),
+            // Reported drained: nothing more.
+            (state(9, Some(7)), told(9, 9), all_drained, Owed::Nothing),
+            // Nothing persisted yet: nothing to report.
+            (SyncState::default(), None, all_drained, Owed::Nothing),
+        ];
+        for (i, (state, told, drained, want)) in cases.into_iter().enumerate() {
+            assert_eq!(owed(&state, told, drained), want, "case {i}");
+        }
+    }
+
+    #[test]
+    fn moves_wait_for_freezes_and_switches_only() {
+        let put = |state| FeedLine::Workspace {
+            version: 3,
+            id: "acme".into(),
+            op: Op::Put,
+            entry: Some(domicile_wire::WorkspaceBody {
+                region: "eu".into(),
+                state,
+                epoch: 2,
+            }),
+        };
+        assert!(awaited_by_moves(&put(domicile_wire::State::Frozen)));
+        assert!(!awaited_by_moves(&put(domicile_wire::State::Active)));
+        assert!(!awaited_by_moves(&FeedLine::Workspace {
+            version: 3,
+            id: "acme".into(),
+            op: Op::Delete,
+            entry: None,
+        }));
+    }
 
     #[test]
     fn backoff_doubles_with_jitter_up_to_the_cap() {

@@ -312,7 +312,8 @@ impl Syncer {
             return Err(Resync::Epoch);
         }
         match take_line(&self.local.replica, pos, payload)? {
-            Taken::Applied => {
+            Taken::Applied { prompt } => {
+                self.prompt_pending |= prompt;
                 journal.extend_from_slice(payload);
                 journal.push(b'\n');
                 Ok(())
