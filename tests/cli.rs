@@ -358,18 +358,26 @@ async fn one_gib_streams_both_ways_with_flat_memory() {
     let builder = proxy()
         .route("us", &[&us])
         .limits("max_body_bytes = \"2GiB\"");
-    let (config, _dir) = builder.write();
+    let (config, dir) = builder.write();
+    // The proxy's log, shown if a transfer fails.
+    let log = dir.path().join("proxy.log");
     let child = Command::new(BIN)
         .args(["proxy", "--config"])
         .arg(&config)
         .stdout(Stdio::piped())
-        .stderr(Stdio::null())
+        .stderr(std::fs::File::create(&log).unwrap())
         .spawn()
         .unwrap();
     let mut child = Owned(child);
     let (line, _) = wait_for_line(&mut child.0, "listening on");
     let addr = addr_after(&line, "http://");
     let baseline = peak_rss(child.pid());
+    let failed = |what: &str, e: &dyn std::fmt::Debug| -> ! {
+        panic!(
+            "{what}: {e:?}\nthe proxy's log:\n{}",
+            std::fs::read_to_string(&log).unwrap_or_default()
+        )
+    };
 
     // Upload: 1 GiB generated on the fly, never held anywhere.
     let chunk = Bytes::from(vec![b'u'; 256 * 1024]);
@@ -385,7 +393,7 @@ async fn one_gib_streams_both_ways_with_flat_memory() {
                 .unwrap(),
         )
         .await
-        .expect("upload");
+        .unwrap_or_else(|e| failed("upload", &e));
     let reply = collect(response).await;
     assert_eq!(reply.status, 200);
     assert_eq!(reply.json()["body_bytes"], GIB);
@@ -400,7 +408,7 @@ async fn one_gib_streams_both_ways_with_flat_memory() {
                 .unwrap(),
         )
         .await
-        .expect("download");
+        .unwrap_or_else(|e| failed("download", &e));
     assert_eq!(response.status(), 200);
     let mut body = response.into_body();
     let mut received = 0u64;

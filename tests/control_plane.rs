@@ -958,3 +958,50 @@ async fn a_proxy_short_of_changes_newer_than_behind_after_is_not_behind() {
     assert_eq!(fleet.members[0].status, domicile_wire::SyncStatus::Synced);
     cp.running.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_proxy_that_comes_back_reports_where_it_stands_once_it_has_caught_up() {
+    let cp = control_plane(None, LOOPBACK, |_| {}).await;
+    seed(&cp.admin).await;
+    let proxy_token = token(&cp.admin, "edge-1", "proxy").await;
+    let (us, eu) = (origin("us").await, origin("eu").await);
+    // Periodic beats an hour apart: any report within the test is one the sync asked for.
+    let proxy = following_beating_every("1h", &cp.url(), &proxy_token, &us, &eu)
+        .start()
+        .await;
+    synced(&proxy, head(&cp).await).await;
+    let TestProxy { running, dir } = proxy;
+    running.shutdown().await;
+
+    // Changes it misses while it is down: none of them is a move's.
+    for i in 0..5 {
+        put(
+            &cp.admin,
+            &format!("/v1/workspaces/missed-{i}"),
+            json!({"region": "eu"}),
+        )
+        .await;
+    }
+    let target = head(&cp).await;
+    let config = domicile_proxy::ProxyConfig::from_file(&dir.path().join("proxy.toml")).unwrap();
+    let proxy = TestProxy {
+        running: domicile_proxy::start(config).await.unwrap(),
+        dir,
+    };
+    // It starts from its last-known-good map, reports that at once, resumes the stream, and
+    // reports again once it has caught up with the head the stream opened at.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let fleet = cp.admin.get_json("/v1/fleet").await.unwrap();
+        if fleet["members"][0]["applied_version"] == json!(target) {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the proxy never reported {target}: {fleet}"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    proxy.running.shutdown().await;
+    cp.running.shutdown().await;
+}

@@ -823,16 +823,7 @@ async fn a_proxy_reports_a_move_s_steps_at_once_and_other_changes_on_its_periodi
     let (us, eu) = (origin("us").await, origin("eu").await);
     let secret = token(&cp.admin, "edge", "proxy").await;
     // No periodic beat within the test: every beat after the first is one the sync asked for.
-    let proxy = proxy()
-        .map(None)
-        .route("us", &[&us])
-        .route("eu", &[&eu])
-        .section(&format!(
-            "[control_plane]\nurl = \"{}\"\ntoken = \"{secret}\"\n\
-             last_known_good = \"lkg.map\"\nheartbeat_interval = \"1h\"\n\
-             stall_timeout = \"2h\"\nrequest_timeout = \"1s\"\n",
-            cp.url()
-        ))
+    let proxy = following_beating_every("1h", &cp.url(), &secret, &us, &eu)
         .start()
         .await;
     // The first beat, at start.

@@ -89,9 +89,8 @@ pub async fn start(config: ControlPlaneConfig) -> anyhow::Result<RunningControlP
             bootstrap_token = Some(token);
         }
     }
-    let listener = TcpListener::bind(config.listen)
-        .await
-        .with_context(|| format!("cannot listen on {}", config.listen))?;
+    let listener =
+        bind(config.listen).with_context(|| format!("cannot listen on {}", config.listen))?;
     let addr = listener.local_addr()?;
     let metrics = Arc::new(Metrics::default());
     let config = Arc::new(config);
@@ -190,4 +189,19 @@ pub fn redact(url: &str) -> String {
         }
         _ => url.to_owned(),
     }
+}
+
+/// How many connections may wait to be accepted (the kernel caps it at `net.core.somaxconn`).
+/// A fleet reconnects all at once after a replica restarts: with the usual 1,024, the
+/// connections past it were dropped and their proxies retried a second or more later.
+const LISTEN_BACKLOG: u32 = 4096;
+
+fn bind(addr: std::net::SocketAddr) -> std::io::Result<TcpListener> {
+    let socket = match addr {
+        std::net::SocketAddr::V4(_) => tokio::net::TcpSocket::new_v4()?,
+        std::net::SocketAddr::V6(_) => tokio::net::TcpSocket::new_v6()?,
+    };
+    socket.set_reuseaddr(true)?;
+    socket.bind(addr)?;
+    socket.listen(LISTEN_BACKLOG)
 }

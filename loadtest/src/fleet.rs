@@ -642,9 +642,19 @@ pub async fn run(options: Options) -> Result<PathBuf> {
     let (synced_after_storm, all_synced_ns) = loop {
         let fleet = admin.get_json("/v1/fleet").await?;
         let at = now_ns();
-        let n = fleet["members"]
-            .as_array()
-            .map_or(0, |m| m.iter().filter(|m| m["status"] == "SYNCED").count());
+        let members = fleet["members"].as_array().cloned().unwrap_or_default();
+        let n = members.iter().filter(|m| m["status"] == "SYNCED").count();
+        if n < options.proxies {
+            // Who is not, and why: the first of them, as the control plane sees it.
+            if let Some(m) = members.iter().find(|m| m["status"] != "SYNCED") {
+                eprintln!(
+                    "fleet: {:.1} s after the restart: {n} SYNCED; e.g. {} {} at {} (head {}, expected {}), seen {} s ago",
+                    (at.saturating_sub(from)) as f64 / 1e9,
+                    m["proxy_id"], m["status"], m["applied_version"], fleet["head"],
+                    fleet["expected_version"], m["seconds_since_seen"]
+                );
+            }
+        }
         if n >= options.proxies || Instant::now() > give_up {
             break (n, at);
         }
@@ -770,20 +780,8 @@ async fn move_watched(
                 *sent = Some(v);
             }
         }
-        match m["phase"].as_str() {
-            Some("frozen") if !completed => {
-                admin
-                    .send_json(
-                        Method::POST,
-                        &format!("/v1/moves/{id}/complete"),
-                        &json!({}),
-                    )
-                    .await?;
-                completed = true;
-            }
-            Some("done") => break m,
-            Some("aborted") => bail!("move {id} aborted: {m}"),
-            _ => {}
+        if crate::moves::instant_copy(admin, &m, &mut completed).await? {
+            break m;
         }
     };
     // The webhook's view was taken at the phase change; the record, with every phase's time,

@@ -121,26 +121,40 @@ pub(crate) async fn move_with_instant_copy(
     let mut completed = false;
     loop {
         let m = admin.get_json(&format!("/v1/moves/{id}")).await?;
-        match m["phase"].as_str() {
-            Some("frozen") if !completed => {
-                admin
-                    .send_json(
-                        Method::POST,
-                        &format!("/v1/moves/{id}/complete"),
-                        &json!({}),
-                    )
-                    .await?;
-                completed = true;
-            }
-            Some("done") => return Ok(m),
-            Some("aborted") => anyhow::bail!("move {id} aborted: {m}"),
-            _ => {}
+        if instant_copy(admin, &m, &mut completed).await? {
+            return Ok(m);
         }
         if started.elapsed() > timeout {
             anyhow::bail!("move {id} did not finish in {timeout:?}: {m}");
         }
         tokio::time::sleep(poll).await;
     }
+}
+
+/// What a data mover whose copy is instant does on seeing move `m`: it completes the move the
+/// moment it is frozen (once: `completed` remembers). Returns whether the move is done; an
+/// aborted move is an error.
+pub(crate) async fn instant_copy(
+    admin: &AdminClient,
+    m: &serde_json::Value,
+    completed: &mut bool,
+) -> Result<bool> {
+    match m["phase"].as_str() {
+        Some("frozen") if !*completed => {
+            admin
+                .send_json(
+                    Method::POST,
+                    &format!("/v1/moves/{}/complete", m["id"]),
+                    &json!({}),
+                )
+                .await?;
+            *completed = true;
+        }
+        Some("done") => return Ok(true),
+        Some("aborted") => anyhow::bail!("move {} aborted: {m}", m["id"]),
+        _ => {}
+    }
+    Ok(false)
 }
 
 /// A data mover's webhook endpoint (docs/moves.md): it learns of each phase of a move as the

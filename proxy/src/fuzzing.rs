@@ -188,7 +188,7 @@ pub fn change_stream(data: &[u8]) -> usize {
                 assert_eq!(table.version(), pos.version, "the table's version lags");
                 applied += 1;
             }
-            Ok(Taken::Hello | Taken::Heartbeat) => {
+            Ok(Taken::Hello { .. } | Taken::Heartbeat) => {
                 assert_eq!(pos.version, version);
                 assert_eq!(entries(&table), before, "a marker line changed the map");
             }

@@ -109,13 +109,24 @@ pub async fn token(admin: &AdminClient, name: &str, role: &str) -> String {
 
 /// A proxy configuration following the control plane at `url`.
 pub fn following(url: &str, token: &str, us: &Origin, eu: &Origin) -> ProxyBuilder {
+    following_beating_every("200ms", url, token, us, eu)
+}
+
+/// The same, with periodic heartbeats every `interval` (a humantime duration).
+pub fn following_beating_every(
+    interval: &str,
+    url: &str,
+    token: &str,
+    us: &Origin,
+    eu: &Origin,
+) -> ProxyBuilder {
     proxy()
         .map(None)
         .route("us", &[us])
         .route("eu", &[eu])
         .section(&format!(
             "[control_plane]\nurl = \"{url}\"\ntoken = \"{token}\"\nlast_known_good = \"lkg.map\"\n\
-             heartbeat_interval = \"200ms\"\nstall_timeout = \"2s\"\nrequest_timeout = \"1s\"\n\
+             heartbeat_interval = \"{interval}\"\nstall_timeout = \"2s\"\nrequest_timeout = \"1s\"\n\
              backoff_initial = \"20ms\"\nbackoff_max = \"200ms\"\n"
         ))
 }

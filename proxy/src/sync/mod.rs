@@ -50,9 +50,9 @@ pub struct SyncState {
     /// The version persisted as last-known-good (what heartbeats report).
     pub persisted: Option<u64>,
     /// The newest persisted version that a move may be waiting for this proxy to drain: one
-    /// that froze a workspace (a move's freeze or switch), or a snapshot. Heartbeats report
-    /// it at once, and again as soon as it is drained; any other version waits for the next
-    /// periodic heartbeat.
+    /// that froze a workspace (a move's freeze or switch), a snapshot, or the head the proxy
+    /// caught up with after (re)connecting. Heartbeats report it at once, and again as soon
+    /// as it is drained; any other version waits for the next periodic heartbeat.
     pub prompt: Option<u64>,
     /// The map checksum at `persisted`.
     pub checksum: Option<Checksum>,
@@ -262,7 +262,10 @@ fn apply_change(
 /// What one line of the change stream did.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Taken {
-    Hello,
+    /// The stream's first line: the control plane's head when it opened.
+    Hello {
+        head: u64,
+    },
     Heartbeat,
     /// A change, applied and published: `pos.version` is its version. `prompt` when a move
     /// may be waiting for it (see [`SyncState::prompt`]).
@@ -312,7 +315,7 @@ pub(crate) fn take_line(
                 return Err(Resync::Backwards);
             }
             Ok(if matches!(line, FeedLine::Hello { .. }) {
-                Taken::Hello
+                Taken::Hello { head: *head }
             } else {
                 Taken::Heartbeat
             })
@@ -1003,6 +1006,9 @@ impl Syncer {
         self.state.send_modify(|s| s.streaming = true);
         let mut body = response.into_body();
         let mut pending: Vec<u8> = Vec::new();
+        // The head the stream opened at, while the changes before it are still coming: the
+        // proxy reports where it stands once it has caught up after (re)connecting.
+        let mut catching_up_to = None;
         loop {
             let Some(data) = self.frame(&mut body).await? else {
                 return Err(SyncError::Ended);
@@ -1017,10 +1023,17 @@ impl Syncer {
                 start += nl + 1;
                 let pos = self.pos.as_mut().expect("following needs a map");
                 match take_line(&self.local.replica, pos, text) {
-                    Ok(Taken::Hello) => backoff.reset(),
+                    Ok(Taken::Hello { head }) => {
+                        backoff.reset();
+                        catching_up_to = (head > pos.version).then_some(head);
+                    }
                     Ok(Taken::Heartbeat) => {}
                     Ok(Taken::Applied { prompt }) => {
-                        self.prompt_pending |= prompt;
+                        let caught_up = catching_up_to.is_some_and(|head| pos.version >= head);
+                        if caught_up {
+                            catching_up_to = None;
+                        }
+                        self.prompt_pending |= prompt || caught_up;
                         journal.extend_from_slice(text);
                         journal.push(b'\n');
                     }

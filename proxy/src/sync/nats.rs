@@ -156,6 +156,8 @@ impl Syncer {
         // replica routes with is always on its way to the journal (the same holds below).
         let mut journal = Vec::new();
         let caught_up = self.catch_up(&nats, None, &mut journal).await;
+        // Caught up after (re)connecting: where the proxy stands is reported at once.
+        self.prompt_pending |= !journal.is_empty();
         self.applied(journal).await;
         if let Some(reason) = caught_up? {
             return Ok(reason);
@@ -319,7 +321,7 @@ impl Syncer {
                 Ok(())
             }
             // Change subjects carry changes only; anything else is not the protocol.
-            Taken::Hello | Taken::Heartbeat => Err(Resync::Invalid),
+            Taken::Hello { .. } | Taken::Heartbeat => Err(Resync::Invalid),
         }
     }
 
