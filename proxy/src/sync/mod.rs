@@ -581,6 +581,9 @@ struct Syncer {
     /// Applied changes include one a move may wait for (or a snapshot): the next version
     /// persisted is reported at once.
     prompt_pending: bool,
+    /// Told when a version is to be reported at once: the heartbeat task sleeps through every
+    /// other change of the state.
+    prompted: Arc<tokio::sync::Notify>,
     state: watch::Sender<SyncState>,
     stop: watch::Receiver<bool>,
 }
@@ -675,6 +678,7 @@ pub fn start(
                 }
             }
         };
+        let prompted = Arc::new(tokio::sync::Notify::new());
         let heartbeat = tokio::spawn(heartbeats(
             cfg.clone(),
             client.clone(),
@@ -684,6 +688,7 @@ pub fn start(
             edge_region,
             local.clone(),
             state_rx_task,
+            prompted.clone(),
             stop.clone(),
         ));
         let syncer = Syncer {
@@ -695,6 +700,7 @@ pub fn start(
             pos,
             lkg: Some(lkg),
             prompt_pending: false,
+            prompted,
             state,
             stop,
         };
@@ -952,6 +958,9 @@ impl Syncer {
                 s.prompt = Some(version);
             }
         });
+        if prompt {
+            self.prompted.notify_one();
+        }
         Ok(())
     }
 
@@ -987,6 +996,9 @@ impl Syncer {
                 s.prompt = version;
             }
         });
+        if prompt {
+            self.prompted.notify_one();
+        }
         Ok(())
     }
 
@@ -1130,6 +1142,7 @@ async fn heartbeats(
     edge_region: String,
     local: Arc<Local>,
     mut state: watch::Receiver<SyncState>,
+    prompted: Arc<tokio::sync::Notify>,
     mut stop: watch::Receiver<bool>,
 ) {
     let in_flight = || local.replica.in_flight();
@@ -1207,12 +1220,11 @@ async fn heartbeats(
                 cfg.heartbeat_interval
             };
         loop {
-            let now = state.borrow_and_update().clone();
             // After a failure the retry's delay holds, whatever is owed, unless the change
             // stream has come back meanwhile: the control plane answers again.
             let owes = if !failed_now {
-                owed(&now, told, |v| in_flight().drained(v))
-            } else if now.streaming && !current.streaming {
+                owed(&state.borrow(), told, |v| in_flight().drained(v))
+            } else if state.borrow_and_update().streaming && !current.streaming {
                 Owed::Now
             } else {
                 Owed::Nothing
@@ -1221,7 +1233,9 @@ async fn heartbeats(
                 break;
             }
             tokio::select! {
-                changed = state.changed() => {
+                () = prompted.notified() => {}
+                // Only after a failure does any other change of the state matter here.
+                changed = state.changed(), if failed_now => {
                     if changed.is_err() {
                         return;
                     }
