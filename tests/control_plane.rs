@@ -108,14 +108,7 @@ async fn a_proxy_behind_the_retained_window_gets_410_and_resyncs_from_a_snapshot
     let TestProxy { running, dir } = proxy;
     running.shutdown().await;
 
-    for i in 0..10 {
-        put(
-            &cp.admin,
-            &format!("/v1/workspaces/late-{i}"),
-            json!({"region": "eu"}),
-        )
-        .await;
-    }
+    put_workspaces(&cp.admin, "late", 10, "eu").await;
     let target = head(&cp).await;
     // The change stream now refuses the proxy's position.
     let stale = cp
@@ -974,14 +967,7 @@ async fn a_proxy_that_comes_back_reports_where_it_stands_once_it_has_caught_up()
     running.shutdown().await;
 
     // Changes it misses while it is down: none of them is a move's.
-    for i in 0..5 {
-        put(
-            &cp.admin,
-            &format!("/v1/workspaces/missed-{i}"),
-            json!({"region": "eu"}),
-        )
-        .await;
-    }
+    put_workspaces(&cp.admin, "missed", 5, "eu").await;
     let target = head(&cp).await;
     let config = domicile_proxy::ProxyConfig::from_file(&dir.path().join("proxy.toml")).unwrap();
     let proxy = TestProxy {

@@ -238,14 +238,7 @@ async fn proxies_follow_the_map_and_a_move_through_nats_with_no_stream_from_a_re
     let proxy = {
         let TestProxy { running, dir } = proxy;
         running.shutdown().await;
-        for i in 0..5 {
-            put(
-                &b.admin,
-                &format!("/v1/workspaces/while-down-{i}"),
-                json!({"region": "eu"}),
-            )
-            .await;
-        }
+        put_workspaces(&b.admin, "while-down", 5, "eu").await;
         let config =
             domicile_proxy::ProxyConfig::from_file(&dir.path().join("proxy.toml")).unwrap();
         TestProxy {

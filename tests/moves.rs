@@ -835,14 +835,7 @@ async fn a_proxy_reports_a_move_s_steps_at_once_and_other_changes_on_its_periodi
     let before = beats(&cp).await;
 
     // Ten ordinary changes: routed with at once, reported at the next periodic beat.
-    for i in 0..10 {
-        put(
-            &cp.admin,
-            &format!("/v1/workspaces/beat-{i}"),
-            json!({"region": "eu"}),
-        )
-        .await;
-    }
+    put_workspaces(&cp.admin, "beat", 10, "eu").await;
     synced(&proxy, head_version(&cp).await).await;
     assert_eq!(routed(&proxy, "beat-9").await, "eu");
     // Not yet reported, and not yet due: the fleet view does not call the proxy BEHIND.

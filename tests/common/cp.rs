@@ -76,6 +76,18 @@ pub async fn put(admin: &AdminClient, path: &str, body: Value) -> Value {
         .unwrap_or_else(|e| panic!("PUT {path}: {e}"))
 }
 
+/// Creates workspaces `<prefix>-0` to `<prefix>-<count - 1>` in `region`, one write each.
+pub async fn put_workspaces(admin: &AdminClient, prefix: &str, count: usize, region: &str) {
+    for i in 0..count {
+        put(
+            admin,
+            &format!("/v1/workspaces/{prefix}-{i}"),
+            json!({ "region": region }),
+        )
+        .await;
+    }
+}
+
 pub async fn seed(admin: &AdminClient) {
     put(
         admin,
