@@ -947,13 +947,21 @@ impl Syncer {
             .metrics
             .lkg_writes
             .fetch_add(1, Ordering::Relaxed);
-        // Version, checksum and epoch change together: a heartbeat never pairs one map's
-        // version with another's epoch.
+        self.report_persisted(version, checksum, Some(epoch));
+        Ok(())
+    }
+
+    /// Publishes `version` as persisted, for the heartbeats to report: at once when it is one
+    /// a move may be waiting for. Version, checksum and epoch change together: a heartbeat
+    /// never pairs one map's version with another's epoch (`None`: the epoch is unchanged).
+    fn report_persisted(&mut self, version: u64, checksum: Checksum, epoch: Option<String>) {
         let prompt = std::mem::take(&mut self.prompt_pending);
         self.state.send_modify(|s| {
             s.persisted = Some(version);
             s.checksum = Some(checksum);
-            s.epoch = Some(epoch);
+            if let Some(epoch) = epoch {
+                s.epoch = Some(epoch);
+            }
             if prompt {
                 s.prompt = Some(version);
             }
@@ -961,7 +969,6 @@ impl Syncer {
         if prompt {
             self.prompted.notify_one();
         }
-        Ok(())
     }
 
     /// Appends applied changes to the journal (or writes a new base when due).
@@ -986,18 +993,8 @@ impl Syncer {
             }
             return Err(SyncError::Persist(e));
         }
-        let version = self.pos.as_ref().map(|p| p.version);
-        let checksum = self.pos.as_ref().map(|p| p.checksum);
-        let prompt = std::mem::take(&mut self.prompt_pending);
-        self.state.send_modify(|s| {
-            s.persisted = version;
-            s.checksum = checksum;
-            if prompt {
-                s.prompt = version;
-            }
-        });
-        if prompt {
-            self.prompted.notify_one();
+        if let Some((version, checksum)) = self.pos.as_ref().map(|p| (p.version, p.checksum)) {
+            self.report_persisted(version, checksum, None);
         }
         Ok(())
     }
